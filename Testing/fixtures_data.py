@@ -1,0 +1,1 @@
+"""Phantom cohort and tiny trained model fixtures (see conftest.py)."""

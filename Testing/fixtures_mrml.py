@@ -1,0 +1,1 @@
+"""Headless MRML scene fixture (see conftest.py)."""
