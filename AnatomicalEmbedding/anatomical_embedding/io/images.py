@@ -123,6 +123,8 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike, rescale_hu: bo
     d = volume.direction
     series_uid = "1.2.826.0.1.3680043.2.1125." + time.strftime("%Y%m%d%H%M%S") + f".{os.getpid()}"
     orientation = "\\".join(f"{v:.10f}" for v in (*d[:, 0], *d[:, 1]))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()  # otherwise every slice gets its own new series UID
     paths = []
     for k in range(image.GetDepth()):
         sl = image[:, :, k]
@@ -142,6 +144,8 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike, rescale_hu: bo
         for key, value in tags.items():
             sl.SetMetaData(key, value)
         out = folder / f"slice_{k:04d}.dcm"
-        sitk.WriteImage(sl, str(out))
+        sl.SetMetaData("0008|0018", f"{series_uid}.{k + 1}")
+        writer.SetFileName(str(out))
+        writer.Execute(sl)
         paths.append(out)
     return paths
