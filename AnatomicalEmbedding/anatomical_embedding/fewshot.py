@@ -1,0 +1,374 @@
+"""Few-shot segmentation on frozen embeddings: the paper's light head M_S, trained in seconds on a CPU.
+
+The head is AEFM's M_S: two fully connected layers (1x1x1 convolutions) on the voxel embedding,
+optionally fed the image intensity and the up-sampled coarse embedding too. It is trained and
+applied with NumPy only, so the Slicer viewer can use it with the ONNX Runtime backend and no
+PyTorch. Embeddings are never materialised for a whole volume: the volume is walked in tiles, and
+only the sampled voxels (training) or the label decision (applying) are kept.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Protocol, Sequence
+
+import numpy as np
+
+from .io import Volume, atomic_write, resample_like
+
+log = logging.getLogger(__name__)
+
+HEAD_FORMAT = "anatomical-embedding-fewshot-head/1"
+
+
+class PatchEmbedder(Protocol):
+    """What the few-shot code needs from a model (both inference backends provide it)."""
+
+    card: dict
+    model_hash: str
+
+    def embed_patch(self, patch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(1, 1, k, j, i) float32 -> (coarse (1, Cc, k/s, j/s, i/s), fine (1, Cf, k, j, i))."""
+
+
+@dataclass
+class FewShotConfig:
+    hidden: int = 64                 # width of M_S's first layer
+    use_intensity: bool = True       # append the preprocessed intensity to the embedding
+    use_coarse: bool = True          # append the up-sampled coarse (global) embedding
+    voxels_per_class: int = 3000     # class-balanced samples per class and case
+    boundary_fraction: float = 0.3   # share of each class's samples taken at its border
+    val_fraction: float = 0.2        # held-out voxel split for early stopping
+    epochs: int = 200
+    patience: int = 15
+    batch_size: int = 2048
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    tile: int = 64                   # tile side (voxels, model grid) for walking a volume
+    margin: int = 8                  # context around each tile's core
+    seed: int = 0
+
+
+# ---- feature extraction in tiles --------------------------------------------------------------
+def preprocess_for_model(model: PatchEmbedder, volume: Volume) -> Volume:
+    from .data import PreprocessConfig, preprocess_volume
+
+    card = model.card
+    cfg = PreprocessConfig(spacing=tuple(card["spacing"]), preset=card["intensity_preset"])
+    return preprocess_volume(volume, cfg)[0]
+
+
+def _upsample(coarse: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Trilinear up-sampling of (C, k, j, i) to ``shape`` with cell-centred alignment."""
+    from scipy.ndimage import map_coordinates
+
+    grids = []
+    for n_out, n_in in zip(shape, coarse.shape[1:]):
+        grids.append((np.arange(n_out) + 0.5) * n_in / n_out - 0.5)
+    mesh = np.meshgrid(*grids, indexing="ij")
+    return np.stack([map_coordinates(c, mesh, order=1, mode="nearest") for c in coarse]).astype(np.float32)
+
+
+def count_tiles(shape: Sequence[int], config: FewShotConfig) -> int:
+    core = max(1, config.tile - 2 * config.margin)
+    return int(np.prod([int(np.ceil(s / core)) for s in shape]))
+
+
+def iter_feature_tiles(model: PatchEmbedder, image: np.ndarray, config: FewShotConfig,
+                       with_intensity: bool | None = None, with_coarse: bool | None = None,
+                       ) -> Iterator[tuple[tuple[slice, slice, slice], np.ndarray]]:
+    """Walk a preprocessed image [k, j, i] in tiles; yield (core slices, features (D, kc, jc, ic)).
+
+    Each tile is embedded with ``margin`` voxels of context on every side (the outside of the
+    volume is filled with the image minimum, i.e. air), and only its core is kept, so the tiles
+    cover the volume exactly once and edge effects stay in the discarded margin.
+    """
+    use_int = config.use_intensity if with_intensity is None else with_intensity
+    use_coarse = config.use_coarse if with_coarse is None else with_coarse
+    multiple = int(model.card.get("size_multiple", 16))
+    fill = float(image.min())
+    shape = np.asarray(image.shape)
+    core = np.maximum(1, config.tile - 2 * config.margin)
+    starts = [range(0, s, core) for s in shape]
+    for k0 in starts[0]:
+        for j0 in starts[1]:
+            for i0 in starts[2]:
+                lo = np.array([k0, j0, i0])
+                hi = np.minimum(lo + core, shape)
+                box_lo = lo - config.margin
+                box_size = (hi - lo) + 2 * config.margin
+                box_size = np.ceil(box_size / multiple).astype(int) * multiple
+                patch = np.full(box_size, fill, dtype=np.float32)
+                src_lo = np.maximum(box_lo, 0)
+                src_hi = np.minimum(box_lo + box_size, shape)
+                dst_lo = src_lo - box_lo
+                dst_hi = dst_lo + (src_hi - src_lo)
+                patch[dst_lo[0]:dst_hi[0], dst_lo[1]:dst_hi[1], dst_lo[2]:dst_hi[2]] = \
+                    image[src_lo[0]:src_hi[0], src_lo[1]:src_hi[1], src_lo[2]:src_hi[2]]
+                coarse, fine = model.embed_patch(patch[None, None])
+                m = config.margin
+                sel = tuple(slice(m, m + int(n)) for n in (hi - lo))
+                parts = [np.asarray(fine[0], dtype=np.float32)[(slice(None),) + sel]]
+                if use_coarse:
+                    up = _upsample(np.asarray(coarse[0], dtype=np.float32), box_size)
+                    parts.append(up[(slice(None),) + sel])
+                if use_int:
+                    parts.append(patch[None][(slice(None),) + sel])
+                yield tuple(slice(int(a), int(b)) for a, b in zip(lo, hi)), np.concatenate(parts, 0)
+
+
+def features_at(model: PatchEmbedder, image: np.ndarray, indices: np.ndarray, config: FewShotConfig) -> np.ndarray:
+    """Features of the voxels ``indices`` (N, 3) in [k, j, i] order, computed tile by tile."""
+    out: np.ndarray | None = None
+    for sl, feats in iter_feature_tiles(model, image, config):
+        lo = np.array([s.start for s in sl])
+        hi = np.array([s.stop for s in sl])
+        inside = np.all((indices >= lo) & (indices < hi), axis=1)
+        if not inside.any():
+            continue
+        rel = indices[inside] - lo
+        if out is None:
+            out = np.zeros((len(indices), feats.shape[0]), dtype=np.float32)
+        out[inside] = feats[:, rel[:, 0], rel[:, 1], rel[:, 2]].T
+    assert out is not None
+    return out
+
+
+# ---- sampling ------------------------------------------------------------------------------------
+def sample_voxels(labels: np.ndarray, n_classes: int, per_class: int, boundary_fraction: float,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Class-balanced voxel sample; a share of each class is drawn at its boundary (the hard voxels)."""
+    from scipy.ndimage import binary_erosion
+
+    idx, cls = [], []
+    for c in range(n_classes):
+        mask = labels == c
+        if not mask.any():
+            continue
+        border = mask & ~binary_erosion(mask)
+        pools = [(np.argwhere(border), int(per_class * boundary_fraction)), (np.argwhere(mask), 0)]
+        pools[1] = (pools[1][0], per_class - min(pools[0][1], len(pools[0][0])))
+        for pool, n in pools:
+            if n <= 0 or len(pool) == 0:
+                continue
+            take = rng.choice(len(pool), size=min(n, len(pool)), replace=False)
+            idx.append(pool[take])
+            cls.append(np.full(len(take), c))
+    return np.concatenate(idx), np.concatenate(cls)
+
+
+# ---- the head (NumPy MLP, Adam) ---------------------------------------------------------------
+@dataclass
+class FewShotHead:
+    """M_S: features -> hidden (ReLU) -> classes. Features are standardised with stored statistics."""
+
+    w1: np.ndarray
+    b1: np.ndarray
+    w2: np.ndarray
+    b2: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    class_names: list[str]           # index 0 is background
+    class_values: list[int]          # label value written for each class
+    model_hash: str
+    config: FewShotConfig
+    colors: list[list[float]] = field(default_factory=list)
+    history: dict = field(default_factory=dict)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        h = np.maximum((x - self.mean) / self.std @ self.w1 + self.b1, 0.0)
+        return h @ self.w2 + self.b2
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return np.argmax(self.logits(x), axis=1)
+
+    # -- persistence: a safe .npz (no pickle) with a JSON header --------------------------------
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        meta = {"format": HEAD_FORMAT, "class_names": self.class_names, "class_values": self.class_values,
+                "model_hash": self.model_hash, "config": asdict(self.config), "colors": self.colors,
+                "history": self.history}
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, w1=self.w1, b1=self.b1, w2=self.w2, b2=self.b2, mean=self.mean, std=self.std,
+                         meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+
+        return atomic_write(Path(path), write, overwrite)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FewShotHead":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"few-shot head {path} not found")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            meta = json.loads(arrays.pop("meta").tobytes().decode())
+        except (ValueError, KeyError, OSError) as exc:
+            raise ValueError(f"{path} is not a few-shot head file ({exc})") from exc
+        if meta.get("format") != HEAD_FORMAT:
+            raise ValueError(f"{path} has format {meta.get('format')!r}, expected {HEAD_FORMAT}")
+        return cls(**arrays, class_names=meta["class_names"], class_values=meta["class_values"],
+                   model_hash=meta["model_hash"], config=FewShotConfig(**meta["config"]),
+                   colors=meta.get("colors", []), history=meta.get("history", {}))
+
+
+def _train_mlp(x: np.ndarray, y: np.ndarray, n_classes: int, config: FewShotConfig,
+               progress: Callable[[float, str], bool] | None = None) -> tuple[list[np.ndarray], dict]:
+    """Softmax cross-entropy, Adam, early stopping on a held-out voxel split (best weights kept)."""
+    rng = np.random.default_rng(config.seed)
+    perm = rng.permutation(len(x))
+    n_val = max(1, int(len(x) * config.val_fraction))
+    val, tr = perm[:n_val], perm[n_val:]
+    d = x.shape[1]
+    params = [rng.normal(0, np.sqrt(2.0 / d), (d, config.hidden)).astype(np.float32),
+              np.zeros(config.hidden, np.float32),
+              rng.normal(0, np.sqrt(1.0 / config.hidden), (config.hidden, n_classes)).astype(np.float32),
+              np.zeros(n_classes, np.float32)]
+    m = [np.zeros_like(p) for p in params]
+    v = [np.zeros_like(p) for p in params]
+    b1, b2, eps, t = 0.9, 0.999, 1e-8, 0
+
+    def forward(xb):
+        h = np.maximum(xb @ params[0] + params[1], 0.0)
+        z = h @ params[2] + params[3]
+        z = z - z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        return h, p
+
+    def val_metrics():
+        _, p = forward(x[val])
+        loss = float(-np.mean(np.log(p[np.arange(len(val)), y[val]] + 1e-12)))
+        return loss, float(np.mean(p.argmax(1) == y[val]))
+
+    best = (np.inf, [p.copy() for p in params], 0)
+    history = {"val_loss": [], "val_accuracy": []}
+    for epoch in range(config.epochs):
+        order = rng.permutation(tr)
+        for s in range(0, len(order), config.batch_size):
+            b = order[s:s + config.batch_size]
+            xb, yb = x[b], y[b]
+            h, p = forward(xb)
+            g = p
+            g[np.arange(len(b)), yb] -= 1.0
+            g /= len(b)
+            grads = [None, None, h.T @ g, g.sum(0)]
+            gh = (g @ params[2].T) * (h > 0)
+            grads[0], grads[1] = xb.T @ gh, gh.sum(0)
+            t += 1
+            for n, (p_, g_) in enumerate(zip(params, grads)):
+                if n in (0, 2):
+                    g_ = g_ + config.weight_decay * p_
+                m[n] = b1 * m[n] + (1 - b1) * g_
+                v[n] = b2 * v[n] + (1 - b2) * g_ * g_
+                p_ -= config.lr * (m[n] / (1 - b1**t)) / (np.sqrt(v[n] / (1 - b2**t)) + eps)
+        loss, acc = val_metrics()
+        history["val_loss"].append(loss)
+        history["val_accuracy"].append(acc)
+        if loss < best[0] - 1e-5:
+            best = (loss, [p.copy() for p in params], epoch)
+        elif epoch - best[2] >= config.patience:
+            break
+        if progress is not None and not progress(0.5 + 0.5 * (epoch + 1) / config.epochs,
+                                                 f"epoch {epoch + 1}: val loss {loss:.3f}, acc {acc:.3f}"):
+            raise InterruptedError("few-shot training cancelled")
+    history["best_epoch"] = best[2]
+    history["epochs_run"] = len(history["val_loss"])
+    return best[1], history
+
+
+def train_head(model: PatchEmbedder, images: Sequence[Volume], labels: Sequence[Volume],
+               class_names: dict[int, str], config: FewShotConfig | None = None,
+               progress: Callable[[float, str], bool] | None = None,
+               colors: dict[int, Sequence[float]] | None = None) -> FewShotHead:
+    """Train M_S on frozen embeddings of labelled cases.
+
+    ``class_names`` maps label values to names (background 0 need not be listed); every case's
+    labels must use only those values. ``progress(fraction, message)`` returning False cancels.
+    """
+    config = config or FewShotConfig()
+    if len(images) != len(labels) or not images:
+        raise ValueError(f"need the same positive number of images and label maps, got {len(images)} and {len(labels)}")
+    values = [0] + sorted(v for v in class_names if v != 0)
+    names = ["background"] + [class_names[v] for v in values[1:]]
+    lut = {v: n for n, v in enumerate(values)}
+    rng = np.random.default_rng(config.seed)
+    xs, ys = [], []
+    t0 = time.perf_counter()
+    for n, (image, label) in enumerate(zip(images, labels)):
+        if not label.same_geometry(image, atol=1e-3):
+            label = resample_like(label, image, is_label=True)
+        present = set(np.unique(label.array).tolist())
+        unknown = present - set(values)
+        if unknown:
+            raise ValueError(f"case {n} has label values {sorted(unknown)} not named in class_names {class_names}")
+        if present <= {0}:
+            raise ValueError(f"case {n} has an empty label map; label at least one structure or drop the case")
+        pre = preprocess_for_model(model, image)
+        lab = resample_like(label, pre, is_label=True).array
+        mapped = np.zeros(lab.shape, dtype=np.int64)
+        for v, c in lut.items():
+            mapped[lab == v] = c
+        idx, cls = sample_voxels(mapped, len(values), config.voxels_per_class, config.boundary_fraction, rng)
+        xs.append(features_at(model, pre.array, idx, config))
+        ys.append(cls)
+        if progress is not None and not progress(0.5 * (n + 1) / len(images), f"embedded case {n + 1}/{len(images)}"):
+            raise InterruptedError("few-shot training cancelled")
+    x = np.concatenate(xs)
+    y = np.concatenate(ys)
+    mean = x.mean(0)
+    std = x.std(0) + 1e-6
+    (w1, b1, w2, b2), history = _train_mlp((x - mean) / std, y, len(values), config, progress)
+    history["seconds"] = round(time.perf_counter() - t0, 2)
+    history["n_voxels"] = int(len(x))
+    log.info("few-shot head: %d voxels, %d classes, %d epochs, %.1f s", len(x), len(values),
+             history["epochs_run"], history["seconds"])
+    color_list = [list(colors.get(v, ())) if colors else [] for v in values]
+    return FewShotHead(w1, b1, w2, b2, mean.astype(np.float32), std.astype(np.float32), names, values,
+                       model.model_hash, config, color_list, history)
+
+
+def postprocess(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Keep the largest connected component of each class and fill its holes."""
+    from scipy.ndimage import binary_fill_holes
+    from scipy.ndimage import label as cc_label
+
+    out = np.zeros_like(labels)
+    for c in range(1, n_classes):
+        mask = labels == c
+        if not mask.any():
+            continue
+        comp, n = cc_label(mask)
+        if n > 1:
+            sizes = np.bincount(comp.ravel())
+            sizes[0] = 0
+            mask = comp == sizes.argmax()
+        out[binary_fill_holes(mask) & (out == 0)] = c
+    return out
+
+
+def apply_head(model: PatchEmbedder, head: FewShotHead, image: Volume, postprocess_components: bool = True,
+               progress: Callable[[float, str], bool] | None = None) -> Volume:
+    """Segment ``image``; returns a labelmap on the image's own grid with the head's label values."""
+    if head.model_hash != model.model_hash:
+        raise ValueError(
+            f"this head was trained on embedding model {head.model_hash[:12]}, but the loaded model is "
+            f"{model.model_hash[:12]}; retrain the head with this model or load the model it was trained on"
+        )
+    pre = preprocess_for_model(model, image)
+    out = np.zeros(pre.array.shape, dtype=np.int64)
+    n_tiles = count_tiles(pre.array.shape, head.config)
+    for n, (sl, feats) in enumerate(iter_feature_tiles(model, pre.array, head.config)):
+        d = feats.shape[0]
+        out[sl] = head.predict(feats.reshape(d, -1).T).reshape(feats.shape[1:])
+        if progress is not None and not progress((n + 1) / n_tiles, f"tile {n + 1}/{n_tiles}"):
+            raise InterruptedError("few-shot segmentation cancelled")
+    if postprocess_components:
+        out = postprocess(out, len(head.class_values))
+    values = np.asarray(head.class_values, dtype=np.int16)
+    model_grid = pre.with_array(values[out])
+    return resample_like(model_grid, image, is_label=True)
