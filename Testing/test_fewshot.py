@@ -97,6 +97,20 @@ def test_mlp_learns_a_nonlinear_rule_and_stops_early():
     assert history["epochs_run"] < 400 and history["best_epoch"] <= history["epochs_run"]
 
 
+def test_linear_head_is_one_layer():
+    # hidden=0 is HDSSL's linear evaluation: it separates half-spaces but cannot learn the ring.
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3000, 2)).astype(np.float32)
+    ring = ((x[:, 0] ** 2 + x[:, 1] ** 2) > 1.2).astype(int)
+    plane = (x[:, 0] + 0.5 * x[:, 1] > 0.3).astype(int)
+    cfg = FewShotConfig(hidden=0, epochs=200, patience=10, lr=1e-2)
+    for y, lo, hi in ((plane, 0.97, 1.0), (ring, 0.0, 0.75)):
+        params, _ = _train_mlp(x, y, 2, cfg)
+        assert len(params) == 2
+        acc = np.mean((x @ params[0] + params[1]).argmax(1) == y)
+        assert lo <= acc <= hi, acc
+
+
 def test_train_apply_segments_unseen_case_and_round_trips(tmp_path):
     model = LocalEmbedder()
     cases = [blob_case(s) for s in range(3)]
@@ -108,7 +122,9 @@ def test_train_apply_segments_unseen_case_and_round_trips(tmp_path):
     with pytest.raises(FileExistsError):
         head.save(path)
     loaded = FewShotHead.load(path)
-    np.testing.assert_array_equal(loaded.w1, head.w1)
+    assert len(loaded.weights) == 4
+    for a, b in zip(loaded.weights, head.weights):
+        np.testing.assert_array_equal(a, b)
     test_img, test_lab = blob_case(7)
     seg = apply_head(model, loaded, test_img)
     assert seg.same_geometry(test_img)

@@ -36,7 +36,7 @@ class PatchEmbedder(Protocol):
 
 @dataclass
 class FewShotConfig:
-    hidden: int = 64                 # width of M_S's first layer
+    hidden: int = 64                 # width of M_S's first layer; 0 = one linear layer (HDSSL's linear evaluation)
     use_intensity: bool = True       # append the preprocessed intensity to the embedding
     use_coarse: bool = True          # append the up-sampled coarse (global) embedding
     voxels_per_class: int = 3000     # class-balanced samples per class and case
@@ -161,14 +161,23 @@ def sample_voxels(labels: np.ndarray, n_classes: int, per_class: int, boundary_f
 
 
 # ---- the head (NumPy MLP, Adam) ---------------------------------------------------------------
+def _forward(weights: Sequence[np.ndarray], x: np.ndarray) -> list[np.ndarray]:
+    """Activations of every layer; ReLU between layers, none after the last (the logits)."""
+    acts = [x]
+    for n in range(0, len(weights), 2):
+        z = acts[-1] @ weights[n] + weights[n + 1]
+        acts.append(np.maximum(z, 0.0) if n + 2 < len(weights) else z)
+    return acts
+
+
 @dataclass
 class FewShotHead:
-    """M_S: features -> hidden (ReLU) -> classes. Features are standardised with stored statistics."""
+    """M_S: features -> hidden (ReLU) -> classes, or a single linear layer when ``config.hidden == 0``.
 
-    w1: np.ndarray
-    b1: np.ndarray
-    w2: np.ndarray
-    b2: np.ndarray
+    ``weights`` alternates weight matrices and biases. Features are standardised with stored statistics.
+    """
+
+    weights: list[np.ndarray]
     mean: np.ndarray
     std: np.ndarray
     class_names: list[str]           # index 0 is background
@@ -179,8 +188,7 @@ class FewShotHead:
     history: dict = field(default_factory=dict)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        h = np.maximum((x - self.mean) / self.std @ self.w1 + self.b1, 0.0)
-        return h @ self.w2 + self.b2
+        return _forward(self.weights, (x - self.mean) / self.std)[-1]
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return np.argmax(self.logits(x), axis=1)
@@ -189,11 +197,12 @@ class FewShotHead:
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         meta = {"format": HEAD_FORMAT, "class_names": self.class_names, "class_values": self.class_values,
                 "model_hash": self.model_hash, "config": asdict(self.config), "colors": self.colors,
-                "history": self.history}
+                "history": self.history, "n_weights": len(self.weights)}
+        arrays = {f"weight_{n}": w for n, w in enumerate(self.weights)}
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
-                np.savez(f, w1=self.w1, b1=self.b1, w2=self.w2, b2=self.b2, mean=self.mean, std=self.std,
+                np.savez(f, **arrays, mean=self.mean, std=self.std,
                          meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
 
         return atomic_write(Path(path), write, overwrite)
@@ -207,13 +216,15 @@ class FewShotHead:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
             meta = json.loads(arrays.pop("meta").tobytes().decode())
+            if meta.get("format") != HEAD_FORMAT:
+                raise ValueError(f"format {meta.get('format')!r}, expected {HEAD_FORMAT}")
+            weights = [arrays[f"weight_{n}"] for n in range(int(meta["n_weights"]))]
         except (ValueError, KeyError, OSError) as exc:
             raise ValueError(f"{path} is not a few-shot head file ({exc})") from exc
-        if meta.get("format") != HEAD_FORMAT:
-            raise ValueError(f"{path} has format {meta.get('format')!r}, expected {HEAD_FORMAT}")
-        return cls(**arrays, class_names=meta["class_names"], class_values=meta["class_values"],
-                   model_hash=meta["model_hash"], config=FewShotConfig(**meta["config"]),
-                   colors=meta.get("colors", []), history=meta.get("history", {}))
+        return cls(weights, arrays["mean"], arrays["std"], class_names=meta["class_names"],
+                   class_values=meta["class_values"], model_hash=meta["model_hash"],
+                   config=FewShotConfig(**meta["config"]), colors=meta.get("colors", []),
+                   history=meta.get("history", {}))
 
 
 def _train_mlp(x: np.ndarray, y: np.ndarray, n_classes: int, config: FewShotConfig,
@@ -223,49 +234,47 @@ def _train_mlp(x: np.ndarray, y: np.ndarray, n_classes: int, config: FewShotConf
     perm = rng.permutation(len(x))
     n_val = max(1, int(len(x) * config.val_fraction))
     val, tr = perm[:n_val], perm[n_val:]
-    d = x.shape[1]
-    params = [rng.normal(0, np.sqrt(2.0 / d), (d, config.hidden)).astype(np.float32),
-              np.zeros(config.hidden, np.float32),
-              rng.normal(0, np.sqrt(1.0 / config.hidden), (config.hidden, n_classes)).astype(np.float32),
-              np.zeros(n_classes, np.float32)]
+    widths = [x.shape[1]] + ([config.hidden] if config.hidden > 0 else []) + [n_classes]
+    params: list[np.ndarray] = []
+    for n, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        gain = 2.0 if n + 2 < len(widths) else 1.0  # He init before a ReLU
+        params += [rng.normal(0, np.sqrt(gain / a), (a, b)).astype(np.float32), np.zeros(b, np.float32)]
     m = [np.zeros_like(p) for p in params]
     v = [np.zeros_like(p) for p in params]
-    b1, b2, eps, t = 0.9, 0.999, 1e-8, 0
+    beta1, beta2, eps, t = 0.9, 0.999, 1e-8, 0
 
-    def forward(xb):
-        h = np.maximum(xb @ params[0] + params[1], 0.0)
-        z = h @ params[2] + params[3]
+    def softmax(z: np.ndarray) -> np.ndarray:
         z = z - z.max(axis=1, keepdims=True)
         p = np.exp(z)
-        p /= p.sum(axis=1, keepdims=True)
-        return h, p
+        return p / p.sum(axis=1, keepdims=True)
 
-    def val_metrics():
-        _, p = forward(x[val])
+    def val_metrics() -> tuple[float, float]:
+        p = softmax(_forward(params, x[val])[-1])
         loss = float(-np.mean(np.log(p[np.arange(len(val)), y[val]] + 1e-12)))
         return loss, float(np.mean(p.argmax(1) == y[val]))
 
     best = (np.inf, [p.copy() for p in params], 0)
-    history = {"val_loss": [], "val_accuracy": []}
+    history: dict = {"val_loss": [], "val_accuracy": []}
     for epoch in range(config.epochs):
         order = rng.permutation(tr)
         for s in range(0, len(order), config.batch_size):
             b = order[s:s + config.batch_size]
-            xb, yb = x[b], y[b]
-            h, p = forward(xb)
-            g = p
-            g[np.arange(len(b)), yb] -= 1.0
+            acts = _forward(params, x[b])
+            g = softmax(acts[-1])
+            g[np.arange(len(b)), y[b]] -= 1.0
             g /= len(b)
-            grads = [None, None, h.T @ g, g.sum(0)]
-            gh = (g @ params[2].T) * (h > 0)
-            grads[0], grads[1] = xb.T @ gh, gh.sum(0)
+            grads: list[np.ndarray] = [None] * len(params)  # type: ignore[list-item]
+            for n in range(len(params) - 2, -1, -2):  # back-propagate layer by layer
+                grads[n], grads[n + 1] = acts[n // 2].T @ g, g.sum(0)
+                if n > 0:
+                    g = (g @ params[n].T) * (acts[n // 2] > 0)
             t += 1
             for n, (p_, g_) in enumerate(zip(params, grads)):
-                if n in (0, 2):
+                if n % 2 == 0:
                     g_ = g_ + config.weight_decay * p_
-                m[n] = b1 * m[n] + (1 - b1) * g_
-                v[n] = b2 * v[n] + (1 - b2) * g_ * g_
-                p_ -= config.lr * (m[n] / (1 - b1**t)) / (np.sqrt(v[n] / (1 - b2**t)) + eps)
+                m[n] = beta1 * m[n] + (1 - beta1) * g_
+                v[n] = beta2 * v[n] + (1 - beta2) * g_ * g_
+                p_ -= config.lr * (m[n] / (1 - beta1**t)) / (np.sqrt(v[n] / (1 - beta2**t)) + eps)
         loss, acc = val_metrics()
         history["val_loss"].append(loss)
         history["val_accuracy"].append(acc)
@@ -322,13 +331,13 @@ def train_head(model: PatchEmbedder, images: Sequence[Volume], labels: Sequence[
     y = np.concatenate(ys)
     mean = x.mean(0)
     std = x.std(0) + 1e-6
-    (w1, b1, w2, b2), history = _train_mlp((x - mean) / std, y, len(values), config, progress)
+    weights, history = _train_mlp((x - mean) / std, y, len(values), config, progress)
     history["seconds"] = round(time.perf_counter() - t0, 2)
     history["n_voxels"] = int(len(x))
     log.info("few-shot head: %d voxels, %d classes, %d epochs, %.1f s", len(x), len(values),
              history["epochs_run"], history["seconds"])
     color_list = [list(colors.get(v, ())) if colors else [] for v in values]
-    return FewShotHead(w1, b1, w2, b2, mean.astype(np.float32), std.astype(np.float32), names, values,
+    return FewShotHead(weights, mean.astype(np.float32), std.astype(np.float32), names, values,
                        model.model_hash, config, color_list, history)
 
 

@@ -115,7 +115,7 @@ def register(subparsers) -> None:
                    help="label maps in the same order (.seg.nrrd, or label images with a .labels.json names file)")
     t.add_argument("--out", required=True, help="head file to write (.aehead)")
     t.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"])
-    t.add_argument("--hidden", type=int, default=FewShotConfig.hidden, help="hidden width (default: %(default)s)")
+    t.add_argument("--hidden", type=int, default=FewShotConfig.hidden, help="hidden width; 0 = a single linear layer, the HDSSL paper's linear evaluation (default: %(default)s)")
     t.add_argument("--no-intensity", action="store_true", help="do not feed the image intensity to the head")
     t.add_argument("--no-coarse", action="store_true", help="do not feed the coarse embedding to the head")
     t.add_argument("--voxels-per-class", type=int, default=FewShotConfig.voxels_per_class,
