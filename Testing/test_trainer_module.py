@@ -1,0 +1,317 @@
+"""The Trainer module's logic without Qt, on the headless MRML scene: command line from the parameter node,
+progress lines into the loss table and the plot chart's series, a training run through the same calls the GUI's
+timer makes (registering the exported package), a crashed run; plus the installed-model registry."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import sys
+import textwrap
+import time
+import types
+import xml.etree.ElementTree as ET
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE = "AnatomicalEmbeddingTrainer"
+ADVANCED_TINY = textwrap.dedent("""\
+    [train]
+    log_every = 2
+    num_workers = 0
+    tensorboard = false
+    [method]
+    widths = [8, 16, 32, 64]
+    feature_dim = 8
+    spacing = [8.0, 8.0, 8.0]
+    n_pos = 50
+    n_neg = 512
+    epochs_region = 0
+    """)
+
+
+@pytest.fixture
+def trainer(monkeypatch, mrml_app, tmp_path):
+    """The module imported with bare stand-ins for the GUI-side Slicer Python (as in test_mrml_bridge.py)."""
+    import slicer
+
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    wrapper.parameterNodeWrapper = lambda cls: cls
+    wrapper.Choice = lambda choices: ("Choice", tuple(choices))
+    wrapper.WithinRange = lambda low, high: ("WithinRange", low, high)
+    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class Base:
+        def __init__(self, *args, **kwargs):
+            pass
+
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
+                 "ScriptedLoadableModuleTest"):
+        setattr(scripted, name, type(name, (Base,), {}))
+    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", wrapper)
+    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", scripted)
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(temporaryPath=str(tmp_path)), raising=False)
+    spec = importlib.util.spec_from_file_location(f"_headless_{MODULE}", ROOT / MODULE / f"{MODULE}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def make_params(module, **values):
+    """A parameter object with the wrapper's defaults (the stand-in decorator leaves a plain class); method aefm."""
+    p = module.AnatomicalEmbeddingTrainerParameterNode()
+    module.AnatomicalEmbeddingTrainerLogic.setMethod(p, values.pop("method", "aefm"))
+    for name in ("outputDirectory", "dataDirectory", "labelsDirectory", "runDirectory"):
+        setattr(p, name, Path("."))
+    for name, value in values.items():
+        setattr(p, name, value)
+    return p
+
+
+@pytest.fixture(scope="module")
+def tiny_cohort(tmp_path_factory) -> Path:
+    from anatomical_embedding.phantoms import generate_cohort
+
+    root = tmp_path_factory.mktemp("trainer_cohort")
+    generate_cohort(root / "cohort", 3, seed=6, spacing=8.0, size=40, workers=1)
+    return root / "cohort"
+
+
+# ---- settings ------------------------------------------------------------------------------------
+def test_gui_defaults_are_the_engine_and_method_defaults(trainer):
+    """The parameter node's prefilled hyperparameters equal the config dataclasses' (paper) defaults."""
+    from anatomical_embedding.methods import available_methods
+
+    logic = trainer.AnatomicalEmbeddingTrainerLogic()
+    assert logic.availableMethods() == available_methods()
+    defaults = logic.defaultHyperparameters("aefm")
+    assert defaults == {"batchSize": 2, "learningRate": 1e-4, "epochs": 0, "maxSteps": 0, "patchSize": "96,96,96"}
+    cls = trainer.AnatomicalEmbeddingTrainerParameterNode
+    assert {k: getattr(cls, k) for k in defaults} == defaults
+    p = make_params(trainer, batchSize=7, patchSize="16,16,16")
+    logic.applyDefaults(p, "aefm", trainSettings=False)  # a method change refreshes only the method's settings
+    assert (p.batchSize, p.patchSize) == (7, "96,96,96")
+    logic.applyDefaults(p, "aefm")
+    assert p.batchSize == 2
+
+
+def test_method_combo_is_filled_at_run_time():
+    """The .ui lists no methods: the module adds the registered ones, so unimplemented methods never show."""
+    root = ET.parse(ROOT / MODULE / "Resources" / "UI" / f"{MODULE}.ui").getroot()
+    combo = [w for w in root.iter("widget") if w.get("name") == "methodComboBox"]
+    assert len(combo) == 1 and combo[0].findall("item") == []
+
+
+def test_command_line_from_the_parameter_node(trainer, tmp_path):
+    """The argv the GUI launches resolves (through train.py's own parser) to the settings shown in the GUI."""
+    spec = importlib.util.spec_from_file_location("_train_for_gui", ROOT / MODULE / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+
+    logic = trainer.AnatomicalEmbeddingTrainerLogic()
+    p = make_params(trainer, dataDirectory=tmp_path / "data", runDirectory=tmp_path / "run", batchSize=4,
+                    learningRate=3e-4, maxSteps=50, patchSize="64, 64, 32", device="cpu",
+                    advancedSettings="[train]\nwarmup_steps = 5\n[method]\nn_pos = 123\n")
+    logic.setMethod(p, "aefm")
+    argv = logic.buildCommand(p)
+    script = argv.index(str(ROOT / MODULE / "train.py"))
+    args = train.build_parser().parse_args(argv[script + 1:])
+    cfg = train.resolve_config(args)
+    assert cfg.method == "aefm" and Path(args.data) == tmp_path / "data" and Path(args.out) == tmp_path / "run"
+    assert (cfg.train.batch_size, cfg.train.lr, cfg.train.max_steps, cfg.train.device) == (4, 3e-4, 50, "cpu")
+    assert cfg.train.warmup_steps == 5 and cfg.train.progress_bar is False
+    assert cfg.method_config.patch_size == (64, 64, 32) and cfg.method_config.n_pos == 123
+    assert Path(args.export) == tmp_path / "run" / "run.aemodel" and args.labels is None
+
+    p.numProcesses, p.gpus, p.exportModel = 2, "0,1", False
+    settings = logic.trainSettings(p)
+    from anatomical_embedding.training_monitor import build_command
+
+    argv, env = build_command(settings)
+    assert argv[2:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert env["CUDA_VISIBLE_DEVICES"] == "0,1" and "--export" not in argv
+
+    argv = logic.buildCommand(p, resume=True)
+    assert "--resume" in argv and "--method" not in argv
+
+    with pytest.raises(ValueError, match="patch size"):
+        logic.buildCommand(make_params(trainer, dataDirectory=tmp_path, runDirectory=tmp_path / "r", patchSize="6a,4"))
+    with pytest.raises(ValueError, match="run"):
+        logic.buildCommand(make_params(trainer, dataDirectory=tmp_path))
+    with pytest.raises(ValueError, match="not valid TOML"):
+        logic.buildCommand(make_params(trainer, dataDirectory=tmp_path, runDirectory=tmp_path / "r",
+                                       advancedSettings="[train"))
+    with pytest.raises(ValueError, match="Choose a method"):
+        logic.buildCommand(make_params(trainer, dataDirectory=tmp_path, runDirectory=tmp_path / "r", method=""))
+
+
+def test_method_is_kept_in_the_scripted_module_node(trainer, mrml_scene):
+    import slicer
+
+    node = mrml_scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
+    p = types.SimpleNamespace(parameterNode=node)
+    trainer.AnatomicalEmbeddingTrainerLogic.setMethod(p, "aefm")
+    assert node.GetParameter(trainer.METHOD_PARAMETER) == "aefm"
+    assert trainer.AnatomicalEmbeddingTrainerLogic.getMethod(p) == "aefm"
+    assert isinstance(node, slicer.vtkMRMLScriptedModuleNode)
+
+
+# ---- live view ---------------------------------------------------------------------------------------
+def progress(step, loss, **terms):
+    return {"event": "progress", "step": step, "total_steps": 8, "epoch": step // 4, "loss": loss, "terms": terms,
+            "lr": 1e-4, "samples_per_s": 3.0, "eta_s": 1.0, "gpu_mem_mb": None}
+
+
+def test_progress_lines_fill_the_table_and_the_chart_series(trainer, mrml_scene):
+    from anatomical_embedding.training_monitor import ProgressParser, TrainingState
+
+    logic = trainer.AnatomicalEmbeddingTrainerLogic()
+    st = TrainingState(status="running")
+    lines = [{"event": "start", "total_steps": 8, "start_step": 0, "method": "aefm"},
+             progress(2, 3.0, ac_local=2.0, ac_global=1.0), progress(4, 2.5, ac_local=1.5, ac_global=1.0)]
+    events, _ = ProgressParser().feed("".join(json.dumps(e) + "\n" for e in lines) + "log line\n")
+    for ev in events:
+        st.apply(ev)
+    table = logic.updateTable(mrml_scene, st.history)
+    assert table.GetName() == trainer.TABLE_NAME and table.GetNumberOfRows() == 2
+    names = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
+    assert names == ["step", "loss", "ac_local", "ac_global"]
+    vt = table.GetTable()
+    assert [vt.GetValue(r, 0).ToDouble() for r in range(2)] == [2.0, 4.0]
+    assert [vt.GetValue(r, names.index("ac_local")).ToDouble() for r in range(2)] == [2.0, 1.5]
+
+    chart = mrml_scene.GetFirstNodeByName(trainer.CHART_NAME)
+    series = [chart.GetNthPlotSeriesNode(i) for i in range(chart.GetNumberOfPlotSeriesNodes())]
+    assert sorted(s.GetYColumnName() for s in series) == ["ac_global", "ac_local", "loss"]
+    assert all(s.GetXColumnName() == "step" and s.GetTableNodeID() == table.GetID() for s in series)
+
+    # A term that starts later (AEFM's region stage) adds a column (NaN before) and one series; no duplicates.
+    st.apply(progress(6, 2.0, ac_local=1.0, ac_global=0.5, seg=0.5))
+    logic.updateTable(mrml_scene, st.history)
+    assert table.GetNumberOfRows() == 3 and table.GetColumnName(4) == "seg"
+    assert math.isnan(table.GetTable().GetValue(0, 4).ToDouble()) and table.GetTable().GetValue(2, 4).ToDouble() == 0.5
+    assert chart.GetNumberOfPlotSeriesNodes() == 4
+    assert mrml_scene.GetNumberOfNodesByClass("vtkMRMLPlotSeriesNode") == 4
+    assert mrml_scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 1
+
+    # Resuming from the step-4 checkpoint drops the rows logged after it.
+    st.apply({"event": "start", "total_steps": 8, "start_step": 4})
+    logic.updateTable(mrml_scene, st.history)
+    assert table.GetNumberOfRows() == 2
+
+
+# ---- processes ---------------------------------------------------------------------------------------
+def poll_until_done(logic, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while logic.isRunning():
+        assert time.monotonic() < deadline, "training did not finish"
+        logic.poll()  # what the widget's QTimer calls
+        time.sleep(0.2)
+
+
+@pytest.mark.slow  # a training subprocess plus ONNX export (~25 s on a shared 2-core CPU)
+def test_training_through_the_logic_updates_the_table_and_registers_the_model(trainer, mrml_scene, tiny_cohort,
+                                                                              tmp_path, monkeypatch):
+    from anatomical_embedding import model_registry
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the child inherits it (shared CPU)
+    from anatomical_embedding.backends import read_package
+
+    registry = tmp_path / "models.json"
+    logic = trainer.AnatomicalEmbeddingTrainerLogic(registryPath=registry)
+    p = make_params(trainer, dataDirectory=tiny_cohort, runDirectory=tmp_path / "tiny_run", device="cpu",
+                    maxSteps=4, patchSize="32,32,32", advancedSettings=ADVANCED_TINY)
+    logic.setMethod(p, "aefm")
+    logic.startTraining(p)
+    try:
+        poll_until_done(logic)
+    finally:
+        logic.monitor.close()
+    st = logic.monitor.state
+    assert st.status == "finished", st.error
+    table = logic.getTableNode(mrml_scene)
+    assert table.GetNumberOfRows() == 2 and table.GetTable().GetValue(1, 0).ToDouble() == 4.0
+    assert all(math.isfinite(table.GetTable().GetValue(r, 1).ToDouble()) for r in range(2))
+    package = (tmp_path / "tiny_run" / "tiny_run.aemodel").resolve()
+    assert logic.registeredModel["path"] == str(package)
+    [entry] = model_registry.list_models(registry)
+    assert entry["name"] == "tiny_run" and entry["method"] == "aefm" and Path(entry["path"]) == package
+    assert read_package(entry["path"])[0]["method"] == "aefm"
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        logic.startTraining(p)
+
+
+FAKE_CRASH = """
+import json, pathlib, sys
+args = sys.argv[1:]
+export = pathlib.Path(args[args.index("--export") + 1])
+print(json.dumps({"event": "start", "total_steps": 10, "start_step": 0}), flush=True)
+print(json.dumps({"event": "progress", "step": 2, "total_steps": 10, "epoch": 0, "loss": 1.5,
+                  "terms": {"ac_local": 1.0}}), flush=True)
+(export.parent / ("." + export.stem + ".tmp1.aemodel")).write_bytes(b"half")  # an export cut short
+print("Segmentation fault in a worker", file=sys.stderr, flush=True)
+sys.exit(139)
+"""
+
+
+def test_crashed_training_gives_a_clear_error_and_no_package(trainer, mrml_scene, tmp_path):
+    from anatomical_embedding import model_registry
+
+    script = tmp_path / "crash.py"
+    script.write_text(textwrap.dedent(FAKE_CRASH))
+    registry = tmp_path / "models.json"
+    logic = trainer.AnatomicalEmbeddingTrainerLogic(registryPath=registry)
+    run = tmp_path / "crash_run"
+    p = make_params(trainer, dataDirectory=tmp_path, runDirectory=run)
+    logic.setMethod(p, "aefm")
+    settings = dataclasses.replace(logic.trainSettings(p), script=str(script), python=sys.executable)
+    logic.startTraining(p, settings=settings)
+    poll_until_done(logic, timeout=60)
+    st = logic.monitor.state
+    assert st.status == "failed" and st.returncode == 139
+    assert st.error == "training failed (exit code 139: killed or crashed): Segmentation fault in a worker"
+    assert logic.getTableNode(mrml_scene).GetNumberOfRows() == 1  # the curve up to the crash stays visible
+    assert sorted(f.name for f in run.iterdir()) == ["console.log"]  # no package, no partial export
+    assert logic.registeredModel is None and model_registry.list_models(registry, include_missing=True) == []
+
+
+# ---- model registry ------------------------------------------------------------------------------------
+def fake_package(path: Path, method: str = "aefm") -> Path:
+    """A structurally valid package (card hashes match its members); the registry does not run ONNX."""
+    from anatomical_embedding.backends import CARD_NAME, ONNX_NAME, sha256_bytes
+
+    onnx = b"not really onnx"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(CARD_NAME, json.dumps({"method": method, "onnx_sha256": sha256_bytes(onnx)}))
+        zf.writestr(ONNX_NAME, onnx)
+    return path
+
+
+def test_model_registry_register_list_unregister(tmp_path, monkeypatch):
+    from anatomical_embedding import model_registry
+
+    monkeypatch.setenv(model_registry.ENV_VAR, str(tmp_path / "reg" / "models.json"))
+    assert model_registry.registry_path() == tmp_path / "reg" / "models.json"
+    a, b = fake_package(tmp_path / "a.aemodel"), fake_package(tmp_path / "b.aemodel", "hdssl")
+    model_registry.register_model(a, run_dir=tmp_path)
+    model_registry.register_model(b, name="bee")
+    model_registry.register_model(a)  # re-registering refreshes, never duplicates
+    assert [(m["name"], m["method"]) for m in model_registry.list_models()] == [("bee", "hdssl"), ("a", "aefm")]
+    b.unlink()
+    assert [m["name"] for m in model_registry.list_models()] == ["a"]  # missing files are not offered
+    assert len(model_registry.list_models(include_missing=True)) == 2
+    assert model_registry.unregister_model(b) and not model_registry.unregister_model(b)
+
+    broken = tmp_path / "broken.aemodel"
+    broken.write_bytes(b"PK not a zip")
+    with pytest.raises(ValueError, match="not a valid model package"):
+        model_registry.register_model(broken)
+    with pytest.raises(FileNotFoundError):
+        model_registry.register_model(tmp_path / "missing.aemodel")
+    (tmp_path / "reg" / "models.json").write_text("{oops")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        model_registry.list_models()
