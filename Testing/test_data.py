@@ -62,10 +62,10 @@ def test_bad_inputs_give_clear_errors(tmp_path):
 def test_manifest(tmp_path):
     _case(tmp_path, "a")
     manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps({"cases": [{"id": "x", "image": "images/a.nii.gz", "label": "labels/a.nii.gz"}]}))
+    manifest.write_text(json.dumps({"cases": [{"id": "x", "image": "images/a.nii.gz", "label": "labels/a.nii.gz"}]}), encoding="utf-8")
     spec = DatasetSpec.from_path(manifest)
     assert spec.cases[0].id == "x" and spec.cases[0].label is not None
-    manifest.write_text(json.dumps({"cases": [{"image": "images/nothere.nii.gz"}]}))
+    manifest.write_text(json.dumps({"cases": [{"image": "images/nothere.nii.gz"}]}), encoding="utf-8")
     with pytest.raises(FileNotFoundError, match="nothere"):
         DatasetSpec.from_path(manifest)
 

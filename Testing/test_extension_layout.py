@@ -21,7 +21,7 @@ SKIP_DIRS = {"Testing", "__pycache__"}
 def cmake_text(path: Path) -> str:
     """CMake source without comments (a '#' outside quotes starts a comment)."""
     lines = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         out, quoted = [], False
         for ch in line:
             if ch == '"':
@@ -123,7 +123,7 @@ def test_every_module_folder_is_built():
 
 def test_extension_icon_and_license():
     assert png_size(ROOT / "Resources" / "Icons" / "AnatomicalEmbedding.png") == (128, 128)
-    text = (ROOT / "LICENSE").read_text()
+    text = (ROOT / "LICENSE").read_text(encoding="utf-8")
     assert "Apache License" in text and "Version 2.0, January 2004" in text
     assert "END OF TERMS AND CONDITIONS" in text  # the full text, not just a notice
 
@@ -187,10 +187,10 @@ def test_layout_checker_reports_missing_and_stale_entries(tmp_path):
     (module / "Testing" / "Python").mkdir(parents=True)
     for rel in ("Mod.py", "pkg/__init__.py", "pkg/new.py", "pkg/data.toml", "Resources/UI/Mod.ui",
                 "Testing/Python/ignored.py"):
-        (module / rel).write_text("")
+        (module / rel).write_text("", encoding="utf-8")
     (module / "CMakeLists.txt").write_text(
         "set(MODULE_NAME Mod)\nset(MODULE_PYTHON_SCRIPTS\n  ${MODULE_NAME}.py  # the module\n"
-        "  pkg/__init__.py\n  pkg/gone.py\n  )\nset(MODULE_PYTHON_RESOURCES\n  Resources/UI/${MODULE_NAME}.ui\n  )\n")
+        "  pkg/__init__.py\n  pkg/gone.py\n  )\nset(MODULE_PYTHON_RESOURCES\n  Resources/UI/${MODULE_NAME}.ui\n  )\n", encoding="utf-8")
     scripts, resources = module_files(module)
     assert scripts == {"Mod.py", "pkg/__init__.py", "pkg/new.py"}
     assert resources == {"Resources/UI/Mod.ui", "pkg/data.toml"}

@@ -16,6 +16,7 @@ from anatomical_embedding.io import (
     pad_to_multiple,
     read_image,
     resample_like,
+    reorient_to_canonical,
     resample_to_spacing,
     write_dicom_series,
     write_image,
@@ -178,3 +179,25 @@ def test_intensity_presets():
     assert get_preset(card) == get_preset("ct_aefm")
     with pytest.raises(ValueError, match="known"):
         get_preset("ct_unknown")
+
+
+@pytest.mark.parametrize("perm", [(0, 1, 2), (2, 0, 1), (1, 2, 0)])
+@pytest.mark.parametrize("flips", [(1, 1, 1), (-1, 1, -1), (1, -1, 1)])
+def test_reorient_to_canonical_keeps_every_voxel_at_its_world_point(perm, flips):
+    # A sagittal-like, flipped, slightly oblique volume: axes permuted and mirrored against LPS.
+    tilt = Rotation.from_euler("xyz", [9, -6, 12], degrees=True).as_matrix()
+    direction = tilt @ (np.eye(3)[:, list(perm)] * np.asarray(flips, dtype=float)[None, :])
+    rng = np.random.default_rng(3)
+    vol = Volume(rng.normal(size=(5, 7, 11)).astype(np.float32), (0.7, 1.9, 3.1), (10.0, -4.0, 33.0), direction)
+    out = reorient_to_canonical(vol)
+    # Axes now point (as closely as possible) to L, P, S: positive diagonal dominates.
+    assert np.all(np.argmax(np.abs(out.direction), axis=0) == [0, 1, 2])
+    assert np.all(np.diag(out.direction) > 0)
+    # Every voxel keeps its world position and value (no interpolation).
+    k, j, i = np.meshgrid(*[np.arange(n) for n in vol.array.shape], indexing="ij")
+    ijk = np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1).astype(float)
+    world = vol.index_to_world(ijk)
+    new_ijk = np.rint(out.world_to_index(world)).astype(int)
+    np.testing.assert_allclose(out.index_to_world(new_ijk), world, atol=1e-9)
+    np.testing.assert_array_equal(out.array[new_ijk[:, 2], new_ijk[:, 1], new_ijk[:, 0]], vol.array.ravel())
+    np.testing.assert_allclose(sorted(out.spacing), sorted(vol.spacing))

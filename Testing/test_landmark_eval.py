@@ -31,7 +31,7 @@ def test_errors_and_summary(tmp_path):
     assert s["identity"]["per_landmark_mean_mm"] == {"a": 3.0, "b": 1.0}
     np.testing.assert_allclose(shifted[1].errors_mm, [0, 1])
     csv_path = write_records_csv(recs, tmp_path / "r.csv")
-    assert len(csv_path.read_text().splitlines()) == 5
+    assert len(csv_path.read_text(encoding="utf-8").splitlines()) == 5
     png = plot_error_cdf(recs + shifted, tmp_path / "cdf.png")
     assert png.stat().st_size > 5000
     with pytest.raises(ValueError, match="share no landmark"):

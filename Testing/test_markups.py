@@ -48,7 +48,7 @@ def test_files_store_coordinates_in_the_requested_frame(tmp_path, frame):
     pl, ijk = sample_points(vol)
     expected = vol.index_to_world(ijk, frame)  # the Volume's own frame handling is the reference
 
-    doc = json.loads(write_points(tmp_path / "p.mrk.json", pl, frame=frame).read_text())
+    doc = json.loads(write_points(tmp_path / "p.mrk.json", pl, frame=frame).read_text(encoding="utf-8"))
     markup = doc["markups"][0]
     assert markup["coordinateSystem"] == frame and markup["type"] == "Fiducial"
     cps = markup["controlPoints"]
@@ -57,13 +57,13 @@ def test_files_store_coordinates_in_the_requested_frame(tmp_path, frame):
     assert json.loads(cps[1]["description"])["similarity"] == -0.125
     assert cps[2]["description"] == ""  # no extras: plain (empty) description for Slicer users
 
-    text = write_points(tmp_path / "p.fcsv", pl, frame=frame).read_text()
+    text = write_points(tmp_path / "p.fcsv", pl, frame=frame).read_text(encoding="utf-8")
     assert f"# CoordinateSystem = {frame}" in text
     rows = list(csv.reader(line for line in text.splitlines() if not line.startswith("#")))
     np.testing.assert_allclose([[float(v) for v in r[1:4]] for r in rows], expected, atol=1e-9)
     assert [r[11] for r in rows] == pl.names
 
-    rows = list(csv.reader(write_points(tmp_path / "p.csv", pl, frame=frame).read_text().splitlines()))
+    rows = list(csv.reader(write_points(tmp_path / "p.csv", pl, frame=frame).read_text(encoding="utf-8").splitlines()))
     assert rows[0][:4] == ["label", *("lps" if frame == "LPS" else "ras")]
     np.testing.assert_allclose([[float(v) for v in r[1:4]] for r in rows[1:]], expected, atol=1e-9)
 
@@ -110,7 +110,7 @@ def test_reads_hand_written_slicer_ras_markups(tmp_path):
         ],
     }
     path = tmp_path / "slicer.mrk.json"
-    path.write_text(json.dumps(doc))
+    path.write_text(json.dumps(doc), encoding="utf-8")
     pl = read_points(path)
     assert pl.names == ["F-1", "F-3"]  # the "missing" point has no position
     np.testing.assert_allclose(pl.points_lps, [[-20.5, 31.25, 7.0], [1.0, -2.0, -3.0]])
@@ -131,7 +131,7 @@ def test_reads_legacy_fcsv_frames(tmp_path):
         ("", -1),
     ):
         path = tmp_path / "f.fcsv"
-        path.write_text("# Markups fiducial file version = 4.10\n" + header + body)
+        path.write_text("# Markups fiducial file version = 4.10\n" + header + body, encoding="utf-8")
         pl = read_points(path)
         assert pl.names == ["A"]
         np.testing.assert_allclose(pl.points_lps, [[sign * 1.5, sign * -2.0, 3.0]])
@@ -139,12 +139,12 @@ def test_reads_legacy_fcsv_frames(tmp_path):
 
 def test_csv_must_name_its_frame(tmp_path):
     path = tmp_path / "p.csv"
-    path.write_text("label,x,y,z\nA,1,2,3\n")
+    path.write_text("label,x,y,z\nA,1,2,3\n", encoding="utf-8")
     with pytest.raises(ValueError, match="does not name the frame"):
         read_points(path)
-    path.write_text("# CoordinateSystem = RAS\nlabel,x,y,z\nA,1,2,3\n")
+    path.write_text("# CoordinateSystem = RAS\nlabel,x,y,z\nA,1,2,3\n", encoding="utf-8")
     np.testing.assert_allclose(read_points(path).points_lps, [[-1, -2, 3]])
-    path.write_text("label,r,a,s,score\nA,1,2,3,0.5\nB,4,5,6,\n")
+    path.write_text("label,r,a,s,score\nA,1,2,3,0.5\nB,4,5,6,\n", encoding="utf-8")
     pl = read_points(path)
     np.testing.assert_allclose(pl.points_lps, [[-1, -2, 3], [-4, -5, 6]])
     assert pl.extra == [{"score": 0.5}, {}]

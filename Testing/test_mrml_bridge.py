@@ -278,7 +278,7 @@ def test_markups_saved_by_slicer(mrml_scene, tmp_path):
     node = mrml.points_to_markups_node(NAMES, POINTS_LPS, mrml_scene, "landmarks", descriptions=["x", "y", "z"])
     path = tmp_path / "landmarks.mrk.json"
     write_with_storage_node(node, path)
-    doc = json.loads(path.read_text())
+    doc = json.loads(path.read_text(encoding="utf-8"))
     markup = doc["markups"][0]
     assert markup["type"] == "Fiducial"
     flip = {"LPS": np.array([1.0, 1.0, 1.0]), "RAS": np.array([-1.0, -1.0, 1.0])}[markup["coordinateSystem"]]

@@ -154,15 +154,15 @@ def test_cli_writes_a_complete_cohort_and_refuses_to_overwrite(tmp_path, capsys)
     printed = capsys.readouterr().out
     assert "subjects    3" in printed and "landmarks   28 per subject" in printed
 
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     assert (
         manifest["format"] == "anatomical-embedding-cohort/1" and manifest["n"] == 3 and manifest["seed"] == 7
     )
     assert {int(k): v for k, v in manifest["label_names"].items()} == LABEL_NAMES
-    assert json.loads((out / "labels" / "label_names.json").read_text()) == manifest["label_names"]
+    assert json.loads((out / "labels" / "label_names.json").read_text(encoding="utf-8")) == manifest["label_names"]
     ctbl = [
         line.split()
-        for line in (out / "labels" / "labels.ctbl").read_text().splitlines()
+        for line in (out / "labels" / "labels.ctbl").read_text(encoding="utf-8").splitlines()
         if not line.startswith("#")
     ]
     assert [int(r[0]) for r in ctbl] == [0, *sorted(LABEL_NAMES)] and all(len(r) == 6 for r in ctbl)
@@ -194,12 +194,12 @@ def test_cli_writes_a_complete_cohort_and_refuses_to_overwrite(tmp_path, capsys)
     # A non-empty output folder is refused with a clear one-line error, unless --overwrite.
     assert main(argv) == 2
     assert "not empty" in capsys.readouterr().err
-    (out / "notes.txt").write_text("user file")
+    (out / "notes.txt").write_text("user file", encoding="utf-8")
     smaller = ["phantoms", "--out", str(out), "--n", "2", "--seed", "7", "--size", "40", "--workers", "1"]
     assert main([*smaller, "--overwrite"]) == 0
     assert len(load_cohort(out).subjects) == 2
     assert sorted(p.name for p in (out / "images").iterdir()) == ["phantom_000.nii.gz", "phantom_001.nii.gz"]
-    assert (out / "notes.txt").read_text() == "user file"  # only our own stale subject files are removed
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "user file"  # only our own stale subject files are removed
     with pytest.raises(FileExistsError):
         generate_cohort(out, 1, 0)
 

@@ -102,7 +102,7 @@ def test_tiny_parity_with_reference(name):
 @pytest.mark.parametrize("name", ["vox2vec", "hdssl"])
 def test_published_keys_and_full_size_synthetic_parity(name):
     _, published, weight_seed, input_seed, input_shape = SPECS[name]
-    keys = json.loads((DATA / name / "keys_full.json").read_text())
+    keys = json.loads((DATA / name / "keys_full.json").read_text(encoding="utf-8"))
     with torch.device("meta"):  # skip the default init of ~47M parameters; weights come from the recipe
         net = _published_fpn(name)
     assert (net.base_channels, net.num_scales) == published[1:]

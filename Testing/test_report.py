@@ -20,8 +20,8 @@ def test_markdown_and_html(tmp_path):
     r.table(["method", "mean"], [["aefm", 3.14159], ["identity", 21.0], ["nan", float("nan")]])
     r.image(fig_path, "CDF")
     md, html = r.write(tmp_path / "out")
-    text = md.read_text()
+    text = md.read_text(encoding="utf-8")
     assert "| aefm | 3.1 |" in text and "| nan | – |" in text
     assert "![CDF](../figs/a.png)" in text
-    page = html.read_text()
+    page = html.read_text(encoding="utf-8")
     assert "Demo &lt;report&gt;" in page and '<img src="../figs/a.png"' in page and "<td>21.0</td>" in page

@@ -187,7 +187,7 @@ def test_print_config_resolves_file_overrides_and_device(train_module, tmp_path,
     import tomllib
 
     cfg = tmp_path / "c.toml"
-    cfg.write_text('method = "aefm"\n[train]\nlr = 0.5\n[config]\nn_pos = 7\n')
+    cfg.write_text('method = "aefm"\n[train]\nlr = 0.5\n[config]\nn_pos = 7\n', encoding="utf-8")
     code = train_module.main(["--data", str(tmp_path), "--out", str(tmp_path / "run"), "--config", str(cfg),
                               "--set", "method.n_pos=9", "--device", "cpu", "--print-config"])
     data = tomllib.loads(capsys.readouterr().out)

@@ -262,7 +262,7 @@ def test_crashed_training_gives_a_clear_error_and_no_package(trainer, mrml_scene
     from anatomical_embedding import model_registry
 
     script = tmp_path / "crash.py"
-    script.write_text(textwrap.dedent(FAKE_CRASH))
+    script.write_text(textwrap.dedent(FAKE_CRASH), encoding="utf-8")
     registry = tmp_path / "models.json"
     logic = trainer.AnatomicalEmbeddingTrainerLogic(registryPath=registry)
     run = tmp_path / "crash_run"
@@ -312,6 +312,6 @@ def test_model_registry_register_list_unregister(tmp_path, monkeypatch):
         model_registry.register_model(broken)
     with pytest.raises(FileNotFoundError):
         model_registry.register_model(tmp_path / "missing.aemodel")
-    (tmp_path / "reg" / "models.json").write_text("{oops")
+    (tmp_path / "reg" / "models.json").write_text("{oops", encoding="utf-8")
     with pytest.raises(ValueError, match="not valid JSON"):
         model_registry.list_models()

@@ -157,7 +157,7 @@ def test_stop_with_sigterm_then_resume(tiny_cohort, tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 12  # one curve across the stop, no repeated steps
     assert all(math.isfinite(h["loss"]) for h in st.history)
     # The console log of both parts is kept next to the run.
-    text = (run / "console.log").read_text()
+    text = (run / "console.log").read_text(encoding="utf-8")
     assert text.count('"event": "start"') == 2 and '"event": "stopped"' in text
 
 
@@ -177,7 +177,7 @@ sys.exit(1)
 
 def test_crashed_process_gives_a_clear_error_and_no_package(tmp_path):
     script = tmp_path / "crash.py"
-    script.write_text(textwrap.dedent(FAKE_CRASH))
+    script.write_text(textwrap.dedent(FAKE_CRASH), encoding="utf-8")
     package = tmp_path / "out" / "m.aemodel"
     package.parent.mkdir()
     (package.parent / "other.aemodel").write_bytes(b"a user's file")  # left alone
@@ -219,7 +219,7 @@ sys.exit(1)
 @pytest.mark.parametrize("mode", ["stop", "error"])
 def test_outcome_follows_the_events_when_torchrun_hides_the_exit_code(tmp_path, mode):
     script = tmp_path / "fake.py"
-    script.write_text(textwrap.dedent(FAKE_TORCHRUN))
+    script.write_text(textwrap.dedent(FAKE_TORCHRUN), encoding="utf-8")
     mon = TrainingMonitor(TrainSettings(out=str(tmp_path / "run"), data=str(tmp_path), method="aefm",
                                         script=str(script), overrides=[mode]))
     mon.start()
@@ -240,7 +240,7 @@ def test_read_history_rebuilds_the_curve_of_an_earlier_run(tmp_path):
              {"event": "progress", "step": 2, "total_steps": 6, "epoch": 0, "loss": 3.0, "terms": {"a": 1.0}},
              {"event": "progress", "step": 4, "total_steps": 6, "epoch": 1, "loss": 2.0, "terms": {"a": 0.5}},
              {"event": "stopped", "step": 5, "signal": "SIGTERM", "checkpoint": "last.pt"}]
-    (tmp_path / "progress.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    (tmp_path / "progress.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines), encoding="utf-8")
     st = read_history(tmp_path)
     assert st.status == "stopped" and st.step == 5 and [h["loss"] for h in st.history] == [3.0, 2.0]
     assert read_history(tmp_path / "none").status == "idle"

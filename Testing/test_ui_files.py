@@ -65,7 +65,7 @@ def combo_items(widget: ET.Element) -> list[str]:
 
 # ---- reading the module code ----------------------------------------------------------------
 def module_ast(module: str) -> ast.Module:
-    return ast.parse((ROOT / module / f"{module}.py").read_text())
+    return ast.parse((ROOT / module / f"{module}.py").read_text(encoding="utf-8"))
 
 
 def ui_attributes(tree: ast.Module) -> set[str]:
@@ -210,22 +210,22 @@ def test_checker_catches_a_wrong_binding(tmp_path, monkeypatch):
     module = "Mod"
     (tmp_path / module / "Resources" / "UI").mkdir(parents=True)
     (tmp_path / module / f"{module}.py").write_text(
-        "MODES = ['a', 'b']\n@parameterNodeWrapper\nclass P:\n    mode: Annotated[str, Choice(MODES)] = 'a'\n")
+        "MODES = ['a', 'b']\n@parameterNodeWrapper\nclass P:\n    mode: Annotated[str, Choice(MODES)] = 'a'\n", encoding="utf-8")
     (tmp_path / module / "Resources" / "UI" / f"{module}.ui").write_text(
         '<ui version="4.0"><widget class="qMRMLWidget" name="Mod">'
         '<widget class="QComboBox" name="modeComboBox"><property name="SlicerParameterName" stdset="0">'
         '<string>mode</string></property><item><property name="text"><string>a</string></property></item>'
         '</widget><widget class="QLineEdit" name="other"><property name="SlicerParameterName" stdset="0">'
-        '<string>typo</string></property></widget></widget></ui>')
+        '<string>typo</string></property></widget></widget></ui>', encoding="utf-8")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     assert parameter_fields(module_ast(module)) == {"mode": {"type": "str", "choices": ["a", "b"], "bounded": False}}
     with pytest.raises(AssertionError, match="typo"):
         test_parameter_bindings_match_the_wrapper(module)
     ui = tmp_path / module / "Resources" / "UI" / f"{module}.ui"
-    ui.write_text(ui.read_text().replace("<string>typo</string>", "<string>mode</string>"))
+    ui.write_text(ui.read_text(encoding="utf-8").replace("<string>typo</string>", "<string>mode</string>"))
     with pytest.raises(AssertionError, match="bound to two widgets"):
         test_parameter_bindings_match_the_wrapper(module)
-    ui.write_text(ui.read_text().replace('name="other"', 'name="x"').split('<widget class="QLineEdit"')[0]
+    ui.write_text(ui.read_text(encoding="utf-8").replace('name="other"', 'name="x"').split('<widget class="QLineEdit"')[0]
                   + "</widget></ui>")
     with pytest.raises(AssertionError, match="differ from Choice"):
         test_parameter_bindings_match_the_wrapper(module)

@@ -14,7 +14,10 @@ import sys
 #: Modules (relative to this package) that contribute sub-commands, in help order.
 COMMAND_MODULES: tuple[str, ...] = (
     ".phantoms.cli",
+    ".fewshot_cli",
+    ".embedding_cli",
     ".demo",
+    ".training.cli",
 )
 
 

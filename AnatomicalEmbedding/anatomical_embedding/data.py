@@ -125,7 +125,7 @@ class DatasetSpec:
     def from_manifest(cls, manifest: Path) -> "DatasetSpec":
         manifest = Path(manifest)
         try:
-            data = json.loads(manifest.read_text())
+            data = json.loads(manifest.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise ValueError(f"{manifest} is not valid JSON: {exc}") from exc
         entries = data.get("subjects", data.get("cases"))
@@ -199,8 +199,15 @@ class PreprocessConfig:
 
 def preprocess_volume(image: Volume, config: PreprocessConfig, label: Volume | None = None
                       ) -> tuple[Volume, Volume | None]:
-    """Resample to the config's spacing and apply the intensity preset (labels: nearest neighbour)."""
-    from .io import pad
+    """Reorient to canonical axes, resample to the config's spacing and apply the intensity preset.
+
+    Labels are resampled with nearest neighbour. Callers that need the result on the input grid
+    resample back with ``resample_like`` (world geometry is preserved throughout).
+    """
+    from .io import pad, reorient_to_canonical
+
+    image = reorient_to_canonical(image)
+    label = reorient_to_canonical(label) if label is not None else None
 
     preset = get_preset(config.preset)
     spacing = np.asarray(config.spacing, dtype=np.float64)

@@ -52,7 +52,7 @@ def segmentation_metrics(pred: Volume, ref: Volume, names: Mapping[int, str], ns
 def write_metrics_csv(rows: Sequence[dict], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(METRIC_COLUMNS))
         writer.writeheader()
         for row in rows:

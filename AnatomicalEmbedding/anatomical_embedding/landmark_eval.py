@@ -94,7 +94,7 @@ def summarise(records: Sequence[TransferRecord]) -> dict[str, dict]:
 def write_records_csv(records: Sequence[TransferRecord], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["method", "source", "target", "landmark", "error_mm", "seconds_for_scan"])
         for r in records:

@@ -41,7 +41,7 @@ def _read(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"model registry {path} is not valid JSON ({exc}); fix or delete it") from exc
     models = data.get("models", []) if isinstance(data, dict) else []
@@ -53,7 +53,7 @@ def _write(path: Path, models: list[dict]) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = json.dumps({"models": models}, indent=1)
-    atomic_write(path, lambda p: Path(p).write_text(blob), overwrite=True)
+    atomic_write(path, lambda p: Path(p).write_text(blob, encoding="utf-8"), overwrite=True)
 
 
 def list_models(path: str | os.PathLike | None = None, include_missing: bool = False) -> list[dict]:

@@ -56,14 +56,14 @@ class Report:
                 body.append(f'<figure><img src="{html.escape(rel)}" alt="{html.escape(caption)}">'
                             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
         md_path = folder / "report.md"
-        md_path.write_text("\n".join(md) + "\n")
+        md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
         style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
                  "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:3px 8px;"
                  "text-align:right}th{background:#eee}td:first-child{text-align:left}img{max-width:100%}"
                  "figcaption{font-style:italic;color:#555}")
         html_path = folder / "report.html"
         html_path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}"
-                             f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+                             f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n", encoding="utf-8")
         return md_path, html_path
 
 

@@ -10,6 +10,7 @@ from .geometry import (
     pad,
     pad_to_multiple,
     resample_like,
+    reorient_to_canonical,
     resample_to_spacing,
 )
 from .images import atomic_write, is_image_path, read_image, write_dicom_series, write_image
@@ -18,7 +19,7 @@ from .markups import PointList, read_points, write_points
 
 __all__ = [
     "LPS_TO_RAS", "Frame", "Volume", "convert_matrix", "convert_points", "crop", "crop_or_pad", "pad",
-    "pad_to_multiple", "resample_like", "resample_to_spacing", "atomic_write", "is_image_path", "read_image",
+    "pad_to_multiple", "reorient_to_canonical", "resample_like", "resample_to_spacing", "atomic_write", "is_image_path", "read_image",
     "write_dicom_series", "write_image", "PRESETS", "IntensityPreset", "get_preset",
     "PointList", "read_points", "write_points",
 ]

@@ -271,3 +271,40 @@ def pad_to_multiple(volume: Volume, multiple: int, value: float = 0.0, min_size:
     if not after.any():
         return volume, after
     return pad(volume, np.zeros(3, dtype=int), after, value), after
+
+
+def reorient_to_canonical(volume: Volume) -> Volume:
+    """Permute and flip the array axes so that i, j, k point as closely as possible to L, P, S.
+
+    The world geometry is unchanged and no voxel is interpolated (pure index shuffle): a world point
+    keeps its intensity. Networks learn on canonically oriented arrays (a phantom's "up" is +k), so an
+    axial scan stored upside down or a sagittal acquisition is turned back before it is embedded or
+    used for training. Oblique residuals (< 45 degrees) stay in ``direction``.
+    """
+    d = volume.direction
+    # Greedy assignment of array axes to world axes by largest |cosine| (unique for orthonormal d).
+    order = [-1, -1, -1]  # order[w] = array axis (0=i, 1=j, 2=k) that points along world axis w
+    free_axes, free_world = {0, 1, 2}, {0, 1, 2}
+    for _ in range(3):
+        w, a = max(((w, a) for w in free_world for a in free_axes), key=lambda wa: abs(d[wa[0], wa[1]]))
+        order[w] = a
+        free_world.discard(w)
+        free_axes.discard(a)
+    signs = np.array([np.sign(d[w, order[w]]) or 1.0 for w in range(3)])
+    if order == [0, 1, 2] and np.all(signs > 0):
+        return volume
+    shape = np.asarray(volume.shape_ijk)
+    # Array indices are [k, j, i]: ijk axis a is numpy axis 2 - a.
+    arr = np.transpose(volume.array, [2 - order[2], 2 - order[1], 2 - order[0]])
+    flips = tuple(2 - w for w in range(3) if signs[w] < 0)
+    if flips:
+        arr = np.flip(arr, axis=flips)
+    new_direction = d[:, order] * signs[None, :]
+    new_spacing = volume.spacing[order]
+    # The new first voxel is the old voxel at the far end of every flipped axis.
+    corner = np.zeros(3)
+    for w in range(3):
+        if signs[w] < 0:
+            corner[order[w]] = shape[order[w]] - 1
+    origin = volume.index_to_world(corner)
+    return Volume(np.ascontiguousarray(arr), new_spacing, origin, new_direction)

@@ -70,7 +70,7 @@ def read_labelmap(path: str | os.PathLike) -> tuple[Volume, dict[int, str]]:
     names = {}
     for candidate in (sidecar_path(path), path.parent / "label_names.json"):
         if candidate.is_file():
-            names = {int(k): str(v) for k, v in json.loads(candidate.read_text()).items() if int(k) != 0}
+            names = {int(k): str(v) for k, v in json.loads(candidate.read_text(encoding="utf-8")).items() if int(k) != 0}
             break
     present = [int(v) for v in np.unique(vol.array) if v != 0]
     for v in present:
@@ -107,6 +107,6 @@ def write_labelmap(volume: Volume, names: Mapping[int, str], path: str | os.Path
     if side.exists() and not overwrite:
         raise FileExistsError(f"{side} exists; choose another name or pass overwrite=True (CLI: --overwrite)")
     out = write_image(volume.with_array(arr.astype(np.int16)), path, overwrite=overwrite)
-    atomic_write(side, lambda tmp: tmp.write_text(json.dumps({str(v): names[v] for v in values}, indent=1)),
+    atomic_write(side, lambda tmp: tmp.write_text(json.dumps({str(v): names[v] for v in values}, indent=1), encoding="utf-8"),
                  overwrite=True)
     return out

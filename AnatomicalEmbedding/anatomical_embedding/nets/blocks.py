@@ -189,9 +189,11 @@ def normalized_concat(
     The squared norm of the concatenated vector is the sum of each level's squared norm, which is computed at
     the level's own (low) resolution; every output channel is written once. For a 1008-channel vox2vec map
     this saves two full-size passes. Falls back to the plain path while tracing (ONNX) or when a level's grid
-    does not tile ``size`` exactly.
+    does not tile ``size`` exactly, and while autograd records (training).
     """
-    if torch.jit.is_tracing():
+    # In-place writes (``out=``) cannot be differentiated: training takes the plain path.
+    grad = torch.is_grad_enabled() and any(pyramid[lv].requires_grad for lv in levels)
+    if torch.jit.is_tracing() or grad:
         return l2_normalize(concat_upsampled(pyramid, levels, base_level, size))
     strides = {level: 2 ** (level - base_level) for level in levels}
     exact = all(

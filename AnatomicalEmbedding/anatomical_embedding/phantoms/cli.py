@@ -33,7 +33,7 @@ def _handle(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     seconds = time.perf_counter() - t0
-    info = json.loads(manifest.read_text())
+    info = json.loads(manifest.read_text(encoding="utf-8"))
     shapes = np.array([s["shape_ijk"] for s in info["subjects"]])
     spacings = np.array([s["spacing"] for s in info["subjects"]])
     print(f"subjects    {info['n']} (seed {info['seed']}) in {seconds:.1f} s")

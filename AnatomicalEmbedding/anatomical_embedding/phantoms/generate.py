@@ -262,9 +262,9 @@ def generate_cohort(
     _remove_stale_subjects(out, {r["id"] for r in records})
     names = {str(k): v for k, v in LABEL_NAMES.items()}
     atomic_write(
-        out / "labels" / "label_names.json", lambda p: p.write_text(json.dumps(names, indent=2)), overwrite
+        out / "labels" / "label_names.json", lambda p: p.write_text(json.dumps(names, indent=2), encoding="utf-8"), overwrite
     )
-    atomic_write(out / "labels" / "labels.ctbl", lambda p: p.write_text(color_table_text()), overwrite)
+    atomic_write(out / "labels" / "labels.ctbl", lambda p: p.write_text(color_table_text(), encoding="utf-8"), overwrite)
     manifest = {
         "format": COHORT_FORMAT,
         "seed": int(seed),
@@ -278,7 +278,7 @@ def generate_cohort(
         "subjects": records,
     }
     path = out / "manifest.json"
-    atomic_write(path, lambda p: p.write_text(json.dumps(manifest, indent=2)), overwrite)
+    atomic_write(path, lambda p: p.write_text(json.dumps(manifest, indent=2), encoding="utf-8"), overwrite)
     return path
 
 
@@ -308,7 +308,7 @@ def load_cohort(manifest_or_dir: str | Path) -> Cohort:
             f"cohort manifest not found: {path}; generate one with `anatomical-embedding phantoms`"
         )
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
     if data.get("format") != COHORT_FORMAT:

@@ -64,4 +64,4 @@ def write_color_table(path: Path, overwrite: bool = False) -> Path:
     from ..io import atomic_write
 
     text = color_table_text()
-    return atomic_write(Path(path), lambda tmp: tmp.write_text(text), overwrite)
+    return atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite)

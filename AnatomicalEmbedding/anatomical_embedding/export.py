@@ -1,0 +1,166 @@
+"""Export an embedder to a ``.aemodel`` package for inference without PyTorch (ONNX Runtime).
+
+Package layout (a zip, members stored uncompressed so they can be read quickly)::
+
+    MODEL.aemodel
+      card.json          model card: method, modality, spacing (i, j, k mm), intensity_preset, patch_size,
+                         coarse/fine channels, coarse_stride, size_multiple, training_data, engine_version,
+                         step, opset, onnx_sha256 (of model.onnx), coarse_onnx_sha256 (of coarse.onnx)
+      model.onnx         input "image" (1, 1, k, j, i) float32 -> outputs "coarse", "fine"; dynamic k, j, i
+      coarse.onnx        optional: the same network pruned to the coarse output (whole-volume pass is cheaper)
+    MODEL.aemodel.sha256 sidecar: "<sha256 of the whole .aemodel>  MODEL.aemodel" (sha256sum format)
+
+Verification (:func:`backends.read_package`): the card's hashes are checked against the ONNX members on every
+load (a damaged or swapped network is refused); the zip CRCs catch damage elsewhere; a package hash cannot sit
+inside the file it hashes, so it goes to the sidecar, checked whenever the sidecar is present (a card edited
+after export is then refused too). ``model_hash`` (the cache key) is the ONNX sha256.
+"""
+from __future__ import annotations
+
+import io as _io
+import json
+import logging
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backends import CARD_NAME, ONNX_NAME, card_from_embedder, sha256_bytes, sha256_file
+from .io import atomic_write
+
+log = logging.getLogger(__name__)
+
+COARSE_ONNX_NAME = "coarse.onnx"
+OPSET = 17
+
+
+def coarse_forward(embedder: Any, x):
+    """Coarse output only, skipping the full-resolution decoder when the network allows it.
+
+    Uses ``embedder.forward_coarse`` when it exists; for the AEFM U-Net the coarse map comes from
+    ``up_layer_4``, so the path is reproduced here (same modules, same order as ``AEFMUNet.forward``).
+    Any other embedder runs its full forward and the fine output is dropped.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if hasattr(embedder, "forward_coarse"):
+        return embedder.forward_coarse(x)
+    names = ("down_layer_1", "down_layer_2", "down_layer_3", "down_layer_4", "bottom_layer", "up_layer_4",
+             "global_full_connection")
+    if all(hasattr(embedder, n) for n in names):
+        d1 = embedder.down_layer_1(x)
+        d2 = embedder.down_layer_2(d1)
+        d3 = embedder.down_layer_3(d2)
+        d4 = embedder.down_layer_4(d3)
+        b = embedder.bottom_layer(d4)
+        u4 = embedder.up_layer_4(torch.cat([b, d4], dim=1))
+        return F.normalize(embedder.global_full_connection(u4), dim=1)
+    return embedder(x)[0]
+
+
+def has_coarse_path(embedder: Any) -> bool:
+    return hasattr(embedder, "forward_coarse") or all(
+        hasattr(embedder, n) for n in ("down_layer_4", "up_layer_4", "global_full_connection"))
+
+
+def _onnx_bytes(module, example, output_names: list[str], opset: int) -> bytes:
+    import torch
+
+    axes = {2: "k", 3: "j", 4: "i"}
+    dynamic = {"image": axes}
+    for name in output_names:
+        dynamic[name] = {2: f"{name}_k", 3: f"{name}_j", 4: f"{name}_i"}
+    buf = _io.BytesIO()
+    with torch.no_grad():
+        # The TorchScript exporter: InstanceNormalization with dynamic spatial axes exports cleanly with it,
+        # and it needs no onnxscript (the dynamo exporter does).
+        torch.onnx.export(module, (example,), buf, input_names=["image"], output_names=output_names,
+                          dynamic_axes=dynamic, opset_version=opset, do_constant_folding=True, dynamo=False)
+    return buf.getvalue()
+
+
+def export_embedder(embedder: Any, info: dict | None, out: str | os.PathLike, overwrite: bool = False,
+                    opset: int = OPSET, example_size: int = 32, coarse_graph: bool = True) -> Path:
+    """Export an in-memory Embedder with its run info (see ``load_embedder_from_run``) to ``out``."""
+    import torch
+    from torch import nn
+
+    if opset < 17:
+        raise ValueError("opset must be >= 17")
+    out = Path(out)
+    if out.suffix != ".aemodel":
+        raise ValueError(f"model packages end in .aemodel, got {out.name}")
+    embedder = embedder.cpu().eval()
+    card = card_from_embedder(embedder, info)
+    m = int(card["size_multiple"])
+    size = max(example_size, 2 * m)  # instance norm needs >1 voxel at the bottleneck
+    example = torch.rand(1, 1, size, size, size) * 2 - 1
+
+    class _Both(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            c, f = self.net(x)
+            return c, f
+
+    class _Coarse(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return coarse_forward(self.net, x)
+
+    model_bytes = _onnx_bytes(_Both(embedder), example, ["coarse", "fine"], opset)
+    card.update({"opset": opset, "onnx_sha256": sha256_bytes(model_bytes), "inputs": {"image": "(1, 1, k, j, i)"},
+                 "outputs": {"coarse": "(1, C, k/s, j/s, i/s)", "fine": "(1, C, k, j, i)"},
+                 "axis_order": "k, j, i (ITK index order reversed); world frame of the card: LPS"})
+    members = {ONNX_NAME: model_bytes}
+    if coarse_graph and has_coarse_path(embedder):
+        coarse_bytes = _onnx_bytes(_Coarse(embedder), example, ["coarse"], opset)
+        members[COARSE_ONNX_NAME] = coarse_bytes
+        card["coarse_onnx_sha256"] = sha256_bytes(coarse_bytes)
+
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            zf.writestr(CARD_NAME, json.dumps(card, indent=1, sort_keys=True))
+            for name, data in members.items():
+                zf.writestr(name, data)
+
+    atomic_write(out, write, overwrite=overwrite)
+    sidecar = out.with_name(out.name + ".sha256")
+    digest = sha256_file(out)
+    atomic_write(sidecar, lambda p: p.write_text(f"{digest}  {out.name}\n", encoding="utf-8"), overwrite=True)
+    log.info("exported %s (%.1f MB, sha256 %s)", out, out.stat().st_size / 2**20, digest[:16])
+    return out
+
+
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, checkpoint: str = "last",
+               overwrite: bool = False, opset: int = OPSET) -> Path:
+    """Export a training run directory (torch checkpoint) to a ``.aemodel`` package."""
+    from .training.checkpoints import load_embedder_from_run
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory not found: {run_dir}")
+    embedder, info = load_embedder_from_run(run_dir, checkpoint=checkpoint, device="cpu")
+    return export_embedder(embedder, info, out, overwrite=overwrite, opset=opset)
+
+
+def verify_parity(package: str | os.PathLike, embedder: Any, size_kji=(32, 48, 64), seed: int = 0) -> float:
+    """Max abs difference between ONNX Runtime and torch outputs on a random input (both outputs)."""
+    import torch
+
+    from .backends import OnnxModel
+
+    x = np.random.default_rng(seed).uniform(-1, 1, size=(1, 1, *size_kji)).astype(np.float32)
+    onnx_model = OnnxModel(package, device="cpu")
+    c1, f1 = onnx_model.embed_patch(x)
+    with torch.no_grad():
+        c2, f2 = embedder.cpu().eval()(torch.from_numpy(x))
+    return float(max(np.abs(c1 - c2.numpy()).max(), np.abs(f1 - f2.numpy()).max()))

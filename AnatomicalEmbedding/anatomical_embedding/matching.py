@@ -1,0 +1,345 @@
+"""Click-to-correspond: match world points from a source volume to a target volume.
+
+Per query (world LPS):
+
+1. the query's coarse and fine vectors are sampled trilinearly at the query (fine tiles on demand);
+2. **coarse search**: cosine similarity of the coarse vector with every valid cell of the target's coarse
+   map, top-k local maxima (non-maximum suppression over 3x3x3 cells), each refined to sub-cell
+   precision by a parabola;
+3. **fine search**: in a box of +-``fine_radius`` voxels around each candidate, the score is
+   ``cos_fine + cos_coarse`` (coarse similarity interpolated to voxels), the sum over both levels as in
+   SAM/AEFM; the best voxel over all candidates wins;
+4. **sub-voxel**: a parabola per axis through the peak and its neighbours (offset clipped to half a voxel);
+5. **confidence** from forward-backward consistency: the match is matched back to the source, and with
+   ``d`` the distance (mm) between the back-match and the query,
+   ``confidence = exp(-d^2 / (2 sigma^2)) * max(similarity, 0)``, with ``similarity`` the mean of the
+   two cosines at the match and ``sigma`` half a coarse cell in mm by default. Points with confidence
+   below ``low_confidence`` are flagged.
+
+The robust prior (:mod:`robust`) restricts steps 2-3 to a ball around the prior's prediction and adds
+the predicted position as an extra candidate (re-seeding); both the raw and corrected matches are kept.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from .embedding import VolumeEmbedding, normalise, trilinear, upsample_linear
+from .io import Frame, Volume, convert_points, resample_like
+from .robust import PriorConfig, RobustPrior, fit_prior, parabolic_peak
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MatchConfig:
+    top_k: int = 3
+    #: Coarse similarity is evaluated on a grid this many times finer than the coarse map.
+    coarse_upsample: int = 2
+    #: Half-size of the fine search box around each coarse candidate in voxels; ``None``: 3/4 of the coarse stride.
+    fine_radius: int | None = None
+    subvoxel: bool = True
+    forward_backward: bool = True
+    #: Forward-backward sigma in mm; ``None``: half a coarse cell (stride/2 x largest model spacing).
+    fb_sigma_mm: float | None = None
+    low_confidence: float = 0.5
+    #: Coarse candidates of the backward search (the query position is always added as a seed).
+    fb_top_k: int = 1
+    #: Coarse candidates inside the prior's search ball (its prediction is always added as a seed).
+    prior_top_k: int = 1
+
+
+@dataclass
+class Match:
+    """One match of a query; world points are LPS."""
+
+    query_lps: np.ndarray
+    point_lps: np.ndarray
+    similarity: float
+    coarse_similarity: float
+    fine_similarity: float
+    back_lps: np.ndarray | None = None
+    fb_distance_mm: float | None = None
+    confidence: float | None = None
+    low_confidence: bool = False
+    method: str = "raw"
+
+    def as_dict(self, frame: Frame = "LPS") -> dict:
+        d = {
+            "query": convert_points(self.query_lps, "LPS", frame).round(4).tolist(),
+            "point": convert_points(self.point_lps, "LPS", frame).round(4).tolist(),
+            "similarity": round(self.similarity, 5), "coarse_similarity": round(self.coarse_similarity, 5),
+            "fine_similarity": round(self.fine_similarity, 5), "method": self.method,
+            "confidence": None if self.confidence is None else round(self.confidence, 5),
+            "fb_distance_mm": None if self.fb_distance_mm is None else round(self.fb_distance_mm, 4),
+            "low_confidence": bool(self.low_confidence), "frame": frame,
+        }
+        return d
+
+
+@dataclass
+class PointMatch:
+    """Raw and prior-corrected match of one query; ``final`` is the corrected one when available."""
+
+    raw: Match
+    corrected: Match | None = None
+    name: str = ""
+
+    @property
+    def final(self) -> Match:
+        return self.corrected if self.corrected is not None else self.raw
+
+
+@dataclass
+class _Search:
+    ijk: np.ndarray
+    score: float
+    coarse: float
+    fine: float
+
+
+@dataclass
+class Matcher:
+    """Matches points between two embedded volumes (same model); fits the robust prior lazily."""
+
+    source: VolumeEmbedding
+    target: VolumeEmbedding
+    config: MatchConfig = field(default_factory=MatchConfig)
+    prior_config: PriorConfig | None = field(default_factory=PriorConfig)
+    _prior: RobustPrior | None = field(default=None, init=False, repr=False)
+    _prior_error: str | None = field(default=None, init=False, repr=False)
+    _reverse: "Matcher | None" = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.source.model.model_hash != self.target.model.model_hash:
+            raise ValueError("source and target were embedded with different models; embed both with the same one")
+
+    # ---- prior ---------------------------------------------------------------------------------
+    @property
+    def prior(self) -> RobustPrior | None:
+        if self._prior is None and self._prior_error is None and self.prior_config is not None:
+            try:
+                self._prior = fit_prior(self.source, self.target, self.prior_config)
+            except ValueError as exc:
+                self._prior_error = str(exc)
+                log.warning("%s; using raw matching only", exc)
+        return self._prior
+
+    def reverse(self) -> "Matcher":
+        if self._reverse is None:
+            self._reverse = Matcher(self.target, self.source, self.config, None)
+        return self._reverse
+
+    # ---- public -----------------------------------------------------------------------------------
+    def match(self, points: np.ndarray, frame: Frame = "LPS", use_prior: bool = True,
+              names: list[str] | None = None, with_raw: bool = True) -> list[PointMatch]:
+        """Match world points (shape (3,) or (N, 3) in ``frame``); raises ValueError for points outside the source.
+
+        With the prior, ``with_raw=False`` skips the raw (unrestricted) search (the viewer's fast path); the
+        raw result is then the corrected one.
+        """
+        pts = np.atleast_2d(convert_points(points, frame, "LPS"))
+        ijk = self.source.world_to_index(pts)
+        outside = ~self.source.inside(ijk)
+        if np.any(outside):
+            bad = np.flatnonzero(outside)
+            raise ValueError(
+                f"{len(bad)} query point(s) lie outside the source image (first: #{bad[0]} at "
+                f"{convert_points(pts[bad[0]], 'LPS', frame).round(2).tolist()} {frame}); "
+                f"check the point frame (--frame RAS|LPS) and that the points belong to the source image"
+            )
+        prior = self.prior if use_prior else None
+        out = []
+        for n, (p, q) in enumerate(zip(pts, ijk)):
+            corrected = None
+            if prior is not None:
+                corrected = self._match_one(p, q, prior)
+                corrected.method = "prior"
+            raw = self._match_one(p, q, None) if (with_raw or corrected is None) else corrected
+            out.append(PointMatch(raw, corrected, names[n] if names else f"P-{n + 1}"))
+        return out
+
+    def heatmap(self, point: np.ndarray, reference: Volume | None = None, frame: Frame = "LPS") -> Volume:
+        """Coarse cosine similarity to the query as a Volume on ``reference``'s grid (default: the target image).
+
+        Only the coarse level is used (the fine map exists only near candidates), evaluated as the cosine to
+        interpolated coarse vectors every ``stride / 2`` voxels and resampled linearly to the reference grid.
+        Padding and positions outside the target read -1.
+        """
+        p = convert_points(point, frame, "LPS")
+        q = self.source.world_to_index(p)
+        if not self.source.inside(q)[0]:
+            raise ValueError(f"heatmap query {np.round(point, 2).tolist()} {frame} is outside the source image")
+        qc = self.source.sample_coarse(q)[0]
+        u = max(1, self.target.stride // 2)  # cosine to interpolated vectors on a grid of s/2 voxels
+        sim = upsample_linear(np.einsum("c,ckji->kji", qc, self.target.coarse), u) / self.target.upsampled_norms(u)
+        sim = np.where(self.target.upsampled_valid_mask(u), sim, -1.0)
+        ref = reference if reference is not None else self.target.source
+        if ref is None:
+            raise ValueError("heatmap needs a reference volume")
+        return resample_like(self.target.coarse_volume(sim, u), ref, default_value=-1.0)
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _fb_sigma(self) -> float:
+        if self.config.fb_sigma_mm is not None:
+            return self.config.fb_sigma_mm
+        return 0.5 * self.target.stride * float(np.max(self.target.model.spacing))
+
+    def _match_one(self, p_lps: np.ndarray, q_ijk: np.ndarray, prior: RobustPrior | None) -> Match:
+        qc = self.source.sample_coarse(q_ijk)[0]
+        qf = self.source.sample_fine(q_ijk)[0]
+        centre = radius = None
+        if prior is not None:
+            centre = self.target.world_to_index(prior.predict(p_lps))[0]
+            radius = prior.search_radius_mm
+        res = search(self.target, qc, qf, self.config, centre, radius,
+                     top_k=self.config.prior_top_k if prior is not None else None)
+        point = self.target.index_to_world(res.ijk)
+        m = Match(p_lps.copy(), point, 0.5 * (res.coarse + res.fine), res.coarse, res.fine)
+        if self.config.forward_backward:
+            back = self.reverse()
+            bc = self.target.sample_coarse(res.ijk)[0]
+            bf = self.target.sample_fine(res.ijk)[0]
+            bcentre = bradius = None
+            if prior is not None:
+                # Search back near the query itself (the prior's inverse at the match is the query).
+                bcentre, bradius = q_ijk, prior.search_radius_mm
+            # Backward: the best coarse peak plus the query itself as a seed (its fine tiles are cached).
+            bres = search(back.target, bc, bf, self.config, bcentre, bradius, seeds=[q_ijk],
+                          top_k=self.config.fb_top_k)
+            m.back_lps = self.source.index_to_world(bres.ijk)
+            m.fb_distance_mm = float(np.linalg.norm(m.back_lps - p_lps))
+            sigma = self._fb_sigma()
+            m.confidence = float(np.exp(-m.fb_distance_mm ** 2 / (2 * sigma ** 2)) * max(m.similarity, 0.0))
+            m.low_confidence = m.confidence < self.config.low_confidence
+        return m
+
+
+def _ball_mask(emb: VolumeEmbedding, ijk: np.ndarray, centre: np.ndarray, radius_mm: float) -> np.ndarray:
+    d = (ijk - centre) * emb.prepared.spacing
+    return np.linalg.norm(d, axis=-1) <= radius_mm
+
+
+def search(target: VolumeEmbedding, qc: np.ndarray, qf: np.ndarray, config: MatchConfig,
+           centre_ijk: np.ndarray | None = None, radius_mm: float | None = None,
+           seeds: Sequence[np.ndarray] = (), top_k: int | None = None) -> _Search:
+    """Coarse-to-fine search of the best voxel for query vectors (qc, qf) in ``target``.
+
+    The coarse similarity is evaluated on a grid ``coarse_upsample`` times finer than the coarse map, as the
+    cosine to trilinearly interpolated target vectors (see ``VolumeEmbedding.upsampled_norms``).
+    """
+    s = target.stride
+    u = max(1, int(config.coarse_upsample))
+    sim_cells = np.einsum("c,ckji->kji", qc, target.coarse)
+    sim_up = upsample_linear(sim_cells, u) / target.upsampled_norms(u)
+    valid = target.upsampled_valid_mask(u)
+    if centre_ijk is not None:
+        grid = np.stack(np.meshgrid(*[np.arange(n) for n in sim_up.shape], indexing="ij"), -1)[..., ::-1]
+        slack = 0.5 * s / u * np.max(target.prepared.spacing)
+        valid = valid & _ball_mask(target, target.coarse_to_voxel(grid / u), centre_ijk, radius_mm + slack)
+    masked = np.where(valid, sim_up, -np.inf)
+    peaks = (masked == ndimage.maximum_filter(masked, size=2 * u + 1, mode="constant", cval=-np.inf)) & valid
+    idx = np.argwhere(peaks)
+    order = np.argsort(-masked[peaks], kind="stable")[: config.top_k if top_k is None else top_k]
+    candidates = []
+    for c in idx[order]:
+        off = parabolic_peak(masked, tuple(c))
+        candidates.append(target.coarse_to_voxel(((c + off) / u)[::-1]))
+    if centre_ijk is not None:
+        candidates.append(np.asarray(centre_ijk, dtype=np.float64))  # re-seed at the prior's prediction
+    candidates += [np.asarray(c, dtype=np.float64) for c in seeds]
+    if not candidates:
+        raise ValueError("no valid search region in the target (is the prior outside the target image?)")
+    r = config.fine_radius if config.fine_radius is not None else max(1, s // 2 + s // 4)
+    best: _Search | None = None
+    for cand in candidates:
+        v = np.round(target.clamp_to_valid(cand)).astype(int)
+        lo = np.maximum(v - r, target.valid_start)
+        hi = np.minimum(v + r + 1, target.valid_start + target.valid_size)
+        fine = target.fine_block(lo, hi - lo)
+        sim_f = np.einsum("c,ckji->kji", qf, fine)
+        kk, jj, ii = np.meshgrid(*[np.arange(lo[a], hi[a]) for a in (2, 1, 0)], indexing="ij")
+        vox = np.stack([ii, jj, kk], -1).astype(np.float64)
+        sim_cv = coarse_cosine_box(target, qc, lo, hi)
+        score = sim_f + sim_cv
+        if centre_ijk is not None:
+            score = np.where(_ball_mask(target, vox, centre_ijk, radius_mm), score, -np.inf)
+        if not np.isfinite(score).any():
+            continue
+        b = np.unravel_index(int(np.argmax(score)), score.shape)
+        if best is not None and score[b] <= best.score:
+            continue
+        best = _Search(vox[b].copy(), float(score[b]), float(sim_cv[b]), float(sim_f[b]))
+    if best is None:
+        raise ValueError("no valid match found inside the search region")
+    if config.subvoxel:
+        best = refine_subvoxel(target, qc, qf, best)
+    return best
+
+
+def _axis_weights(target: VolumeEmbedding, axis_ijk: int, lo: int, hi: int) -> tuple[int, np.ndarray]:
+    """Linear interpolation weights (voxels x cells) from coarse cells to voxels lo..hi-1 along one axis."""
+    n = target.coarse.shape[3 - axis_ijk]
+    c = np.clip(target.voxel_to_coarse(np.arange(lo, hi, dtype=np.float64)), 0, n - 1)
+    c0 = np.minimum(np.floor(c).astype(int), max(n - 2, 0))
+    f = c - c0
+    base = int(c0.min())
+    width = min(int(c0.max()) + 2, n) - base
+    w = np.zeros((hi - lo, width))
+    rows = np.arange(hi - lo)
+    w[rows, c0 - base] += 1 - f
+    up = np.minimum(c0 + 1, n - 1) - base
+    w[rows, up] += f
+    return base, w
+
+
+def coarse_cosine_box(target: VolumeEmbedding, qc: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Cosine of ``qc`` with the trilinearly interpolated coarse vectors at every voxel of [lo, hi) (k, j, i array).
+
+    Separable interpolation of the few cells under the box: the same numbers as ``trilinear`` at each voxel,
+    without per-voxel gathers.
+    """
+    bi, wi = _axis_weights(target, 0, int(lo[0]), int(hi[0]))
+    bj, wj = _axis_weights(target, 1, int(lo[1]), int(hi[1]))
+    bk, wk = _axis_weights(target, 2, int(lo[2]), int(hi[2]))
+    cells = target.coarse[:, bk:bk + wk.shape[1], bj:bj + wj.shape[1], bi:bi + wi.shape[1]].astype(np.float64)
+    vec = np.einsum("zkji,ak,bj,ci->zabc", cells, wk, wj, wi, optimize=True)
+    return np.einsum("z,zabc->abc", qc, vec) / np.maximum(np.linalg.norm(vec, axis=0), 1e-12)
+
+
+def _scores_at(target: VolumeEmbedding, qc: np.ndarray, qf: np.ndarray, pts: np.ndarray,
+               block: np.ndarray, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    f = normalise(trilinear(block, pts - lo))
+    c = normalise(trilinear(target.coarse, target.voxel_to_coarse(pts)))
+    sf, sc = f @ qf, c @ qc
+    return sf + sc, sc, sf
+
+
+def refine_subvoxel(target: VolumeEmbedding, qc: np.ndarray, qf: np.ndarray, best: "_Search") -> "_Search":
+    """Sub-voxel peak: grid search of the interpolated score within +-0.75 voxel (steps 1/4 then 1/16).
+
+    Evaluating the trilinearly interpolated embeddings (rather than fitting a parabola to voxel scores)
+    makes the refinement exact for an exact copy: the score peaks where the interpolated target vector
+    equals the query.
+    """
+    lo = np.floor(best.ijk).astype(int) - 1
+    block = target.fine_block(lo, np.full(3, 4))
+    lo = np.clip(lo, 0, np.asarray(target.prepared.shape_ijk) - 1)  # fine_block clamps the same way
+    vmin = target.valid_start.astype(np.float64)
+    vmax = (target.valid_start + target.valid_size - 1).astype(np.float64)
+    centre = best.ijk.copy()
+    score, sc, sf = -np.inf, best.coarse, best.fine  # the grid includes the start point (offset 0)
+    for step, n_steps in ((0.25, 3), (0.0625, 2)):
+        offs = np.arange(-n_steps, n_steps + 1) * step
+        grid = np.stack(np.meshgrid(offs, offs, offs, indexing="ij"), -1).reshape(-1, 3)
+        pts = np.clip(centre + grid, np.maximum(vmin, best.ijk - 1.0), np.minimum(vmax, best.ijk + 1.0))
+        pts = np.clip(pts, lo, lo + np.asarray(block.shape[1:][::-1]) - 1)
+        s_all, c_all, f_all = _scores_at(target, qc, qf, pts, block, lo)
+        n = int(np.argmax(s_all))
+        if s_all[n] > score:
+            centre, score, sc, sf = pts[n], float(s_all[n]), float(c_all[n]), float(f_all[n])
+    return _Search(centre, score, sc, sf)

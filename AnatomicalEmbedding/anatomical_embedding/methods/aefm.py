@@ -1,0 +1,214 @@
+"""AEFM (Zhuang et al.): anatomical embedding with momentum contrast and a region contrastive stage.
+
+* Network M_F: :class:`~anatomical_embedding.nets.aefm_unet.AEFMUNet` (global stride-8 + local maps);
+  momentum copy M_F' (coefficient 0.999).
+* Samples: overlapping patch pairs (section 2.1, ``training.patches``) with ``n_pos`` shared points.
+* L_AC (eq. 1, read as MoCo's per-point InfoNCE, see ``losses.info_nce_queue``) against a feature
+  queue D of past E' features. Pairs are fed both ways (A->M_F, B->M_F' and swapped), the two losses
+  averaged (paper, section 3). We train both published outputs with the same point pairs: the local map
+  at full resolution and the global map interpolated at the same points (its own queue); the published
+  model has both and matching uses them coarse to fine. ``global_weight`` scales the global term.
+* Region stage (section 2.2), after ``epochs_ac`` epochs: a 2-layer 1x1x1 head M_S on the local map,
+  trained with Dice+CE on the labelled cases; its momentum copy M_S' (on M_F' maps) gives the regions
+  for L_RC (eq. 2) from per-class mean embeddings on every sample.
+
+Deviations, all configurable: the paper names no augmentation beyond the random patch scales, so the
+intensity jitter defaults to off; it names no patch size (we use 96^3 at 1 mm) and no optimiser
+(engine default). During the region stage labelled cases are drawn with probability
+``labelled_fraction`` so that five labelled cases among thousands still supervise M_S.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..losses import info_nce_queue, region_contrastive_loss, region_means
+from ..nets.aefm_unet import AEFMUNet, SegmentationHead
+from ..training.momentum import FeatureQueue, make_momentum_copy, momentum_update
+from ..training.patches import PatchPairConfig, gather_points, jitter_intensity, sample_patch_pair
+from .base import DataInfo, Method, StepContext
+
+
+@dataclass
+class AEFMConfig:
+    widths: tuple[int, int, int, int] = (64, 128, 256, 512)
+    feature_dim: int = 64
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # mm along (i, j, k) (paper: 1 mm)
+    preset: str = "ct_aefm"  # CT window [-500, 750] -> [-1, 1] (paper)
+    patch_size: tuple[int, int, int] = (96, 96, 96)  # voxels along (i, j, k); multiples of 16
+    patch_scale: tuple[float, float] = (0.9, 1.1)
+    overlap: tuple[float, float] = (0.5, 1.0)
+    n_pos: int = 1000
+    n_neg: int = 100000
+    temperature: float = 0.1  # not given in the paper; MoCo-style value
+    momentum: float = 0.999
+    global_weight: float = 1.0
+    # Region stage (section 2.2).
+    epochs_ac: int = 500
+    epochs_region: int = 200
+    num_classes: int = 0  # 0: from the labels (max label + 1); stays 0 without labels or with epochs_region = 0
+    seg_hidden: int = 64
+    seg_momentum: float = 0.999
+    seg_weight: float = 1.0
+    region_weight: float = 1.0
+    labelled_fraction: float = 0.5
+    # Intensity augmentation per patch (off: the paper names none).
+    aug_scale: float = 0.0
+    aug_shift: float = 0.0
+    aug_noise: float = 0.0
+
+
+class AEFMMethod(Method):
+    name = "aefm"
+    Config = AEFMConfig
+    ddp_find_unused_parameters = True  # the segmentation head is idle in the first stage
+    compile_targets = ("encoder",)
+
+    def __init__(self, config: AEFMConfig) -> None:
+        super().__init__(config)
+        for s in config.patch_size:
+            if s % AEFMUNet.size_multiple:
+                raise ValueError(f"AEFM patch_size {list(config.patch_size)} must be multiples of 16")
+        self.encoder = AEFMUNet(config.widths, config.feature_dim)
+        self.momentum_encoder = make_momentum_copy(self.encoder)
+        self.queue_local = FeatureQueue(config.n_neg, config.feature_dim)
+        self.queue_global = FeatureQueue(config.n_neg, config.feature_dim)
+        self.seg_head = self.momentum_seg_head = None
+        if config.num_classes > 0:
+            self.seg_head = SegmentationHead(config.feature_dim, config.num_classes, config.seg_hidden)
+            self.momentum_seg_head = make_momentum_copy(self.seg_head)
+            from monai.losses import DiceCELoss
+
+            self.seg_loss = DiceCELoss(to_onehot_y=True, softmax=True)
+        self._pending: list[tuple[FeatureQueue, torch.Tensor]] = []
+
+    # ----------------------------------------------------------------- data
+    @classmethod
+    def configure_from_data(cls, config: AEFMConfig, info: DataInfo) -> AEFMConfig:
+        if config.num_classes == 0 and info.n_labelled > 0 and config.epochs_region > 0:
+            config.num_classes = int(info.max_label) + 1
+        return config
+
+    @classmethod
+    def preprocess_config(cls, config: AEFMConfig):
+        from ..data import PreprocessConfig
+
+        # Pad small volumes up to the largest patch side the sampler can draw.
+        min_size = tuple(int(np.ceil(p * config.patch_scale[1])) for p in config.patch_size)
+        return PreprocessConfig(spacing=tuple(config.spacing), preset=config.preset, min_size=min_size)
+
+    @classmethod
+    def min_image_size(cls, config: AEFMConfig) -> tuple[int, int, int]:
+        return tuple(config.patch_size)
+
+    def default_epochs(self) -> int:
+        return self.config.epochs_ac + (self.config.epochs_region if self.config.num_classes > 0 else 0)
+
+    def region_stage(self, epoch: int) -> bool:
+        return self.seg_head is not None and epoch >= self.config.epochs_ac
+
+    def case_weights(self, labelled: np.ndarray, epoch: int) -> np.ndarray | None:
+        if not self.region_stage(epoch) or not labelled.any() or labelled.all():
+            return None
+        f = self.config.labelled_fraction
+        w = np.where(labelled, f / labelled.sum(), (1.0 - f) / (~labelled).sum())
+        return w / w.sum()
+
+    def make_sample(self, item: dict, rng: np.random.Generator, epoch: int) -> dict:
+        c = self.config
+        cfg = PatchPairConfig(tuple(c.patch_size[::-1]), c.n_pos, tuple(c.patch_scale), tuple(c.overlap))
+        label = item.get("label")
+        pair = sample_patch_pair(item["image"], cfg, rng, label=label)
+        for key in ("patch_a", "patch_b"):
+            pair[key] = jitter_intensity(pair[key], rng, c.aug_scale, c.aug_shift, c.aug_noise)
+        if label is None:  # uniform keys for collation
+            pair["label_a"] = torch.zeros(pair["patch_a"].shape[1:], dtype=torch.long)
+            pair["label_b"] = torch.zeros_like(pair["label_a"])
+        pair["has_label"] = torch.tensor(label is not None)
+        return pair
+
+    # ----------------------------------------------------------------- training
+    def _points(self, fine: torch.Tensor, coarse: torch.Tensor, pts: torch.Tensor, size) -> tuple:
+        loc = gather_points(fine, pts, size)
+        glo = F.normalize(gather_points(coarse, pts, size), dim=-1)  # interpolation breaks unit length
+        return loc, glo  # (N, P, C) each
+
+    def forward(self, batch: dict, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        a, b = batch["patch_a"], batch["patch_b"]
+        size = tuple(a.shape[2:])
+        # Both patches through M_F in one pass (same cost as two, better GPU use).
+        g_on, l_on = self.encoder(torch.cat([a, b]))
+        with torch.no_grad():
+            g_mo, l_mo = self.momentum_encoder(torch.cat([a, b]))
+        n = a.shape[0]
+        pa, pb = batch["points_a"], batch["points_b"]
+        q_la, q_ga = self._points(l_on[:n], g_on[:n], pa, size)
+        q_lb, q_gb = self._points(l_on[n:], g_on[n:], pb, size)
+        with torch.no_grad():
+            k_la, k_ga = self._points(l_mo[:n], g_mo[:n], pa, size)
+            k_lb, k_gb = self._points(l_mo[n:], g_mo[n:], pb, size)
+        t = self.config.temperature
+        neg_l, neg_g = self.queue_local.negatives(), self.queue_global.negatives()
+        # Symmetric feeding: (A -> M_F, B -> M_F') and (B -> M_F, A -> M_F'), mean of the two.
+        flat = lambda x: x.flatten(0, 1)  # noqa: E731  (N, P, C) -> (N * P, C)
+        ac_local = 0.5 * (info_nce_queue(flat(q_la), flat(k_lb), neg_l, t) + info_nce_queue(flat(q_lb), flat(k_la), neg_l, t))
+        ac_global = 0.5 * (info_nce_queue(flat(q_ga), flat(k_gb), neg_g, t) + info_nce_queue(flat(q_gb), flat(k_ga), neg_g, t))
+        loss = ac_local + self.config.global_weight * ac_global
+        terms = {"ac_local": ac_local.detach(), "ac_global": ac_global.detach()}
+        # Sample-major key order, so gathering per-rank keys in rank order equals the single-process order.
+        self._pending = [(self.queue_local, torch.cat([k_lb, k_la], dim=1).flatten(0, 1)),
+                         (self.queue_global, torch.cat([k_gb, k_ga], dim=1).flatten(0, 1))]
+        if self.seg_head is not None:
+            if self.region_stage(ctx.epoch):
+                seg, rc = self._region_losses(batch, l_on, l_mo)
+                loss = loss + self.config.seg_weight * seg + self.config.region_weight * rc
+                terms.update(seg=seg.detach(), region=rc.detach())
+            else:  # keep the idle head in the graph so DDP sees every parameter (zero gradient)
+                loss = loss + 0.0 * sum(p.sum() for p in self.seg_head.parameters())
+        return loss, terms
+
+    def _region_losses(self, batch: dict, l_on: torch.Tensor, l_mo: torch.Tensor):
+        n = batch["patch_a"].shape[0]
+        k = self.config.num_classes
+        logits = self.seg_head(l_on)  # (2n, K, ...) for A then B
+        has = batch["has_label"].bool()
+        labels = torch.cat([batch["label_a"], batch["label_b"]])[:, None]
+        sel = torch.cat([has, has])
+        seg = self.seg_loss(logits[sel].float(), labels[sel]) if sel.any() else logits.sum() * 0.0
+        with torch.no_grad():
+            regions = self.momentum_seg_head(l_mo).argmax(1)  # L' from M_S' on M_F' maps
+        rcs = []
+        for i in range(n):
+            for on, mo in ((i, n + i), (n + i, i)):  # E from one patch, E' from the other (both ways)
+                m_on, p_on = region_means(l_on[on].float(), regions[on], k)
+                m_mo, p_mo = region_means(l_mo[mo].float(), regions[mo], k)
+                both = p_on & p_mo
+                rcs.append(region_contrastive_loss(m_on[both], m_mo[both]))
+        return seg, torch.stack(rcs).mean()
+
+    @torch.no_grad()
+    def after_optimizer_step(self, ctx: StepContext) -> None:
+        momentum_update(self.encoder, self.momentum_encoder, self.config.momentum)
+        if self.seg_head is not None:
+            momentum_update(self.seg_head, self.momentum_seg_head, self.config.seg_momentum)
+        for queue, keys in self._pending:
+            queue.enqueue(ctx.all_gather(keys.float().contiguous()))
+        self._pending = []
+
+    # ----------------------------------------------------------------- export
+    def embedder(self) -> AEFMUNet:
+        return self.encoder
+
+    def model_info(self) -> dict:
+        from ..io import get_preset
+
+        c = self.config
+        return {
+            "method": self.name, "modality": "CT", "spacing": [float(s) for s in c.spacing],
+            "intensity_preset": get_preset(c.preset).to_dict(), "patch_size": [int(p) for p in c.patch_size],
+            "coarse_channels": int(c.feature_dim), "fine_channels": int(c.feature_dim),
+            "coarse_stride": AEFMUNet.coarse_stride, "size_multiple": AEFMUNet.size_multiple,
+        }

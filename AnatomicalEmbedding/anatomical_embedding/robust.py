@@ -1,0 +1,216 @@
+"""Robust source->target transform from stable embedding matches (SAM-v2 style prior).
+
+Raw argmax matching has far outliers (a look-alike structure elsewhere wins). Following SAM-v2's use of
+stable points, we match a grid of source points at the coarse level, keep the *stable* ones
+(forward-backward consistent and similar enough), fit an affine by RANSAC followed by an
+iteratively re-weighted least-squares refit on the inliers, and optionally a smooth thin-plate-spline
+correction of the inliers' residuals (scipy ``RBFInterpolator``). The result predicts, for any source
+point, where it should land in the target; :mod:`matching` uses it to restrict and re-seed the search.
+
+Differences from SAM-v2: their stable points come from full coarse+fine matching; ours are matched on
+the coarse map only (with sub-cell parabolic refinement) because that is cheap for a few hundred points
+on a CPU; the fine search around each query then recovers the detail.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .embedding import VolumeEmbedding
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    #: Grid step of candidate stable points, in coarse cells.
+    grid_cells: int = 1
+    #: At most this many grid points (subsampled evenly, seeded).
+    max_points: int = 800
+    #: Stable points need coarse cosine similarity at least this.
+    min_similarity: float = 0.5
+    #: ...and must match back to within this many coarse cells of where they started.
+    fb_tolerance_cells: float = 1.0
+    ransac_iterations: int = 400
+    #: RANSAC inlier threshold in mm; ``None``: one coarse cell.
+    inlier_mm: float | None = None
+    #: Thin-plate-spline correction of inlier residuals after the affine.
+    deformable: bool = True
+    #: RBF smoothing (larger = smoother; scipy's ``smoothing``), in mm^2 per point.
+    rbf_smoothing: float = 10.0
+    #: Search radius around the prior's prediction in mm; ``None``: max(1.5 cells, 3 x inlier RMS).
+    search_radius_mm: float | None = None
+    #: Foreground: coarse cells whose mean prepared intensity exceeds background by this fraction of the range.
+    foreground_fraction: float = 0.05
+    seed: int = 0
+
+
+@dataclass
+class RobustPrior:
+    """Affine (4x4, LPS world source -> target) plus optional smooth residual field."""
+
+    affine: np.ndarray
+    rbf: object | None
+    inlier_rms_mm: float
+    search_radius_mm: float
+    n_candidates: int
+    n_stable: int
+    n_inliers: int
+    stable_source_lps: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 3)))
+    stable_target_lps: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 3)))
+
+    def predict(self, points_lps: np.ndarray) -> np.ndarray:
+        p = np.atleast_2d(np.asarray(points_lps, dtype=np.float64))
+        out = p @ self.affine[:3, :3].T + self.affine[:3, 3]
+        if self.rbf is not None:
+            out = out + self.rbf(p)
+        return out
+
+    def summary(self) -> dict:
+        return {
+            "candidates": self.n_candidates, "stable": self.n_stable, "inliers": self.n_inliers,
+            "inlier_rms_mm": round(self.inlier_rms_mm, 3), "search_radius_mm": round(self.search_radius_mm, 3),
+            "deformable": self.rbf is not None, "affine": np.round(self.affine, 5).tolist(),
+        }
+
+
+def parabolic_peak(values: np.ndarray, idx: tuple[int, int, int]) -> np.ndarray:
+    """Sub-sample offset (along array axes k, j, i) of a peak by a 1D parabola per axis, in [-0.5, 0.5]."""
+    off = np.zeros(3)
+    for axis in range(3):
+        if idx[axis] - 1 < 0 or idx[axis] + 1 >= values.shape[axis]:
+            continue
+        lo = list(idx)
+        hi = list(idx)
+        lo[axis] -= 1
+        hi[axis] += 1
+        a, b, c = values[tuple(lo)], values[tuple(idx)], values[tuple(hi)]
+        if not (np.isfinite(a) and np.isfinite(c)):
+            continue
+        denom = a - 2 * b + c
+        if denom < 0:
+            off[axis] = np.clip(0.5 * (a - c) / denom, -0.5, 0.5)
+    return off
+
+
+def fit_affine(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Weighted least-squares affine (4x4) mapping src (N, 3) to dst (N, 3)."""
+    n = len(src)
+    X = np.hstack([src, np.ones((n, 1))])
+    w = np.ones(n) if weights is None else weights
+    sw = np.sqrt(w)[:, None]
+    sol, *_ = np.linalg.lstsq(X * sw, dst * sw, rcond=None)
+    m = np.eye(4)
+    m[:3, :] = sol.T
+    return m
+
+
+def ransac_affine(src: np.ndarray, dst: np.ndarray, threshold: float, iterations: int,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """RANSAC on minimal 4-point samples, then IRLS (Cauchy weights) refit on the inliers."""
+    n = len(src)
+    best = np.zeros(n, dtype=bool)
+    for _ in range(iterations):
+        idx = rng.choice(n, 4, replace=False)
+        s = src[idx]
+        if abs(np.linalg.det(np.hstack([s, np.ones((4, 1))]))) < 1e-6 * max(1.0, np.ptp(s) ** 3):
+            continue  # degenerate (coplanar) sample
+        m = fit_affine(s, dst[idx])
+        inl = np.linalg.norm(src @ m[:3, :3].T + m[:3, 3] - dst, axis=1) < threshold
+        if inl.sum() > best.sum():
+            best = inl
+    if best.sum() < 4:
+        raise ValueError("robust prior: RANSAC found no consistent affine between the stable points")
+    m = fit_affine(src[best], dst[best])
+    for _ in range(5):  # IRLS with Cauchy weights, scale = threshold
+        r = np.linalg.norm(src @ m[:3, :3].T + m[:3, 3] - dst, axis=1)
+        inl = r < threshold
+        if inl.sum() < 4:
+            break
+        w = 1.0 / (1.0 + (r[inl] / threshold) ** 2)
+        m = fit_affine(src[inl], dst[inl], w)
+        best = inl
+    return m, best
+
+
+def _coarse_matches(q: np.ndarray, grid: np.ndarray, chunk: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Argmax index and value of q (N, C) against grid (C, M), chunked to bound memory."""
+    idx = np.empty(len(q), dtype=int)
+    val = np.empty(len(q), dtype=np.float32)
+    for a in range(0, len(q), chunk):
+        s = q[a:a + chunk] @ grid
+        idx[a:a + chunk] = s.argmax(1)
+        val[a:a + chunk] = s[np.arange(len(s)), idx[a:a + chunk]]
+    return idx, val
+
+
+def stable_points(source: VolumeEmbedding, target: VolumeEmbedding, config: PriorConfig
+                  ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Forward-backward consistent coarse matches: (source LPS (N,3), target LPS (N,3), candidates)."""
+    rng = np.random.default_rng(config.seed)
+    s = source.stride
+    smask = source.coarse_valid_mask()
+    # Foreground cells: mean prepared intensity clearly above the background.
+    arr = source.prepared.array
+    K, J, I = (np.asarray(arr.shape) // s)
+    means = arr[:K * s, :J * s, :I * s].reshape(K, s, J, s, I, s).mean(axis=(1, 3, 5))
+    lo, hi = float(arr.min()), float(arr.max())
+    smask &= means > lo + config.foreground_fraction * (hi - lo)
+    g = config.grid_cells
+    sub = np.zeros_like(smask)
+    sub[::g, ::g, ::g] = True
+    cells = np.argwhere(smask & sub)
+    n_candidates = len(cells)
+    if len(cells) > config.max_points:
+        cells = cells[np.sort(rng.choice(len(cells), config.max_points, replace=False))]
+    C = source.coarse.shape[0]
+    sflat = source.coarse.reshape(C, -1)
+    tmask = target.coarse_valid_mask()
+    tflat = np.where(tmask.reshape(1, -1), target.coarse.reshape(C, -1), 0.0).astype(np.float32)
+    q = source.coarse[:, cells[:, 0], cells[:, 1], cells[:, 2]].T
+    fidx, fval = _coarse_matches(q, tflat)
+    tcells = np.stack(np.unravel_index(fidx, target.coarse.shape[1:]), axis=1)
+    back_q = target.coarse[:, tcells[:, 0], tcells[:, 1], tcells[:, 2]].T
+    sflat_valid = np.where(source.coarse_valid_mask().reshape(1, -1), sflat, 0.0).astype(np.float32)
+    bidx, _ = _coarse_matches(back_q, sflat_valid)
+    bcells = np.stack(np.unravel_index(bidx, source.coarse.shape[1:]), axis=1)
+    ok = (np.linalg.norm(bcells - cells, axis=1) <= config.fb_tolerance_cells) & (fval >= config.min_similarity)
+    # Sub-cell refinement of each kept target peak (parabola on its similarity map around the argmax).
+    tgt_kji = tcells[ok].astype(np.float64)
+    kept_q = q[ok]
+    tshape = target.coarse.shape[1:]
+    for n in range(len(tgt_kji)):
+        c = tcells[ok][n]
+        lo_ = np.maximum(c - 1, 0)
+        hi_ = np.minimum(c + 2, tshape)
+        block = np.einsum("c,ckji->kji", kept_q[n], target.coarse[:, lo_[0]:hi_[0], lo_[1]:hi_[1], lo_[2]:hi_[2]])
+        tgt_kji[n] += parabolic_peak(block, tuple(c - lo_))
+    src_ijk = source.coarse_to_voxel(cells[ok][:, ::-1].astype(np.float64))
+    tgt_ijk = target.coarse_to_voxel(tgt_kji[:, ::-1])
+    return source.index_to_world(src_ijk), target.index_to_world(tgt_ijk), n_candidates
+
+
+def fit_prior(source: VolumeEmbedding, target: VolumeEmbedding, config: PriorConfig | None = None) -> RobustPrior:
+    """Fit the robust prior between two embedded volumes (raises ValueError when too few stable points)."""
+    config = config or PriorConfig()
+    src, dst, n_cand = stable_points(source, target, config)
+    cell_mm = float(np.max(target.prepared.spacing)) * target.stride
+    if len(src) < 8:
+        raise ValueError(f"robust prior: only {len(src)} stable points (need 8); the images may not overlap")
+    threshold = config.inlier_mm or cell_mm
+    m, inl = ransac_affine(src, dst, threshold, config.ransac_iterations, np.random.default_rng(config.seed))
+    resid = dst[inl] - (src[inl] @ m[:3, :3].T + m[:3, 3])
+    rbf = None
+    if config.deformable and inl.sum() >= 12:
+        from scipy.interpolate import RBFInterpolator
+
+        rbf = RBFInterpolator(src[inl], resid, kernel="thin_plate_spline",
+                              smoothing=config.rbf_smoothing * inl.sum())
+        resid = resid - rbf(src[inl])
+    rms = float(np.sqrt(np.mean(np.sum(resid ** 2, axis=1))))
+    radius = config.search_radius_mm or max(1.5 * cell_mm, 3.0 * rms)
+    prior = RobustPrior(m, rbf, rms, radius, n_cand, len(src), int(inl.sum()), src, dst)
+    log.info("robust prior: %s", prior.summary())
+    return prior

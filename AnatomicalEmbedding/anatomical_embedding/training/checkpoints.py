@@ -1,0 +1,145 @@
+"""Checkpoints: atomic writes, keep-last-N, best-by-metric, exact resume, and loading a trained embedder.
+
+Layout: ``RUN_DIR/checkpoints/step_00001234.pt`` (the newest ``keep_last`` are kept), ``last.pt`` (the
+newest) and ``best.pt`` (lowest ``best_metric``). A checkpoint is a dict of tensors and plain containers
+only, so it loads with ``torch.load(weights_only=True)``:
+
+``{"format": 1, "step", "epoch", "model" (method state_dict: networks, momentum copies, queues),
+"optimizer", "scaler", "scheduler", "rng": [per-rank {"python", "numpy", "torch", "cuda"}],
+"best": float | None, "config": RunConfig.to_dict(), "model_info": dict}``
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STEP_RE = re.compile(r"^step_(\d+)\.pt$")
+
+
+def rng_state() -> dict:
+    """This process's RNG states as plain containers (numpy's tuple -> list + tensor)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_torch_save(obj, path: Path) -> Path:
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace`` (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: Path, keep_last: int = 3) -> None:
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep_last = max(1, int(keep_last))
+
+    def save(self, state: dict, step: int, is_best: bool = False) -> Path:
+        path = atomic_torch_save(state, self.dir / f"step_{step:08d}.pt")
+        _atomic_copy(path, self.dir / "last.pt")
+        if is_best:
+            _atomic_copy(path, self.dir / "best.pt")
+        steps = sorted(p for p in self.dir.iterdir() if STEP_RE.match(p.name))
+        for old in steps[: -self.keep_last]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def has_checkpoint(self) -> bool:
+        return (self.dir / "last.pt").is_file()
+
+
+def resolve_checkpoint(run_dir: str | Path, checkpoint: str = "last") -> Path:
+    """``"last"``, ``"best"``, a step number, or a file path -> the checkpoint file."""
+    run_dir = Path(run_dir)
+    cand = Path(checkpoint)
+    if cand.suffix == ".pt" and cand.is_file():
+        return cand
+    name = f"step_{int(checkpoint):08d}.pt" if str(checkpoint).isdigit() else f"{checkpoint}.pt"
+    path = run_dir / "checkpoints" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint {path}; is {run_dir} a training run folder (RUN_DIR)?")
+    return path
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def build_method(method_name: str, config_dict: dict):
+    """A method instance from its name and ``[config]`` dict (as saved in ``config.toml``)."""
+    from ..methods import get_method
+    from .config import build_dataclass
+
+    cls = get_method(method_name)
+    return cls(build_dataclass(cls.Config, dict(config_dict), "method"))
+
+
+def build_embedder(method_name: str, config_dict: dict):
+    """The (untrained) embedder a method would produce with this configuration."""
+    return build_method(method_name, config_dict).embedder()
+
+
+def load_embedder_from_run(run_dir: str | Path, checkpoint: str = "last", device: str = "cpu"):
+    """``(embedder in eval mode, model_info)`` from ``RUN_DIR`` (``config.toml`` + a checkpoint).
+
+    ``model_info`` keys: method, modality, spacing, intensity_preset, patch_size, coarse_channels,
+    fine_channels, coarse_stride, size_multiple, training_data {n_cases, source}, engine_version, step.
+    """
+    from .config import read_run_config
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.toml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found; {run_dir} is not a training run folder")
+    cfg = read_run_config(cfg_path)
+    ckpt = load_checkpoint(resolve_checkpoint(run_dir, checkpoint))
+    method = build_method(cfg.method, cfg.to_dict()["config"])
+    method.load_state_dict(ckpt["model"])
+    emb = method.embedder().to(device).eval()
+    info = dict(ckpt.get("model_info") or {})
+    info["step"] = int(ckpt["step"])
+    return emb, info

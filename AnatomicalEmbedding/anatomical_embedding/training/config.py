@@ -1,0 +1,182 @@
+"""Run configuration: engine settings (``[train]``) plus the method's dataclass (``[method]``).
+
+TOML layout (``RUN_DIR/config.toml`` is written in the same layout for every run)::
+
+    method = "aefm"
+    [train]            # TrainConfig (engine)
+    batch_size = 2
+    [config]           # the method's Config dataclass (``method`` is taken by the name)
+    patch_size = [96, 96, 96]
+
+``--set key=value`` overrides use dotted keys (``train.lr=3e-4``, ``method.n_pos=500`` or
+``config.n_pos=500``); the value is
+parsed as TOML when possible and converted to the dataclass field's type.
+"""
+from __future__ import annotations
+
+import tomllib
+import typing
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+ENGINE_VERSION = "0.1.0"
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 2  # global batch (patch pairs per step), split evenly over DDP ranks
+    epochs: int = 0  # 0: the method's default (AEFM: 500 + 200)
+    max_steps: int = 0  # > 0 overrides epochs
+    optimizer: str = "adamw"  # adamw | adam | sgd
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    warmup_steps: int = 0
+    lr_schedule: str = "cosine"  # cosine | constant
+    grad_clip: float = 0.0  # max grad norm; 0 = off
+    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | none
+    compile: bool = False
+    channels_last: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    num_workers: int = 2
+    cache_dir: str = ""  # preprocessed-data cache; "" = RUN_DIR/cache
+    memory_cache: int = 4  # preprocessed cases kept in memory per worker
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_last: int = 3
+    best_metric: str = "loss"  # a logged term (lower is better)
+    deterministic: bool = False
+    threads: int = 0  # torch CPU threads per process; 0 = torch default
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class RunConfig:
+    method: str
+    train: TrainConfig
+    method_config: Any
+
+    def to_dict(self) -> dict:
+        """Plain containers only (stored in checkpoints, loadable with ``weights_only=True``)."""
+        return {"method": self.method, "train": asdict(self.train), "config": _plain(asdict(self.method_config))}
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _convert(value: Any, tp: Any, name: str) -> Any:
+    """Convert a TOML/CLI value to a dataclass field type (ValueError with the field name)."""
+    origin = typing.get_origin(tp)
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if tp in (int, float, str):
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return tp(value)
+        if origin is tuple:
+            args = typing.get_args(tp)
+            if isinstance(value, str):
+                value = [v for v in value.strip("[]()").split(",") if v.strip()]
+            items = list(value)
+            if args and args[-1] is not Ellipsis and len(items) != len(args):
+                raise ValueError(f"needs {len(args)} values")
+            types = [args[0]] * len(items) if (args and args[-1] is Ellipsis) else list(args)
+            return tuple(_convert(v, t, name) for v, t in zip(items, types))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"invalid value {value!r} for {name} (expected {getattr(tp, '__name__', tp)}): {exc}") from None
+    return value
+
+
+def build_dataclass(cls: type, values: dict, section: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(section + '.' + u for u in unknown)}; "
+                         f"valid: {', '.join(sorted(known))}")
+    return cls(**{k: _convert(v, hints[k], f"{section}.{k}") for k, v in values.items()})
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_run_config(method: str | None, config_file: str | Path | None = None,
+                    overrides: list[str] | None = None) -> RunConfig:
+    """Method defaults, then the TOML file, then ``--set`` overrides."""
+    from ..methods import get_method
+
+    data: dict = {}
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path} is not valid TOML: {exc}") from exc
+    unknown = sorted(set(data) - {"method", "train", "config"})
+    if unknown:
+        raise ValueError(f"unknown top-level key(s) {unknown} in config; expected method, [train], [config]")
+    name = method or data.get("method")
+    if not name:
+        raise ValueError("no method given; pass --method or set method = \"...\" in the config file")
+    if method and data.get("method") and data["method"] != method:
+        raise ValueError(f"--method {method} contradicts method = {data['method']!r} in {config_file}")
+    train = dict(data.get("train", {}))
+    mcfg = dict(data.get("config", {}))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        section, _, field = key.strip().partition(".")
+        if section == "train" and field:
+            train[field] = _parse_value(text.strip())
+        elif section in ("config", "method") and field:
+            mcfg[field] = _parse_value(text.strip())
+        else:
+            raise ValueError(f"--set key {key!r} must start with 'train.' or 'method.' (e.g. train.lr=1e-4)")
+    cls = get_method(name)
+    return RunConfig(name, build_dataclass(TrainConfig, train, "train"), build_dataclass(cls.Config, mcfg, "method"))
+
+
+def run_config_from_dict(data: dict) -> RunConfig:
+    from ..methods import get_method
+
+    cls = get_method(data["method"])
+    return RunConfig(data["method"], build_dataclass(TrainConfig, data.get("train", {}), "train"),
+                     build_dataclass(cls.Config, data.get("config", {}), "method"))
+
+
+def save_run_config(cfg: RunConfig, path: Path) -> None:
+    import tomli_w
+
+    from ..io import atomic_write
+
+    blob = tomli_w.dumps(cfg.to_dict())
+    atomic_write(Path(path), lambda p: Path(p).write_text(blob, encoding="utf-8"), overwrite=True)
+
+
+def read_run_config(path: Path) -> RunConfig:
+    return run_config_from_dict(tomllib.loads(Path(path).read_text(encoding="utf-8")))
+
+
+__all__ = ["TrainConfig", "RunConfig", "load_run_config", "save_run_config", "read_run_config",
+           "run_config_from_dict", "ENGINE_VERSION"]

@@ -1,0 +1,141 @@
+"""Overlapping patch pairs (AEFM section 2.1; also usable for vox2vec/HDSSL-style positive pairs).
+
+A patch is an axis-aligned box in the voxel space of the cached, preprocessed image, with a
+continuous start and extent, resampled to the preset size with ``grid_sample`` (trilinear for images,
+nearest for labels). Arrays and sizes here are in network order (k, j, i).
+
+Coordinates: voxel ``c`` of an axis of length ``D`` covers the edge interval ``[c, c + 1]``; a box is
+``[x0, x0 + s]`` in edge units, and voxel ``n`` of a patch resampled to ``P`` voxels has its centre at
+edge coordinate ``x0 + (n + 0.5) * s / P`` (i.e. ``align_corners=False`` semantics).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PatchPairConfig:
+    patch_size: tuple[int, int, int]  # (k, j, i) voxels after resampling
+    n_pos: int = 1000
+    scale_range: tuple[float, float] = (0.9, 1.1)  # patch side / preset side (paper)
+    overlap_range: tuple[float, float] = (0.5, 1.0)  # overlap / smaller side, per axis (paper)
+
+
+def _axis_boxes(d: int, p: int, cfg: PatchPairConfig, rng: np.random.Generator) -> tuple[float, float, float, float]:
+    """Starts and extents (edge units) of boxes A and B on one axis of length ``d``."""
+    sa = float(np.clip(p * rng.uniform(*cfg.scale_range), 1.0, d))
+    sb = float(np.clip(p * rng.uniform(*cfg.scale_range), 1.0, d))
+    ov = rng.uniform(*cfg.overlap_range) * min(sa, sb)
+    union = sa + sb - ov
+    if union > d:  # the volume is too short for this overlap: overlap more (never less than asked)
+        union = float(d)
+    u0 = rng.uniform(0.0, d - union)
+    if rng.random() < 0.5:
+        a0, b0 = u0, u0 + union - sb
+    else:
+        b0, a0 = u0, u0 + union - sa
+    return a0, sa, b0, sb
+
+
+def _grid(starts, extents, shape_in, size) -> torch.Tensor:
+    """``grid_sample`` grid (1, Pk, Pj, Pi, 3) for a box; last dim is (x=i, y=j, z=k), align_corners=False."""
+    axes = []
+    for x0, s, d, p in zip(starts, extents, shape_in, size):
+        edge = x0 + (torch.arange(p, dtype=torch.float64) + 0.5) * s / p
+        axes.append((2.0 * edge / d - 1.0).float())
+    gk, gj, gi = torch.meshgrid(*axes, indexing="ij")
+    return torch.stack([gi, gj, gk], dim=-1).unsqueeze(0)
+
+
+def _resample(volume: torch.Tensor, grid: torch.Tensor, mode: str) -> torch.Tensor:
+    out = F.grid_sample(volume[None, None].float(), grid, mode=mode, padding_mode="border", align_corners=False)
+    return out[0, 0]
+
+
+def voxel_to_world(centres_kji: np.ndarray, ijk_to_lps: np.ndarray) -> np.ndarray:
+    """(N, 3) continuous voxel centres (k, j, i) of the cached image -> (N, 3) LPS mm."""
+    ijk = np.asarray(centres_kji, dtype=np.float64)[:, ::-1]
+    return ijk @ np.asarray(ijk_to_lps)[:3, :3].T + np.asarray(ijk_to_lps)[:3, 3]
+
+
+def sample_patch_pair(image: torch.Tensor, cfg: PatchPairConfig, rng: np.random.Generator,
+                      label: torch.Tensor | None = None, ijk_to_lps: np.ndarray | None = None) -> dict:
+    """Draw two overlapping boxes, resample both to ``cfg.patch_size`` and pick ``n_pos`` shared points.
+
+    Returns ``patch_a``, ``patch_b`` (1, Pk, Pj, Pi) float32; ``points_a``, ``points_b`` (n_pos, 3) int64
+    voxel indices (k, j, i) in each resampled patch of the same anatomical point: integer voxels of
+    patch A inside the overlap, and the nearest voxel of patch B (so they agree to half a B voxel);
+    ``box_a``/``box_b`` (2, 3) float64 (start; extent) per axis in source voxels;
+    ``label_a``/``label_b`` (Pk, Pj, Pi) int64 when a label is given; ``world_a``/``world_b`` (n_pos, 3)
+    float64 LPS mm when ``ijk_to_lps`` is given.
+    """
+    shape = tuple(int(s) for s in image.shape)
+    size = tuple(int(p) for p in cfg.patch_size)
+    boxes = [_axis_boxes(d, p, cfg, rng) for d, p in zip(shape, size)]
+    a0 = [b[0] for b in boxes]
+    sa = [b[1] for b in boxes]
+    b0 = [b[2] for b in boxes]
+    sb = [b[3] for b in boxes]
+    pts_a, pts_b = [], []
+    for ax, p in enumerate(size):
+        lo = max(a0[ax], b0[ax])
+        hi = min(a0[ax] + sa[ax], b0[ax] + sb[ax])
+        n_lo = int(np.ceil((lo - a0[ax]) * p / sa[ax] - 0.5))
+        n_hi = int(np.floor((hi - a0[ax]) * p / sa[ax] - 0.5))
+        n_lo, n_hi = max(n_lo, 0), min(max(n_hi, n_lo), p - 1)
+        na = rng.integers(n_lo, n_hi + 1, size=cfg.n_pos)
+        edge = a0[ax] + (na + 0.5) * sa[ax] / p
+        nb = np.clip(np.rint((edge - b0[ax]) * p / sb[ax] - 0.5), 0, p - 1).astype(np.int64)
+        pts_a.append(na)
+        pts_b.append(nb)
+    points_a = np.stack(pts_a, axis=1).astype(np.int64)
+    points_b = np.stack(pts_b, axis=1)
+    grid_a, grid_b = _grid(a0, sa, shape, size), _grid(b0, sb, shape, size)
+    out = {
+        "patch_a": _resample(image, grid_a, "bilinear")[None],
+        "patch_b": _resample(image, grid_b, "bilinear")[None],
+        "points_a": torch.from_numpy(points_a),
+        "points_b": torch.from_numpy(points_b),
+        # (start, extent) per axis (k, j, i) of each box in source voxel edge units.
+        "box_a": torch.tensor([a0, sa], dtype=torch.float64),
+        "box_b": torch.tensor([b0, sb], dtype=torch.float64),
+    }
+    if label is not None:
+        out["label_a"] = _resample(label, grid_a, "nearest").round().long()
+        out["label_b"] = _resample(label, grid_b, "nearest").round().long()
+    if ijk_to_lps is not None:
+        def centres(pts, x0, s):
+            return np.stack([x0[a] + (pts[:, a] + 0.5) * s[a] / size[a] - 0.5 for a in range(3)], axis=1)
+        out["world_a"] = torch.from_numpy(voxel_to_world(centres(points_a, a0, sa), ijk_to_lps))
+        out["world_b"] = torch.from_numpy(voxel_to_world(centres(points_b, b0, sb), ijk_to_lps))
+    return out
+
+
+def jitter_intensity(patch: torch.Tensor, rng: np.random.Generator, scale: float, shift: float,
+                     noise_std: float) -> torch.Tensor:
+    """Random contrast scale ``1 +- scale``, offset ``+- shift`` and Gaussian noise (all 0 = identity)."""
+    if scale > 0:
+        patch = patch * float(1.0 + rng.uniform(-scale, scale))
+    if shift > 0:
+        patch = patch + float(rng.uniform(-shift, shift))
+    if noise_std > 0:
+        noise = rng.standard_normal(size=tuple(patch.shape)).astype(np.float32) * noise_std
+        patch = patch + torch.from_numpy(noise)
+    return patch
+
+
+def gather_points(fmap: torch.Tensor, points: torch.Tensor, input_size: tuple[int, int, int]) -> torch.Tensor:
+    """Features of ``fmap`` (N, C, a, b, c) at input voxels ``points`` (N, P, 3) (k, j, i) -> (N, P, C).
+
+    ``fmap`` may have a coarser resolution than the input (e.g. AEFM's stride-8 global map); the value
+    is trilinearly interpolated at the voxel centre (exact lookup at full resolution).
+    """
+    sizes = torch.tensor(input_size, dtype=torch.float32, device=fmap.device)
+    norm = (2.0 * (points.float() + 0.5) / sizes - 1.0).flip(-1)  # (N, P, 3) as (x=i, y=j, z=k)
+    grid = norm[:, :, None, None, :].to(fmap.dtype)
+    out = F.grid_sample(fmap, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out[:, :, :, 0, 0].transpose(1, 2)

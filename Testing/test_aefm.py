@@ -1,0 +1,183 @@
+"""AEFM building blocks: published-network parity, L_AC / L_RC against hand computations, the feature
+queue, the momentum update, and the overlapping patch-pair sampler."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from anatomical_embedding.losses import info_nce_queue, region_contrastive_loss, region_means
+from anatomical_embedding.nets.aefm_unet import AEFMUNet
+from anatomical_embedding.training.momentum import FeatureQueue, make_momentum_copy, momentum_update
+from anatomical_embedding.training.patches import PatchPairConfig, gather_points, sample_patch_pair
+
+DATA = Path(__file__).parent / "data" / "aefm"
+
+
+def test_tiny_net_matches_published_sam_unet_3d():
+    """Reference outputs of the published ``sam_unet_3d`` (tiny widths) with its own weights.
+
+    Pure tensor parity: the reference arrays are in MONAI (x, y, z) order while our convention is
+    (k, j, i); the network is layout-agnostic, so the tensors are fed exactly as given here.
+    """
+    net = AEFMUNet(widths=(4, 8, 16, 32), feature_dim=4)
+    state = np.load(DATA / "tiny_state.npz")
+    net.load_state_dict({k: torch.from_numpy(state[k]) for k in state.files}, strict=True)
+    io = np.load(DATA / "tiny_io.npz")
+    with torch.no_grad():
+        coarse, fine = net.eval()(torch.from_numpy(io["input"]))
+    assert coarse.shape == io["global_out"].shape and fine.shape == io["local_out"].shape
+    assert (coarse - torch.from_numpy(io["global_out"])).abs().max() <= 1e-4
+    assert (fine - torch.from_numpy(io["local_out"])).abs().max() <= 1e-4
+
+
+def test_full_net_has_published_keys_and_size():
+    net = AEFMUNet()
+    assert sum(p.numel() for p in net.parameters()) == 44_814_609
+    assert len(net.state_dict()) == 63
+    assert net.coarse_stride == 8 and net.size_multiple == 16 and net.fine_channels == 64
+
+
+def test_info_nce_queue_equals_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(5, 4, generator=g), dim=1)
+    k = F.normalize(torch.randn(5, 4, generator=g), dim=1)
+    d = F.normalize(torch.randn(7, 4, generator=g), dim=1)
+    t = 0.2
+    total = 0.0
+    for i in range(5):
+        pos = math.exp(sum(float(q[i, c] * k[i, c]) for c in range(4)) / t)
+        neg = sum(math.exp(sum(float(q[i, c] * d[j, c]) for c in range(4)) / t) for j in range(7))
+        total += -math.log(pos / (pos + neg))
+    assert float(info_nce_queue(q, k, d, t)) == pytest.approx(total / 5, rel=1e-5)
+    # No negatives yet: a softmax over the positive alone.
+    assert float(info_nce_queue(q, k, None, t)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_region_contrastive_loss_equals_hand_computation():
+    g = torch.Generator().manual_seed(1)
+    feats = F.normalize(torch.randn(3, 2, 3, 4, generator=g), dim=0)  # (C, k, j, i)
+    feats_m = F.normalize(torch.randn(3, 2, 3, 4, generator=g), dim=0)
+    labels = torch.randint(0, 3, (2, 3, 4), generator=g)
+    labels[0, 0, 0], labels[0, 0, 1], labels[0, 0, 2] = 0, 1, 2
+    labels_m = torch.randint(0, 3, (2, 3, 4), generator=g)
+    labels_m[0, 0, 0], labels_m[0, 0, 1], labels_m[0, 0, 2] = 0, 1, 2
+    m, present = region_means(feats, labels, 4)
+    mm, present_m = region_means(feats_m, labels_m, 4)
+    assert present.tolist() == [True, True, True, False]
+    both = present & present_m
+    loss = float(region_contrastive_loss(m[both], mm[both]))
+
+    def mean_of(f, lab, cls):
+        acc, n = [0.0] * 3, 0
+        for a in range(2):
+            for b in range(3):
+                for c in range(4):
+                    if int(lab[a, b, c]) == cls:
+                        n += 1
+                        for ch in range(3):
+                            acc[ch] += float(f[ch, a, b, c])
+        return [v / n for v in acc]
+
+    e = [mean_of(feats, labels, c) for c in range(3)]
+    e2 = [mean_of(feats_m, labels_m, c) for c in range(3)]
+    dot = lambda u, v: sum(x * y for x, y in zip(u, v))  # noqa: E731
+    p = sum(dot(e[i], e2[i]) for i in range(3))
+    n = sum(dot(e[i], e2[j]) for i in range(3) for j in range(3) if i != j)
+    hand = -math.log((1 + math.exp(p)) / (1 + math.exp(p) + math.exp(n)))
+    assert loss == pytest.approx(hand, rel=1e-5)
+
+
+def test_queue_enqueue_dequeue_wraps_around():
+    q = FeatureQueue(5, 2)
+    assert q.negatives().shape == (0, 2)
+    q.enqueue(torch.tensor([[1.0, 1], [2, 2], [3, 3]]))
+    assert q.negatives()[:, 0].tolist() == [1, 2, 3] and int(q.ptr) == 3
+    q.enqueue(torch.tensor([[4.0, 4], [5, 5], [6, 6]]))  # wraps: 6 overwrites the oldest (1)
+    assert q.features[:, 0].tolist() == [6, 2, 3, 4, 5]
+    assert int(q.ptr) == 1 and int(q.filled) == 5 and q.negatives().shape == (5, 2)
+    q.enqueue(torch.arange(14.0).reshape(7, 2))  # more than the queue holds: only the newest 5 stay
+    assert sorted(q.features[:, 0].tolist()) == [4, 6, 8, 10, 12]
+    state = q.state_dict()
+    assert set(state) == {"features", "ptr", "filled"}
+
+
+def test_momentum_update_matches_formula():
+    torch.manual_seed(0)
+    online = torch.nn.Linear(3, 2)
+    target = make_momentum_copy(online)
+    assert all(not p.requires_grad for p in target.parameters())
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(torch.randn_like(p))
+    before = [p.clone() for p in target.parameters()]
+    momentum_update(online, target, 0.9)
+    for t0, p_o, p_t in zip(before, online.parameters(), target.parameters()):
+        assert torch.allclose(p_t, 0.9 * t0 + 0.1 * p_o, atol=1e-7)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_patch_pair_points_share_world_positions(seed):
+    rng = np.random.default_rng(seed)
+    shape = (40, 50, 60)  # (k, j, i)
+    image = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+    ijk_to_lps = np.array([[0.0, 0, 2.5, 10], [1.5, 0, 0, -20], [0, -3.0, 0, 5], [0, 0, 0, 1]])  # oblique axes
+    spacing = np.abs(ijk_to_lps[:3, :3]).sum(0)  # mm per i, j, k step
+    cfg = PatchPairConfig(patch_size=(16, 32, 32), n_pos=200)
+    out = sample_patch_pair(image, cfg, rng, label=(image > 0).to(torch.int16), ijk_to_lps=ijk_to_lps)
+    assert out["patch_a"].shape == out["patch_b"].shape == (1, 16, 32, 32)
+    assert out["label_a"].shape == (16, 32, 32)
+    pa, pb = out["points_a"], out["points_b"]
+    assert pa.shape == pb.shape == (200, 3)
+    assert (pa >= 0).all() and (pa < torch.tensor([16, 32, 32])).all()
+    assert (pb >= 0).all() and (pb < torch.tensor([16, 32, 32])).all()
+    # Same world point to within half a voxel of the resampled B patch, per axis: map the world
+    # difference back to source voxels (k, j, i); a B voxel spans extent_b / patch_size source voxels.
+    m = ijk_to_lps[:3, :3]
+    d_ijk = np.linalg.solve(m, (out["world_a"] - out["world_b"]).numpy().T).T
+    d_kji = np.abs(d_ijk[:, ::-1])
+    half_b_voxel = 0.5 * out["box_b"][1].numpy() / np.array(cfg.patch_size)
+    assert (d_kji <= half_b_voxel + 1e-9).all()
+    assert np.linalg.norm(out["world_a"] - out["world_b"], axis=1).max() > 0  # B rounding is real
+    # The patches hold the image values at those points: A's value at its point equals B's (up to the
+    # interpolation across half a voxel), checked with a smooth image where that is tight.
+    kk, jj, ii = np.meshgrid(*(np.arange(s) for s in shape), indexing="ij")
+    smooth = torch.from_numpy((0.1 * kk + 0.05 * jj - 0.02 * ii).astype(np.float32))
+    out2 = sample_patch_pair(smooth, cfg, np.random.default_rng(seed), ijk_to_lps=ijk_to_lps)
+    va = out2["patch_a"][0][tuple(out2["points_a"].T)]
+    vb = out2["patch_b"][0][tuple(out2["points_b"].T)]
+    assert (va - vb).abs().max() <= 0.5 * 1.1 * 50 / 32 * 0.17 + 1e-4
+
+
+def test_patch_pair_sizes_and_overlap_follow_the_paper():
+    rng = np.random.default_rng(5)
+    image = torch.zeros(64, 64, 64)
+    cfg = PatchPairConfig(patch_size=(32, 32, 32), n_pos=10)
+    from anatomical_embedding.training.patches import _axis_boxes
+
+    for _ in range(200):
+        a0, sa, b0, sb = _axis_boxes(64, 32, cfg, rng)
+        assert 0.9 * 32 - 1e-9 <= sa <= 1.1 * 32 + 1e-9 and 0.9 * 32 - 1e-9 <= sb <= 1.1 * 32 + 1e-9
+        overlap = min(a0 + sa, b0 + sb) - max(a0, b0)
+        assert 0.5 * min(sa, sb) - 1e-9 <= overlap <= min(sa, sb) + 1e-9
+        assert a0 >= -1e-9 and b0 >= -1e-9 and a0 + sa <= 64 + 1e-9 and b0 + sb <= 64 + 1e-9
+    out = sample_patch_pair(image, cfg, rng)
+    assert out["points_a"].dtype == torch.int64
+
+
+def test_gather_points_exact_at_full_resolution_and_interpolates_coarse():
+    fmap = torch.arange(2 * 3 * 4 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4, 4)
+    pts = torch.tensor([[[0, 1, 2], [3, 3, 0]], [[1, 1, 1], [2, 0, 3]]])
+    got = gather_points(fmap, pts, (4, 4, 4))
+    for n in range(2):
+        for p in range(2):
+            k, j, i = pts[n, p].tolist()
+            assert torch.equal(got[n, p], fmap[n, :, k, j, i])
+    # A stride-2 map whose value is its k index: at input voxel k the centre sits at (k + 0.5) / 2 - 0.5.
+    coarse = torch.arange(4.0).reshape(1, 1, 4, 1, 1).expand(1, 1, 4, 4, 4).contiguous()
+    got_c = gather_points(coarse, torch.tensor([[[1, 0, 0], [3, 5, 5], [4, 2, 7]]]), (8, 8, 8))
+    assert got_c[0, :, 0].tolist() == pytest.approx([0.25, 1.25, 1.75])
