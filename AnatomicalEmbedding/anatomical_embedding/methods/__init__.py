@@ -10,12 +10,14 @@ import importlib
 #: name -> "module:Class" (relative to this package).
 _REGISTRY: dict[str, str] = {
     "aefm": ".aefm:AEFMMethod",
+    "anatomask": ".anatomask:AnatoMaskMethod",
     "hdssl": ".hdssl:HDSSLMethod",
 }
 
 #: Supervised tasks the engine also runs (``get_method`` finds them), but which are not embedding methods:
 #: ``available_methods()`` (pretraining choices, the demo, the Trainer's list) leaves them out.
 _TASKS: dict[str, str] = {
+    "finetune": ".finetune:FinetuneMethod",
 }
 
 
