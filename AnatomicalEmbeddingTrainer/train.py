@@ -107,26 +107,31 @@ def build_epilog() -> str:
               "  3 CUDA requested but unavailable; 4 GPU out of memory (reduce patch size or batch size);",
               "  130 stopped by SIGINT/SIGTERM after saving checkpoints/last.pt (continue with --resume).",
               "",
-              "finetuning: not implemented in the engine yet; this script pretrains (few-shot segmentation heads:",
-              "  `anatomical-embedding fewshot train`).",
+              "finetuning: --method finetune [--mode embedding|backbone|scratch] --init-from PRETRAINED_RUN with",
+              "  labelled --data trains a segmentation network (see `anatomical-embedding finetune --help`; the",
+              "  method.* keys are those of methods/finetune.py); apply it with `anatomical-embedding segment`.",
               "",
               "examples:",
               "  python train.py --method aefm --data cohort/ --out runs/a1 --export a1.aemodel",
               "  torchrun --nproc_per_node 4 train.py --method aefm --data images/ --out runs/a2 --set train.batch_size=8",
               "  python train.py --data cohort/ --out runs/a1 --resume",
+              "  python train.py --method finetune --init-from runs/a1 --data cohort/ --out runs/seg1",
               "  Slicer --no-main-window --python-script train.py --method aefm --data cohort/ --out runs/a3"]
     return "\n".join(parts)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from anatomical_embedding.methods import available_methods
+    from anatomical_embedding.methods import available_methods, available_tasks
 
     p = argparse.ArgumentParser(
         prog="train.py", description="Pretrain a dense anatomical embedding method (CPU, one GPU, or torchrun/DDP) "
         "and optionally export the model package.", epilog=build_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", choices=available_methods(),
-                   help="method to pretrain (default: from --config, or the resumed run)")
+    p.add_argument("--method", choices=available_methods() + available_tasks(),
+                   help="method to pretrain, or finetune (default: from --config, or the resumed run)")
+    p.add_argument("--mode", choices=["embedding", "backbone", "scratch"],
+                   help="finetune only: image + frozen embedding (default), pretrained encoder, or from scratch")
+    p.add_argument("--init-from", metavar="RUN_DIR", help="finetune only: the pretraining run to start from")
     p.add_argument("--data", required=True,
                    help="images folder, cohort folder (images/ + labels/) or manifest .json")
     p.add_argument("--labels", help="label maps named like their images (optional; AEFM's region stage uses them)")
@@ -163,22 +168,26 @@ def _is_main_rank() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _resumes_finetune(args) -> bool:
+    saved = Path(args.out) / "config.toml"
+    return bool(args.resume and saved.is_file() and 'method = "finetune"' in saved.read_text(encoding="utf-8"))
+
+
 def resolve_config(args):
-    from anatomical_embedding.training.config import load_run_config
+    from anatomical_embedding.training.config import config_file_for_run, load_run_config
 
     out = Path(args.out)
     overrides = list(args.overrides)
     if args.device:
         overrides.append(f"train.device={json.dumps(args.device)}")
-    config_file = args.config
-    if args.resume:
-        saved = out / "config.toml"
-        if not saved.is_file():
-            raise FileNotFoundError(f"--resume: {saved} not found; is {out} a run folder?")
-        if config_file:
-            raise ValueError("--resume uses the run's own config.toml; drop --config (use --set to change settings)")
-        config_file = saved
-    return load_run_config(args.method, config_file, overrides)
+    if args.method == "finetune" or _resumes_finetune(args):
+        from anatomical_embedding.finetune_cli import resolve_finetune_config
+
+        return resolve_finetune_config(out, args.config, overrides, args.mode, args.init_from, args.resume,
+                                       args.data, args.labels)
+    if args.mode or args.init_from:
+        raise ValueError("--mode and --init-from are finetune settings; add --method finetune")
+    return load_run_config(args.method, config_file_for_run(out, args.config, args.resume), overrides)
 
 
 def check_device(cfg) -> None:
@@ -254,6 +263,9 @@ def run(args) -> int:
         print(tomli_w.dumps(cfg.to_dict()), end="")
         return 0
     export = Path(args.export) if args.export else None
+    if export is not None and cfg.method == "finetune":
+        raise ValueError("--export makes embedding model packages; a finetune run is applied with "
+                         "`anatomical-embedding segment --run RUN_DIR`")
     if export is not None and export.exists():
         # Checked before training so that hours of training do not end in a refused export.
         raise FileExistsError(f"--export: {export} exists; choose another file name or delete it")

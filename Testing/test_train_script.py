@@ -22,7 +22,7 @@ TINY = ["method.widths=[8,16,32,64]", "method.feature_dim=8", "method.spacing=[8
 
 def run_train(*args: str, timeout: float = 300, env_extra: dict | None = None, python_args=()) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, *python_args, str(TRAIN_PY), *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, *python_args, str(TRAIN_PY), *args], capture_output=True, text=True, encoding="utf-8", errors="replace",
                           timeout=timeout, env=env)
 
 
@@ -68,7 +68,7 @@ def test_help_lists_every_setting_with_its_default_and_the_exit_codes(train_modu
             assert f"{section}.{f.name}={shown}" in text, f"{section}.{f.name} missing or wrong default in --help"
     for code in ("0 finished", "2 bad input", "3 CUDA requested", "4 GPU out of memory", "130 stopped"):
         assert code in text
-    assert "--export" in text and "--resume" in text and "finetuning: not implemented" in text
+    assert "--export" in text and "--resume" in text and "--method finetune" in text and "--init-from" in text
 
 
 def test_finds_the_engine_in_a_source_checkout_without_install():
@@ -78,9 +78,9 @@ def test_finds_the_engine_in_a_source_checkout_without_install():
             "sys.argv = [%r, '--help']; runpy.run_path(%r, run_name='__main__')" % (engine, str(TRAIN_PY), str(TRAIN_PY)))
     check = subprocess.run([sys.executable, "-c", f"import sys; sys.path[:] = [p for p in sys.path if p.rstrip('/') != {engine!r}]\n"
                             "try:\n import anatomical_embedding\nexcept ImportError:\n print('hidden')"],
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=60)
     assert check.stdout.strip() == "hidden"  # the test really hides the engine
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120,
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd="/")
     assert res.returncode == 0, res.stderr
     assert "train.batch_size=2" in res.stdout
@@ -204,3 +204,20 @@ def test_more_processes_than_gpus_exits_3(train_module, tmp_path, monkeypatch, c
     monkeypatch.setenv("LOCAL_RANK", "2")
     code = train_module.main(["--method", "aefm", "--data", str(tmp_path), "--out", str(tmp_path / "run")])
     assert code == 3 and "LOCAL_RANK 2 has no GPU: only 2 visible" in capsys.readouterr().err
+
+
+def test_finetune_goes_through_the_same_script(train_module, tiny_cohort, tmp_path, capsys):
+    import tomllib
+
+    code = train_module.main(["--method", "finetune", "--mode", "scratch", "--data", str(tiny_cohort),
+                              "--out", str(tmp_path / "seg"), "--print-config"])
+    data = tomllib.loads(capsys.readouterr().out)
+    assert code == 0 and data["method"] == "finetune" and data["config"]["mode"] == "scratch"
+    assert data["train"]["optimizer"] == "adam" and data["train"]["lr"] == 1e-4  # AEFM's downstream recipe
+    assert data["config"]["class_names"][0] == "background" and "liver" in data["config"]["class_names"]
+    # Finetune-only options without --method finetune, and --export of a segmentation run, are refused.
+    assert train_module.main(["--method", "aefm", "--mode", "scratch", "--data", str(tiny_cohort),
+                              "--out", str(tmp_path / "x")]) == 2
+    assert train_module.main(["--method", "finetune", "--mode", "scratch", "--data", str(tiny_cohort),
+                              "--out", str(tmp_path / "y"), "--export", str(tmp_path / "y.aemodel")]) == 2
+    assert "anatomical-embedding segment" in capsys.readouterr().err

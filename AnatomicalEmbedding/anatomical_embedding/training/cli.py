@@ -52,19 +52,11 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .config import load_run_config
+    from .config import config_file_for_run, load_run_config
     from .engine import Trainer
 
     out = Path(args.out)
-    config_file = args.config
-    if args.resume:
-        saved = out / "config.toml"
-        if not saved.is_file():
-            raise FileNotFoundError(f"--resume: {saved} not found; is {out} a run folder?")
-        if config_file:
-            raise ValueError("--resume uses the run's own config.toml; drop --config (use --set to change settings)")
-        config_file = saved
-    cfg = load_run_config(args.method, config_file, args.overrides)
+    cfg = load_run_config(args.method, config_file_for_run(out, args.config, args.resume), args.overrides)
     return Trainer(cfg, args.data, out, labels=args.labels, resume=args.resume).run()
 
 

@@ -118,6 +118,18 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def config_file_for_run(out: str | Path, config_file: str | Path | None, resume: bool) -> str | Path | None:
+    """The settings file of a new run (``config_file``) or, with ``resume``, the run's own saved one."""
+    if not resume:
+        return config_file
+    saved = Path(out) / "config.toml"
+    if not saved.is_file():
+        raise FileNotFoundError(f"--resume: {saved} not found; is {out} a run folder?")
+    if config_file:
+        raise ValueError("--resume uses the run's own config.toml; drop --config (use --set to change settings)")
+    return saved
+
+
 def load_run_config(method: str | None, config_file: str | Path | None = None,
                     overrides: list[str] | None = None) -> RunConfig:
     """Method defaults, then the TOML file, then ``--set`` overrides."""

@@ -1,0 +1,445 @@
+"""Full finetuning for segmentation, run by the training engine (``anatomical-embedding finetune``).
+
+Three modes (``mode``), one supervised task:
+
+* ``embedding`` (AEFM's downstream network): a MONAI 3D U-Net whose input is the image plus the *frozen*
+  embedding of a pretrained model (``init_from``): the coarse map (trilinearly up-sampled) and the fine map
+  concatenated to the image as extra channels. The embedding net is a sub-module without gradients, kept in
+  eval mode, and saved in the checkpoints, so a finetune run is self-contained.
+* ``backbone``: the pretrained network itself, finetuned as the encoder of a segmentation network built by
+  its method's entry in :mod:`.backbones` (AEFM: U-Net + M_S head; HDSSL: FPN + FPN head).
+* ``scratch``: the same MONAI U-Net on the image alone, randomly initialised (the baseline).
+
+Samples: one labelled patch per sample. With probability ``foreground_fraction`` the patch is centred on a
+voxel of a foreground class drawn uniformly among the classes present in the case (class-balanced
+foreground sampling, as MONAI's ``RandCropByLabelClasses``), otherwise anywhere. Loss: MONAI ``DiceCELoss``
+(softmax, one-hot labels). Validation: the labelled cases are split once (``val_fraction``, seeded); the
+training stream never draws validation cases (``case_weights``), and every ``val_every`` steps the engine
+calls :meth:`FinetuneMethod.evaluate`: MONAI ``sliding_window_inference`` over each validation case, Dice per
+foreground class (MONAI ``DiceMetric``), logged as ``val_dice`` and ``val_dice_error`` (= 1 - Dice, the
+default ``train.best_metric`` of finetune runs, so ``best.pt`` is the best validated model).
+
+Preprocessing: the pretrained model's spacing and intensity preset unless ``spacing``/``preset`` are set
+(scratch without ``init_from``: 1 mm and ``ct_aefm``). ``class_names`` (index = label value) are written
+by the CLI from the label files and used by :func:`segment_volume` for the output segment names.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import DataInfo, Method, StepContext
+
+log = logging.getLogger(__name__)
+
+MODES = ("embedding", "backbone", "scratch")
+
+
+@dataclass
+class FinetuneConfig:
+    mode: str = "embedding"  # embedding (frozen embedding + U-Net) | backbone | scratch
+    init_from: str = ""  # pretrained training run folder (embedding/backbone; scratch: optional, for preprocessing)
+    init_checkpoint: str = "last"  # checkpoint of init_from: last | best | step number
+    spacing: tuple[float, ...] = ()  # mm along (i, j, k); () = the pretrained model's (scratch: 1 mm)
+    preset: str = ""  # intensity preset name; "" = the pretrained model's (scratch: ct_aefm)
+    patch_size: tuple[int, int, int] = (96, 96, 96)  # voxels along (i, j, k); multiples of 16
+    num_classes: int = 0  # 0 = max label value + 1
+    class_names: tuple[str, ...] = ()  # name of each label value (index 0 = background); set by the CLI
+    foreground_fraction: float = 0.67  # share of patches centred on a foreground class
+    unet_channels: tuple[int, ...] = (32, 64, 128, 256, 320)  # downstream U-Net widths (embedding, scratch)
+    unet_res_units: int = 2
+    head_hidden: int = 64  # hidden width of the backbone mode's segmentation head
+    val_fraction: float = 0.2  # share of labelled cases held out for validation (at least 1 if >= 2 cases)
+    val_every: int = 250  # steps between validations (and at the end); 0 = never
+    split_seed: int = 0
+    sw_overlap: float = 0.5  # sliding-window overlap (validation and segment)
+    sw_batch_size: int = 2
+    aug_scale: float = 0.0  # intensity jitter per patch (off by default)
+    aug_shift: float = 0.0
+    aug_noise: float = 0.0
+    # Filled from init_from when the run starts, so the run is self-describing (apply needs no init_from).
+    source_method: str = ""
+    source_config: dict = field(default_factory=dict)
+    source_info: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------- pretrained source
+def read_source(path: str | Path, checkpoint: str = "last") -> tuple[str, dict, dict, dict]:
+    """``(method name, [config] dict, model_info, method state_dict)`` of a pretrained training run folder."""
+    from ..training.checkpoints import load_checkpoint, resolve_checkpoint
+    from ..training.config import read_run_config
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"init_from {p} does not exist; pass a pretraining run folder (RUN_DIR)")
+    if p.is_file():
+        raise ValueError(f"init_from {p} is a file; finetuning needs the pretraining run folder (its torch "
+                         "weights): an exported .aemodel package holds ONNX only")
+    if not (p / "config.toml").is_file():
+        raise FileNotFoundError(f"{p / 'config.toml'} not found; init_from must be a pretraining run folder")
+    cfg = read_run_config(p / "config.toml")
+    if cfg.method == FinetuneMethod.name:
+        raise ValueError(f"init_from {p} is a finetune run, not a pretrained embedding model; "
+                         "pass the run folder of its pretraining (e.g. an AEFM or HDSSL run)")
+    ck = load_checkpoint(resolve_checkpoint(p, checkpoint))
+    info = dict(ck.get("model_info") or {})
+    return cfg.method, cfg.to_dict()["config"], info, ck["model"]
+
+
+def _load_state(module: nn.Module, state: dict, what: str) -> None:
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ValueError(f"{what} does not match its configuration ({first}...); the checkpoint and the "
+                         "run's config.toml disagree: was the run folder edited or mixed with another run?") from None
+
+
+def _preset_value(preset: str) -> str | dict:
+    return json.loads(preset) if preset.strip().startswith("{") else preset
+
+
+def _preset_text(preset: str | dict) -> str:
+    """A preset for the config file: its registered name when it is one, else its JSON."""
+    from ..io import PRESETS
+
+    if isinstance(preset, str):
+        return preset
+    name = preset.get("name")
+    if name in PRESETS and PRESETS[name].to_dict() == preset:
+        return name
+    return json.dumps(preset, sort_keys=True)
+
+
+def _require_multiple(size: Sequence[int], multiple: int, what: str) -> None:
+    if any(int(s) % multiple for s in size):
+        raise ValueError(f"finetune patch_size {list(size)} must be multiples of {multiple} ({what}); "
+                         f"e.g. --set method.patch_size=[{multiple * 4},{multiple * 4},{multiple * 4}]")
+
+
+# -------------------------------------------------------------------------------------------- the task
+class FinetuneMethod(Method):
+    """Supervised segmentation as an engine method (see the module docstring)."""
+
+    name = "finetune"
+    Config = FinetuneConfig
+
+    def __init__(self, config: FinetuneConfig, load_pretrained: bool = True) -> None:
+        super().__init__(config)
+        c = config
+        if c.mode not in MODES:
+            raise ValueError(f"finetune mode must be one of {', '.join(MODES)}, got {c.mode!r}")
+        if c.num_classes < 2:
+            raise ValueError("finetune needs num_classes >= 2 (background + at least one structure); it is "
+                             "set from the label maps, so give labelled cases (--labels or a manifest with labels)")
+        if c.mode != "scratch" and not c.source_method and not c.init_from:
+            raise ValueError(f"finetune mode {c.mode!r} needs a pretrained model: pass --init-from RUN_DIR")
+        state = None
+        if c.mode != "scratch":
+            if load_pretrained and c.init_from:
+                name, cfg_dict, _, state = read_source(c.init_from, c.init_checkpoint)
+                if c.source_method and (name != c.source_method or cfg_dict != c.source_config):
+                    raise ValueError(f"init_from {c.init_from} holds a {name!r} model that differs from the one this "
+                                     f"run was started with ({c.source_method!r}); resume with the original model")
+                c.source_method, c.source_config = name, cfg_dict
+            from ..training.checkpoints import build_method
+
+            source = build_method(c.source_method, c.source_config)
+            if state is not None:
+                _load_state(source, state, f"pretrained checkpoint of {c.init_from}")
+        self.embedding: nn.Module | None = None
+        if c.mode == "embedding":
+            emb = source.embedder()
+            for p in emb.parameters():
+                p.requires_grad_(False)
+            self.embedding = emb.eval()
+            in_ch = 1 + int(emb.coarse_channels) + int(emb.fine_channels)
+            self.network = self._unet(in_ch)
+            self.size_multiple = int(np.lcm(int(emb.size_multiple), self.network_multiple))
+        elif c.mode == "backbone":
+            from .backbones import segmentation_network
+
+            self.network = segmentation_network(source, c.num_classes, c.head_hidden)
+            # A backbone may keep layers the segmentation path does not use (AEFM's global map): DDP must know.
+            self.ddp_find_unused_parameters = True
+            self.size_multiple = int(getattr(self.network, "size_multiple", 16))
+        else:
+            self.network = self._unet(1)
+            self.size_multiple = self.network_multiple
+        _require_multiple(c.patch_size, self.size_multiple, f"the {c.mode} network's size multiple")
+        from monai.losses import DiceCELoss
+
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def _unet(self, in_channels: int) -> nn.Module:
+        from monai.networks.nets import UNet
+
+        ch = tuple(int(v) for v in self.config.unet_channels)
+        if len(ch) < 2:
+            raise ValueError(f"unet_channels needs at least 2 widths, got {list(ch)}")
+        self.network_multiple = 2 ** (len(ch) - 1)
+        return UNet(spatial_dims=3, in_channels=in_channels, out_channels=self.config.num_classes, channels=ch,
+                    strides=(2,) * (len(ch) - 1), num_res_units=self.config.unet_res_units, norm="INSTANCE")
+
+    def train(self, mode: bool = True) -> FinetuneMethod:
+        super().train(mode)
+        if self.embedding is not None:  # frozen: BatchNorm statistics (HDSSL) must not move either
+            self.embedding.eval()
+        return self
+
+    # ----------------------------------------------------------------- data
+    @classmethod
+    def _source_info(cls, config: FinetuneConfig) -> dict:
+        if config.source_info:
+            return config.source_info
+        if config.init_from:
+            return read_source(config.init_from, config.init_checkpoint)[2]
+        return {}
+
+    @classmethod
+    def resolved_preprocessing(cls, config: FinetuneConfig) -> tuple[tuple[float, float, float], str | dict]:
+        info = {} if (config.spacing and config.preset) else cls._source_info(config)
+        if config.spacing:
+            spacing = config.spacing
+        elif info.get("spacing"):
+            spacing = info["spacing"]
+        elif config.mode == "scratch":
+            spacing = (1.0,)
+        else:
+            raise ValueError("the pretrained model records no spacing; set method.spacing")
+        spacing = tuple(float(s) for s in np.broadcast_to(np.asarray(spacing, float), (3,)))
+        preset = _preset_value(config.preset) if config.preset else info.get("intensity_preset", "ct_aefm")
+        return spacing, preset
+
+    @classmethod
+    def preprocess_config(cls, config: FinetuneConfig):
+        from ..data import PreprocessConfig
+
+        spacing, preset = cls.resolved_preprocessing(config)
+        return PreprocessConfig(spacing=spacing, preset=preset, min_size=tuple(int(p) for p in config.patch_size))
+
+    @classmethod
+    def min_image_size(cls, config: FinetuneConfig) -> tuple[int, int, int]:
+        return (1, 1, 1)  # smaller volumes are padded to the patch size
+
+    @classmethod
+    def configure_from_data(cls, config: FinetuneConfig, info: DataInfo) -> FinetuneConfig:
+        if info.n_labelled == 0:
+            raise ValueError(f"finetuning needs labelled cases but none of the {info.n_cases} cases in "
+                             f"{info.source} has a label map; pass --labels LABEL_DIR or list 'label' in the manifest")
+        if info.max_label < 1:
+            raise ValueError("every label map is empty (only background 0); label at least one structure")
+        if config.num_classes == 0:
+            config.num_classes = int(info.max_label) + 1
+        elif config.num_classes <= info.max_label:
+            raise ValueError(f"method.num_classes={config.num_classes} but the labels go up to {info.max_label}; "
+                             f"use num_classes >= {info.max_label + 1} or 0 (automatic)")
+        names = list(config.class_names)
+        if len(names) < config.num_classes:
+            names = (names or ["background"]) + [f"label_{v}" for v in range(max(1, len(names)), config.num_classes)]
+        config.class_names = tuple(names[: config.num_classes])
+        if config.init_from:  # record the pretrained model so that the run describes itself
+            name, cfg_dict, model_info, _ = read_source(config.init_from, config.init_checkpoint)
+            config.source_method, config.source_config = name, cfg_dict
+            config.source_info = {k: v for k, v in model_info.items()
+                                  if k in ("method", "spacing", "intensity_preset", "patch_size", "step")}
+        spacing, preset = cls.resolved_preprocessing(config)
+        config.spacing = spacing
+        config.preset = _preset_text(preset)
+        return config
+
+    def default_epochs(self) -> int:
+        return 1000
+
+    def split(self, labelled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(training, validation) case indices: a seeded split of the labelled cases, fixed for the run."""
+        idx = np.flatnonzero(labelled)
+        perm = np.random.default_rng([self.config.split_seed, 17]).permutation(idx)
+        n_val = round(self.config.val_fraction * len(idx))
+        n_val = min(max(n_val, 1 if self.config.val_fraction > 0 else 0), len(idx) - 1)
+        return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+    def case_weights(self, labelled: np.ndarray, epoch: int) -> np.ndarray:
+        train, _ = self.split(labelled)
+        w = np.zeros(len(labelled))
+        w[train] = 1.0 / len(train)
+        return w
+
+    def make_sample(self, item: dict, rng: np.random.Generator, epoch: int) -> dict:
+        from ..training.patches import jitter_intensity
+
+        if item.get("label") is None:  # case_weights never picks these
+            raise ValueError(f"case {item.get('id')} has no label map")
+        image = item["image"].numpy() if torch.is_tensor(item["image"]) else np.asarray(item["image"])
+        label = item["label"].numpy() if torch.is_tensor(item["label"]) else np.asarray(item["label"])
+        size = np.asarray(self.config.patch_size[::-1], dtype=int)  # (k, j, i)
+        centre = sample_centre(label, self.config.foreground_fraction, rng)
+        lo = centre - size // 2
+        img = crop_padded(image, lo, size, float(image.min()))
+        lab = crop_padded(label, lo, size, 0)
+        patch = jitter_intensity(torch.from_numpy(img)[None], rng, self.config.aug_scale, self.config.aug_shift,
+                                 self.config.aug_noise)
+        return {"image": patch.float(), "label": torch.from_numpy(lab.astype(np.int64))[None]}
+
+    # ----------------------------------------------------------------- training
+    def inputs(self, image: torch.Tensor) -> torch.Tensor:
+        """Network input: the image, plus (embedding mode) its frozen coarse and fine embedding."""
+        if self.embedding is None:
+            return image
+        with torch.no_grad():
+            coarse, fine = self.embedding(image)
+            coarse = F.interpolate(coarse.float(), size=tuple(image.shape[2:]), mode="trilinear", align_corners=False)
+        return torch.cat([image, coarse.to(image.dtype), fine.to(image.dtype)], dim=1)
+
+    def predict_logits(self, image: torch.Tensor) -> torch.Tensor:
+        return self.network(self.inputs(image))
+
+    def forward(self, batch: dict, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = self.predict_logits(batch["image"])
+        loss = self.loss_fn(logits.float(), batch["label"])
+        return loss, {"dice_ce": loss.detach()}
+
+    @property
+    def eval_every(self) -> int:
+        return int(self.config.val_every)
+
+    @torch.no_grad()
+    def evaluate(self, dataset, labelled: np.ndarray, ctx: StepContext, device: torch.device) -> dict[str, float]:
+        """Mean foreground Dice of the validation cases (split over DDP ranks, gathered)."""
+        _, val = self.split(labelled)
+        total = torch.zeros(1, 2, dtype=torch.float64, device=device)
+        for n in val[ctx.rank::ctx.world_size]:
+            item = dataset[int(n)]
+            pred = self.segment_array(item["image"].to(device))
+            total[0, 0] += mean_dice(pred, item["label"].to(device).long(), self.config.num_classes)
+            total[0, 1] += 1
+        total = ctx.all_gather(total).sum(0)
+        if total[1] == 0:
+            return {}
+        dice = float(total[0] / total[1])
+        return {"val_dice": dice, "val_dice_error": 1.0 - dice}
+
+    def segment_array(self, image: torch.Tensor) -> torch.Tensor:
+        """Labels (k, j, i) of a preprocessed image (k, j, i) by Gaussian-blended sliding windows."""
+        from monai.inferers import sliding_window_inference
+
+        roi = tuple(int(p) for p in self.config.patch_size[::-1])
+        shape = tuple(image.shape)
+        # Pad small volumes as training did (with the image minimum, i.e. air), not with MONAI's zeros.
+        need = [max(0, r - s) for r, s in zip(roi, shape)]
+        x = image.float()[None, None]
+        if any(need):
+            pads = [v for n in reversed(need) for v in (n // 2, n - n // 2)]
+            x = F.pad(x, pads, value=float(x.min()))
+        logits = sliding_window_inference(x, roi_size=roi, sw_batch_size=self.config.sw_batch_size,
+                                          predictor=self.predict_logits, overlap=self.config.sw_overlap,
+                                          mode="gaussian")
+        lo = [n // 2 for n in need]
+        return logits[0, :, lo[0]:lo[0] + shape[0], lo[1]:lo[1] + shape[1], lo[2]:lo[2] + shape[2]].argmax(0)
+
+    # ----------------------------------------------------------------- export
+    def embedder(self):
+        raise ValueError("a finetune run is a segmentation model, not an embedding model; use "
+                         "`anatomical-embedding segment --run RUN_DIR` to apply it")
+
+    def model_info(self) -> dict:
+        c = self.config
+        return {"method": self.name, "task": "segmentation", "mode": c.mode, "num_classes": int(c.num_classes),
+                "class_names": list(c.class_names), "spacing": [float(s) for s in c.spacing] if c.spacing else [],
+                "patch_size": [int(p) for p in c.patch_size], "source_method": c.source_method}
+
+
+# ---------------------------------------------------------------------------------------- sampling helpers
+def sample_centre(label: np.ndarray, foreground_fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """A patch centre (k, j, i): on a uniformly drawn present foreground class with the given probability."""
+    if rng.random() < foreground_fraction:
+        classes = np.unique(label)
+        classes = classes[classes > 0]
+        if len(classes):
+            c = classes[rng.integers(len(classes))]
+            vox = np.flatnonzero(label.ravel() == c)
+            return np.asarray(np.unravel_index(vox[rng.integers(len(vox))], label.shape))
+    return np.array([rng.integers(s) for s in label.shape])
+
+
+def crop_padded(array: np.ndarray, lo: np.ndarray, size: np.ndarray, fill: float) -> np.ndarray:
+    """``array[lo : lo + size]`` with ``fill`` wherever the box leaves the array."""
+    out = np.full(tuple(size), fill, dtype=array.dtype)
+    src_lo = np.maximum(lo, 0)
+    src_hi = np.minimum(lo + size, array.shape)
+    if np.any(src_hi <= src_lo):
+        return out
+    dst = src_lo - lo
+    out[tuple(slice(int(d), int(d + h - l)) for d, l, h in zip(dst, src_lo, src_hi))] = \
+        array[tuple(slice(int(l), int(h)) for l, h in zip(src_lo, src_hi))]
+    return out
+
+
+def mean_dice(pred: torch.Tensor, ref: torch.Tensor, num_classes: int) -> float:
+    """MONAI ``DiceMetric`` over foreground classes present in the reference (or predicted), averaged."""
+    from monai.metrics import DiceMetric
+
+    p = F.one_hot(pred.long(), num_classes).permute(3, 0, 1, 2)[None].float()
+    r = F.one_hot(ref.long(), num_classes).permute(3, 0, 1, 2)[None].float()
+    per_class = DiceMetric(include_background=False, reduction="none", ignore_empty=True)(p, r)[0]
+    valid = ~torch.isnan(per_class)
+    # A class predicted but absent from the reference counts as 0 (ignore_empty drops it as NaN).
+    false_pos = (r[0, 1:].flatten(1).sum(1) == 0) & (p[0, 1:].flatten(1).sum(1) > 0)
+    scores = torch.where(valid, per_class, torch.zeros_like(per_class))[valid | false_pos]
+    return float(scores.mean()) if len(scores) else float("nan")
+
+
+# ------------------------------------------------------------------------------------------- applying
+def load_finetuned(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu") -> FinetuneMethod:
+    """A trained finetune run (config.toml + checkpoint) in eval mode; needs no access to ``init_from``."""
+    from ..training.checkpoints import load_checkpoint, resolve_checkpoint
+    from ..training.config import read_run_config
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.toml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found; {run_dir} is not a finetune run folder")
+    cfg = read_run_config(cfg_path)
+    if cfg.method != FinetuneMethod.name:
+        raise ValueError(f"{run_dir} is a {cfg.method!r} pretraining run, not a finetune run; segment with the "
+                         "few-shot head (`fewshot apply`) or finetune it first (`finetune --init-from`)")
+    try:
+        path = resolve_checkpoint(run_dir, checkpoint)
+    except FileNotFoundError:
+        if checkpoint != "best":
+            raise
+        path = resolve_checkpoint(run_dir, "last")  # runs without validation have no best.pt
+    method = FinetuneMethod(replace(cfg.method_config), load_pretrained=False)
+    _load_state(method, load_checkpoint(path)["model"], f"checkpoint {path}")
+    return method.to(device).eval()
+
+
+def segment_volume(method: FinetuneMethod, image, postprocess: bool = False):
+    """Segment a ``Volume``: preprocess, sliding-window inference, labels back on the image's own grid."""
+    from ..data import PreprocessConfig, preprocess_volume
+    from ..io import resample_like
+
+    spacing, preset = FinetuneMethod.resolved_preprocessing(method.config)
+    pre, _ = preprocess_volume(image, PreprocessConfig(spacing=spacing, preset=preset))
+    device = next(method.parameters()).device
+    with torch.inference_mode():
+        labels = method.segment_array(torch.from_numpy(np.ascontiguousarray(pre.array, dtype=np.float32)).to(device))
+    out = labels.cpu().numpy().astype(np.int16)
+    if postprocess:
+        from ..fewshot import postprocess as keep_largest
+
+        out = keep_largest(out, method.config.num_classes).astype(np.int16)
+    return resample_like(pre.with_array(out), image, is_label=True)
+
+
+def class_names_dict(method: FinetuneMethod) -> dict[int, str]:
+    names = list(method.config.class_names)
+    return {v: (names[v] if v < len(names) else f"label_{v}") for v in range(1, method.config.num_classes)}

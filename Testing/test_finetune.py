@@ -1,0 +1,317 @@
+"""Full finetuning (``anatomical-embedding finetune`` / ``segment``): loss, sampling, learning with a frozen
+tiny AEFM embedding, backbone initialisation, resume and input errors. CPU, tiny nets, 8 mm phantoms."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from anatomical_embedding.cli import main as cli_main
+from anatomical_embedding.methods.base import StepContext
+from anatomical_embedding.methods.finetune import (
+    FinetuneConfig,
+    FinetuneMethod,
+    crop_padded,
+    load_finetuned,
+    mean_dice,
+    sample_centre,
+    segment_volume,
+)
+from fixtures_data import write_training_manifest
+
+#: Engine settings shared by the CLI runs below (CPU, no workers, quiet).
+QUIET = ["train.num_workers=0", "train.progress_bar=false", "train.tensorboard=false", "train.threads=2"]
+#: The tiny AEFM of ``trained_aefm_run`` works at 8 mm (the phantoms become about 52 x 42 x 38 voxels) and
+#: needs 32^3 inputs (its bottleneck is at 1/16). A two-level U-Net without residual units keeps a step cheap:
+#: the embedding brings the context.
+TINY = ["method.patch_size=[32,32,32]", "method.unet_channels=[8,16]", "method.unet_res_units=0",
+        "method.sw_overlap=0.25"]
+
+#: Held-out mean foreground Dice (15 organs at 8 mm), measured with exactly this test's settings (60 steps,
+#: lr 3e-3, seed 0): 0.153, 0.151 and 0.154 on the three held-out subjects; the same network untrained
+#: (random U-Net on the same frozen embedding): 0.016-0.020. Bounds leave room for platform differences.
+LEARNED_DICE_MIN = 0.10
+UNTRAINED_MARGIN = 0.08
+
+
+def sets(items: list[str]) -> list[str]:
+    return [f"--set={s}" for s in items]
+
+
+def events(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "progress.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def first_cases(cohort, n: int) -> list[str]:
+    """Ids to exclude so that a manifest holds only the first ``n`` subjects (fewer cases to preprocess)."""
+    return [s.id for s in cohort.subjects[n:]]
+
+
+def tiny_scratch(num_classes: int = 3, **kw) -> FinetuneMethod:
+    cfg = FinetuneConfig(mode="scratch", num_classes=num_classes, patch_size=(16, 16, 16), unet_channels=(4, 8),
+                         unet_res_units=1, spacing=(8.0, 8.0, 8.0), preset="ct_aefm", **kw)
+    return FinetuneMethod(cfg)
+
+
+# ------------------------------------------------------------------------------------------ loss & sampling
+def test_dice_ce_term_equals_monai_and_a_hand_computation():
+    from monai.losses import DiceCELoss
+
+    torch.manual_seed(0)
+    method = tiny_scratch()
+    image = torch.randn(2, 1, 16, 16, 16)
+    label = torch.randint(0, 3, (2, 1, 16, 16, 16))
+    label[1] = 0  # one sample without foreground (empty classes are part of the MONAI definition)
+    loss, terms = method({"image": image, "label": label}, StepContext(0, 0, 1))
+    logits = method.network(image)
+    monai = DiceCELoss(to_onehot_y=True, softmax=True)(logits, label)
+    # By hand: softmax, per-sample per-class soft Dice with smoothing 1e-5, plus voxel-mean cross-entropy.
+    z = logits.detach().double().numpy()
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    t = np.stack([(label[:, 0].numpy() == c) for c in range(3)], 1).astype(np.float64)
+    inter = (p * t).sum((2, 3, 4))
+    dice = 1.0 - (2 * inter + 1e-5) / (p.sum((2, 3, 4)) + t.sum((2, 3, 4)) + 1e-5)
+    ce = -np.log((p * t).sum(1)).mean()
+    hand = dice.mean() + ce
+    value = float(loss.detach())
+    assert value == pytest.approx(float(monai.detach()), rel=1e-6)
+    assert value == pytest.approx(hand, rel=1e-5)
+    assert float(terms["dice_ce"]) == pytest.approx(value)
+    loss.backward()
+    assert all(p.grad is not None for p in method.network.parameters())
+
+
+def test_patches_are_class_balanced_and_cropped_with_padding():
+    label = np.zeros((20, 20, 20), np.int16)
+    label[:, :, :12] = 1  # large organ
+    label[2:4, 2:4, 15:17] = 2  # 8 voxels
+    rng = np.random.default_rng(0)
+    centres = np.array([sample_centre(label, 1.0, rng) for _ in range(2000)])
+    hit = label[tuple(centres.T)]
+    # Foreground classes are drawn uniformly whatever their size.
+    assert abs(np.mean(hit == 2) - 0.5) < 0.05 and np.all(hit > 0)
+    rng = np.random.default_rng(1)
+    centres = np.array([sample_centre(label, 0.0, rng) for _ in range(2000)])
+    assert abs(np.mean(label[tuple(centres.T)] == 1) - 0.6) < 0.05  # uniform: the volume share of class 1
+    arr = np.arange(27, dtype=np.float32).reshape(3, 3, 3)
+    out = crop_padded(arr, np.array([-1, 1, 2]), np.array([3, 3, 3]), -5.0)
+    assert out[0].max() == -5 and np.all(out[:, 2] == -5) and np.all(out[:, :, 1:] == -5)
+    assert np.array_equal(out[1:, :2, 0], arr[:2, 1:3, 2])
+
+
+def test_mean_dice_is_monai_dice_over_present_classes():
+    ref = torch.zeros(6, 6, 6, dtype=torch.long)
+    ref[:3] = 1
+    pred = ref.clone()
+    pred[0] = 0  # class 1: 72 of 108 voxels predicted -> 2*72/(72+108) = 0.8
+    pred[5, 5, 5] = 2  # class 2 predicted but absent from the reference -> 0
+    assert mean_dice(pred, ref, 4) == pytest.approx((0.8 + 0.0) / 2)  # class 3: absent in both, ignored
+
+
+# ------------------------------------------------------------------------------------------ learning
+@pytest.fixture(scope="module")
+def finetuned_run(tmp_path_factory, phantom_cohort, held_out_ids, trained_aefm_run) -> Path:
+    root = tmp_path_factory.mktemp("finetune")
+    manifest = write_training_manifest(phantom_cohort, held_out_ids, root / "train.json", with_labels=True)
+    run = root / "run"
+    rc = cli_main(["finetune", "--data", str(manifest), "--init-from", str(trained_aefm_run), "--out", str(run),
+                   *sets(TINY + QUIET + ["train.max_steps=60", "train.lr=3e-3", "train.log_every=10",
+                                         "train.ckpt_every=30", "method.val_every=60", "method.val_fraction=0.15"])])
+    assert rc == 0
+    return run
+
+
+def _held_out_dice(method, cohort, held_out_ids) -> float:
+    from anatomical_embedding.io import read_image
+    from anatomical_embedding.io.labelmaps import read_labelmap
+
+    subject = next(s for s in cohort.subjects if s.id == held_out_ids[0])  # one held-out phantom (time)
+    seg = segment_volume(method, read_image(subject.image_path))
+    ref, _ = read_labelmap(subject.label_path)
+    return mean_dice(torch.from_numpy(seg.array.astype(np.int64)), torch.from_numpy(ref.array.astype(np.int64)),
+                     method.config.num_classes)
+
+
+@pytest.mark.slow  # 60 steps + a validation + 2 held-out segmentations (~40 s on 2 idle cores, minutes when busy)
+def test_embedding_finetune_learns_and_beats_an_untrained_net(finetuned_run, phantom_cohort, held_out_ids,
+                                                              trained_aefm_run):
+    ev = events(finetuned_run)
+    losses = [e["loss"] for e in ev if e["event"] == "progress"]
+    assert len(losses) == 6 and np.mean(losses[-2:]) < 0.7 * losses[0], losses  # measured 3.29 -> 1.91
+    evals = [e for e in ev if e["event"] == "eval"]
+    assert [e["step"] for e in evals] == [60] and 0.05 < evals[-1]["metrics"]["val_dice"] <= 1.0
+    assert (finetuned_run / "checkpoints" / "best.pt").is_file()
+    method = load_finetuned(finetuned_run)
+    assert method.config.mode == "embedding" and method.embedding is not None
+    assert method.config.class_names[1:] == tuple(n for _, n in sorted(phantom_cohort.label_names.items()))
+    trained = _held_out_dice(method, phantom_cohort, held_out_ids)
+    torch.manual_seed(0)
+    untrained = FinetuneMethod(replace(method.config, init_from=str(trained_aefm_run))).eval()
+    baseline = _held_out_dice(untrained, phantom_cohort, held_out_ids)
+    assert trained > LEARNED_DICE_MIN, (trained, baseline)
+    assert trained > baseline + UNTRAINED_MARGIN, (trained, baseline)
+
+
+def test_segment_writes_named_labelmap_and_frozen_embedding_is_unchanged(finetuned_run, phantom_cohort,
+                                                                          held_out_ids, trained_aefm_run, tmp_path):
+    from anatomical_embedding.io.labelmaps import read_labelmap
+    from anatomical_embedding.training.checkpoints import load_checkpoint
+
+    subject = next(s for s in phantom_cohort.subjects if s.id == held_out_ids[0])
+    out = tmp_path / "seg.seg.nrrd"
+    assert cli_main(["segment", "--run", str(finetuned_run), "--image", str(subject.image_path), "--out", str(out)]) == 0
+    seg, names = read_labelmap(out)
+    ref, ref_names = read_labelmap(subject.label_path)
+    assert seg.same_geometry(ref, atol=1e-3)
+    assert names == ref_names  # every segment name survives, with its label value
+    assert cli_main(["segment", "--run", str(finetuned_run), "--image", str(subject.image_path),
+                     "--out", str(out)]) == 2  # no silent overwrite
+    # The embedding stayed frozen: its weights in the finetune checkpoint equal the pretrained ones.
+    mine = load_checkpoint(finetuned_run / "checkpoints" / "last.pt")["model"]
+    pre = load_checkpoint(trained_aefm_run / "checkpoints" / "last.pt")["model"]
+    enc = {k[len("encoder."):]: v for k, v in pre.items() if k.startswith("encoder.")}
+    emb = {k[len("embedding."):]: v for k, v in mine.items() if k.startswith("embedding.")}
+    assert emb.keys() == enc.keys() and all(torch.equal(emb[k], enc[k]) for k in enc)
+
+
+# ------------------------------------------------------------------------------------------ backbones
+def test_aefm_backbone_init_loads_the_pretrained_weights(trained_aefm_run):
+    from anatomical_embedding.methods.backbones import AEFMSegmentationNet
+    from anatomical_embedding.training.checkpoints import load_checkpoint
+
+    cfg = FinetuneConfig(mode="backbone", init_from=str(trained_aefm_run), num_classes=4, patch_size=(32, 32, 32))
+    method = FinetuneMethod(cfg)
+    assert isinstance(method.network, AEFMSegmentationNet)
+    pre = load_checkpoint(trained_aefm_run / "checkpoints" / "last.pt")["model"]
+    unet = method.network.unet.state_dict()
+    assert unet and all(torch.equal(v, pre[f"encoder.{k}"]) for k, v in unet.items())
+    fresh = FinetuneMethod(replace(cfg, init_from=""), load_pretrained=False)  # same net, random init
+    assert not all(torch.equal(v, pre[f"encoder.{k}"]) for k, v in fresh.network.unet.state_dict().items())
+    x = torch.randn(1, 1, 32, 32, 32)
+    assert method.predict_logits(x).shape == (1, 4, 32, 32, 32)
+    trainable = [n for n, p in method.named_parameters() if p.requires_grad]
+    assert any(n.startswith("network.unet.") for n in trainable)  # the backbone itself is finetuned
+
+
+def _fake_run(tmp_path: Path, method_name: str, overrides: list[str]) -> tuple[Path, dict]:
+    """A pretraining run folder (config.toml + checkpoint) of a freshly initialised method."""
+    from anatomical_embedding.training.checkpoints import atomic_torch_save, build_method
+    from anatomical_embedding.training.config import load_run_config, save_run_config
+
+    cfg = load_run_config(method_name, None, overrides)
+    torch.manual_seed(1)
+    method = build_method(method_name, cfg.to_dict()["config"])
+    run = tmp_path / f"{method_name}_run"
+    run.mkdir()
+    save_run_config(cfg, run / "config.toml")
+    state = method.state_dict()
+    atomic_torch_save({"format": 1, "step": 0, "model": state, "model_info": method.model_info()},
+                      run / "checkpoints" / "last.pt")
+    return run, state
+
+
+def test_hdssl_backbone_init_loads_the_pretrained_fpn_and_keeps_the_layout(tmp_path):
+    from anatomical_embedding.methods.backbones import FPNSegmentationNet
+    from anatomical_embedding.nets.blocks import upsample_to
+
+    run, state = _fake_run(tmp_path, "hdssl", ["method.base_channels=4", "method.num_scales=3",
+                                               "method.scale_proj_channels=4", "method.coarse_level=2", "method.patch_size=[16,16,16]",
+                                               "method.spacing=[8.0]"])
+    method = FinetuneMethod(FinetuneConfig(mode="backbone", init_from=str(run), num_classes=3,
+                                           patch_size=(16, 16, 16), head_hidden=8))
+    assert isinstance(method.network, FPNSegmentationNet) and method.size_multiple == 4
+    fpn = method.network.backbone.state_dict()
+    assert fpn and all(torch.equal(v, state[f"net.backbone.{k}"]) for k, v in fpn.items())
+    # Logits come back in the (k, j, i) layout: a voxel's logits depend on where it is, not on the RAS flip.
+    method.eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    out = method.predict_logits(x)
+    assert out.shape == (1, 3, 16, 16, 16)
+    net = method.network
+    pyramid = net.backbone(net.layout.to_network(x))
+    ref = net.layout.from_network(net.head(sum(
+        upsample_to(lat(f), 2**lv, (16, 16, 16)) for lv, (lat, f) in enumerate(zip(net.lateral, pyramid)))))
+    assert torch.allclose(out, ref)
+    assert FinetuneMethod.resolved_preprocessing(method.config)[0] == (8.0, 8.0, 8.0)
+
+
+# ------------------------------------------------------------------------------------------ resume & errors
+def test_resume_continues_exactly_where_it_stopped(phantom_cohort, tmp_path):
+    manifest = write_training_manifest(phantom_cohort, first_cases(phantom_cohort, 3), tmp_path / "train.json",
+                                       with_labels=True)
+    common = ["--mode", "scratch", *sets(QUIET + ["method.spacing=[8.0,8.0,8.0]", "method.patch_size=[16,16,16]",
+                                                 "method.unet_channels=[4,8]", "method.unet_res_units=1",
+                                                 "method.val_every=0", "train.log_every=2", "train.ckpt_every=3",
+                                                 f"train.cache_dir={tmp_path / 'cache'}"])]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert cli_main(["finetune", "--data", str(manifest), "--out", str(full), *common,
+                     "--set=train.max_steps=6"]) == 0
+    assert cli_main(["finetune", "--data", str(manifest), "--out", str(part), *common,
+                     "--set=train.max_steps=3"]) == 0
+    assert cli_main(["finetune", "--data", str(manifest), "--out", str(part), "--resume",
+                     "--set=train.max_steps=6"]) == 0
+    starts = [e for e in events(part) if e["event"] == "start"]
+    assert [e["start_step"] for e in starts] == [0, 3]
+    a = load_finetuned(full, "last").state_dict()
+    b = load_finetuned(part, "last").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # the same 6 steps as one run
+
+
+def test_bad_inputs_give_clear_errors(phantom_cohort, trained_aefm_run, tmp_path, capsys):
+    from anatomical_embedding.training.config import load_run_config
+    from anatomical_embedding.training.engine import Trainer
+
+    unlabelled = write_training_manifest(phantom_cohort, first_cases(phantom_cohort, 2), tmp_path / "nolab.json")
+    cfg = load_run_config("finetune", None, QUIET + ["method.mode=\"scratch\"", "method.spacing=[8.0]"])
+    with pytest.raises(ValueError, match="needs labelled cases.*--labels"):
+        Trainer(cfg, unlabelled, tmp_path / "r1").run()
+    # Model mismatches: a package (ONNX only), a finetune run as the pretrained model, a pretraining run to segment.
+    pkg = tmp_path / "m.aemodel"
+    pkg.write_bytes(b"zip")
+    with pytest.raises(ValueError, match="ONNX only"):
+        FinetuneMethod(FinetuneConfig(mode="backbone", init_from=str(pkg), num_classes=3))
+    with pytest.raises(ValueError, match="needs a pretrained model: pass --init-from"):
+        FinetuneMethod(FinetuneConfig(mode="embedding", num_classes=3))
+    with pytest.raises(ValueError, match="pretraining run, not a finetune run"):
+        load_finetuned(trained_aefm_run)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        FinetuneMethod(FinetuneConfig(mode="backbone", init_from=str(trained_aefm_run), num_classes=3,
+                                      patch_size=(24, 24, 24)))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        FinetuneMethod(FinetuneConfig(mode="unet", num_classes=3))
+    # A finetune run whose config.toml no longer matches its checkpoint.
+    run = tmp_path / "ft"
+    manifest = write_training_manifest(phantom_cohort, first_cases(phantom_cohort, 2), tmp_path / "lab.json",
+                                       with_labels=True)
+    assert cli_main(["finetune", "--data", str(manifest), "--out", str(run), "--mode", "scratch",
+                     *sets(QUIET + ["method.spacing=[8.0]", "method.patch_size=[16,16,16]", "method.unet_channels=[4,8]",
+                                    "method.val_every=0", "train.max_steps=1"])]) == 0
+    with pytest.raises(ValueError, match="finetune run, not a pretrained embedding model"):
+        FinetuneMethod(FinetuneConfig(mode="embedding", init_from=str(run), num_classes=3))
+    text = (run / "config.toml").read_text(encoding="utf-8").replace("unet_channels = [\n    4,\n    8,\n]", "unet_channels = [4, 16]")
+    assert text != (run / "config.toml").read_text(encoding="utf-8")
+    (run / "config.toml").write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match="does not match its configuration"):
+        load_finetuned(run)
+    # The CLI turns them into one line and exit code 2.
+    capsys.readouterr()
+    assert cli_main(["finetune", "--data", str(unlabelled), "--out", str(tmp_path / "r2"), "--mode", "scratch",
+                     *sets(QUIET)]) == 2
+    assert "needs labelled cases" in capsys.readouterr().err
+
+
+def test_default_config_file_is_the_cli_default_recipe():
+    from anatomical_embedding.finetune_cli import FINETUNE_TRAIN_DEFAULTS
+    from anatomical_embedding.training.config import load_run_config
+
+    path = Path(__file__).resolve().parents[1] / "Resources" / "configs" / "finetune.toml"
+    from_file = load_run_config(None, path)
+    built_in = load_run_config("finetune", None, list(FINETUNE_TRAIN_DEFAULTS))
+    assert from_file.method == "finetune" and from_file.method_config == FinetuneConfig()
+    for key in ("optimizer", "lr", "weight_decay", "lr_schedule", "best_metric", "batch_size"):
+        assert getattr(from_file.train, key) == getattr(built_in.train, key), key
+    assert (from_file.train.optimizer, from_file.train.lr) == ("adam", 1e-4)
