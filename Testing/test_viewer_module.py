@@ -1,0 +1,525 @@
+"""The viewer module's logic on the headless MRML scene (slicer-core, no Qt): click-to-correspond with the
+tiny trained fixture model exported to a ``.aemodel`` package, heatmap geometry, transfer-all, results table
+and jump, few-shot labelling from segmentation nodes, background jobs with cancel, dependency installation
+only after confirmation, the phantom-pair sample, and the parameter node through a scene save and reload.
+
+Slicer's ``parameterNodeWrapper`` and ``ScriptedLoadableModule`` are GUI-side Python that slicer-core lacks; the
+stand-ins below store fields the way the real wrapper does (a parameter per plain field, a node reference per
+node field, on the module's singleton ``vtkMRMLScriptedModuleNode``), so the save/reload test exercises the
+real MRML serialisation of that state. Inside Slicer, ``AnatomicalEmbeddingTest`` runs the same flows.
+
+Measured on the fixture model (2 shared CPU cores; see the README's viewer section): click latency once both
+volumes are embedded, per-landmark errors against ground truth and random points, few-shot Dice.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import sys
+import threading
+import time
+import types
+import typing
+
+import numpy as np
+import pytest
+from anatomical_embedding import mrml
+from anatomical_embedding.io import Volume, convert_points, resample_like
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MODULE = "AnatomicalEmbedding"
+
+
+# ---- the module with stand-ins for Slicer's GUI-side Python ----------------------------------------
+def _wrapper_module():
+    """``slicer.parameterNodeWrapper`` stand-in that persists fields in the MRML parameter node."""
+    import slicer
+
+    mod = types.ModuleType("slicer.parameterNodeWrapper")
+    mod.Choice = lambda choices: ("Choice", tuple(choices))
+    mod.WithinRange = lambda low, high: ("WithinRange", low, high)
+
+    def read(node, name, kind, default):
+        if isinstance(kind, type) and issubclass(kind, slicer.vtkMRMLNode):
+            return node.GetNodeReference(name)
+        if not node.GetParameterNames() or name not in node.GetParameterNames():
+            return default
+        text = node.GetParameter(name)
+        if kind is bool:
+            return text == "True"
+        if kind is pathlib.Path:
+            return pathlib.Path(text)
+        return kind(text)
+
+    def write(node, name, kind, value):
+        if isinstance(kind, type) and issubclass(kind, slicer.vtkMRMLNode):
+            node.SetNodeReferenceID(name, value.GetID() if value is not None else None)
+        else:
+            node.SetParameter(name, str(value))
+
+    def parameterNodeWrapper(cls):
+        hints = typing.get_type_hints(cls, include_extras=True)
+        fields = {}
+        for name, hint in hints.items():
+            kind = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
+            fields[name] = (kind, cls.__dict__.get(name, pathlib.Path() if kind is pathlib.Path else None))
+
+        def __init__(self, parameterNode):
+            object.__setattr__(self, "parameterNode", parameterNode)
+            for name, (kind, default) in fields.items():  # the real wrapper writes unset defaults, too
+                if not (isinstance(kind, type) and issubclass(kind, slicer.vtkMRMLNode)) and \
+                        name not in (parameterNode.GetParameterNames() or ()):
+                    write(parameterNode, name, kind, default)
+
+        attrs = {"__init__": __init__, "fields": fields}
+        for name, (kind, default) in fields.items():
+            attrs[name] = property(
+                lambda self, n=name, k=kind, d=default: read(self.parameterNode, n, k, d),
+                lambda self, v, n=name, k=kind: write(self.parameterNode, n, k, v))
+        return type(cls.__name__, (), attrs)
+
+    mod.parameterNodeWrapper = parameterNodeWrapper
+    return mod
+
+
+def load_viewer_module(monkeypatch, temporary_path: str):
+    """Import AnatomicalEmbedding.py with the stand-ins (``monkeypatch``: a ``pytest.MonkeyPatch``)."""
+    import slicer
+
+    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class Base:
+        def __init__(self, *args, **kwargs):
+            pass
+
+    class Logic(Base):
+        def getParameterNode(self):
+            # As Slicer's ScriptedLoadableModuleLogic: a singleton scripted module node per module.
+            name = type(self).__name__[:-len("Logic")]
+            node = slicer.mrmlScene.GetSingletonNode(name, "vtkMRMLScriptedModuleNode")
+            if node is None:
+                node = slicer.mrmlScene.CreateNodeByClass("vtkMRMLScriptedModuleNode")
+                node.UnRegister(None)
+                node.SetSingletonTag(name)
+                node.SetName(slicer.mrmlScene.GenerateUniqueName(name))
+                node = slicer.mrmlScene.AddNode(node)
+            return node
+
+    for name, base in (("ScriptedLoadableModule", Base), ("ScriptedLoadableModuleWidget", Base),
+                       ("ScriptedLoadableModuleLogic", Logic), ("ScriptedLoadableModuleTest", Base)):
+        setattr(scripted, name, type(name, (base,), {}))
+    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", _wrapper_module())
+    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", scripted)
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(temporaryPath=temporary_path), raising=False)
+    spec = importlib.util.spec_from_file_location(f"_headless_{MODULE}_viewer", ROOT / MODULE / f"{MODULE}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def viewer(monkeypatch, mrml_app, tmp_path):
+    return load_viewer_module(monkeypatch, str(tmp_path))
+
+
+# ---- data -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def package(request, tmp_path_factory):
+    """The tiny trained fixture run exported to a model package (what users load in the viewer)."""
+    from anatomical_embedding.export import export_run
+
+    run = request.getfixturevalue("trained_aefm_run")
+    return export_run(run, tmp_path_factory.mktemp("viewer_model") / "tiny.aemodel")
+
+
+@pytest.fixture(scope="module")
+def pair(phantom_cohort, held_out_ids):
+    """The held-out phantoms (never trained on; the first two are source and target): images, labels and
+    ground-truth landmarks (LPS)."""
+    from anatomical_embedding.io.labelmaps import read_labelmap
+
+    out = []
+    for s in [s for s in phantom_cohort.subjects if s.id in held_out_ids]:
+        label, _ = read_labelmap(s.label_path)
+        out.append({"image": s.load_image(), "label": label, "landmarks": dict(s.landmarks)})
+    return out, {int(v): n for v, n in phantom_cohort.label_names.items()}
+
+
+def load_pair(scene, pair):
+    (src, dst, *_), names = pair
+    source = mrml.load_case(scene, src["image"], "source", src["label"], names, src["landmarks"])
+    target = mrml.load_case(scene, dst["image"], "target", dst["label"], names, dst["landmarks"])
+    return source, target
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One embedding cache for the module: the same phantoms are embedded once, later tests read the cache."""
+    return tmp_path_factory.mktemp("viewer_cache")
+
+
+@pytest.fixture
+def logic(viewer, package, cache_dir):
+    lg = viewer.AnatomicalEmbeddingLogic(cacheDir=str(cache_dir))
+    lg.loadModel(package, "ONNX Runtime", "cpu")
+    return lg
+
+
+def random_point_errors(target_volume: Volume, truth_lps: np.ndarray, n: int = 2000, seed: int = 0) -> np.ndarray:
+    """Errors of random guesses inside the target's body (HU > -500): the no-skill baseline per landmark."""
+    body = np.argwhere(target_volume.array > -500)[:, ::-1].astype(float)  # (i, j, k)
+    rng = np.random.default_rng(seed)
+    guesses = target_volume.index_to_world(body[rng.integers(0, len(body), n)])
+    return np.linalg.norm(guesses[None] - truth_lps[:, None], axis=-1).mean(axis=1)
+
+
+# ---- dependencies, sample data, parameter node (no model needed) -----------------------------------
+def test_dependencies_are_installed_only_after_confirmation(viewer, mrml_scene, monkeypatch):
+    import slicer
+
+    logic = viewer.AnatomicalEmbeddingLogic()
+    assert logic.ensureDependencies("ONNX Runtime", askUser=False)  # this venv has everything
+    installed, asked = [], []
+    monkeypatch.setattr(logic, "_importable", lambda name: name not in ("onnxruntime", "torch"))
+    monkeypatch.setattr(slicer.util, "pip_install", lambda req: installed.append(list(req)))
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text: asked.append(text) or False)
+    monkeypatch.setattr(logic, "cudaAvailable", lambda: True)
+    assert logic.missingPackages("ONNX Runtime") == ["onnxruntime-gpu"]
+    assert not logic.ensureDependencies("ONNX Runtime", askUser=False)  # a check never installs
+    assert not logic.ensureDependencies("ONNX Runtime")  # declined
+    assert installed == [] and "onnxruntime-gpu" in asked[0]
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text: True)
+    monkeypatch.setattr(logic, "cudaAvailable", lambda: False)
+    logic.ensureDependencies("ONNX Runtime")
+    assert installed == [["onnxruntime"]]
+    # Slicer versions with slicer.packaging.pip_ensure use it instead of pip_install.
+    ensured = []
+    monkeypatch.setattr(slicer, "packaging", types.SimpleNamespace(pip_ensure=lambda req: ensured.append(list(req))),
+                        raising=False)
+    logic.ensureDependencies("ONNX Runtime")
+    assert ensured == [["onnxruntime"]] and len(installed) == 1
+    # The torch backend does not need onnxruntime; torch itself comes from the PyTorch extension.
+    assert logic.missingPackages("torch") == []
+
+
+def test_phantom_pair_sample_data(viewer, mrml_scene, tmp_path, monkeypatch):
+    """Without SampleData the registration is skipped; with it, the source's loader generates the pair locally."""
+
+    monkeypatch.setitem(sys.modules, "SampleData", None)  # import fails
+    assert viewer.registerSampleData() is False
+    registered = {}
+
+    class SampleDataLogic:
+        @staticmethod
+        def registerCustomSampleDataSource(**kwargs):
+            registered.update(kwargs)
+
+    monkeypatch.setitem(sys.modules, "SampleData", types.SimpleNamespace(SampleDataLogic=SampleDataLogic))
+    assert viewer.registerSampleData() is True
+    assert registered["sampleName"] == "PhantomPair" and registered["uris"] is None  # nothing to download
+    assert callable(registered["customDownloader"])
+
+    logic = viewer.AnatomicalEmbeddingLogic()
+    source, target = logic.loadPhantomPairSample(seed=5, outputDir=str(tmp_path / "pair"), spacing=8.0, size=32)
+    p = logic.getParameterNode()
+    assert p.sourceVolume is source["volume"] and p.targetVolume is target["volume"]
+    assert p.sourceLandmarks is source["landmarks"] and p.segmentVolume is target["volume"]
+    assert target["landmarks"].GetLocked() and target["landmarks"].GetName().endswith("ground truth")
+    assert source["landmarks"].GetNumberOfControlPoints() == 28
+    assert len(mrml.segment_names(source["segmentation"])) == 15
+    assert mrml_scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 2
+
+
+def test_parameter_node_survives_scene_save_and_reload(viewer, mrml_app, mrml_scene, tmp_path, pair):
+    import slicer
+
+    logic = viewer.AnatomicalEmbeddingLogic()
+    source, target = load_pair(mrml_scene, pair)
+    p = logic.getParameterNode()
+    table = logic.updateResultsTable(mrml_scene.AddNewNodeByClass("vtkMRMLTableNode", "results"), [])
+    cases = logic.addFewShotCase(None, source["volume"], source["segmentation"])
+    cases = logic.addFewShotCase(cases, target["volume"], target["segmentation"])
+    values = {"modelPath": pathlib.Path("/models/tiny.aemodel"), "backend": "torch", "device": "cuda",
+              "sourceVolume": source["volume"], "targetVolume": target["volume"],
+              "sourceLandmarks": source["landmarks"], "targetLandmarks": target["landmarks"],
+              "clickToCorrespond": True, "transferToAllVolumes": True, "showHeatmap": False, "heatmapOpacity": 0.3,
+              "heatmapVolume": target["volume"], "lowConfidenceThreshold": 0.35, "resultsTable": table,
+              "fewShotCases": cases, "fewShotVolume": source["volume"], "fewShotSegmentation": source["segmentation"],
+              "segmentVolume": target["volume"], "outputSegmentation": target["segmentation"],
+              "headPath": pathlib.Path("/heads/organs.aehead"), "phantomSeed": 42}
+    assert set(values) == set(viewer.AnatomicalEmbeddingParameterNode.fields)  # every field is exercised
+    for name, value in values.items():
+        setattr(p, name, value)
+    names = {k: v.GetName() for k, v in values.items() if hasattr(v, "GetName")}
+
+    url = tmp_path / "scene.mrml"
+    mrml_scene.SetURL(str(url))
+    assert mrml_scene.Commit()
+    mrml_app.new_scene_state()
+    assert mrml_scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0
+    mrml_scene.SetURL(str(url))
+    assert mrml_scene.Connect()
+
+    q = viewer.AnatomicalEmbeddingLogic().getParameterNode()
+    for name, value in values.items():
+        got = getattr(q, name)
+        if name in names:
+            assert got is not None and got.GetName() == names[name], name
+        else:
+            assert got == value, name
+    # The few-shot cases (node references of the cases table) come back as the same pairs.
+    back = logic.fewShotCases(q.fewShotCases)
+    assert [(v.GetName(), s.GetName()) for v, s in back] == [("source", "source segmentation"),
+                                                             ("target", "target segmentation")]
+    assert slicer.mrmlScene is mrml_scene
+
+
+# ---- correspondence ------------------------------------------------------------------------------------
+def test_click_to_correspond_flow(viewer, logic, mrml_app, mrml_scene, pair):
+    """Points placed on the source are matched at once through the markups events; scores live on the nodes."""
+    source, target = load_pair(mrml_scene, pair)
+    # One background job embeds both volumes (coarse map and every fine tile) and fits the prior.
+    job = logic.prepareCorrespondenceAsync(source["volume"], [target["volume"]])
+    assert job.wait(timeout=300)
+    matchers = logic.finishJob(job)
+    assert logic.isPrepared(source["volume"], [target["volume"]]) and len(matchers) == 1
+    assert job.progress == 1.0 and job.seconds > 0
+    print(f"\nprepare (embed 2 volumes + prior): {job.seconds:.1f} s")
+
+    clicks = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks")
+    seen = []
+    matches = logic.startClickToCorrespond(clicks, source["volume"], target["volume"], onMatched=seen.append)
+    names, src_lps = mrml.markups_node_to_points(source["landmarks"])
+    _, truth_lps = mrml.markups_node_to_points(target["landmarks"])
+    src_ras = convert_points(src_lps, "LPS", "RAS")
+    import vtk
+
+    for name, ras in zip(names, src_ras):
+        clicks.AddControlPoint(vtk.vtkVector3d(*ras), name)  # as a click would: PointPositionDefinedEvent
+    assert [r["label"] for r in seen] == names
+    assert matches.GetNumberOfControlPoints() == len(names)
+    got_names, got_lps = mrml.markups_node_to_points(matches)
+    assert got_names == names  # same label as the source point
+    errors = np.linalg.norm(got_lps - truth_lps, axis=1)
+    baseline = random_point_errors(pair[0][1]["image"], truth_lps)
+    latency = np.array([r["seconds"] for r in seen])
+    identity = np.linalg.norm(src_lps - truth_lps, axis=1)  # not moving the point at all
+    print(f"\nclick-to-correspond: median error {np.median(errors):.1f} mm (mean {errors.mean():.1f}), "
+          f"random points {np.median(baseline):.1f} mm, same world position {np.median(identity):.1f} mm; click latency median {1000 * np.median(latency):.0f} ms, "
+          f"max {1000 * latency.max():.0f} ms")
+    assert np.median(errors) < 0.8 * np.median(baseline)  # the tiny model beats guessing clearly
+    # Bound measured on this fixture (median 22.6 mm, random 165 mm): the tiny model is weak; keeping the same
+    # world position happens to do about as well on these phantoms (test_matching marks that comparison xfail).
+    assert np.median(errors) < 40.0
+    assert np.median(latency) < 1.0  # "well under a second" once embedded
+
+    # Scores: description JSON on each point, and the node attribute keyed by control point ID.
+    stored = json.loads(matches.GetAttribute(logic.__class__.__module__ and "AnatomicalEmbedding.matches"))
+    for i in range(matches.GetNumberOfControlPoints()):
+        scores = logic.pointScores(matches, i)
+        assert scores["sourcePointID"] == clicks.GetNthControlPointID(i)
+        assert -1.0 <= scores["similarity"] <= 1.0 and 0.0 <= scores["confidence"] <= 1.0
+        assert scores["low_confidence"] == (scores["confidence"] < logic.lowConfidence)
+        # Low confidence is visible: unselected (drawn in the list's orange "Color").
+        assert bool(matches.GetNthControlPointSelected(i)) == (not scores["low_confidence"])
+        assert stored[matches.GetNthControlPointID(i)]["similarity"] == scores["similarity"]
+    display = matches.GetDisplayNode()
+    assert tuple(display.GetColor()) == pytest.approx(viewer.LOW_CONFIDENCE_COLOR)
+
+    # Moving a source point re-matches the same target point; a drag matches once, at its end.
+    before = len(seen)
+    clicks.SetNthControlPointPosition(0, *(src_ras[1]))
+    assert len(seen) == before + 1 and matches.GetNumberOfControlPoints() == len(names)
+    np.testing.assert_allclose(mrml.markups_node_to_points(matches)[1][0], got_lps[1], atol=1e-6)
+    clicks.InvokeEvent(clicks.PointStartInteractionEvent)
+    logic.onSourcePointEvent(clicks, clicks.PointStartInteractionEvent, 0)
+    clicks.SetNthControlPointPosition(0, *(src_ras[0]))
+    assert len(seen) == before + 1  # nothing while dragging
+    logic.onSourcePointEvent(clicks, clicks.PointEndInteractionEvent, 0)
+    assert len(seen) == before + 2
+    np.testing.assert_allclose(mrml.markups_node_to_points(matches)[1][0], got_lps[0], atol=1e-6)
+    logic.stopClickToCorrespond()
+    clicks.AddControlPoint(vtk.vtkVector3d(*src_ras[2]), "after stop")
+    assert len(seen) == before + 2 and not logic.clickToCorrespondActive()
+    assert mrml_app.vtk_messages() == ""
+
+
+def oblique_anisotropic(volume: Volume) -> Volume:
+    """The same anatomy on an oblique (20 and 10 degree), anisotropic (3.1 x 4.3 x 5.7 mm) grid."""
+    from scipy.spatial.transform import Rotation
+
+    direction = Rotation.from_euler("zx", [20, 10], degrees=True).as_matrix()
+    spacing = np.array([3.1, 4.3, 5.7])
+    centre = volume.index_to_world((np.asarray(volume.shape_ijk) - 1) / 2.0)
+    size = np.ceil(np.asarray(volume.physical_extent()) / spacing).astype(int)
+    origin = centre - direction @ ((size - 1) / 2.0 * spacing)
+    grid = Volume(np.zeros(size[::-1], np.float32), spacing, origin, direction)
+    return resample_like(volume, grid, default_value=-1000.0)
+
+
+def test_heatmap_has_target_geometry_and_is_shown(viewer, logic, mrml_scene, pair):
+    import slicer
+    import vtk
+
+    (src, dst, *_), _ = pair
+    source = mrml.volume_to_node(src["image"], mrml_scene, "source")
+    oblique = oblique_anisotropic(dst["image"])
+    assert not np.allclose(oblique.direction, np.eye(3)) and len(set(np.round(oblique.spacing, 3))) == 3
+    target = mrml.volume_to_node(oblique, mrml_scene, "oblique target")
+    composite = mrml_scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+    logic.maxPrecomputedTiles = 0  # the heatmap needs only the coarse map
+    query = convert_points(src["landmarks"]["L1_body_centre"], "LPS", "RAS")
+    heat = logic.updateHeatmap(source, target, query, opacity=0.4)
+    a, b = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    heat.GetIJKToRASMatrix(a)
+    target.GetIJKToRASMatrix(b)
+    np.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(a), slicer.util.arrayFromVTKMatrix(b), atol=1e-6)
+    values = slicer.util.arrayFromVolume(heat)
+    assert values.shape == slicer.util.arrayFromVolume(target).shape
+    assert values.min() >= -1.0 - 1e-5 and values.max() <= 1.0 + 1e-5 and values.max() > 0.5
+    # Values: on the source itself, the similarity peaks (cosine ~1) at the query point.
+    own = slicer.util.arrayFromVolume(logic.updateHeatmap(source, source, query))
+    ijk = np.round(np.atleast_2d(src["image"].world_to_index(convert_points(query, "RAS", "LPS")))[0]).astype(int)
+    assert own[tuple(ijk[::-1])] > 0.95 and own[tuple(ijk[::-1])] >= np.percentile(own, 99)
+    logic.showHeatmap(target, heat, 0.4)
+    assert composite.GetForegroundVolumeID() == heat.GetID() and composite.GetBackgroundVolumeID() == target.GetID()
+    assert composite.GetForegroundOpacity() == pytest.approx(0.4)
+    logic.setHeatmapOpacity(heat, 0.8)
+    assert composite.GetForegroundOpacity() == pytest.approx(0.8)
+    display = heat.GetDisplayNode()
+    assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == (0.0, 1.0)
+    assert heat.GetAttribute("AnatomicalEmbedding.heatmap") == target.GetID()
+    # Updating reuses the node (no pile-up of heatmaps).
+    assert logic.updateHeatmap(source, target, query, heat) is heat
+    assert mrml_scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 4  # source, target, 2 heatmaps
+
+
+def test_transfer_all_table_and_jump(viewer, logic, mrml_scene, pair):
+    import slicer
+
+    source, target = load_pair(mrml_scene, pair)
+    # A second target: the same scan loaded again (its embedding comes from the disk cache, and the same
+    # image must give the same matches).
+    second = mrml.volume_to_node(pair[0][1]["image"], mrml_scene, "target copy")
+    targets = logic.targetVolumes(source["volume"], target["volume"], allVolumes=True)
+    assert targets == [target["volume"], second]
+    t0 = time.perf_counter()
+    outputs = logic.transferAll(source["landmarks"], source["volume"], targets)
+    seconds = time.perf_counter() - t0
+    names, truth = mrml.markups_node_to_points(target["landmarks"])
+    baseline = np.median(random_point_errors(pair[0][1]["image"], truth))
+    np.testing.assert_allclose(mrml.markups_node_to_points(outputs[0])[1], mrml.markups_node_to_points(outputs[1])[1])
+    for out in outputs:
+        got_names, got = mrml.markups_node_to_points(out)
+        assert got_names == names
+        errors = np.linalg.norm(got - truth, axis=1)  # both targets hold the same anatomy at the same place
+        print(f"\ntransfer-all into {out.GetName()!r}: per-point error median {np.median(errors):.1f} mm, "
+              f"90% {np.percentile(errors, 90):.1f} mm (random {baseline:.1f} mm); "
+              + ", ".join(f"{n} {e:.0f}" for n, e in zip(names, errors)))
+        assert np.median(errors) < 0.3 * baseline
+    print(f"transfer-all: {len(names)} points into 2 targets in {seconds:.1f} s (with embedding)")
+
+    table = logic.updateResultsTable(None, outputs)
+    rows = logic.resultsTableRows(table)
+    assert len(rows) == 2 * len(names)
+    assert list(rows[0]) == list(viewer.RESULT_COLUMNS)
+    for row, out, i in [(rows[0], outputs[0], 0), (rows[len(names) + 3], outputs[1], 3)]:
+        scores = logic.pointScores(out, i)
+        assert row["label"] == names[i] and row["target"] == out.GetName()
+        assert row["similarity"] == pytest.approx(scores["similarity"])
+        assert row["flag"] == ("low confidence" if scores["low_confidence"] else "")
+        ras = [0.0, 0.0, 0.0]
+        out.GetNthControlPointPositionWorld(i, ras)
+        np.testing.assert_allclose([row["R"], row["A"], row["S"]], ras, atol=1e-6)
+
+    # Clicking a row centres the slice views on the point (Markups logic jump).
+    red = mrml_scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    red.SetLayoutName("Red")
+    red.SetOrientationToAxial()
+    ras = logic.jumpToResult(table, 5)
+    np.testing.assert_allclose(ras, [rows[5]["R"], rows[5]["A"], rows[5]["S"]])
+    centre = slicer.util.arrayFromVTKMatrix(red.GetSliceToRAS())[:3, 3]
+    np.testing.assert_allclose(centre, ras, atol=1e-6)
+
+
+def test_model_card_and_background_cancel(viewer, logic, mrml_scene, pair, tmp_path):
+    text = logic.modelCardText()
+    assert "Method: aefm" in text and "Spacing: 8 x 8 x 8 mm" in text and "onnxruntime" in text
+    fresh = viewer.AnatomicalEmbeddingLogic(cacheDir=str(tmp_path / "fresh"))  # nothing cached: real work
+    fresh.model = logic.model
+    source, _ = load_pair(mrml_scene, pair)
+    # Cancelled while queued behind another job: never runs.
+    gate = threading.Event()
+    fresh._worker().submit(gate.wait)
+    job = fresh.embedVolumeAsync(source["volume"])
+    assert not job.done()
+    job.cancel()
+    gate.set()
+    assert job.wait(timeout=60)
+    with pytest.raises(InterruptedError):
+        fresh.finishJob(job)
+    assert not fresh.isEmbedded(source["volume"])
+    # Cancelled from the progress callback while the network runs (the widget's Cancel button does this).
+    seen = []
+    with pytest.raises(InterruptedError):
+        fresh.embedVolume(source["volume"], progress=lambda f, msg: seen.append(msg) or False)
+    assert len(seen) == 1 and "window 1/" in seen[0] and not fresh.isEmbedded(source["volume"])
+
+
+def test_few_shot_flow(viewer, logic, mrml_scene, pair):
+    """Segmentation nodes in, a named and coloured segmentation node out; retraining reuses embeddings."""
+    from anatomical_embedding.fewshot import FewShotConfig
+
+    source, target = load_pair(mrml_scene, pair)
+    cases = logic.addFewShotCase(None, source["volume"], source["segmentation"])
+    assert logic.addFewShotCase(cases, source["volume"], source["segmentation"]) is cases  # no duplicate
+    assert len(logic.fewShotCases(cases)) == 1
+    config = FewShotConfig(hidden=32, voxels_per_class=400, epochs=80, patience=10)
+    progress = []
+    t0 = time.perf_counter()
+    head = logic.trainFewShotHead(logic.fewShotCases(cases), config, progress=lambda f, m: progress.append(f) or True)
+    first = time.perf_counter() - t0
+    organs = mrml.segment_names(source["segmentation"])
+    assert head.class_names == ["background"] + organs and progress[-1] == pytest.approx(1.0, abs=0.01)
+
+    output = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my labels")
+    seg = logic.applyFewShotHead(target["volume"], output)
+    assert seg is output and mrml.segment_names(seg) == organs  # the user's node keeps its place
+    segmentation, reference = seg.GetSegmentation(), source["segmentation"].GetSegmentation()
+    for name in organs:
+        got = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(name)).GetColor()
+        want = reference.GetSegment(reference.GetSegmentIdBySegmentName(name)).GetColor()
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    values = dict(enumerate(organs, start=1))
+    predicted, _ = mrml.segmentation_node_to_labelmap(seg, target["volume"], values)
+    truth, _ = mrml.segmentation_node_to_labelmap(target["segmentation"], target["volume"], values)
+    dice = {}
+    for v, name in values.items():
+        p, t = predicted.array == v, truth.array == v
+        if t.any():
+            dice[name] = 2.0 * np.logical_and(p, t).sum() / (p.sum() + t.sum())
+    mean_dice = float(np.mean(list(dice.values())))
+    print(f"\nfew-shot (1 case): mean Dice {mean_dice:.2f} over {len(dice)} organs; "
+          + ", ".join(f"{n} {d:.2f}" for n, d in dice.items()) + f"; trained in {first:.1f} s")
+    assert mean_dice > 0.3 and dice["liver"] > 0.55  # measured on this fixture: mean 0.37, liver 0.67
+
+    # "Label one more and retrain": only the new case goes through the network; a plain retrain needs none.
+    third = pair[0][2]
+    other = mrml.load_case(mrml_scene, third["image"], "third", third["label"], pair[1])
+    cases = logic.addFewShotCase(cases, other["volume"], other["segmentation"])
+    quick = FewShotConfig(hidden=32, voxels_per_class=100, epochs=3)  # only the network runs are counted here
+    calls = logic.model.calls
+    logic.trainFewShotHead(logic.fewShotCases(cases), quick)
+    new_case_calls = logic.model.calls - calls
+    calls = logic.model.calls
+    t0 = time.perf_counter()
+    logic.trainFewShotHead(logic.fewShotCases(cases), quick)
+    retrain = time.perf_counter() - t0
+    print(f"retrain with 2 cases (3 epochs): {retrain:.1f} s, network runs {logic.model.calls - calls} "
+          f"(adding the case took {new_case_calls})")
+    assert new_case_calls > 0 and logic.model.calls == calls
+    with pytest.raises(InterruptedError):
+        logic.trainFewShotHead(logic.fewShotCases(cases), quick, progress=lambda f, m: False)
+    logic.removeFewShotCase(cases, 0)
+    assert [v.GetName() for v, _ in logic.fewShotCases(cases)] == ["third"]
