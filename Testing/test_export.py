@@ -126,7 +126,7 @@ def test_onnx_backend_does_not_import_torch(package):
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
         "print('ok', r[0].final.similarity)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("ok")
 

@@ -99,11 +99,11 @@ def test_resume_after_sigkill_is_exact(small_data, tmp_path):
     steps = ["train.max_steps=8", "train.ckpt_every=2", "train.keep_last=2"]
     full = tmp_path / "full"
     r = subprocess.run(_cli("--method", "aefm", "--data", str(small_data), "--out", str(full), *_sets(steps)),
-                       env=_env(), capture_output=True, text=True, timeout=300)
+                       env=_env(), capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_cli("--method", "aefm", "--data", str(small_data), "--out", str(killed), *_sets(steps)),
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, encoding="utf-8", errors="replace")
     killed_at = None
     for line in proc.stdout:
         rec = json.loads(line) if line.startswith("{") else {}
@@ -115,7 +115,7 @@ def test_resume_after_sigkill_is_exact(small_data, tmp_path):
     assert killed_at is not None and proc.returncode == -signal.SIGKILL
     assert load_checkpoint(killed / "checkpoints" / "last.pt")["step"] < 8
     r = subprocess.run(_cli("--data", str(small_data), "--out", str(killed), "--resume"),
-                       env=_env(), capture_output=True, text=True, timeout=300)
+                       env=_env(), capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     a = load_checkpoint(full / "checkpoints" / "last.pt")
     b = load_checkpoint(killed / "checkpoints" / "last.pt")
@@ -145,7 +145,7 @@ def test_sigterm_saves_checkpoint_and_exits_130(small_data, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(_cli("--method", "aefm", "--data", str(small_data), "--out", str(out),
                                  *_sets(["train.max_steps=1000", "train.ckpt_every=1000"])),
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, encoding="utf-8", errors="replace")
     events = []
     for line in proc.stdout:
         rec = json.loads(line) if line.startswith("{") else {}
@@ -177,13 +177,13 @@ def test_ddp_two_processes_equal_single_process(small_data, tmp_path):
              "train.lr=0.05"]
     single = tmp_path / "single"
     r = subprocess.run(_cli("--method", "aefm", "--data", str(small_data), "--out", str(single), *_sets(steps)),
-                       env=_env(), capture_output=True, text=True, timeout=300)
+                       env=_env(), capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     ddp = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "anatomical_embedding.training.cli", "--method", "aefm", "--data", str(small_data),
            "--out", str(ddp), *_sets(steps)]
-    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     start = [e for e in read_progress(ddp / "progress.jsonl") if e["event"] == "start"]
     assert start[0]["world_size"] == 2

@@ -145,7 +145,7 @@ def main(argv=None) -> int:
                    "shape_kji": shape, "window": window, "clicks": args.clicks if shape == shapes[0] else 0}
             print(f"running {backend} {shape} ...", flush=True)
             t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True, text=True,
+            proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True, text=True, encoding="utf-8", errors="replace",
                                   env=env)
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not line:

@@ -16,8 +16,10 @@ COMMAND_MODULES: tuple[str, ...] = (
     ".phantoms.cli",
     ".fewshot_cli",
     ".embedding_cli",
+    ".import_cli",
     ".demo",
     ".training.cli",
+    ".finetune_cli",
 )
 
 

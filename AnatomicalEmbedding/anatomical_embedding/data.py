@@ -19,7 +19,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from monai.transforms import Transform
+
+try:
+    from monai.transforms import Transform
+except ImportError:  # Slicer with only ONNX Runtime: preprocessing for few-shot needs no MONAI
+    Transform = object
 
 from .io import Volume, get_preset, read_image, resample_to_spacing
 from .io.images import IMAGE_SUFFIXES, dicom_series_ids

@@ -363,6 +363,12 @@ class VolumeEmbedding:
 
     def upsampled_valid_mask(self, u: int) -> np.ndarray:
         """Valid mask on the ``u``-times finer coarse grid (positions whose voxel lies in the valid box +- s/2)."""
+        cache = self.__dict__.setdefault("_valid_up", {})
+        if u not in cache:
+            cache[u] = self._upsampled_valid_mask(u)
+        return cache[u]
+
+    def _upsampled_valid_mask(self, u: int) -> np.ndarray:
         shape = [(n - 1) * u + 1 for n in self.coarse.shape[1:]]
         mask = np.ones(shape, dtype=bool)
         half = self.stride / 2.0

@@ -232,26 +232,12 @@ def search(target: VolumeEmbedding, qc: np.ndarray, qf: np.ndarray, config: Matc
     The coarse similarity is evaluated on a grid ``coarse_upsample`` times finer than the coarse map, as the
     cosine to trilinearly interpolated target vectors (see ``VolumeEmbedding.upsampled_norms``).
     """
-    s = target.stride
-    u = max(1, int(config.coarse_upsample))
-    sim_cells = np.einsum("c,ckji->kji", qc, target.coarse)
-    sim_up = upsample_linear(sim_cells, u) / target.upsampled_norms(u)
-    valid = target.upsampled_valid_mask(u)
-    if centre_ijk is not None:
-        grid = np.stack(np.meshgrid(*[np.arange(n) for n in sim_up.shape], indexing="ij"), -1)[..., ::-1]
-        slack = 0.5 * s / u * np.max(target.prepared.spacing)
-        valid = valid & _ball_mask(target, target.coarse_to_voxel(grid / u), centre_ijk, radius_mm + slack)
-    masked = np.where(valid, sim_up, -np.inf)
-    peaks = (masked == ndimage.maximum_filter(masked, size=2 * u + 1, mode="constant", cval=-np.inf)) & valid
-    idx = np.argwhere(peaks)
-    order = np.argsort(-masked[peaks], kind="stable")[: config.top_k if top_k is None else top_k]
-    candidates = []
-    for c in idx[order]:
-        off = parabolic_peak(masked, tuple(c))
-        candidates.append(target.coarse_to_voxel(((c + off) / u)[::-1]))
+    candidates = coarse_candidates(target, qc, config.coarse_upsample,
+                                   config.top_k if top_k is None else top_k, centre_ijk, radius_mm)
     if centre_ijk is not None:
         candidates.append(np.asarray(centre_ijk, dtype=np.float64))  # re-seed at the prior's prediction
     candidates += [np.asarray(c, dtype=np.float64) for c in seeds]
+    s = target.stride
     if not candidates:
         raise ValueError("no valid search region in the target (is the prior outside the target image?)")
     r = config.fine_radius if config.fine_radius is not None else max(1, s // 2 + s // 4)
@@ -279,6 +265,53 @@ def search(target: VolumeEmbedding, qc: np.ndarray, qf: np.ndarray, config: Matc
     if config.subvoxel:
         best = refine_subvoxel(target, qc, qf, best)
     return best
+
+
+def coarse_candidates(target: VolumeEmbedding, qc: np.ndarray, upsample: int, top_k: int,
+                      centre_ijk: np.ndarray | None = None, radius_mm: float | None = None) -> list[np.ndarray]:
+    """The ``top_k`` best coarse peaks (voxel ijk) on a grid ``upsample`` times finer than the coarse map.
+
+    The score is the cosine to trilinearly interpolated target vectors (``upsample(q . T) / upsampled_norms``);
+    a peak is a local maximum within one coarse cell, refined by a parabola. With a prior only the box around
+    its search ball is scored, and peaks are picked from the best few hundred positions (``argpartition``)
+    rather than by a maximum filter over the whole grid, which keeps a click fast on a large CT.
+    """
+    u = max(1, int(upsample))
+    coarse = target.coarse
+    n_cells = np.asarray(coarse.shape[1:])  # (k, j, i)
+    lo_c, hi_c = np.zeros(3, dtype=int), n_cells.copy()
+    spacing = target.prepared.spacing
+    if centre_ijk is not None:
+        reach = (radius_mm + target.stride * float(np.max(spacing))) / spacing  # voxels along (i, j, k)
+        c_lo = np.floor(target.voxel_to_coarse(np.asarray(centre_ijk) - reach))[::-1].astype(int)
+        c_hi = np.ceil(target.voxel_to_coarse(np.asarray(centre_ijk) + reach))[::-1].astype(int) + 1
+        lo_c, hi_c = np.maximum(c_lo, 0), np.minimum(c_hi, n_cells)
+        if np.any(hi_c <= lo_c):
+            return []
+    cells = coarse[:, lo_c[0]:hi_c[0], lo_c[1]:hi_c[1], lo_c[2]:hi_c[2]]
+    sim = (cells.reshape(cells.shape[0], -1).T @ qc.astype(cells.dtype)).reshape(cells.shape[1:])
+    view = tuple(slice(a * u, (b - 1) * u + 1) for a, b in zip(lo_c, hi_c))
+    ok = target.upsampled_valid_mask(u)[view]
+    masked_shape = ok.shape
+    if centre_ijk is not None:
+        grid = np.stack(np.meshgrid(*[np.arange(v.start, v.stop) for v in view], indexing="ij"), -1)[..., ::-1]
+        slack = 0.5 * target.stride / u * float(np.max(spacing))
+        ok = ok & _ball_mask(target, target.coarse_to_voxel(grid / u), centre_ijk, radius_mm + slack)
+    masked = np.where(ok, upsample_linear(sim, u) / target.upsampled_norms(u)[view], -np.inf)
+    flat = masked.ravel()
+    m = min(flat.size, 256 * max(1, top_k))
+    best = np.argpartition(-flat, m - 1)[:m] if m < flat.size else np.arange(flat.size)
+    best = best[np.argsort(-flat[best], kind="stable")]
+    out: list[np.ndarray] = []
+    for pos in zip(*np.unravel_index(best, masked_shape)):
+        if len(out) >= top_k or not np.isfinite(masked[pos]):
+            break
+        window = tuple(slice(max(p - u, 0), p + u + 1) for p in pos)
+        if masked[pos] < masked[window].max():  # not a local maximum within one cell
+            continue
+        off = parabolic_peak(masked, pos)
+        out.append(target.coarse_to_voxel(((lo_c * u + np.asarray(pos) + off) / u)[::-1]))
+    return out
 
 
 def _axis_weights(target: VolumeEmbedding, axis_ijk: int, lo: int, hi: int) -> tuple[int, np.ndarray]:

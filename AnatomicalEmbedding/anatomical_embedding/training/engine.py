@@ -113,8 +113,9 @@ class Trainer:
     """Builds data, method, optimiser and DDP from a :class:`RunConfig`, then ``run()``."""
 
     def __init__(self, cfg: RunConfig, data: str | Path, out: str | Path, labels: str | Path | None = None,
-                 resume: bool = False) -> None:
+                 resume: bool = False, echo_progress: bool = True) -> None:
         self.cfg, self.run_dir, self.resume = cfg, Path(out), resume
+        self.echo_progress = echo_progress  # False: progress lines go to progress.jsonl only
         self.data, self.labels = data, labels
 
     # ------------------------------------------------------------------ setup
@@ -234,7 +235,7 @@ class Trainer:
 
         model_info = {**method.model_info(), "training_data": {"n_cases": len(spec.cases), "source": spec.source},
                       "engine_version": ENGINE_VERSION}
-        writer = ProgressWriter(run_dir, tc.tensorboard) if dist_info.is_main else None
+        writer = ProgressWriter(run_dir, tc.tensorboard, echo=self.echo_progress) if dist_info.is_main else None
         if writer:
             writer.event("start", run_dir=str(run_dir), method=self.cfg.method, total_steps=total,
                          start_step=start_step, world_size=dist_info.world_size, device=str(device),

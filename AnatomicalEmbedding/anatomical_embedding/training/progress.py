@@ -35,9 +35,10 @@ log = logging.getLogger(__name__)
 class ProgressWriter:
     """Rank-0 sink for events, metrics and TensorBoard scalars (every method uses the same one)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, stdout=None) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool = True, stdout=None, echo: bool = True) -> None:
         self.run_dir = Path(run_dir)
-        self.stdout = stdout if stdout is not None else sys.stdout
+        # echo=False keeps the protocol in progress.jsonl only (the demo shows its own progress bar).
+        self.stdout = (stdout if stdout is not None else sys.stdout) if echo else None
         self._jsonl = open(self.run_dir / "progress.jsonl", "a", encoding="utf-8")
         self._csv_path = self.run_dir / "metrics.csv"
         self._csv_fields: list[str] | None = None
@@ -56,7 +57,8 @@ class ProgressWriter:
     def event(self, event: str, **fields) -> dict:
         rec = {"event": event, "time": round(time.time(), 3), **fields}
         line = json.dumps(rec)
-        print(line, file=self.stdout, flush=True)
+        if self.stdout is not None:
+            print(line, file=self.stdout, flush=True)
         self._jsonl.write(line + "\n")
         self._jsonl.flush()
         return rec
