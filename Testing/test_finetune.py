@@ -315,3 +315,42 @@ def test_default_config_file_is_the_cli_default_recipe():
     for key in ("optimizer", "lr", "weight_decay", "lr_schedule", "best_metric", "batch_size"):
         assert getattr(from_file.train, key) == getattr(built_in.train, key), key
     assert (from_file.train.optimizer, from_file.train.lr) == ("adam", 1e-4)
+
+
+def test_backbone_lr_schedule_freezes_then_ramps_exponentially():
+    from anatomical_embedding.methods.finetune import PAPER_BACKBONE_SCHEDULES, backbone_lr_factor
+
+    # HDSSL's finetuning: 15K frozen steps, then 3e-5 -> 3e-4 over 1,200 steps (factor 0.1 -> 1).
+    assert PAPER_BACKBONE_SCHEDULES["hdssl"] == (15000, 1200, 0.1)
+    f = [backbone_lr_factor(s, 15000, 1200, 0.1) for s in (0, 14999, 15000, 15600, 16199, 16200, 99999)]
+    assert f[:2] == [0.0, 0.0] and f[2] == pytest.approx(0.1) and f[3] == pytest.approx(0.1 ** 0.5)
+    assert f[4] == pytest.approx(0.1 ** (1 / 1200)) and f[5:] == [1.0, 1.0]
+
+
+def test_hdssl_backbone_is_frozen_then_trained_by_the_engine(tmp_path, phantom_cohort):
+    """Through the real engine: the FPN does not move while frozen, the head does; then the FPN trains."""
+    from anatomical_embedding.methods.finetune import load_finetuned
+    from anatomical_embedding.training.checkpoints import load_checkpoint
+
+    run, state = _fake_run(tmp_path, "hdssl", ["method.base_channels=4", "method.num_scales=3",
+                                               "method.scale_proj_channels=4", "method.coarse_level=2",
+                                               "method.patch_size=[16,16,16]", "method.spacing=[8.0]"])
+    manifest = write_training_manifest(phantom_cohort, first_cases(phantom_cohort, 2), tmp_path / "train.json",
+                                       with_labels=True)
+    common = ["--mode", "backbone", "--init-from", str(run),
+              *sets(QUIET + ["method.patch_size=[16,16,16]", "method.head_hidden=8", "method.val_every=0",
+                             "method.backbone_freeze_steps=3", "method.backbone_ramp_steps=2",
+                             "train.lr=1e-2", "train.ckpt_every=3", f"train.cache_dir={tmp_path / 'cache'}"])]
+    out = tmp_path / "seg"
+    assert cli_main(["finetune", "--data", str(manifest), "--out", str(out), *common, "--set=train.max_steps=3"]) == 0
+    frozen = load_finetuned(out, "last").network.state_dict()
+    fpn_keys = [k for k in frozen if k.startswith("backbone.")]
+    assert fpn_keys and all(torch.equal(frozen[k], state[f"net.{k}"]) for k in fpn_keys)
+    head0 = {k: v.clone() for k, v in frozen.items() if not k.startswith("backbone.")}
+    assert cli_main(["finetune", "--data", str(manifest), "--out", str(out), "--resume",
+                     "--set=train.max_steps=6"]) == 0
+    later = load_finetuned(out, "last").network.state_dict()
+    assert any(not torch.equal(later[k], state[f"net.{k}"]) for k in fpn_keys)
+    assert any(not torch.equal(later[k], v) for k, v in head0.items())
+    ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert len(ckpt["optimizer"]["param_groups"]) == 2  # head group and backbone group

@@ -113,6 +113,14 @@ class Method(nn.Module):
     def after_optimizer_step(self, ctx: StepContext) -> None:
         return None
 
+    def param_groups(self) -> list[dict]:
+        """Optimiser parameter groups: ``{"params": [...], "lr_factor": f(step) -> float or None}``.
+
+        The engine multiplies its own schedule by ``lr_factor`` per group (e.g. a pretrained backbone that is
+        frozen, then warmed up, during finetuning). Default: one group with every trainable parameter.
+        """
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr_factor": None}]
+
     @property
     def eval_every(self) -> int:
         """Steps between ``evaluate`` calls (0 = the method has no validation)."""

@@ -65,6 +65,12 @@ class FinetuneConfig:
     aug_scale: float = 0.0  # intensity jitter per patch (off by default)
     aug_shift: float = 0.0
     aug_noise: float = 0.0
+    # Backbone mode: the pretrained layers stay frozen for backbone_freeze_steps, then their learning rate rises
+    # exponentially from backbone_ramp_start x lr to lr over backbone_ramp_steps (HDSSL's finetuning: 15K frozen
+    # steps, then 3e-5 -> 3e-4 over 1,200 steps). -1 = the source method's paper schedule (HDSSL), else none.
+    backbone_freeze_steps: int = -1
+    backbone_ramp_steps: int = -1
+    backbone_ramp_start: float = 0.1
     # Filled from init_from when the run starts, so the run is self-describing (apply needs no init_from).
     source_method: str = ""
     source_config: dict = field(default_factory=dict)
@@ -125,6 +131,27 @@ def _require_multiple(size: Sequence[int], multiple: int, what: str) -> None:
                          f"e.g. --set method.patch_size=[{multiple * 4},{multiple * 4},{multiple * 4}]")
 
 
+#: Paper schedules of the backbone mode: method -> (frozen steps, ramp steps, lr factor at the ramp's start).
+PAPER_BACKBONE_SCHEDULES: dict[str, tuple[int, int, float]] = {"hdssl": (15000, 1200, 0.1)}
+
+
+def backbone_lr_factor(step: int, freeze: int, ramp: int, start: float) -> float:
+    """0 while frozen, then ``start ** (1 - t)`` for t in [0, 1) along the ramp (exponential), then 1."""
+    if step < freeze:
+        return 0.0
+    if ramp > 0 and step < freeze + ramp:
+        return float(start ** (1.0 - (step - freeze) / ramp))
+    return 1.0
+
+
+class _BackboneFactor:
+    def __init__(self, freeze: int, ramp: int, start: float) -> None:
+        self.freeze, self.ramp, self.start = freeze, ramp, start
+
+    def __call__(self, step: int) -> float:
+        return backbone_lr_factor(step, self.freeze, self.ramp, self.start)
+
+
 # -------------------------------------------------------------------------------------------- the task
 class FinetuneMethod(Method):
     """Supervised segmentation as an engine method (see the module docstring)."""
@@ -168,6 +195,11 @@ class FinetuneMethod(Method):
             from .backbones import segmentation_network
 
             self.network = segmentation_network(source, c.num_classes, c.head_hidden)
+            # Parameters taken over from the pretrained model (the schedule below freezes, then warms them up).
+            shared = {id(p) for p in source.parameters()}
+            self._pretrained_ids = {id(p) for p in self.network.parameters() if id(p) in shared}
+            self._pretrained_modules = [m for m in self.network.children() if any(True for _ in m.parameters())
+                                        and all(id(p) in self._pretrained_ids for p in m.parameters())]
             # A backbone may keep layers the segmentation path does not use (AEFM's global map): DDP must know.
             self.ddp_find_unused_parameters = True
             self.size_multiple = int(getattr(self.network, "size_multiple", 16))
@@ -178,6 +210,25 @@ class FinetuneMethod(Method):
         from monai.losses import DiceCELoss
 
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def backbone_schedule(self) -> tuple[int, int, float]:
+        """(frozen steps, ramp steps, start factor) of the pretrained backbone; (0, 0, 1) outside backbone mode."""
+        c = self.config
+        if c.mode != "backbone":
+            return 0, 0, 1.0
+        paper = PAPER_BACKBONE_SCHEDULES.get(c.source_method, (0, 0, 1.0))
+        freeze = paper[0] if c.backbone_freeze_steps < 0 else c.backbone_freeze_steps
+        ramp = paper[1] if c.backbone_ramp_steps < 0 else c.backbone_ramp_steps
+        return int(freeze), int(ramp), float(c.backbone_ramp_start)
+
+    def param_groups(self) -> list[dict]:
+        freeze, ramp, start = self.backbone_schedule()
+        ids = getattr(self, "_pretrained_ids", set())
+        if (freeze <= 0 and ramp <= 0) or not ids:
+            return super().param_groups()
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": [p for p in trainable if id(p) not in ids], "lr_factor": None},
+                {"params": [p for p in trainable if id(p) in ids], "lr_factor": _BackboneFactor(freeze, ramp, start)}]
 
     def _unet(self, in_channels: int) -> nn.Module:
         from monai.networks.nets import UNet
@@ -303,6 +354,11 @@ class FinetuneMethod(Method):
         return self.network(self.inputs(image))
 
     def forward(self, batch: dict, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        freeze = self.backbone_schedule()[0]
+        if self.training and freeze > 0:
+            # Frozen means frozen: normalisation statistics (HDSSL's BatchNorm) stay as pretrained too.
+            for module in getattr(self, "_pretrained_modules", ()):
+                module.train(ctx.step >= freeze)
         logits = self.predict_logits(batch["image"])
         loss = self.loss_fn(logits.float(), batch["label"])
         return loss, {"dice_ce": loss.detach()}

@@ -104,6 +104,17 @@ def _lr_lambda(cfg, total_steps: int):
     return f
 
 
+def _scaled_lambda(schedule, factor):
+    """The engine's schedule times a parameter group's own factor.
+
+    A plain function on purpose: LambdaLR saves the ``__dict__`` of callable objects in its state, and the
+    schedule is rebuilt from the config on resume anyway.
+    """
+    def f(step: int) -> float:
+        return schedule(step) * factor(step)
+    return f
+
+
 @dataclass
 class _Stop:
     signal: str | None = None
@@ -187,7 +198,8 @@ class Trainer:
         epochs = tc.epochs or method.default_epochs()
         total = tc.max_steps if tc.max_steps > 0 else epochs * steps_per_epoch
 
-        params = [p for p in method.parameters() if p.requires_grad]
+        groups = [g for g in method.param_groups() if g["params"]]
+        params = [{"params": list(g["params"])} for g in groups]
         if tc.optimizer == "adamw":
             opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
         elif tc.optimizer == "adam":
@@ -196,7 +208,9 @@ class Trainer:
             opt = torch.optim.SGD(params, lr=tc.lr, momentum=0.9, weight_decay=tc.weight_decay)
         else:
             raise ValueError(f"train.optimizer must be adamw, adam or sgd, got {tc.optimizer!r}")
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(tc, total))
+        schedule = _lr_lambda(tc, total)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, [schedule if g.get("lr_factor") is None else _scaled_lambda(schedule, g["lr_factor"]) for g in groups])
         amp_dtype = self._amp(device)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
