@@ -39,6 +39,7 @@ CHART_NAME = "AnatomicalEmbedding training"
 #: Choice needs a fixed list. It is kept as a plain parameter of the same parameter node.
 METHOD_PARAMETER = "Method"
 #: Parameter-node field -> engine setting, for the key hyperparameters shown in the GUI.
+FINETUNE_MODES = ["embedding", "backbone", "scratch"]
 TRAIN_FIELDS = {"batchSize": "batch_size", "learningRate": "lr", "epochs": "epochs", "maxSteps": "max_steps"}
 POLL_INTERVAL_MS = 500
 
@@ -81,7 +82,9 @@ class AnatomicalEmbeddingTrainerParameterNode:
     batchSize, learningRate, epochs, maxSteps, patchSize - key hyperparameters (paper defaults; epochs 0 = the
         method's default, maxSteps > 0 overrides epochs; patch size "i,j,k" for methods that have one).
     advancedSettings - any other setting as TOML ([train] / [method] tables), applied last.
-    exportModel - export and register the model package when training finishes.
+    exportModel - export and register the model package when training finishes (pretraining only).
+    initFromDirectory, finetuneMode - method "finetune": the pretraining run to start from and how
+        (embedding + U-Net, pretrained backbone, or scratch U-Net); labelled data is required.
     """
 
     trainingVolume: vtkMRMLScalarVolumeNode
@@ -102,6 +105,8 @@ class AnatomicalEmbeddingTrainerParameterNode:
     patchSize: str = "96,96,96"
     advancedSettings: str = ""
     exportModel: bool = True
+    initFromDirectory: pathlib.Path
+    finetuneMode: Annotated[str, Choice(FINETUNE_MODES)] = "embedding"
 
 
 def _pathOrEmpty(value) -> str:
@@ -330,9 +335,10 @@ class AnatomicalEmbeddingTrainerLogic(ScriptedLoadableModuleLogic):
     # ---- settings --------------------------------------------------------------------------------
     @staticmethod
     def availableMethods() -> list:
-        from anatomical_embedding.methods import available_methods
+        """Pretraining methods, then the finetune task (segmentation from a pretrained run)."""
+        from anatomical_embedding.methods import available_methods, available_tasks
 
-        return available_methods()
+        return available_methods() + available_tasks()
 
     @staticmethod
     def getMethod(p) -> str:
@@ -358,6 +364,14 @@ class AnatomicalEmbeddingTrainerLogic(ScriptedLoadableModuleLogic):
         from anatomical_embedding.training.config import TrainConfig
 
         train = {f.name: f.default for f in fields(TrainConfig)}
+        if method == "finetune":  # the finetune command's recipe (Adam, lr 1e-4), not the pretraining defaults
+            import tomllib
+
+            from anatomical_embedding.finetune_cli import FINETUNE_TRAIN_DEFAULTS
+
+            for item in FINETUNE_TRAIN_DEFAULTS:
+                key, value = item.split("=", 1)
+                train[key.split(".", 1)[1]] = tomllib.loads(f"v = {value}")["v"]
         out = {field: train[key] for field, key in TRAIN_FIELDS.items()}
         methodDefaults = {f.name: f.default for f in fields(get_method(method).Config)}
         patch = methodDefaults.get("patch_size")
@@ -383,6 +397,11 @@ class AnatomicalEmbeddingTrainerLogic(ScriptedLoadableModuleLogic):
             if not all(v.isdigit() for v in values):
                 raise ValueError(f"patch size {patch!r}: give whole voxel counts like 96,96,96")
             items.append(f"method.patch_size=[{','.join(values)}]")
+        if method == "finetune":
+            items.append(f'method.mode="{p.finetuneMode}"')
+            initFrom = _pathOrEmpty(p.initFromDirectory)
+            if initFrom:
+                items.append(f"method.init_from='{pathlib.Path(initFrom).resolve()}'")
         return items
 
     @staticmethod
@@ -419,7 +438,9 @@ class AnatomicalEmbeddingTrainerLogic(ScriptedLoadableModuleLogic):
         return TrainSettings(
             out=runDir, data=data, labels=_pathOrEmpty(p.labelsDirectory), method=method if not resume else "",
             overrides=overrides, advanced=p.advancedSettings if not resume else "", resume=resume,
-            export=str(self.exportPath(runDir)) if p.exportModel else "", nproc=int(p.numProcesses),
+            # A finetune run is a segmenter, not an embedding package: it is applied with `segment`.
+            export=str(self.exportPath(runDir)) if p.exportModel and method != "finetune" else "",
+            nproc=int(p.numProcesses),
             gpus=p.gpus.strip(), python=self.pythonExecutable(),
             script=str(pathlib.Path(__file__).resolve().parent / "train.py"))
 

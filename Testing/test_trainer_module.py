@@ -65,7 +65,7 @@ def make_params(module, **values):
     """A parameter object with the wrapper's defaults (the stand-in decorator leaves a plain class); method aefm."""
     p = module.AnatomicalEmbeddingTrainerParameterNode()
     module.AnatomicalEmbeddingTrainerLogic.setMethod(p, values.pop("method", "aefm"))
-    for name in ("outputDirectory", "dataDirectory", "labelsDirectory", "runDirectory"):
+    for name in ("outputDirectory", "dataDirectory", "labelsDirectory", "runDirectory", "initFromDirectory"):
         setattr(p, name, Path("."))
     for name, value in values.items():
         setattr(p, name, value)
@@ -87,7 +87,8 @@ def test_gui_defaults_are_the_engine_and_method_defaults(trainer):
     from anatomical_embedding.methods import available_methods
 
     logic = trainer.AnatomicalEmbeddingTrainerLogic()
-    assert logic.availableMethods() == available_methods()
+    assert logic.availableMethods() == available_methods() + ["finetune"]
+    assert logic.defaultHyperparameters("finetune")["learningRate"] == 1e-4  # the finetune recipe (Adam 1e-4)
     defaults = logic.defaultHyperparameters("aefm")
     assert defaults == {"batchSize": 2, "learningRate": 1e-4, "epochs": 0, "maxSteps": 0, "patchSize": "96,96,96"}
     cls = trainer.AnatomicalEmbeddingTrainerParameterNode
@@ -97,6 +98,26 @@ def test_gui_defaults_are_the_engine_and_method_defaults(trainer):
     assert (p.batchSize, p.patchSize) == (7, "96,96,96")
     logic.applyDefaults(p, "aefm")
     assert p.batchSize == 2
+
+
+def test_finetune_command_line_from_the_parameter_node(trainer, tiny_cohort, tmp_path):
+    """Finetuning from the GUI: mode and pretraining run reach train.py; no embedding package is exported."""
+    spec = importlib.util.spec_from_file_location("_train_for_gui_ft", ROOT / MODULE / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+
+    logic = trainer.AnatomicalEmbeddingTrainerLogic()
+    pretrained = tmp_path / "pretrain_run"
+    p = make_params(trainer, method="finetune", dataDirectory=tiny_cohort, runDirectory=tmp_path / "seg",
+                    initFromDirectory=pretrained, finetuneMode="backbone", patchSize="32,32,32", device="cpu")
+    argv = logic.buildCommand(p)
+    assert "--export" not in argv and argv[argv.index("--method") + 1] == "finetune"
+    args = train.build_parser().parse_args(argv[argv.index(str(ROOT / MODULE / "train.py")) + 1:])
+    cfg = train.resolve_config(args)
+    assert cfg.method == "finetune" and cfg.method_config.mode == "backbone"
+    assert Path(cfg.method_config.init_from) == pretrained.resolve()
+    assert cfg.method_config.patch_size == (32, 32, 32) and cfg.train.optimizer == "adam"
+    assert "liver" in cfg.method_config.class_names  # segment names from the cohort's label files
 
 
 def test_method_combo_is_filled_at_run_time():
