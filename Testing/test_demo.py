@@ -8,10 +8,11 @@ import numpy as np
 from anatomical_embedding.demo import DemoSettings, run_demo
 
 
-def test_tiny_demo_runs_every_stage(tmp_path):
+def test_tiny_demo_runs_every_stage(tmp_path, monkeypatch):
     settings = DemoSettings(n_subjects=4, n_held_out=1, cohort_spacing=8.0, cohort_size=40, train_steps=4,
                             model_spacing=8.0, patch=32, shots=(1,), registration=("affine",))
-    summary = run_demo(tmp_path / "demo", methods=["aefm"], settings=settings)
+    monkeypatch.chdir(tmp_path)  # a relative --out, as in the README's demo command
+    summary = run_demo("demo", methods=["aefm"], settings=settings)
 
     out = tmp_path / "demo"
     assert (out / "models" / "aefm.aemodel").is_file()

@@ -342,7 +342,7 @@ def run_demo(out: Path, quick: bool = False, full: bool = False, seed: int = 0, 
     from .methods import available_methods
 
     settings = settings or DemoSettings.for_mode(quick, full)
-    out = Path(out)
+    out = Path(out).resolve()  # manifests written below hold paths that must not depend on the cwd
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty; choose another --out or pass --overwrite")
     for sub in ("runs", "models"):  # a re-run retrains from scratch
