@@ -152,8 +152,12 @@ def _landmarks(state: DemoState, cohort, source_id: str, target_ids: list[str], 
     records = evaluate_transfer("identical coordinate", identical_coordinate, src_img, src.landmarks, targets, source_id)
     for kind in state.settings.registration:
         print(f"      registration baseline: {kind}", flush=True)
-        records += evaluate_transfer(f"registration {kind}", registration_transfer(kind), src_img, src.landmarks,
-                                     targets, source_id)
+        # Registered at the model spacing (not finer than the cohort) with a bounded B-spline budget, so the
+        # baselines take about as long per scan as embedding does; RegistrationConfig has the full settings.
+        reg = {"spacing": max(state.settings.model_spacing, state.settings.cohort_spacing), "bspline_iterations": 20,
+               "bspline_mesh_mm": 80.0, "shrink_factors": (2, 1), "smoothing_sigmas": (1.0, 0.0)}
+        records += evaluate_transfer(f"registration {kind}", registration_transfer(kind, **reg), src_img,
+                                     src.landmarks, targets, source_id)
     matchers = {}
     for method, package in packages.items():
         model = open_model(package, backend="onnxruntime")
