@@ -199,13 +199,14 @@ class Trainer:
         total = tc.max_steps if tc.max_steps > 0 else epochs * steps_per_epoch
 
         groups = [g for g in method.param_groups() if g["params"]]
-        params = [{"params": list(g["params"])} for g in groups]
+        param_groups = [{"params": list(g["params"])} for g in groups]
+        params = [p for g in param_groups for p in g["params"]]  # flat, for gradient clipping
         if tc.optimizer == "adamw":
-            opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+            opt = torch.optim.AdamW(param_groups, lr=tc.lr, weight_decay=tc.weight_decay)
         elif tc.optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
+            opt = torch.optim.Adam(param_groups, lr=tc.lr, weight_decay=tc.weight_decay)
         elif tc.optimizer == "sgd":
-            opt = torch.optim.SGD(params, lr=tc.lr, momentum=0.9, weight_decay=tc.weight_decay)
+            opt = torch.optim.SGD(param_groups, lr=tc.lr, momentum=0.9, weight_decay=tc.weight_decay)
         else:
             raise ValueError(f"train.optimizer must be adamw, adam or sgd, got {tc.optimizer!r}")
         schedule = _lr_lambda(tc, total)
