@@ -10,15 +10,15 @@ only, so it loads with ``torch.load(weights_only=True)``:
 """
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..io import atomic_write
 
 STEP_RE = re.compile(r"^step_(\d+)\.pt$")
 
@@ -48,29 +48,12 @@ def set_rng_state(state: dict) -> None:
 
 
 def atomic_torch_save(obj, path: Path) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace`` (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """``torch.save`` through ``io.atomic_write`` (temporary file, then ``os.replace``: never half-written)."""
+    return atomic_write(Path(path), lambda tmp: torch.save(obj, tmp), overwrite=True)
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(Path(dst), lambda tmp: shutil.copyfile(src, tmp), overwrite=True)
 
 
 class CheckpointManager:
