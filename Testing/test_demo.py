@@ -10,7 +10,8 @@ from anatomical_embedding.demo import DemoSettings, run_demo
 
 def test_tiny_demo_runs_every_stage(tmp_path, monkeypatch):
     settings = DemoSettings(n_subjects=4, n_held_out=1, cohort_spacing=8.0, cohort_size=40, train_steps=4,
-                            model_spacing=8.0, patch=32, shots=(1,), registration=("affine",))
+                            model_spacing=8.0, patch=32, shots=(1,), registration=("affine",),
+                            fewshot_voxels=100, fewshot_epochs=5, scratch_steps=3)
     monkeypatch.chdir(tmp_path)  # a relative --out, as in the README's demo command
     summary = run_demo("demo", methods=["aefm"], settings=settings)
 
@@ -20,14 +21,20 @@ def test_tiny_demo_runs_every_stage(tmp_path, monkeypatch):
     assert html.is_file() and md.is_file()
     text = md.read_text(encoding="utf-8")
     assert "Provenance" in text
-    for figure in ("cohort_preview.png", "landmark_error_cdf.png", "heatmap.png", "fewshot_dice.png", "loss_aefm.png"):
+    for figure in ("cohort_preview.png", "landmark_error_cdf.png", "heatmap.png", "fewshot_dice.png", "loss_aefm.png",
+                   "fewshot_overlays.png"):
         assert (out / "figures" / figure).is_file(), figure
         assert figure in text
     lm = summary["landmarks"]
     assert {"identical coordinate", "registration affine", "aefm raw", "aefm robust prior"} <= set(lm)
     for v in lm.values():
         assert np.isfinite(v["mean_mm"]) and 0 <= v["median_mm"] <= v["p90_mm"]
-    dice = summary["fewshot_mean_dice"]["aefm 1-shot"]
-    assert 0.0 <= dice <= 1.0
+    for head in ("aefm 1-shot", "U-Net from scratch 1-shot"):
+        assert 0.0 <= summary["fewshot_mean_dice"][head] <= 1.0
     saved = json.loads((out / "demo_summary.json").read_text(encoding="utf-8"))
     assert saved["landmarks"].keys() == lm.keys()
+
+    # The report's tables are the CSVs' numbers (the check parses the Markdown and HTML tables back).
+    from test_report_tables import check_report
+
+    check_report(md, html, out / "landmark_errors.csv", out / "fewshot_metrics.csv")

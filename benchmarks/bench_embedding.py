@@ -1,6 +1,7 @@
 """Embedding and per-click matching speed/memory (writes benchmarks/results/embedding.json and .md).
 
-    python benchmarks/bench_embedding.py [--quick] [--threads 2] [--out benchmarks/results]
+    python benchmarks/bench_embedding.py [--quick | --smoke] [--device auto|cpu|cuda] [--threads 2]
+                                         [--out benchmarks/results]
 
 Each configuration runs in its own subprocess so that peak memory (``ru_maxrss``) is its own. The
 network is the published-size AEFM U-Net (widths 64/128/256/512, 64-d), untrained (timing only), fed
@@ -10,15 +11,18 @@ the robust prior is fitted once, then clicks are timed cold (fine tiles not yet 
 (same clicks again: tiles cached in memory); the fast viewer path is timed (corrected match with
 forward-backward confidence, no separate raw search). Full mode embeds 256^3 and 512x512x300 and can
 take a long time on a CPU; ``--quick`` embeds 128^3 and extrapolates the big volumes from the measured
-time per window (the table says which figures are measured and which extrapolated).
+time per window (the table says which figures are measured and which extrapolated). ``--smoke`` uses a
+tiny network (widths 4/8/16/32, 8-d) on a 48^3 volume, all configurations in one process: a check that the
+benchmark runs (``run_all.py --quick``, the tests), not a measurement. ``--device cuda`` times only torch (and
+ONNX Runtime, when its CUDA provider is installed) on the GPU; ``auto`` adds them to the CPU backends when a GPU
+is present.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
-import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import machine_description, machine_line, md_table, peak_rss_mb, write_results
 
 PUBLISHED = {"widths": [64, 128, 256, 512], "feature_dim": 64}
 CARD = {"spacing": [1.0, 1.0, 1.0], "intensity_preset": "ct_aefm", "method": "aefm", "modality": "CT"}
@@ -57,15 +62,16 @@ def one(cfg: dict) -> dict:
     net = AEFMUNet(cfg["net"]["widths"], cfg["net"]["feature_dim"])
     card = dict(CARD, patch_size=[cfg["window"]] * 3)
     if cfg["backend"] == "onnxruntime":
-        model = OnnxModel(cfg["package"], device="cpu", threads=threads)
+        model = OnnxModel(cfg["package"], device=cfg["device"], threads=threads)
     else:
-        model = TorchModel(net, card, device="cpu")
+        model = TorchModel(net, card, device=cfg["device"])
     shape = cfg["shape_kji"]
     arr = ct_like(shape)
     src = Volume(arr, spacing=(1.0, 1.0, 1.0))
     tgt = Volume(arr, spacing=(1.0, 1.0, 1.0), origin=(7.0, -5.0, 3.0))
     ecfg = EmbedConfig(window=(cfg["window"],) * 3)
-    out = {"backend": model.backend, "shape_kji": shape, "threads": threads, "window": cfg["window"]}
+    out = {"backend": model.backend, "device": model.device, "shape_kji": shape, "threads": threads,
+           "window": cfg["window"]}
     with tempfile.TemporaryDirectory() as tmp:
         cache = EmbeddingCache(tmp)
         t0 = time.perf_counter()
@@ -102,19 +108,27 @@ def one(cfg: dict) -> dict:
                 m.match(p, with_raw=False)
                 warm.append(time.perf_counter() - t0)
             out.update({"click_cold_ms_median": 1000 * float(np.median(cold)),
+                        "click_cold_ms_p90": 1000 * float(np.percentile(cold, 90)),
                         "click_warm_ms_median": 1000 * float(np.median(warm)),
                         "click_warm_ms_p90": 1000 * float(np.percentile(warm, 90)),
                         "click_error_mm_median": float(np.median(errs)),
                         "fine_forwards": s.stats["fine_forwards"] + t.stats["fine_forwards"],
                         "clicks": len(pts)})
             out["cache_mb_per_volume_with_tiles"] = cache.size_bytes(s.key) / 2**20
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = peak_rss_mb()
+    if model.device.startswith("cuda") and model.backend == "torch":
+        out["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="published network on 128^3, big volumes extrapolated")
+    size.add_argument("--smoke", action="store_true", help="tiny network on 48^3 (checks the benchmark runs)")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="cpu: CPU backends only; cuda: GPU backends only (fails without a GPU); "
+                         "auto: CPU backends, and the GPU ones when present")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--clicks", type=int, default=10)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -125,37 +139,53 @@ def main(argv=None) -> int:
         return 0
 
     import torch
-
     from anatomical_embedding.export import export_embedder
     from anatomical_embedding.nets.aefm_unet import AEFMUNet
 
-    window = 64 if args.quick else 96
-    shapes = [[128, 128, 128]] if args.quick else [[256, 256, 256], [300, 512, 512]]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no GPU (install a CUDA build of torch or use --device cpu)")
+    gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    net = {"widths": [4, 8, 16, 32], "feature_dim": 8} if args.smoke else PUBLISHED
+    window = 32 if args.smoke else 64 if args.quick else 96
+    clicks = min(args.clicks, 2) if args.smoke else args.clicks
+    shapes = ([[48, 48, 48]] if args.smoke else [[128, 128, 128]] if args.quick
+              else [[256, 256, 256], [300, 512, 512]])
     tmp = Path(tempfile.mkdtemp(prefix="bench_embedding_"))
     torch.manual_seed(0)
-    pkg = export_embedder(AEFMUNet(PUBLISHED["widths"], PUBLISHED["feature_dim"]),
-                          dict(CARD, patch_size=[window] * 3), tmp / "aefm.aemodel")
+    pkg = export_embedder(AEFMUNet(net["widths"], net["feature_dim"]), dict(CARD, patch_size=[window] * 3),
+                          tmp / "aefm.aemodel")
+    configs = [] if args.device == "cuda" else [("torch", "cpu"), ("onnxruntime", "cpu")]
+    if gpu:
+        import onnxruntime
+
+        configs.append(("torch", "cuda"))
+        if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            configs.append(("onnxruntime", "cuda"))
     results = []
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    backends = ["torch", "onnxruntime"]
-    gpu = torch.cuda.is_available()
     for shape in shapes:
-        for backend in backends + (["torch-cuda"] if gpu else []):
-            cfg = {"backend": backend.replace("-cuda", ""), "package": str(pkg), "net": PUBLISHED, "threads": args.threads,
-                   "shape_kji": shape, "window": window, "clicks": args.clicks if shape == shapes[0] else 0}
-            print(f"running {backend} {shape} ...", flush=True)
+        for backend, device in configs:
+            cfg = {"backend": backend, "device": device, "package": str(pkg), "net": net, "threads": args.threads,
+                   "shape_kji": shape, "window": window, "clicks": clicks if shape == shapes[0] else 0}
+            print(f"running {backend} on {device}, {shape} ...", flush=True)
             t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True, text=True, encoding="utf-8", errors="replace",
-                                  env=env)
+            if args.smoke:  # one process for all: saves a torch import per configuration (peak RSS is shared)
+                res = one(cfg)
+                res["wall_s"] = time.perf_counter() - t0
+                results.append(res)
+                continue
+            proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True, text=True,
+                                  encoding="utf-8", errors="replace", env=env, check=False)
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
                 print(proc.stderr[-3000:], file=sys.stderr)
-                results.append({"backend": backend, "shape_kji": shape, "error": proc.stderr[-500:]})
+                results.append({"backend": backend, "device": device, "shape_kji": shape, "error": proc.stderr[-500:]})
                 continue
             res = json.loads(line[0][7:])
             res["wall_s"] = time.perf_counter() - t0
             print(json.dumps(res), flush=True)
             results.append(res)
+    shutil.rmtree(tmp, ignore_errors=True)
     # Extrapolate the big volumes from the measured seconds per window (quick mode only).
     extrap = []
     if args.quick:
@@ -168,40 +198,45 @@ def main(argv=None) -> int:
             for big in ([256, 256, 256], [300, 512, 512]):
                 n = int(np.prod([len(window_starts(-(-s // 16) * 16, 96, 0.25, 16)) for s in big]))
                 w96 = per_window * (96 / window) ** 3
-                extrap.append({"backend": r["backend"], "shape_kji": big, "windows_96": n,
+                extrap.append({"backend": r["backend"], "device": r["device"], "shape_kji": big, "windows_96": n,
                                "embed_s_extrapolated": round(n * w96, 1)})
-    meta = {"quick": args.quick, "threads": args.threads, "cpu": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg(), "gpu": gpu,
-            "torch": torch.__version__, "net": PUBLISHED, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "embedding.json").write_text(json.dumps({"meta": meta, "results": results, "extrapolated": extrap}, indent=2), encoding="utf-8")
-    lines = ["# Embedding and per-click matching benchmark", "",
-             f"{meta['date']}, {meta['cpu_count']} CPUs visible, {args.threads} threads, load average at end "
-             f"{np.round(meta['load_avg_at_end'], 1).tolist()}, GPU: {gpu}. Network: published-size AEFM "
-             f"(widths {PUBLISHED['widths']}, 64-d), untrained. Command: `python benchmarks/bench_embedding.py"
-             f"{' --quick' if args.quick else ''}`.", "",
-             "| backend | volume (k,j,i) | window | windows | embed s | cached s | cache MB | peak RSS MB | "
-             "prior fit s | click cold ms | click warm ms (median / p90) | click error mm |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    mode = " --smoke" if args.smoke else " --quick" if args.quick else ""
+    meta = machine_description(args.threads)
+    meta.update(quick=args.quick, smoke=args.smoke, net=net, command=f"python benchmarks/bench_embedding.py{mode}")
+    failed = [r for r in results if "error" in r]
+    rows = []
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['backend']} | {r['shape_kji']} | error | | | | | | | | | |")
+            rows.append([r["backend"], r["device"], r["shape_kji"], "error"] + [""] * 9)
             continue
-        lines.append(
-            f"| {r['backend']} | {r['shape_kji']} | {r['window']} | {r['windows']} | {r['embed_s']:.1f} | "
-            f"{r['embed_cached_s']:.2f} | {r.get('cache_mb_per_volume_with_tiles', r['cache_mb_per_volume_coarse']):.1f} | "
-            f"{r['peak_rss_mb']:.0f} | {r.get('prior_fit_s', float('nan')):.2f} | "
-            f"{r.get('click_cold_ms_median', float('nan')):.0f} | {r.get('click_warm_ms_median', float('nan')):.0f} / "
-            f"{r.get('click_warm_ms_p90', float('nan')):.0f} | {r.get('click_error_mm_median', float('nan')):.2f} |")
+        nan = float("nan")
+        rows.append([
+            r["backend"], r["device"], r["shape_kji"], r["window"], r["windows"], f"{r['embed_s']:.1f}",
+            f"{r['embed_cached_s']:.2f}",
+            f"{r.get('cache_mb_per_volume_with_tiles', r['cache_mb_per_volume_coarse']):.1f}",
+            f"{r['peak_rss_mb']:.0f}", f"{r.get('prior_fit_s', nan):.2f}",
+            f"{r.get('click_cold_ms_median', nan):.0f} / {r.get('click_cold_ms_p90', nan):.0f}",
+            f"{r.get('click_warm_ms_median', nan):.0f} / {r.get('click_warm_ms_p90', nan):.0f}",
+            f"{r.get('click_error_mm_median', nan):.2f}"])
+    lines = ["# Embedding and per-click matching benchmark", "", machine_line(meta), "",
+             (f"Network: AEFM (widths {net['widths']}, {net['feature_dim']}-d), untrained. "
+              f"Command: `{meta['command']}`."), "",
+             *md_table(["backend", "device", "volume (k,j,i)", "window", "windows", "embed s", "cached s", "cache MB",
+                        "peak RSS MB", "prior fit s", "click cold ms (median / p90)", "click warm ms (median / p90)",
+                        "click error mm"], rows)]
     if extrap:
         lines += ["", "Extrapolated from the measured time per window (window 96^3, overlap 0.25, cost ~ voxels):", "",
-                  "| backend | volume (k,j,i) | windows | embed s (extrapolated) |", "|---|---|---|---|"]
-        lines += [f"| {e['backend']} | {e['shape_kji']} | {e['windows_96']} | {e['embed_s_extrapolated']} |" for e in extrap]
-    lines += ["", "SAM reports 0.23 s per match on a GPU; the goal here is < 50 ms per click on a 2-core CPU."]
-    (out / "embedding.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+                  *md_table(["backend", "device", "volume (k,j,i)", "windows", "embed s (extrapolated)"],
+                            [[e["backend"], e["device"], e["shape_kji"], e["windows_96"], e["embed_s_extrapolated"]]
+                             for e in extrap])]
+    lines += ["", "Cache MB: the embedding cache of one volume (coarse map plus the fine tiles the clicks computed); "
+              + ("peak RSS: the process so far (--smoke runs every configuration in one process). " if args.smoke else
+                 "peak RSS: the configuration's own process. ")
+              + "Cold clicks compute fine tiles, warm clicks reuse them.",
+              "", "SAM reports 0.23 s per match on a GPU; the goal here is < 50 ms per click on a 2-core CPU."]
+    write_results(args.out, "embedding", {"meta": meta, "results": results, "extrapolated": extrap}, lines)
     print("\n".join(lines))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """AEFM training throughput (writes benchmarks/results/training.json and .md).
 
-    python benchmarks/bench_training.py [--cpu-only] [--steps 10] [--threads 2] [--out benchmarks/results]
+    python benchmarks/bench_training.py [--device auto|cpu|cuda] [--smoke] [--steps 10] [--threads 2]
+                                        [--out benchmarks/results]
 
 Times full optimiser steps of the engine's AEFM method (online + momentum forward of both patches,
 L_AC against a full queue, backward, AdamW, momentum update and enqueue) on patch pairs drawn by the
@@ -11,19 +12,20 @@ timed (the engine prefetches it in DataLoader workers). Configurations:
   n_neg 100000), batch 2 and 4, bf16 autocast, optionally ``torch.compile``; MFU = model FLOPs (counted
   with ``torch.utils.flop_counter`` on one step) / time / peak dense bf16 FLOP/s of the GPU.
 * ``cpu-small``: widths 8/16/32/64, 16-d, 32^3 patches, n_pos 200, n_neg 4096, batch 2, fp32.
+* ``--smoke``: only ``cpu-tiny`` (widths 4/8/16/32, 8-d, 32^3 patches, n_neg 256, 2 steps), a check that the
+  benchmark runs (``run_all.py --quick``, the tests); its numbers are not representative.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _common import machine_description, machine_line, md_table, peak_rss_mb, write_results
 
 #: Dense bf16 peak (FLOP/s) by device-name substring, for the MFU estimate.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -91,6 +93,9 @@ def bench(name: str, overrides: dict, batch: int, device: str, steps: int, amp: 
            "patch_size": list(cfg.patch_size), "widths": list(cfg.widths), "feature_dim": cfg.feature_dim,
            "n_pos": cfg.n_pos, "n_neg": cfg.n_neg, "steps_timed": steps,
            "s_per_step": dt, "steps_per_s": 1 / dt, "samples_per_s": batch / dt}
+    if not device.startswith("cuda"):
+        # The CPU configurations run first, so the process peak so far is theirs.
+        out["peak_rss_mb"] = peak_rss_mb()
     if device.startswith("cuda"):
         gpu = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
@@ -103,40 +108,52 @@ def bench(name: str, overrides: dict, batch: int, device: str, steps: int, amp: 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cpu-only", action="store_true")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="cpu: CPU configurations only; cuda: also the GPU ones (fails without a GPU); "
+                         "auto: the GPU ones when present")
+    ap.add_argument("--cpu-only", action="store_true", help="same as --device cpu")
+    ap.add_argument("--smoke", action="store_true", help="tiny configuration only (checks the benchmark runs)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile on GPU")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = "cpu" if args.cpu_only else args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no GPU (install a CUDA build of torch or use --device cpu)")
+    gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     results = []
-    small = {"widths": (8, 16, 32, 64), "feature_dim": 16, "patch_size": (32, 32, 32), "n_pos": 200, "n_neg": 4096}
-    results.append(bench("cpu-small", small, 2, "cpu", max(3, args.steps // 2), "none", False))
-    if torch.cuda.is_available() and not args.cpu_only:
-        for b in (2, 4):
-            results.append(bench("gpu-default", {}, b, "cuda", args.steps, "bf16", False))
-        if args.compile:
-            results.append(bench("gpu-default-compiled", {}, 4, "cuda", args.steps, "bf16", True))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
-            "cpu_threads": args.threads, "load_average_1min": os.getloadavg()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    (out / "training.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2), encoding="utf-8")
-    lines = ["# AEFM training throughput", "", f"torch {meta['torch']}, {meta['platform']}, {meta['time']}, "
-             f"1-min load average {meta['load_average_1min']:.1f} (CPU figures are slower on a shared machine)", "",
-             "| config | device | batch | amp | patch | widths/dim | s/step | steps/s | samples/s | GPU MB | MFU |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
-        mem = f"{r['gpu_mem_mb']:.0f}" if r.get("gpu_mem_mb") else "-"
-        dev = r.get("gpu", f"cpu x{args.threads} threads")
-        lines.append(f"| {r['name']}{' (compiled)' if r['compile'] else ''} | {dev} | {r['batch']} | {r['amp']} | "
-                     f"{'x'.join(map(str, r['patch_size']))} | {'/'.join(map(str, r['widths']))}/{r['feature_dim']} | "
-                     f"{r['s_per_step']:.3f} | {r['steps_per_s']:.2f} | {r['samples_per_s']:.2f} | {mem} | {mfu} |")
-    lines += ["", "Steps include both encoders on both patches, L_AC against full queues (n_neg), backward, "
-              "AdamW, momentum update and enqueue; data loading excluded (prefetched by workers)."]
-    (out / "training.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if args.smoke:
+        tiny = {"widths": (4, 8, 16, 32), "feature_dim": 8, "patch_size": (32, 32, 32), "n_pos": 50, "n_neg": 256}
+        results.append(bench("cpu-tiny", tiny, 2, "cpu", 2, "none", False))
+        if gpu:
+            results.append(bench("gpu-tiny", tiny, 2, "cuda", 2, "bf16", False))
+    else:
+        small = {"widths": (8, 16, 32, 64), "feature_dim": 16, "patch_size": (32, 32, 32), "n_pos": 200, "n_neg": 4096}
+        results.append(bench("cpu-small", small, 2, "cpu", max(3, args.steps // 2), "none", False))
+        if gpu:
+            for b in (2, 4):
+                results.append(bench("gpu-default", {}, b, "cuda", args.steps, "bf16", False))
+            if args.compile:
+                results.append(bench("gpu-default-compiled", {}, 4, "cuda", args.steps, "bf16", True))
+    meta = machine_description(args.threads)
+    meta.update(smoke=args.smoke,
+                command="python benchmarks/bench_training.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    lines = ["# AEFM training throughput", "", machine_line(meta), "",
+             *md_table(["config", "device", "batch", "amp", "patch", "widths/dim", "s/step", "steps/s", "samples/s",
+                        "peak RSS MB", "GPU MB", "MFU"],
+                       [[f"{r['name']}{' (compiled)' if r['compile'] else ''}",
+                         r.get("gpu", f"cpu x{args.threads} threads"), r["batch"], r["amp"],
+                         "x".join(map(str, r["patch_size"])), f"{'/'.join(map(str, r['widths']))}/{r['feature_dim']}",
+                         f"{r['s_per_step']:.3f}", f"{r['steps_per_s']:.2f}", f"{r['samples_per_s']:.2f}",
+                         f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") else "-",
+                         f"{r['gpu_mem_mb']:.0f}" if r.get("gpu_mem_mb") else "-",
+                         f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"] for r in results]),
+             "", ("Steps include both encoders on both patches, L_AC against full queues (n_neg), backward, "
+                  "AdamW, momentum update and enqueue; data loading excluded (prefetched by workers). Peak RSS: the "
+                  "process peak after the CPU configurations.")]
+    write_results(args.out, "training", {"meta": meta, "results": results}, lines)
     return 0
 
 

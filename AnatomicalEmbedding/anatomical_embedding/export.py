@@ -126,6 +126,14 @@ def export_embedder(embedder: Any, info: dict | None, out: str | os.PathLike, ov
         members[COARSE_ONNX_NAME] = coarse_bytes
         card["coarse_onnx_sha256"] = sha256_bytes(coarse_bytes)
 
+    digest = write_package(out, card, members, overwrite)
+    log.info("exported %s (%.1f MB, sha256 %s)", out, out.stat().st_size / 2**20, digest[:16])
+    return out
+
+
+def write_package(out: Path, card: dict, members: dict[str, bytes], overwrite: bool = False) -> str:
+    """Write the package zip (card + ONNX members) atomically and its ``.sha256`` sidecar; returns the digest."""
+
     def write(tmp: Path) -> None:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
             zf.writestr(CARD_NAME, json.dumps(card, indent=1, sort_keys=True))
@@ -133,11 +141,10 @@ def export_embedder(embedder: Any, info: dict | None, out: str | os.PathLike, ov
                 zf.writestr(name, data)
 
     atomic_write(out, write, overwrite=overwrite)
-    sidecar = out.with_name(out.name + ".sha256")
     digest = sha256_file(out)
-    atomic_write(sidecar, lambda p: p.write_text(f"{digest}  {out.name}\n", encoding="utf-8"), overwrite=True)
-    log.info("exported %s (%.1f MB, sha256 %s)", out, out.stat().st_size / 2**20, digest[:16])
-    return out
+    atomic_write(out.with_name(out.name + ".sha256"), lambda p: p.write_text(f"{digest}  {out.name}\n", encoding="utf-8"),
+                 overwrite=True)
+    return digest
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, checkpoint: str = "last",

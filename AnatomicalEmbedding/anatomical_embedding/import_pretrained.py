@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 
 from .backends import CARD_NAME, sha256_file
-from .io import atomic_write
 from .methods.embedder import Embedder
 
 log = logging.getLogger(__name__)
@@ -267,21 +266,13 @@ def _card_extra(fmt: str, info: dict, embedder: Embedder, checkpoint: Path, name
 
 def _rewrite_with_card(src: Path, out: Path, extra: dict, overwrite: bool) -> dict:
     """Copy the package ``src`` to ``out`` with ``extra`` merged into its card; writes the sha256 sidecar."""
+    from .export import write_package
+
     with zipfile.ZipFile(src) as zf:
         members = {n: zf.read(n) for n in zf.namelist()}
     card = json.loads(members.pop(CARD_NAME).decode("utf-8"))
     card.update(extra)
-
-    def write(tmp: Path) -> None:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-            zf.writestr(CARD_NAME, json.dumps(card, indent=1, sort_keys=True))
-            for member, data in members.items():
-                zf.writestr(member, data)
-
-    atomic_write(out, write, overwrite=overwrite)
-    digest = sha256_file(out)
-    atomic_write(out.with_name(out.name + ".sha256"), lambda p: p.write_text(f"{digest}  {out.name}\n", encoding="utf-8"),
-                 overwrite=True)
+    write_package(out, card, members, overwrite)
     return card
 
 

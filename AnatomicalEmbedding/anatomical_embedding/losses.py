@@ -1,4 +1,5 @@
-"""Contrastive losses shared by the methods (AEFM's L_AC and L_RC; MoCo-style InfoNCE).
+"""Contrastive losses shared by the methods (AEFM's L_AC and L_RC; MoCo-style InfoNCE; Adam's
+InfoNCE over a purposively pruned memory bank).
 
 All functions take L2-normalised embeddings unless stated otherwise and return scalar tensors.
 """
@@ -63,3 +64,33 @@ def region_contrastive_loss(means: torch.Tensor, means_momentum: torch.Tensor) -
     num = torch.logaddexp(torch.zeros_like(p), p)  # log(1 + e^P)
     den = torch.logsumexp(torch.stack([torch.zeros_like(p), p, n]), dim=0)
     return den - num
+
+
+def purposive_prune_mask(query: torch.Tensor, bank: torch.Tensor, gamma: float, level: int) -> torch.Tensor:
+    """Adam's Purposive Pruner (supplementary Algorithm 1) as a keep-mask: ``(B, K)`` bool, True = key kept.
+
+    ``query``: (B, C) anchor embeddings q; ``bank``: (K, C) memory bank keys. At granularity level ``n = 0`` the
+    bank is used whole; otherwise key ``k_i`` is kept for anchor q only if ``sim(k_i, q) < gamma`` (cosine
+    similarity, both re-normalised as in Algorithm 1), i.e. every key with similarity >= gamma is removed.
+    """
+    keep = torch.ones(query.shape[0], bank.shape[0], dtype=torch.bool, device=query.device)
+    if level == 0 or bank.shape[0] == 0:
+        return keep
+    sim = F.normalize(query.detach().float(), dim=1) @ F.normalize(bank.float(), dim=1).t()
+    return sim < gamma
+
+
+def pruned_info_nce(query: torch.Tensor, key: torch.Tensor, bank: torch.Tensor | None, temperature: float,
+                    gamma: float, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam's loss: MoCo's InfoNCE of each query against its positive key and its own pruned memory bank.
+
+    ``L = mean_b -log( exp(q_b.k_b/t) / (exp(q_b.k_b/t) + sum_{i in MB_pruned(q_b)} exp(q_b.k_i/t)) )`` with
+    ``MB_pruned`` from :func:`purposive_prune_mask`. Returns ``(loss, keep mask (B, K))``.
+    """
+    bank = query.new_zeros(0, query.shape[1]) if bank is None else bank
+    keep = purposive_prune_mask(query, bank, gamma, level)
+    pos = (query.float() * key.float()).sum(dim=1, keepdim=True)
+    neg = (query.float() @ bank.float().t()).masked_fill(~keep, float("-inf"))
+    logits = torch.cat([pos, neg], dim=1) / temperature
+    target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    return F.cross_entropy(logits, target), keep

@@ -9,6 +9,7 @@ import importlib
 
 #: name -> "module:Class" (relative to this package).
 _REGISTRY: dict[str, str] = {
+    "adam": ".adam:AdamEveMethod",
     "aefm": ".aefm:AEFMMethod",
     "anatomask": ".anatomask:AnatoMaskMethod",
     "hdssl": ".hdssl:HDSSLMethod",

@@ -13,6 +13,10 @@ Hooks, in the order the engine uses them:
 * ``preprocess_config(config)`` -> ``data.PreprocessConfig`` (classmethod): spacing and intensity preset
   of the cached data; ``min_image_size(config)``: smallest usable volume (i, j, k voxels), checked
   before training.
+* ``accepts_2d(config)`` (classmethod): True when the method trains on 2D images (single-slice volumes);
+  otherwise the engine refuses them up front.
+* ``load_initial_weights()``: called once on a new run (not on resume) after the method is built, to start
+  from another run's weights (Adam/Eve's staged training, ``init_from``); default: nothing.
 * ``default_epochs()``; ``case_weights(labelled, epoch)``: optional case sampling weights (None = each
   epoch is a permutation of the cases).
 * ``make_sample(item, rng, epoch)``: the sampler and augmentations for one preprocessed case; runs in
@@ -28,8 +32,9 @@ Hooks, in the order the engine uses them:
 * ``embedder()``: the dense :class:`~anatomical_embedding.methods.embedder.Embedder` used downstream;
   ``model_info()``: method-specific model-card fields (spacing, preset, patch size, channels).
 
-How the other methods fit: Adam/Eve keeps a momentum encoder plus a pruned memory bank (buffers; the
-pruning in ``after_optimizer_step``) and samples crops of one image in ``make_sample``; AnatoMask keeps
+How the other methods fit: Adam/Eve keeps a momentum encoder plus a memory bank (buffers; keys enqueued in
+``after_optimizer_step``, pruned per query in ``forward``) and draws a decomposer part of one image and two
+views of it in ``make_sample``; AnatoMask keeps
 an EMA teacher (``after_optimizer_step``) whose reconstruction error guides the mask drawn in
 ``forward``; HDSSL samples overlapping patch pairs (``training.patches``) and returns the contrastive
 and restorative terms in ``terms``. None needs an engine special case.
@@ -94,6 +99,13 @@ class Method(nn.Module):
     @classmethod
     def min_image_size(cls, config: Any) -> tuple[int, int, int]:
         return (1, 1, 1)
+
+    @classmethod
+    def accepts_2d(cls, config: Any) -> bool:
+        return False
+
+    def load_initial_weights(self) -> None:
+        return None
 
     def default_epochs(self) -> int:
         return 100

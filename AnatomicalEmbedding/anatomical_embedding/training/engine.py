@@ -179,7 +179,8 @@ class Trainer:
         method_cls = get_method(self.cfg.method)
         spec = DatasetSpec.from_path(self.data, self.labels)
         prep = method_cls.preprocess_config(self.cfg.method_config)
-        spec.check_volumes(min_size_ijk=method_cls.min_image_size(self.cfg.method_config), spacing=prep.spacing)
+        spec.check_volumes(min_size_ijk=method_cls.min_image_size(self.cfg.method_config), spacing=prep.spacing,
+                           allow_2d=method_cls.accepts_2d(self.cfg.method_config))
         cache = Path(tc.cache_dir) if tc.cache_dir else run_dir / "cache"
         base = build_dataset(spec, prep, cache_dir=cache)
         if dist_info.is_main:  # fill the preprocessing cache once before other ranks read it
@@ -192,6 +193,8 @@ class Trainer:
         self.cfg.method_config = method_cls.configure_from_data(self.cfg.method_config, info)
         torch.manual_seed(tc.seed)
         method: Method = method_cls(self.cfg.method_config).to(device)
+        if not self.resume:  # e.g. a later Adam/Eve stage starting from the previous stage's run
+            method.load_initial_weights()
         if tc.channels_last:
             method = method.to(memory_format=torch.channels_last_3d)
         steps_per_epoch = max(1, math.ceil(len(spec.cases) / tc.batch_size))
