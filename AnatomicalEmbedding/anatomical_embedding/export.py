@@ -37,33 +37,15 @@ OPSET = 17
 
 
 def coarse_forward(embedder: Any, x):
-    """Coarse output only, skipping the full-resolution decoder when the network allows it.
-
-    Uses ``embedder.forward_coarse`` when it exists; for the AEFM U-Net the coarse map comes from
-    ``up_layer_4``, so the path is reproduced here (same modules, same order as ``AEFMUNet.forward``).
-    Any other embedder runs its full forward and the fine output is dropped.
-    """
-    import torch
-    import torch.nn.functional as F
-
+    """Coarse output only: ``embedder.forward_coarse`` when the network has a cheaper coarse path (it skips
+    the full-resolution decoder), otherwise the full forward with the fine output dropped."""
     if hasattr(embedder, "forward_coarse"):
         return embedder.forward_coarse(x)
-    names = ("down_layer_1", "down_layer_2", "down_layer_3", "down_layer_4", "bottom_layer", "up_layer_4",
-             "global_full_connection")
-    if all(hasattr(embedder, n) for n in names):
-        d1 = embedder.down_layer_1(x)
-        d2 = embedder.down_layer_2(d1)
-        d3 = embedder.down_layer_3(d2)
-        d4 = embedder.down_layer_4(d3)
-        b = embedder.bottom_layer(d4)
-        u4 = embedder.up_layer_4(torch.cat([b, d4], dim=1))
-        return F.normalize(embedder.global_full_connection(u4), dim=1)
     return embedder(x)[0]
 
 
 def has_coarse_path(embedder: Any) -> bool:
-    return hasattr(embedder, "forward_coarse") or all(
-        hasattr(embedder, n) for n in ("down_layer_4", "up_layer_4", "global_full_connection"))
+    return hasattr(embedder, "forward_coarse")
 
 
 def _onnx_bytes(module, example, output_names: list[str], opset: int) -> bytes:

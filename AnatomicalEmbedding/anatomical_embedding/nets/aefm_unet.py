@@ -68,19 +68,27 @@ class AEFMUNet(Embedder):
         self.up_layer_1 = _up(w1 + o2, t, True)
         self.global_full_connection = nn.Conv3d(o4, t, kernel_size=1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_to_u4(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         d1 = self.down_layer_1(x)
         d2 = self.down_layer_2(d1)
         d3 = self.down_layer_3(d2)
         d4 = self.down_layer_4(d3)
         b = self.bottom_layer(d4)
         # Skip concatenation puts the decoder tensor first (as the published forward).
-        u4 = self.up_layer_4(torch.cat([b, d4], dim=1))
+        return d1, d2, d3, self.up_layer_4(torch.cat([b, d4], dim=1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d1, d2, d3, u4 = self._encode_to_u4(x)
         u3 = self.up_layer_3(torch.cat([u4, d3], dim=1))
         u2 = self.up_layer_2(torch.cat([u3, d2], dim=1))
         u1 = self.up_layer_1(torch.cat([u2, d1], dim=1))
         g = self.global_full_connection(u4)
         return F.normalize(g, dim=1), F.normalize(u1, dim=1)
+
+    def forward_coarse(self, x: torch.Tensor) -> torch.Tensor:
+        """The global (coarse) embedding alone: the coarse map comes from ``up_layer_4``, so the three
+        full-resolution decoder blocks are skipped (most of the cost of embedding a whole volume)."""
+        return F.normalize(self.global_full_connection(self._encode_to_u4(x)[3]), dim=1)
 
 
 class SegmentationHead(nn.Module):
