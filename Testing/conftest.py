@@ -13,3 +13,19 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 pytest_plugins = ["fixtures_mrml", "fixtures_data"]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-demo-quick", action="store_true",
+                     help="also run the tests marked demo_quick (the whole `demo --quick`; .ci/run does)")
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+
+    if config.getoption("--run-demo-quick"):
+        return
+    skip = pytest.mark.skip(reason="`demo --quick` takes minutes: run it with --run-demo-quick (as .ci/run does)")
+    for item in items:
+        if "demo_quick" in item.keywords:
+            item.add_marker(skip)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from anatomical_embedding.demo import DemoSettings, run_demo
 
@@ -38,3 +39,23 @@ def test_tiny_demo_runs_every_stage(tmp_path, monkeypatch):
     from test_report_tables import check_report
 
     check_report(md, html, out / "landmark_errors.csv", out / "fewshot_metrics.csv")
+
+
+@pytest.mark.demo_quick
+def test_quick_demo_report_numbers_come_from_the_run(tmp_path):
+    """``demo --quick`` as a user runs it (all methods, the quick preset) writes a report built from its CSVs."""
+    from test_report_tables import check_report
+
+    from anatomical_embedding.cli import main
+    from anatomical_embedding.methods import available_methods
+
+    out = tmp_path / "quick"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    summary = json.loads((out / "demo_summary.json").read_text(encoding="utf-8"))
+    assert set(summary["methods"]) == set(available_methods())
+    for method in available_methods():
+        assert (out / "models" / f"{method}.aemodel").is_file()
+        assert {f"{method} raw", f"{method} robust prior"} <= set(summary["landmarks"])
+    assert any(k.startswith("U-Net from scratch") for k in summary["fewshot_mean_dice"])
+    check_report(out / "report.md", out / "report.html", out / "landmark_errors.csv", out / "fewshot_metrics.csv")
+    print(f"demo --quick: {summary['seconds']:.0f} s")

@@ -45,9 +45,9 @@ class DemoSettings:
     @classmethod
     def for_mode(cls, quick: bool, full: bool) -> "DemoSettings":
         if quick:
-            return cls(n_subjects=9, n_held_out=3, cohort_spacing=5.0, cohort_size=64, train_steps=120,
+            return cls(n_subjects=9, n_held_out=3, cohort_spacing=5.0, cohort_size=64, train_steps=80,
                        model_spacing=6.0, patch=32, shots=(1, 5), registration=("affine",),
-                       fewshot_voxels=500, fewshot_epochs=40, scratch_steps=100)
+                       fewshot_voxels=500, fewshot_epochs=40, scratch_steps=60)
         if full:
             return cls(n_subjects=40, n_held_out=8, cohort_spacing=2.0, cohort_size=None, train_steps=4000,
                        model_spacing=2.0, patch=96, device="auto", fewshot_voxels=3000, fewshot_epochs=100,

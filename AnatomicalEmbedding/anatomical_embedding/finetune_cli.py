@@ -69,17 +69,13 @@ def class_names_from_labels(data: str, labels: str | None) -> tuple[str, ...]:
 def resolve_finetune_config(out: str | Path, config_file: str | None, overrides: list[str], mode: str | None,
                             init_from: str | None, resume: bool, data: str, labels: str | None):
     """The finetune RunConfig of ``finetune`` and ``train.py --method finetune`` (one place for both)."""
-    from .training.config import load_run_config
+    from .training.config import config_file_for_run, load_run_config
 
-    out = Path(out)
     overrides = list(overrides)
     if resume:
-        saved = out / "config.toml"
-        if not saved.is_file():
-            raise FileNotFoundError(f"--resume: {saved} not found; is {out} a finetune run folder?")
-        if config_file or mode or init_from:
-            raise ValueError("--resume uses the run's own config.toml; drop --config/--mode/--init-from")
-        config_file = str(saved)
+        if mode or init_from:
+            raise ValueError("--resume uses the run's own config.toml; drop --mode/--init-from")
+        config_file = config_file_for_run(out, config_file, resume)
     else:
         if not config_file:
             overrides = list(FINETUNE_TRAIN_DEFAULTS) + overrides
