@@ -71,3 +71,33 @@ def trained_aefm_run(tmp_path_factory, phantom_cohort, held_out_ids) -> Path:
     rc = Trainer(cfg, manifest, run).run()
     assert rc == 0
     return run
+
+
+def nn_landmark_errors(embedder, subjects, spacing, preset) -> list[float]:
+    """Nearest-neighbour landmark matching error (mm) over ordered subject pairs: each source landmark's fine
+    embedding, cosine argmax over the whole target. The learning tests of every method use this one check."""
+    import itertools
+
+    import numpy as np
+    import torch
+
+    from anatomical_embedding.data import PreprocessConfig, preprocess_volume
+    from anatomical_embedding.io import pad_to_multiple, read_image
+
+    embedded = {}
+    for s in subjects:
+        vol, _ = preprocess_volume(read_image(s.image_path), PreprocessConfig(spacing=tuple(spacing), preset=preset))
+        padded, _ = pad_to_multiple(vol, embedder.size_multiple, value=float(vol.array.min()))
+        with torch.no_grad():
+            embedded[s.id] = (embedder(torch.from_numpy(padded.array)[None, None])[1][0], padded)
+    errors = []
+    for a, b in itertools.permutations(subjects, 2):
+        (fa, va), (fb, vb) = embedded[a.id], embedded[b.id]
+        flat_b = fb.reshape(fb.shape[0], -1)
+        for name, pa in a.landmarks.items():
+            i, j, k = np.rint(va.world_to_index(np.asarray(pa)[None], "LPS")[0]).astype(int)
+            k, j, i = (int(np.clip(v, 0, n - 1)) for v, n in zip((k, j, i), fa.shape[1:]))
+            kb, jb, ib = np.unravel_index(int(torch.argmax(fa[:, k, j, i] @ flat_b)), fb.shape[1:])
+            pred = vb.index_to_world(np.array([[ib, jb, kb]], dtype=float), "LPS")[0]
+            errors.append(float(np.linalg.norm(pred - np.asarray(b.landmarks[name]))))
+    return errors

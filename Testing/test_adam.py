@@ -17,7 +17,7 @@ from anatomical_embedding.losses import pruned_info_nce, purposive_prune_mask
 from anatomical_embedding.methods import available_methods, get_method
 from anatomical_embedding.methods.adam import AdamEveConfig, AdamEveMethod, decompose, make_view
 from anatomical_embedding.methods.base import StepContext
-from fixtures_data import write_training_manifest
+from fixtures_data import nn_landmark_errors, write_training_manifest
 
 CTX = StepContext(step=0, epoch=0, total_steps=1)
 
@@ -351,31 +351,6 @@ TINY_ADAM_OVERRIDES = [
 ]
 
 
-def _match_errors(embedder, subjects, spacing, preset) -> list[float]:
-    """Nearest-neighbour landmark matching error (mm) over ordered subject pairs (fine map, cosine argmax); the
-    same evaluation as the HDSSL and AnatoMask learning tests."""
-    from anatomical_embedding.data import PreprocessConfig, preprocess_volume
-    from anatomical_embedding.io import pad_to_multiple, read_image
-
-    embedded = {}
-    for s in subjects:
-        vol, _ = preprocess_volume(read_image(s.image_path), PreprocessConfig(spacing=tuple(spacing), preset=preset))
-        padded, _ = pad_to_multiple(vol, embedder.size_multiple, value=float(vol.array.min()))
-        with torch.no_grad():
-            embedded[s.id] = (embedder(torch.from_numpy(padded.array)[None, None])[1][0], padded)
-    errors = []
-    for a, b in itertools.permutations(subjects, 2):
-        (fa, va), (fb, vb) = embedded[a.id], embedded[b.id]
-        flat_b = fb.reshape(fb.shape[0], -1)
-        for name, pa in a.landmarks.items():
-            i, j, k = np.rint(va.world_to_index(np.asarray(pa)[None], "LPS")[0]).astype(int)
-            k, j, i = (int(np.clip(v, 0, s - 1)) for v, s in zip((k, j, i), fa.shape[1:]))
-            kb, jb, ib = np.unravel_index(int(torch.argmax(fa[:, k, j, i] @ flat_b)), fb.shape[1:])
-            pred = vb.index_to_world(np.array([[ib, jb, kb]], dtype=float), "LPS")[0]
-            errors.append(float(np.linalg.norm(pred - np.asarray(b.landmarks[name]))))
-    return errors
-
-
 @pytest.mark.slow
 def test_pretraining_beats_random_init(phantom_cohort, held_out_ids, tmp_path):
     from anatomical_embedding.training.checkpoints import build_embedder, load_embedder_from_run
@@ -398,8 +373,8 @@ def test_pretraining_beats_random_init(phantom_cohort, held_out_ids, tmp_path):
     random_init = build_embedder("adam", cfg.to_dict()["config"]).eval()
     subjects = [s for s in phantom_cohort.subjects if s.id in held_out_ids]
     spacing, preset = info["spacing"], info["intensity_preset"]["name"]
-    err_trained = float(np.mean(_match_errors(trained, subjects, spacing, preset)))
-    err_random = float(np.mean(_match_errors(random_init, subjects, spacing, preset)))
+    err_trained = float(np.mean(nn_landmark_errors(trained, subjects, spacing, preset)))
+    err_random = float(np.mean(nn_landmark_errors(random_init, subjects, spacing, preset)))
     err_identity = float(np.mean([np.linalg.norm(np.asarray(a.landmarks[n]) - np.asarray(b.landmarks[n]))
                                   for a, b in itertools.permutations(subjects, 2) for n in a.landmarks]))
     print(f"Adam/Eve mean landmark error (mm): trained {err_trained:.1f}, random init {err_random:.1f}, "

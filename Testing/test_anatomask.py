@@ -31,7 +31,7 @@ from anatomical_embedding.nets.stunet import (
     STUNetEncoder,
     mask_at,
 )
-from fixtures_data import write_training_manifest
+from fixtures_data import nn_landmark_errors, write_training_manifest
 
 TINY_WIDTHS = (4, 8, 16, 32, 32, 32)
 
@@ -380,30 +380,6 @@ TINY_ANATOMASK_OVERRIDES = [
 ]
 
 
-def _match_errors(embedder, subjects, spacing, preset) -> list[float]:
-    """Nearest-neighbour landmark matching error (mm) over ordered subject pairs (fine map, cosine argmax)."""
-    from anatomical_embedding.data import PreprocessConfig, preprocess_volume
-    from anatomical_embedding.io import pad_to_multiple, read_image
-
-    embedded = {}
-    for s in subjects:
-        vol, _ = preprocess_volume(read_image(s.image_path), PreprocessConfig(spacing=tuple(spacing), preset=preset))
-        padded, _ = pad_to_multiple(vol, embedder.size_multiple, value=float(vol.array.min()))
-        with torch.no_grad():
-            embedded[s.id] = (embedder(torch.from_numpy(padded.array)[None, None])[1][0], padded)
-    errors = []
-    for a, b in itertools.permutations(subjects, 2):
-        (fa, va), (fb, vb) = embedded[a.id], embedded[b.id]
-        flat_b = fb.reshape(fb.shape[0], -1)
-        for name, pa in a.landmarks.items():
-            i, j, k = np.rint(va.world_to_index(np.asarray(pa)[None], "LPS")[0]).astype(int)
-            k, j, i = (int(np.clip(v, 0, s - 1)) for v, s in zip((k, j, i), fa.shape[1:]))
-            kb, jb, ib = np.unravel_index(int(torch.argmax(fa[:, k, j, i] @ flat_b)), fb.shape[1:])
-            pred = vb.index_to_world(np.array([[ib, jb, kb]], dtype=float), "LPS")[0]
-            errors.append(float(np.linalg.norm(pred - np.asarray(b.landmarks[name]))))
-    return errors
-
-
 def _heldout_reconstruction(net, subjects, spacing, preset, n_masks: int = 4) -> float:
     """Mean eq. (2) over held-out volumes (padded to the mask grid) under fixed random masks, eval mode."""
     from anatomical_embedding.data import PreprocessConfig, preprocess_volume
@@ -441,8 +417,8 @@ def test_engine_pretraining_beats_random_init(phantom_cohort, held_out_ids, tmp_
     spacing, preset = info["spacing"], info["intensity_preset"]["name"]
     rec_trained, rec_random = _heldout_reconstruction(trained.net, subjects, spacing, preset), \
         _heldout_reconstruction(random_init.net, subjects, spacing, preset)
-    err_trained = float(np.mean(_match_errors(trained, subjects, spacing, preset)))
-    err_random = float(np.mean(_match_errors(random_init, subjects, spacing, preset)))
+    err_trained = float(np.mean(nn_landmark_errors(trained, subjects, spacing, preset)))
+    err_random = float(np.mean(nn_landmark_errors(random_init, subjects, spacing, preset)))
     err_identity = float(np.mean([np.linalg.norm(np.asarray(a.landmarks[n]) - np.asarray(b.landmarks[n]))
                                   for a, b in itertools.permutations(subjects, 2) for n in a.landmarks]))
     print(f"AnatoMask held-out eq. (2): trained {rec_trained:.3f}, random init {rec_random:.3f}; mean landmark "
