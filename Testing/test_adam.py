@@ -305,6 +305,70 @@ def test_2d_png_and_dicom_train_through_the_engine(tmp_path):
         _run(vol_dir, tmp_path / "bad", ["method.dims=2", "method.depth=10", "method.input_size=[32,32]"])
 
 
+def test_2d_adam_run_finetunes_a_2d_unet_through_the_cli(tmp_path, capsys):
+    """The paper's protocol in 2D: a 2D Adam run initialises the 2D U-Net of ``finetune --mode backbone`` on
+    single-slice labelled images (patches (i, j, 1), 2D sliding windows), and ``segment`` writes a labelmap on
+    the image's grid."""
+    import json
+
+    from anatomical_embedding.cli import main as cli_main
+    from anatomical_embedding.io import Volume, read_image, write_image
+    from anatomical_embedding.methods.finetune import load_finetuned
+    from anatomical_embedding.training.checkpoints import load_checkpoint
+
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    yy, xx = np.mgrid[:32, :32]
+    for n in range(4):  # a bright disk (label 1) on a smooth background, as single-slice volumes
+        cy, cx = 12 + 3 * n, 20 - 2 * n
+        disk = ((yy - cy) ** 2 + (xx - cx) ** 2 < 36)
+        arr = (0.3 * _smooth((32, 32), n).numpy() + 0.7 * disk).astype(np.float32)[None]
+        direction = np.eye(3)
+        write_image(Volume(arr, spacing=(1.0, 1.0, 1.0), origin=(5.0, -3.0, 2.0), direction=direction),
+                    images / f"cxr_{n}.nii.gz")
+        write_image(Volume(disk.astype(np.int16)[None], spacing=(1.0, 1.0, 1.0), origin=(5.0, -3.0, 2.0),
+                           direction=direction), labels / f"cxr_{n}.nii.gz")
+    pre = _run(images, tmp_path / "adam2d", [
+        "method.dims=0", "method.depth=10", "method.widths=[4,8,8,16]", "method.conv1_stride=1",
+        "method.input_size=[16,16]", "method.bank_size=8", "method.levels=[0]", "method.coarse_dim=8",
+        "method.fine_dim=8", "train.batch_size=2", "train.max_steps=2", "train.lr=0.03"])
+    pretrained = load_checkpoint(pre / "checkpoints" / "last.pt")["model"]
+    run = tmp_path / "seg2d"
+    # Backbone frozen for 3 steps (the schedule freezes exactly), then trained with it for 3 more.
+    assert cli_main(["finetune", "--data", str(images), "--labels", str(labels), "--mode", "backbone",
+                     "--init-from", str(pre), "--out", str(run), *[f"--set={s}" for s in QUIET + [
+                         "train.batch_size=2", "train.max_steps=6", "train.ckpt_every=3", "train.lr=3e-3",
+                         "train.optimizer=\"adam\"", "method.backbone_freeze_steps=3", "method.backbone_ramp_steps=0",
+                         "method.val_every=6", "method.val_fraction=0.25", "method.foreground_fraction=1.0",
+                         "method.sw_overlap=0.25"]]]) == 0
+    method = load_finetuned(run, "last")
+    assert method.is_2d and tuple(method.config.patch_size) == (16, 16, 1)  # the pretraining input size, k = 1
+    frozen = load_checkpoint(run / "checkpoints" / "step_00000003.pt")["model"]
+    last = load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+    enc = {k[len("network.backbone."):]: v for k, v in frozen.items() if k.startswith("network.backbone.")}
+    assert enc and all(torch.equal(v, pretrained[f"encoder.{k}"]) for k, v in enc.items())  # (a) pretrained init
+    conv = next(k for k in enc if k.endswith("conv1.weight"))
+    assert not torch.equal(last[f"network.backbone.{conv}"], frozen[f"network.backbone.{conv}"])  # (b) then trained
+    assert not torch.equal(last["network.head.weight"], frozen["network.head.weight"])
+    events = [json.loads(line) for line in (run / "progress.jsonl").read_text().splitlines()]
+    losses = [e["loss"] for e in events if e["event"] == "progress"]
+    assert len(losses) == 6 and losses[-1] < losses[0]  # (b) the Dice-CE loss falls
+    evals = [e for e in events if e["event"] == "eval"]
+    assert [e["step"] for e in evals] == [6] and 0.0 <= evals[0]["metrics"]["val_dice"] <= 1.0  # 2D windows ran
+    # (c) segment: a labelmap with the image's geometry, through the CLI.
+    out = tmp_path / "cxr_0_seg.nii.gz"
+    assert cli_main(["segment", "--run", str(run), "--image", str(images / "cxr_0.nii.gz"), "--out", str(out),
+                     "--device", "cpu", "--checkpoint", "last"]) == 0
+    seg, src = read_image(out), read_image(images / "cxr_0.nii.gz")
+    assert seg.array.shape == src.array.shape == (1, 32, 32)
+    assert np.allclose(seg.spacing, src.spacing) and np.allclose(seg.origin, src.origin)
+    assert set(np.unique(seg.array).tolist()) <= {0, 1}
+    # A 2D model finetunes only as a backbone (the 2D embedding has no slice axis to up-sample).
+    capsys.readouterr()
+    assert cli_main(["finetune", "--data", str(images), "--labels", str(labels), "--init-from", str(pre),
+                     "--out", str(tmp_path / "bad"), *[f"--set={s}" for s in QUIET]]) != 0
+    assert "finetune it with --mode backbone" in capsys.readouterr().err
+
+
 def test_stage_run_starts_from_the_previous_stage_weights(phantom_cohort, held_out_ids, tmp_path):
     """A level-2 run with ``init_from`` = a level-0 run starts with exactly that run's weights (online and key
     networks and the bank): with lr 0 and momentum 1 one step leaves them unchanged, so the level-2 run's first

@@ -25,7 +25,8 @@ examples:
 
 modes: embedding (default): a MONAI U-Net on the image plus the frozen embedding of --init-from (AEFM's
 downstream network); backbone: the pretrained network finetuned as the encoder (methods listed in
-methods/backbones.py: aefm, hdssl); scratch: the U-Net on the image alone, randomly initialised (baseline).
+methods/backbones.py: aefm, hdssl, anatomask, adam; a 2D Adam/Eve run trains on single-slice images with
+method.patch_size=[i,j,1]); scratch: the U-Net on the image alone, randomly initialised (baseline).
 
 Label maps (all with the same label values) are required; unlabelled cases are skipped. A share of the
 labelled cases (method.val_fraction) is held out and evaluated with sliding windows every

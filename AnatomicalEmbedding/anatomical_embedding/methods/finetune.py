@@ -19,6 +19,11 @@ calls :meth:`FinetuneMethod.evaluate`: MONAI ``sliding_window_inference`` over e
 foreground class (MONAI ``DiceMetric``), logged as ``val_dice`` and ``val_dice_error`` (= 1 - Dice, the
 default ``train.best_metric`` of finetune runs, so ``best.pt`` is the best validated model).
 
+2D pretrained models (Adam/Eve ``dims = 2``, the paper's radiographs; :meth:`FinetuneMethod.source_is_2d`
+asks the source method's ``accepts_2d``): backbone mode only, on single-slice images. The flat axis is moved to
+k, patches are ``(i, j, 1)`` (``patch_size`` with k = 1; the default becomes the pretrained input size), and
+validation and ``segment`` use 2D sliding windows on the slice.
+
 Preprocessing: the pretrained model's spacing and intensity preset unless ``spacing``/``preset`` are set
 (scratch without ``init_from``: 1 mm and ``ct_aefm``). ``class_names`` (index = label value) are written
 by the CLI from the label files and used by :func:`segment_volume` for the output segment names.
@@ -50,7 +55,7 @@ class FinetuneConfig:
     init_checkpoint: str = "last"  # checkpoint of init_from: last | best | step number
     spacing: tuple[float, ...] = ()  # mm along (i, j, k); () = the pretrained model's (scratch: 1 mm)
     preset: str = ""  # intensity preset name; "" = the pretrained model's (scratch: ct_aefm)
-    patch_size: tuple[int, int, int] = (96, 96, 96)  # voxels along (i, j, k); multiples of 16
+    patch_size: tuple[int, int, int] = (96, 96, 96)  # voxels along (i, j, k); multiples of 16 (2D source: k = 1)
     num_classes: int = 0  # 0 = max label value + 1
     class_names: tuple[str, ...] = ()  # name of each label value (index 0 = background); set by the CLI
     foreground_fraction: float = 0.67  # share of patches centred on a foreground class
@@ -125,10 +130,26 @@ def _preset_text(preset: str | dict) -> str:
     return json.dumps(preset, sort_keys=True)
 
 
-def _require_multiple(size: Sequence[int], multiple: int, what: str) -> None:
+def _require_multiple(size: Sequence[int], multiple: int, what: str, is_2d: bool = False) -> None:
+    if is_2d:  # (i, j, 1): the slice axis is not convolved
+        if int(size[2]) != 1 or any(int(s) % multiple for s in size[:2]):
+            raise ValueError(f"finetune patch_size {list(size)} of a 2D pretrained model must be (i, j, 1) with i, j "
+                             f"multiples of {multiple} ({what}); e.g. --set method.patch_size="
+                             f"[{multiple * 4},{multiple * 4},1]")
+        return
     if any(int(s) % multiple for s in size):
         raise ValueError(f"finetune patch_size {list(size)} must be multiples of {multiple} ({what}); "
                          f"e.g. --set method.patch_size=[{multiple * 4},{multiple * 4},{multiple * 4}]")
+
+
+def _slice_axis(shape: Sequence[int], what: str) -> int:
+    """The flat axis of a single-slice volume (k, j, i), preferring k; ValueError for a volume."""
+    flat = [a for a, s in enumerate(shape) if int(s) == 1]
+    if not flat:
+        raise ValueError(f"{what} is a volume of {tuple(int(s) for s in shape)} voxels but the pretrained model is 2D "
+                         "(Adam/Eve dims=2): finetune and segment it on single-slice images, or pretrain with "
+                         "method.dims=3")
+    return 0 if 0 in flat else flat[0]
 
 
 #: Paper schedules of the backbone mode: method -> (frozen steps, ramp steps, lr factor at the ramp's start).
@@ -170,6 +191,7 @@ class FinetuneMethod(Method):
         if c.mode != "scratch" and not c.source_method and not c.init_from:
             raise ValueError(f"finetune mode {c.mode!r} needs a pretrained model: pass --init-from RUN_DIR")
         state = None
+        self.is_2d = self.accepts_2d(c)
         if c.mode != "scratch":
             if load_pretrained and c.init_from:
                 name, cfg_dict, _, state = read_source(c.init_from, c.init_checkpoint)
@@ -206,7 +228,7 @@ class FinetuneMethod(Method):
         else:
             self.network = self._unet(1)
             self.size_multiple = self.network_multiple
-        _require_multiple(c.patch_size, self.size_multiple, f"the {c.mode} network's size multiple")
+        _require_multiple(c.patch_size, self.size_multiple, f"the {c.mode} network's size multiple", self.is_2d)
         from monai.losses import DiceCELoss
 
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -248,6 +270,37 @@ class FinetuneMethod(Method):
 
     # ----------------------------------------------------------------- data
     @classmethod
+    def source_is_2d(cls, config: FinetuneConfig) -> bool:
+        """True when the pretrained model is a 2D network (its method's ``accepts_2d``, e.g. Adam/Eve dims=2)."""
+        if config.mode == "scratch":
+            return False
+        name, cfg_dict = config.source_method, config.source_config
+        if not name:
+            path = Path(config.init_from) / "config.toml" if config.init_from else None
+            if path is None or not path.is_file():
+                return False  # read_source reports the missing run
+            from ..training.config import read_run_config
+
+            run = read_run_config(path)
+            name, cfg_dict = run.method, run.to_dict()["config"]
+        if name == cls.name:
+            return False  # read_source refuses a finetune run as a source
+        from ..training.config import build_dataclass
+        from . import get_method
+
+        source = get_method(name)
+        return bool(source.accepts_2d(build_dataclass(source.Config, dict(cfg_dict), "method")))
+
+    @classmethod
+    def accepts_2d(cls, config: FinetuneConfig) -> bool:
+        if not cls.source_is_2d(config):
+            return False
+        if config.mode != "backbone":  # the 2D embedding has no slice axis to up-sample for the 3D U-Net
+            raise ValueError(f"the pretrained model {config.init_from or config.source_method} is 2D (e.g. Adam/Eve "
+                             f"dims=2); finetune it with --mode backbone (its 2D U-Net), not --mode {config.mode}")
+        return True
+
+    @classmethod
     def _source_info(cls, config: FinetuneConfig) -> dict:
         if config.source_info:
             return config.source_info
@@ -275,7 +328,9 @@ class FinetuneMethod(Method):
         from ..data import PreprocessConfig
 
         spacing, preset = cls.resolved_preprocessing(config)
-        return PreprocessConfig(spacing=spacing, preset=preset, min_size=tuple(int(p) for p in config.patch_size))
+        # 2D: no padding to the patch (it would make a slice flat along i or j a volume); crops pad instead.
+        min_size = (0, 0, 0) if cls.accepts_2d(config) else tuple(int(p) for p in config.patch_size)
+        return PreprocessConfig(spacing=spacing, preset=preset, min_size=min_size)
 
     @classmethod
     def min_image_size(cls, config: FinetuneConfig) -> tuple[int, int, int]:
@@ -302,6 +357,10 @@ class FinetuneMethod(Method):
             config.source_method, config.source_config = name, cfg_dict
             config.source_info = {k: v for k, v in model_info.items()
                                   if k in ("method", "spacing", "intensity_preset", "patch_size", "step")}
+        if config.patch_size == FinetuneConfig.patch_size and cls.accepts_2d(config):
+            # The 3D default makes no sense for a 2D network: use its pretraining input size (paper: 224 x 224).
+            size = list(config.source_info.get("patch_size") or [])[:2] or [224, 224]
+            config.patch_size = (int(size[0]), int(size[1]), 1)
         spacing, preset = cls.resolved_preprocessing(config)
         config.spacing = spacing
         config.preset = _preset_text(preset)
@@ -331,6 +390,9 @@ class FinetuneMethod(Method):
             raise ValueError(f"case {item.get('id')} has no label map")
         image = item["image"].numpy() if torch.is_tensor(item["image"]) else np.asarray(item["image"])
         label = item["label"].numpy() if torch.is_tensor(item["label"]) else np.asarray(item["label"])
+        if self.is_2d:  # the slice as (1, rows, cols): the 2D network sees its plane whatever the flat axis
+            axis = _slice_axis(image.shape, f"case {item.get('id')}")
+            image, label = np.moveaxis(image, axis, 0), np.moveaxis(label, axis, 0)
         size = np.asarray(self.config.patch_size[::-1], dtype=int)  # (k, j, i)
         centre = sample_centre(label, self.config.foreground_fraction, rng)
         lo = centre - size // 2
@@ -385,9 +447,18 @@ class FinetuneMethod(Method):
 
     def segment_array(self, image: torch.Tensor) -> torch.Tensor:
         """Labels (k, j, i) of a preprocessed image (k, j, i) by Gaussian-blended sliding windows."""
+        roi = tuple(int(p) for p in self.config.patch_size[::-1])
+        if self.is_2d:  # 2D windows over the slice; the network gets (N, C, 1, rows, cols)
+            axis = _slice_axis(image.shape, "the image")
+            plane = torch.movedim(image, axis, 0)
+            return torch.movedim(self._segment_windows(plane[0], roi[1:], lambda x: self.predict_logits(
+                x[:, :, None])[:, :, 0])[None], 0, axis)
+        return self._segment_windows(image, roi, self.predict_logits)
+
+    def _segment_windows(self, image: torch.Tensor, roi: tuple[int, ...], predictor) -> torch.Tensor:
+        """Labels of an image (2D or 3D) by sliding windows of ``roi`` (array order) through ``predictor``."""
         from monai.inferers import sliding_window_inference
 
-        roi = tuple(int(p) for p in self.config.patch_size[::-1])
         shape = tuple(image.shape)
         # Pad small volumes as training did (with the image minimum, i.e. air), not with MONAI's zeros.
         need = [max(0, r - s) for r, s in zip(roi, shape)]
@@ -396,10 +467,9 @@ class FinetuneMethod(Method):
             pads = [v for n in reversed(need) for v in (n // 2, n - n // 2)]
             x = F.pad(x, pads, value=float(x.min()))
         logits = sliding_window_inference(x, roi_size=roi, sw_batch_size=self.config.sw_batch_size,
-                                          predictor=self.predict_logits, overlap=self.config.sw_overlap,
-                                          mode="gaussian")
+                                          predictor=predictor, overlap=self.config.sw_overlap, mode="gaussian")
         lo = [n // 2 for n in need]
-        return logits[0, :, lo[0]:lo[0] + shape[0], lo[1]:lo[1] + shape[1], lo[2]:lo[2] + shape[2]].argmax(0)
+        return logits[(0, slice(None)) + tuple(slice(a, a + s) for a, s in zip(lo, shape))].argmax(0)
 
     # ----------------------------------------------------------------- export
     def embedder(self):
