@@ -49,14 +49,15 @@ def segmentation_metrics(pred: Volume, ref: Volume, names: Mapping[int, str], ns
     return rows
 
 
-def write_metrics_csv(rows: Sequence[dict], path: str | Path) -> Path:
+def write_metrics_csv(rows: Sequence[dict], path: str | Path, columns: Sequence[str] = METRIC_COLUMNS) -> Path:
+    """``rows`` (dicts with at least ``columns``) as a CSV with exactly those columns."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(METRIC_COLUMNS))
+        writer = csv.DictWriter(f, fieldnames=list(columns))
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: row[k] for k in METRIC_COLUMNS})
+            writer.writerow({k: row[k] for k in columns})
     return path
 
 

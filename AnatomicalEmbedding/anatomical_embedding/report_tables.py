@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .evaluation import METRIC_COLUMNS
+from .evaluation import METRIC_COLUMNS, write_metrics_csv
 from .landmark_eval import TransferRecord, summarise
 
 LANDMARK_COLUMNS = ("method", "source", "target", "landmark", "error_mm", "seconds_for_scan")
@@ -59,14 +59,7 @@ def landmark_tables(path: str | Path) -> tuple[Table, Table, dict[str, dict]]:
 def write_fewshot_csv(rows: Sequence[dict], path: str | Path) -> Path:
     """Per method, shot count, case and organ: Dice, HD95 and NSD (``evaluation.segmentation_metrics`` rows
     with ``method`` and ``shots`` added)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(FEWSHOT_COLUMNS))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row[k] for k in FEWSHOT_COLUMNS})
-    return path
+    return write_metrics_csv(rows, path, FEWSHOT_COLUMNS)
 
 
 def read_fewshot_csv(path: str | Path) -> list[dict]:
