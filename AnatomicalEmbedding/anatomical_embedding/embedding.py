@@ -416,6 +416,11 @@ class VolumeEmbedding:
                 return block
         return None
 
+    def clear_fine_tiles(self) -> None:
+        """Forget the fine tiles held in memory (the disk cache is untouched), e.g. to time a second matching
+        run as if the volume had just been embedded."""
+        self._tiles.clear()
+
     def _remember(self, t: tuple[int, int, int], block: np.ndarray) -> None:
         self._tiles[t] = block.astype(np.float16, copy=False)
         while len(self._tiles) > self._max_tiles:
