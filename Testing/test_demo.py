@@ -22,7 +22,7 @@ def test_tiny_demo_runs_every_stage(tmp_path, monkeypatch):
     assert html.is_file() and md.is_file()
     text = md.read_text(encoding="utf-8")
     assert "Provenance" in text
-    for figure in ("cohort_preview.png", "landmark_error_cdf.png", "heatmap.png", "fewshot_dice.png", "loss_aefm.png",
+    for figure in ("cohort_preview.png", "landmark_error_cdf.png", "heatmap_aefm.png", "fewshot_dice.png", "loss_aefm.png",
                    "fewshot_overlays.png"):
         assert (out / "figures" / figure).is_file(), figure
         assert figure in text
@@ -55,6 +55,7 @@ def test_quick_demo_report_numbers_come_from_the_run(tmp_path):
     assert set(summary["methods"]) == set(available_methods())
     for method in available_methods():
         assert (out / "models" / f"{method}.aemodel").is_file()
+        assert (out / "figures" / f"heatmap_{method}.png").is_file()
         assert {f"{method} raw", f"{method} robust prior"} <= set(summary["landmarks"])
     assert any(k.startswith("U-Net from scratch") for k in summary["fewshot_mean_dice"])
     check_report(out / "report.md", out / "report.html", out / "landmark_errors.csv", out / "fewshot_metrics.csv")

@@ -342,7 +342,7 @@ def _overlay_figure(state: DemoState, image, reference, segmentations: dict, col
 
 
 def _heatmap_figure(state: DemoState, matcher, src_img, target, point_lps: np.ndarray, truth_lps: np.ndarray,
-                    title: str) -> Path:
+                    title: str, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -367,7 +367,6 @@ def _heatmap_figure(state: DemoState, matcher, src_img, target, point_lps: np.nd
         ax.legend(loc="lower right", fontsize=7)
     fig.suptitle(f"{title}: similarity {match.similarity:.2f}, confidence {match.confidence:.2f}")
     fig.tight_layout()
-    path = state.out / "figures" / "heatmap.png"
     fig.savefig(path)
     plt.close(fig)
     return path
@@ -391,8 +390,9 @@ def _write_report(state: DemoState, records, seg_rows, seg_timing, figures: dict
                 "ONNX Runtime. All numbers below were measured by this run.")
     r.image(figures["preview"], "Phantom cohort: orthogonal slices with labels and landmarks")
     lm = add_landmark_results(r, landmark_csv, cdf)
-    if "heatmap" in figures:
-        r.image(figures["heatmap"], "Click to correspond: query, match and coarse similarity heatmap")
+    for key, png in figures.items():
+        if key.startswith("heatmap "):
+            r.image(png, f"Click to correspond, {key.split(' ', 1)[1]}: query, match and coarse similarity heatmap")
     if seg_rows:
         keys = add_fewshot_results(r, write_fewshot_csv(seg_rows, out / "fewshot_metrics.csv"))
         r.table(["head", "training (s)", "apply (s per case)"],
@@ -514,14 +514,13 @@ def run_demo(out: Path, quick: bool = False, full: bool = False, seed: int = 0, 
 
     state.stage(6, total, "writing the report")
     figures = {"preview": Path(state.summary["cohort"]["preview"])}
-    if packages:
-        method = next(iter(packages))
-        key = next(k for k in matchers if k[0] == method)
-        subjects = {s.id: s for s in cohort.subjects}
-        name = "kidney_left_upper_pole"
-        figures["heatmap"] = _heatmap_figure(state, matchers[key], src_img, targets[0],
-                                             subjects[train_ids[0]].landmarks[name], targets[0][2][name],
-                                             f"{method}, {name}")
+    subjects = {s.id: s for s in cohort.subjects}
+    name = "kidney_left_upper_pole"
+    for method in packages:  # the same query and target for every method
+        figures[f"heatmap {method}"] = _heatmap_figure(
+            state, matchers[(method, id(targets[0][1]))], src_img, targets[0],
+            subjects[train_ids[0]].landmarks[name], targets[0][2][name], f"{method}, {name}",
+            state.out / "figures" / f"heatmap_{method}.png")
     if examples:
         from .io import read_image
         from .io.labelmaps import read_labelmap
