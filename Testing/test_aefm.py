@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anatomical_embedding.losses import info_nce_queue, region_contrastive_loss, region_means
+from anatomical_embedding.losses import info_nce_in_image, info_nce_queue, region_contrastive_loss, region_means
 from anatomical_embedding.nets.aefm_unet import AEFMUNet
 from anatomical_embedding.training.momentum import FeatureQueue, make_momentum_copy, momentum_update
 from anatomical_embedding.training.patches import PatchPairConfig, gather_points, sample_patch_pair
@@ -56,6 +56,30 @@ def test_info_nce_queue_equals_hand_computation():
     assert float(info_nce_queue(q, k, d, t)) == pytest.approx(total / 5, rel=1e-5)
     # No negatives yet: a softmax over the positive alone.
     assert float(info_nce_queue(q, k, None, t)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_info_nce_in_image_equals_hand_computation():
+    g = torch.Generator().manual_seed(1)
+    q = F.normalize(torch.randn(2, 3, 4, generator=g), dim=-1)  # 2 samples x 3 points
+    k = F.normalize(torch.randn(2, 3, 4, generator=g), dim=-1)
+    d = F.normalize(torch.randn(5, 4, generator=g), dim=-1)
+    t = 0.1
+
+    def dot(a, b):
+        return sum(float(a[c] * b[c]) for c in range(4))
+
+    total = 0.0
+    for n in range(2):
+        for i in range(3):
+            pos = math.exp(dot(q[n, i], k[n, i]) / t)
+            own = sum(math.exp(dot(q[n, i], k[n, j]) / t) for j in range(3) if j != i)  # same sample only
+            queue = sum(math.exp(dot(q[n, i], d[j]) / t) for j in range(5))
+            total += -math.log(pos / (pos + own + queue))
+    assert float(info_nce_in_image(q, k, d, t)) == pytest.approx(total / 6, rel=1e-5)
+    # Without a queue only the sample's own other points are negatives.
+    total = sum(-math.log(math.exp(dot(q[n, i], k[n, i]) / t) / sum(math.exp(dot(q[n, i], k[n, j]) / t)
+                for j in range(3))) for n in range(2) for i in range(3))
+    assert float(info_nce_in_image(q, k, None, t)) == pytest.approx(total / 6, rel=1e-5)
 
 
 def test_region_contrastive_loss_equals_hand_computation():
@@ -151,6 +175,31 @@ def test_patch_pair_points_share_world_positions(seed):
     va = out2["patch_a"][0][tuple(out2["points_a"].T)]
     vb = out2["patch_b"][0][tuple(out2["points_b"].T)]
     assert (va - vb).abs().max() <= 0.5 * 1.1 * 50 / 32 * 0.17 + 1e-4
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_deformed_patch_pair_points_still_correspond(seed):
+    """Rotated and elastically deformed box B: each positive pair samples the same source point.
+
+    With an image equal to one source coordinate, A's and B's values at a positive pair differ only by
+    rounding to the nearest A voxel (half an A voxel = 0.5 * 1.1 * 48 / 32 source voxels at most)."""
+    shape = (40, 48, 44)
+    cfg = PatchPairConfig(patch_size=(32, 32, 32), n_pos=300, rotation_deg=15.0, elastic_voxels=1.5)
+    coords = np.meshgrid(*(np.arange(s, dtype=np.float32) for s in shape), indexing="ij")
+    ijk_to_lps = np.diag([2.0, 2.0, 2.0, 1.0])
+    for axis, c in enumerate(coords):
+        out = sample_patch_pair(torch.from_numpy(c), cfg, np.random.default_rng(seed), ijk_to_lps=ijk_to_lps)
+        va = out["patch_a"][0][tuple(out["points_a"].T)]
+        vb = out["patch_b"][0][tuple(out["points_b"].T)]
+        assert (va - vb).abs().max() <= 0.5 * 1.1 * max(shape) / 32 + 1e-4
+        # world_b is the deformed source point itself; world_a the nearest A voxel centre.
+        d = np.abs((out["world_a"] - out["world_b"]).numpy()) / 2.0
+        assert (d <= 0.5 * 1.1 * max(shape) / 32 + 1e-6).all()
+    # The deformation is real: in an axis-aligned box every k-slice of the k-coordinate image is constant.
+    plain = PatchPairConfig(patch_size=(32, 32, 32), n_pos=300)
+    for c, deformed in ((cfg, True), (plain, False)):
+        out = sample_patch_pair(torch.from_numpy(coords[0]), c, np.random.default_rng(seed))
+        assert (float(out["patch_b"][0].std(dim=(1, 2)).max()) > 0.5) == deformed
 
 
 def test_patch_pair_sizes_and_overlap_follow_the_paper():

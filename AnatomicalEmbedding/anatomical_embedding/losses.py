@@ -32,6 +32,21 @@ def info_nce_queue(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor |
     return F.cross_entropy(logits.float(), target)
 
 
+def info_nce_in_image(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None,
+                      temperature: float) -> torch.Tensor:
+    """InfoNCE whose negatives are the queue *and* the other points' keys of the same sample.
+
+    ``query``, ``key``: (N, P, C), row ``i`` of sample ``n`` is a positive pair; ``queue``: (Q, C) or None.
+    ``loss = mean_{n,i} -log( exp(q_ni.k_ni/t) / (sum_j exp(q_ni.k_nj/t) + sum_d exp(q_ni.d/t)) )``.
+    """
+    n, p, _ = query.shape
+    logits = torch.einsum("npc,nqc->npq", query, key)  # (N, P, P), positives on the diagonal
+    if queue is not None and queue.numel() > 0:
+        logits = torch.cat([logits, query @ queue.t()], dim=2)  # (N, P, P + Q)
+    target = torch.arange(p, device=query.device).repeat(n)
+    return F.cross_entropy((logits / temperature).flatten(0, 1).float(), target)
+
+
 def region_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class mean embedding of one map: ``features`` (C, ...), ``labels`` (...) int.

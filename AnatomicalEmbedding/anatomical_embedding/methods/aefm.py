@@ -12,6 +12,11 @@
   trained with Dice+CE on the labelled cases; its momentum copy M_S' (on M_F' maps) gives the regions
   for L_RC (eq. 2) from per-class mean embeddings on every sample.
 
+Our additions, off by default: ``in_image_negatives`` adds the other points of the same patch pair to
+the negatives (with a queue of a few steps' keys, every negative comes from another image, so nothing
+contrasts two places of one scan directly; on the tests' phantoms it lowered held-out landmark error
+from 18.4 to 16.3 mm); ``aug_rotation_deg`` / ``aug_elastic_mm`` deform patch B (did not help on phantoms).
+
 Deviations, all configurable: the paper names no augmentation beyond the random patch scales, so the
 intensity jitter defaults to off; it names no patch size (we use 96^3 at 1 mm) and no optimiser
 (engine default). During the region stage labelled cases are drawn with probability
@@ -25,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..losses import info_nce_queue, region_contrastive_loss, region_means
+from ..losses import info_nce_in_image, info_nce_queue, region_contrastive_loss, region_means
 from ..nets.aefm_unet import AEFMUNet, SegmentationHead
 from ..training.momentum import FeatureQueue, make_momentum_copy, momentum_update
 from ..training.patches import PatchPairConfig, gather_points, jitter_intensity, sample_patch_pair
@@ -46,6 +51,8 @@ class AEFMConfig:
     temperature: float = 0.1  # not given in the paper; MoCo-style value
     momentum: float = 0.999
     global_weight: float = 1.0
+    # Our addition (off = paper): also contrast each point against the other points of its own patch pair.
+    in_image_negatives: bool = False
     # Region stage (section 2.2).
     epochs_ac: int = 500
     epochs_region: int = 200
@@ -59,6 +66,9 @@ class AEFMConfig:
     aug_scale: float = 0.0
     aug_shift: float = 0.0
     aug_noise: float = 0.0
+    # Spatial deformation of the second patch (off: the paper's boxes are axis-aligned), see PatchPairConfig.
+    aug_rotation_deg: float = 0.0
+    aug_elastic_mm: float = 0.0
 
 
 class AEFMMethod(Method):
@@ -119,7 +129,9 @@ class AEFMMethod(Method):
 
     def make_sample(self, item: dict, rng: np.random.Generator, epoch: int) -> dict:
         c = self.config
-        cfg = PatchPairConfig(tuple(c.patch_size[::-1]), c.n_pos, tuple(c.patch_scale), tuple(c.overlap))
+        cfg = PatchPairConfig(tuple(c.patch_size[::-1]), c.n_pos, tuple(c.patch_scale), tuple(c.overlap),
+                              rotation_deg=c.aug_rotation_deg,
+                              elastic_voxels=c.aug_elastic_mm / float(np.mean(c.spacing)))
         label = item.get("label")
         pair = sample_patch_pair(item["image"], cfg, rng, label=label)
         for key in ("patch_a", "patch_b"):
@@ -152,10 +164,15 @@ class AEFMMethod(Method):
             k_lb, k_gb = self._points(l_mo[n:], g_mo[n:], pb, size)
         t = self.config.temperature
         neg_l, neg_g = self.queue_local.negatives(), self.queue_global.negatives()
+
+        def nce(q: torch.Tensor, k: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:  # q, k: (N, P, C)
+            if self.config.in_image_negatives:
+                return info_nce_in_image(q, k, neg, t)
+            return info_nce_queue(q.flatten(0, 1), k.flatten(0, 1), neg, t)
+
         # Symmetric feeding: (A -> M_F, B -> M_F') and (B -> M_F, A -> M_F'), mean of the two.
-        flat = lambda x: x.flatten(0, 1)  # noqa: E731  (N, P, C) -> (N * P, C)
-        ac_local = 0.5 * (info_nce_queue(flat(q_la), flat(k_lb), neg_l, t) + info_nce_queue(flat(q_lb), flat(k_la), neg_l, t))
-        ac_global = 0.5 * (info_nce_queue(flat(q_ga), flat(k_gb), neg_g, t) + info_nce_queue(flat(q_gb), flat(k_ga), neg_g, t))
+        ac_local = 0.5 * (nce(q_la, k_lb, neg_l) + nce(q_lb, k_la, neg_l))
+        ac_global = 0.5 * (nce(q_ga, k_gb, neg_g) + nce(q_gb, k_ga, neg_g))
         loss = ac_local + self.config.global_weight * ac_global
         terms = {"ac_local": ac_local.detach(), "ac_global": ac_global.detach()}
         # Sample-major key order, so gathering per-rank keys in rank order equals the single-process order.

@@ -23,6 +23,17 @@ class PatchPairConfig:
     n_pos: int = 1000
     scale_range: tuple[float, float] = (0.9, 1.1)  # patch side / preset side (paper)
     overlap_range: tuple[float, float] = (0.5, 1.0)  # overlap / smaller side, per axis (paper)
+    # Spatial deformation of box B (our addition; 0 = the paper's axis-aligned boxes): a random rotation
+    # about B's centre of up to ``rotation_deg`` per axis plus a smooth displacement field (std
+    # ``elastic_voxels`` source voxels on a ``elastic_grid``^3 control grid). It shows the network the
+    # pose and shape differences that separate subjects, which the paper's crops alone never show.
+    rotation_deg: float = 0.0
+    elastic_voxels: float = 0.0
+    elastic_grid: int = 4
+
+    @property
+    def deforms(self) -> bool:
+        return self.rotation_deg > 0 or self.elastic_voxels > 0
 
 
 def _axis_boxes(d: int, p: int, cfg: PatchPairConfig, rng: np.random.Generator) -> tuple[float, float, float, float]:
@@ -49,6 +60,52 @@ def _grid(starts, extents, shape_in, size) -> torch.Tensor:
         axes.append((2.0 * edge / d - 1.0).float())
     gk, gj, gi = torch.meshgrid(*axes, indexing="ij")
     return torch.stack([gi, gj, gk], dim=-1).unsqueeze(0)
+
+
+def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
+    """A rotation (3, 3) acting on (k, j, i) vectors: a product of three axis rotations of up to ``max_deg``."""
+    r = np.eye(3)
+    for a, b in ((1, 2), (0, 2), (0, 1)):
+        t = np.deg2rad(rng.uniform(-max_deg, max_deg))
+        m = np.eye(3)
+        m[a, a], m[a, b], m[b, a], m[b, b] = np.cos(t), -np.sin(t), np.sin(t), np.cos(t)
+        r = m @ r
+    return r
+
+
+def _deformed_edges(starts, extents, size, cfg: PatchPairConfig, rng: np.random.Generator) -> torch.Tensor:
+    """Source edge coordinates (Pk, Pj, Pi, 3) (k, j, i) sampled by each voxel of a deformed box."""
+    axes = [x0 + (torch.arange(p, dtype=torch.float64) + 0.5) * s / p for x0, s, p in zip(starts, extents, size)]
+    e = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+    centre = torch.tensor([x0 + 0.5 * s for x0, s in zip(starts, extents)], dtype=torch.float64)
+    if cfg.rotation_deg > 0:
+        rot = torch.from_numpy(_rotation(rng, cfg.rotation_deg))
+        e = (e - centre) @ rot.T + centre
+    if cfg.elastic_voxels > 0:
+        g = cfg.elastic_grid
+        coarse = torch.from_numpy(rng.normal(0.0, cfg.elastic_voxels, size=(1, 3, g, g, g)))
+        disp = F.interpolate(coarse, size=tuple(size), mode="trilinear", align_corners=True)[0]
+        e = e + disp.permute(1, 2, 3, 0)
+    return e
+
+
+def _edges_to_grid(edges: torch.Tensor, shape_in) -> torch.Tensor:
+    d = torch.tensor(shape_in, dtype=torch.float64)
+    return (2.0 * edges / d - 1.0).flip(-1).float().unsqueeze(0)
+
+
+def _deformed_points(edges_b: torch.Tensor, a0, sa, size, n_pos: int, rng: np.random.Generator):
+    """Positives for a deformed box B: voxels of B whose source point falls inside box A (nearest A voxel)."""
+    size_t = torch.tensor(size)
+    cand = np.stack([rng.integers(0, p, size=8 * n_pos) for p in size], axis=1)
+    src = edges_b[cand[:, 0], cand[:, 1], cand[:, 2]].numpy()  # (M, 3) source edge coordinates
+    na = np.rint((src - np.asarray(a0)) * np.asarray(size) / np.asarray(sa) - 0.5).astype(np.int64)
+    ok = np.all((na >= 0) & (na < size_t.numpy()), axis=1)
+    if not ok.any():
+        return None
+    idx = np.flatnonzero(ok)
+    pick = rng.choice(idx, size=n_pos, replace=idx.size < n_pos)
+    return na[pick], cand[pick].astype(np.int64), src[pick]
 
 
 def _resample(volume: torch.Tensor, grid: torch.Tensor, mode: str) -> torch.Tensor:
@@ -95,6 +152,13 @@ def sample_patch_pair(image: torch.Tensor, cfg: PatchPairConfig, rng: np.random.
     points_a = np.stack(pts_a, axis=1).astype(np.int64)
     points_b = np.stack(pts_b, axis=1)
     grid_a, grid_b = _grid(a0, sa, shape, size), _grid(b0, sb, shape, size)
+    src_b = None  # source edge coordinates of B's points when B is deformed
+    if cfg.deforms:
+        edges_b = _deformed_edges(b0, sb, size, cfg, rng)
+        found = _deformed_points(edges_b, a0, sa, size, cfg.n_pos, rng)
+        if found is not None:  # else (never seen: boxes overlap by half a side) keep the plain box
+            points_a, points_b, src_b = found
+            grid_b = _edges_to_grid(edges_b, shape)
     out = {
         "patch_a": _resample(image, grid_a, "bilinear")[None],
         "patch_b": _resample(image, grid_b, "bilinear")[None],
@@ -111,7 +175,8 @@ def sample_patch_pair(image: torch.Tensor, cfg: PatchPairConfig, rng: np.random.
         def centres(pts, x0, s):
             return np.stack([x0[a] + (pts[:, a] + 0.5) * s[a] / size[a] - 0.5 for a in range(3)], axis=1)
         out["world_a"] = torch.from_numpy(voxel_to_world(centres(points_a, a0, sa), ijk_to_lps))
-        out["world_b"] = torch.from_numpy(voxel_to_world(centres(points_b, b0, sb), ijk_to_lps))
+        cb = centres(points_b, b0, sb) if src_b is None else src_b - 0.5
+        out["world_b"] = torch.from_numpy(voxel_to_world(cb, ijk_to_lps))
     return out
 
 
