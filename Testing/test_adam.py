@@ -5,7 +5,6 @@ embedder and its ONNX export, the finetuning U-Net, and (slow) a short CPU pretr
 random initialisation on held-out landmark matching."""
 from __future__ import annotations
 
-import itertools
 import math
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from anatomical_embedding.losses import pruned_info_nce, purposive_prune_mask
 from anatomical_embedding.methods import available_methods, get_method
 from anatomical_embedding.methods.adam import AdamEveConfig, AdamEveMethod, decompose, make_view
 from anatomical_embedding.methods.base import StepContext
-from fixtures_data import nn_landmark_errors, write_training_manifest
+from fixtures_data import trained_vs_random, write_training_manifest
 
 CTX = StepContext(step=0, epoch=0, total_steps=1)
 
@@ -417,14 +416,15 @@ TINY_ADAM_OVERRIDES = [
 
 @pytest.mark.slow
 def test_pretraining_beats_random_init(phantom_cohort, held_out_ids, tmp_path):
-    from anatomical_embedding.training.checkpoints import build_embedder, load_embedder_from_run
-    from anatomical_embedding.training.config import load_run_config, read_run_config
+    from anatomical_embedding.training.config import load_run_config
     from anatomical_embedding.training.engine import Trainer
 
     manifest = write_training_manifest(phantom_cohort, held_out_ids, tmp_path / "train.json")
     run = tmp_path / "run"
     assert Trainer(load_run_config("adam", None, TINY_ADAM_OVERRIDES), manifest, run, echo_progress=False).run() == 0
-    trained, info = load_embedder_from_run(run)
+    subjects = [s for s in phantom_cohort.subjects if s.id in held_out_ids]
+    check = trained_vs_random(run, subjects)
+    info = check["info"]
     assert info["method"] == "adam" and info["step"] == 80 and info["levels"] == [0, 2, 4]
     import csv
 
@@ -432,15 +432,4 @@ def test_pretraining_beats_random_init(phantom_cohort, held_out_ids, tmp_path):
     # Stage n = 0 first (bank untouched), n = 4 at the end (the pruner removes some keys).
     assert float(rows[0]["level"]) == 0.0 and float(rows[0]["bank_kept"]) == 1.0
     assert float(rows[-1]["level"]) == 4.0 and float(rows[-1]["bank_kept"]) < 1.0
-    cfg = read_run_config(run / "config.toml")
-    torch.manual_seed(cfg.train.seed)  # the engine's initialisation: the run's step-0 weights
-    random_init = build_embedder("adam", cfg.to_dict()["config"]).eval()
-    subjects = [s for s in phantom_cohort.subjects if s.id in held_out_ids]
-    spacing, preset = info["spacing"], info["intensity_preset"]["name"]
-    err_trained = float(np.mean(nn_landmark_errors(trained, subjects, spacing, preset)))
-    err_random = float(np.mean(nn_landmark_errors(random_init, subjects, spacing, preset)))
-    err_identity = float(np.mean([np.linalg.norm(np.asarray(a.landmarks[n]) - np.asarray(b.landmarks[n]))
-                                  for a, b in itertools.permutations(subjects, 2) for n in a.landmarks]))
-    print(f"Adam/Eve mean landmark error (mm): trained {err_trained:.1f}, random init {err_random:.1f}, "
-          f"identical coordinate {err_identity:.1f}")
-    assert err_trained <= 0.85 * err_random  # measured 28.7 vs 35.7 mm (0.80) for seed 0
+    assert check["trained"] <= 0.85 * check["random"]  # measured 28.7 vs 35.7 mm (0.80) for seed 0

@@ -31,7 +31,7 @@ from anatomical_embedding.nets.stunet import (
     STUNetEncoder,
     mask_at,
 )
-from fixtures_data import nn_landmark_errors, write_training_manifest
+from fixtures_data import trained_vs_random, write_training_manifest
 
 TINY_WIDTHS = (4, 8, 16, 32, 32, 32)
 
@@ -401,30 +401,21 @@ def _heldout_reconstruction(net, subjects, spacing, preset, n_masks: int = 4) ->
 
 @pytest.mark.slow
 def test_engine_pretraining_beats_random_init(phantom_cohort, held_out_ids, tmp_path):
-    from anatomical_embedding.training.checkpoints import build_embedder, load_embedder_from_run
-    from anatomical_embedding.training.config import load_run_config, read_run_config
+    from anatomical_embedding.training.config import load_run_config
     from anatomical_embedding.training.engine import Trainer
 
     manifest = write_training_manifest(phantom_cohort, held_out_ids, tmp_path / "train.json")
     run = tmp_path / "run"
     assert Trainer(load_run_config("anatomask", None, TINY_ANATOMASK_OVERRIDES), manifest, run).run() == 0
-    trained, info = load_embedder_from_run(run)
-    assert info["method"] == "anatomask" and info["step"] == 120
-    cfg = read_run_config(run / "config.toml")
-    torch.manual_seed(cfg.train.seed)  # the engine's initialisation: the run's step-0 weights
-    random_init = build_embedder("anatomask", cfg.to_dict()["config"]).eval()
     subjects = [s for s in phantom_cohort.subjects if s.id in held_out_ids]
+    check = trained_vs_random(run, subjects)
+    info = check["info"]
+    assert info["method"] == "anatomask" and info["step"] == 120
     spacing, preset = info["spacing"], info["intensity_preset"]["name"]
-    rec_trained, rec_random = _heldout_reconstruction(trained.net, subjects, spacing, preset), \
-        _heldout_reconstruction(random_init.net, subjects, spacing, preset)
-    err_trained = float(np.mean(nn_landmark_errors(trained, subjects, spacing, preset)))
-    err_random = float(np.mean(nn_landmark_errors(random_init, subjects, spacing, preset)))
-    err_identity = float(np.mean([np.linalg.norm(np.asarray(a.landmarks[n]) - np.asarray(b.landmarks[n]))
-                                  for a, b in itertools.permutations(subjects, 2) for n in a.landmarks]))
-    print(f"AnatoMask held-out eq. (2): trained {rec_trained:.3f}, random init {rec_random:.3f}; mean landmark "
-          f"error (mm): trained {err_trained:.1f}, random init {err_random:.1f}, identical coordinate "
-          f"{err_identity:.1f}")
+    rec_trained = _heldout_reconstruction(check["trained_embedder"].net, subjects, spacing, preset)
+    rec_random = _heldout_reconstruction(check["random_embedder"].net, subjects, spacing, preset)
+    print(f"AnatoMask held-out eq. (2): trained {rec_trained:.3f}, random init {rec_random:.3f}")
     # Measured (seed 0): eq. (2) 0.790 vs 1.000; landmarks 78.3 vs 182.5 mm (identical coordinate 24.7 mm; the
     # published teacher BatchNorm mode, teacher_bn="running", gave 0.782 and 101.9 mm).
     assert rec_trained < 0.9 * rec_random
-    assert err_trained < 0.75 * err_random
+    assert check["trained"] < 0.75 * check["random"]

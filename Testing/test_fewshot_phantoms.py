@@ -10,13 +10,12 @@ import time
 
 import numpy as np
 import pytest
-import torch
-
 from anatomical_embedding.backends import TorchModel
 from anatomical_embedding.evaluation import segmentation_metrics
 from anatomical_embedding.fewshot import FewShotConfig, apply_heads, case_samples, train_head_on_samples
 from anatomical_embedding.io import read_image
 from anatomical_embedding.io.labelmaps import read_labelmap
+from fixtures_data import step0_embedder
 
 pytestmark = pytest.mark.slow
 
@@ -37,17 +36,14 @@ def _five_shot_dice(model, labelled, held_out, names: dict[int, str]) -> tuple[f
 
 
 def test_five_shot_head_on_pretrained_aefm_beats_random_init(phantom_cohort, held_out_ids, trained_aefm_run):
-    from anatomical_embedding.training.checkpoints import build_embedder, load_embedder_from_run
-    from anatomical_embedding.training.config import read_run_config
+    from anatomical_embedding.training.checkpoints import load_embedder_from_run
 
     names = {int(k): v for k, v in phantom_cohort.label_names.items()}
     labelled = [s for s in phantom_cohort.subjects if s.id not in held_out_ids][:5]
     held_out = [s for s in phantom_cohort.subjects if s.id in held_out_ids]
     embedder, info = load_embedder_from_run(trained_aefm_run, device="cpu")
     trained = TorchModel(embedder, info, device="cpu")
-    cfg = read_run_config(trained_aefm_run / "config.toml")
-    torch.manual_seed(cfg.train.seed)  # the engine's initialisation: the run's step-0 weights
-    random_init = TorchModel(build_embedder("aefm", cfg.to_dict()["config"]), info, device="cpu")
+    random_init = TorchModel(step0_embedder(trained_aefm_run), info, device="cpu")
 
     dice_trained, seconds = _five_shot_dice(trained, labelled, held_out, names)
     dice_random, _ = _five_shot_dice(random_init, labelled, held_out, names)

@@ -3,7 +3,6 @@ configs, the dense embedder, and (slow) a short CPU pretraining that beats rando
 landmark matching, the ``train`` CLI end to end, and ONNX export parity of the trained embedder."""
 from __future__ import annotations
 
-import itertools
 import math
 from pathlib import Path
 
@@ -11,12 +10,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from anatomical_embedding.methods import get_method
 from anatomical_embedding.methods.base import StepContext
-from anatomical_embedding.methods.hdssl import HDSSLMethod, HDSSLMethodConfig, hdssl_info_nce, points_to_layout
-
-from fixtures_data import nn_landmark_errors, write_training_manifest
+from anatomical_embedding.methods.hdssl import (
+    HDSSLMethod,
+    HDSSLMethodConfig,
+    hdssl_info_nce,
+    points_to_layout,
+)
+from fixtures_data import trained_vs_random, write_training_manifest
 
 CTX = StepContext(step=0, epoch=0, total_steps=1)
 
@@ -174,7 +176,7 @@ def _loop_info_nce(za, zb, mask, t) -> float:
     """Eq. (1) with explicit loops, both views as anchors, mean over valid anchors (our reading)."""
     total, count = 0.0, 0
     groups, n, dim = za.shape
-    dot = lambda u, v: sum(float(u[c]) * float(v[c]) for c in range(dim))  # noqa: E731
+    dot = lambda u, v: sum(float(u[c]) * float(v[c]) for c in range(dim))
     for g in range(groups):
         for i in range(n):
             if not mask[g, i]:
@@ -286,7 +288,10 @@ def test_embedder_is_the_normalised_balanced_vector():
 #: random-init error; a 4-level pyramid on 24^3 patches gave 0.64 / 0.77 / 1.16 (150 steps) and 0.79 / - / 0.74
 #: (300 steps). Hence the modest margin asserted below.
 TINY_HDSSL_OVERRIDES = [
-    "method.base_channels=4", "method.num_scales=3", "method.scale_proj_channels=8", "method.coarse_level=1",
+    # 16 base channels: with 4 the margin over random init was thin and moved with the platform (measured
+    # 2026-12-01, trained / random mean error: 4 -> 86.0 / 90.9 mm, 8 -> 51.8 / 75.6, 16 -> 38.1 / 66.2; seed 1
+    # at 8: 47.8 / 80.7). Training takes about 50 s instead of 35 s on one thread.
+    "method.base_channels=16", "method.num_scales=3", "method.scale_proj_channels=8", "method.coarse_level=1",
     "method.spacing=[6.0]", "method.patch_size=[16,16,16]", "method.n_pos=200",
     "train.batch_size=2", "train.max_steps=400", "train.optimizer=adam", "train.lr=2e-3", "train.warmup_steps=10",
     "train.weight_decay=0", "train.lr_schedule=cosine", "train.num_workers=0", "train.log_every=50",
@@ -308,23 +313,11 @@ def trained_hdssl_run(tmp_path_factory, phantom_cohort, held_out_ids) -> Path:
 
 @pytest.mark.slow
 def test_pretraining_beats_random_init(trained_hdssl_run, phantom_cohort, held_out_ids):
-    from anatomical_embedding.training.checkpoints import build_embedder, load_embedder_from_run
-    from anatomical_embedding.training.config import read_run_config
-
     subjects = [s for s in phantom_cohort.subjects if s.id in held_out_ids]
-    trained, info = load_embedder_from_run(trained_hdssl_run)
+    check = trained_vs_random(trained_hdssl_run, subjects)
+    info = check["info"]
     assert info["method"] == "hdssl" and info["step"] == 400 and info["features"] == "scale_proj"
-    cfg = read_run_config(trained_hdssl_run / "config.toml")
-    torch.manual_seed(cfg.train.seed)  # the engine's initialisation: the run's step-0 weights
-    random_init = build_embedder("hdssl", cfg.to_dict()["config"]).eval()
-    spacing, preset = info["spacing"], info["intensity_preset"]["name"]
-    err_trained = float(np.mean(nn_landmark_errors(trained, subjects, spacing, preset)))
-    err_random = float(np.mean(nn_landmark_errors(random_init, subjects, spacing, preset)))
-    err_identity = float(np.mean([np.linalg.norm(np.asarray(a.landmarks[n]) - np.asarray(b.landmarks[n]))
-                                  for a, b in itertools.permutations(subjects, 2) for n in a.landmarks]))
-    print(f"HDSSL mean landmark error (mm): trained {err_trained:.1f}, random init {err_random:.1f}, "
-          f"identical coordinate {err_identity:.1f}")
-    assert err_trained <= 0.85 * err_random  # >= 15 % lower; measured 75.5 vs 90.9 mm (0.83) for seed 0
+    assert check["trained"] <= 0.85 * check["random"]  # >= 15 % lower; measured 38.1 vs 66.2 mm (0.58) for seed 0
 
 
 @pytest.mark.slow

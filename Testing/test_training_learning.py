@@ -8,11 +8,9 @@ import itertools
 import numpy as np
 import pytest
 import torch
-
 from anatomical_embedding.data import PreprocessConfig, preprocess_volume
-from anatomical_embedding.io import get_preset, pad_to_multiple, read_image
-from anatomical_embedding.training.checkpoints import build_embedder, load_embedder_from_run
-from anatomical_embedding.training.config import read_run_config
+from anatomical_embedding.io import pad_to_multiple, read_image
+from fixtures_data import trained_vs_random
 
 
 def embed_subject(embedder, subject, spacing):
@@ -48,24 +46,10 @@ def match_errors(embedder, subjects, spacing) -> list[float]:
     return errors
 
 
-def identity_errors(subjects) -> list[float]:
-    return [float(np.linalg.norm(np.asarray(a.landmarks[n]) - np.asarray(b.landmarks[n])))
-            for a, b in itertools.permutations(subjects, 2) for n in a.landmarks]
-
-
 @pytest.mark.slow
 def test_pretraining_beats_random_init_and_identity(trained_aefm_run, phantom_cohort, held_out_ids):
     subjects = [s for s in phantom_cohort.subjects if s.id in held_out_ids]
-    trained, info = load_embedder_from_run(trained_aefm_run)
-    assert info["method"] == "aefm" and info["step"] > 0
-    cfg = read_run_config(trained_aefm_run / "config.toml")
-    torch.manual_seed(cfg.train.seed)  # the engine's initialisation: same weights as step 0 of the run
-    random_init = build_embedder("aefm", cfg.to_dict()["config"]).eval()
-    spacing = info["spacing"]
-    err_trained = float(np.mean(match_errors(trained, subjects, spacing)))
-    err_random = float(np.mean(match_errors(random_init, subjects, spacing)))
-    err_identity = float(np.mean(identity_errors(subjects)))
-    print(f"mean landmark error (mm): trained {err_trained:.1f}, random init {err_random:.1f}, "
-          f"identical coordinate {err_identity:.1f}")
-    assert err_trained <= 0.7 * err_random
-    assert err_trained < err_identity
+    check = trained_vs_random(trained_aefm_run, subjects, errors=lambda e, subs, sp, _preset: match_errors(e, subs, sp))
+    assert check["info"]["method"] == "aefm" and check["info"]["step"] > 0
+    assert check["trained"] <= 0.7 * check["random"]
+    assert check["trained"] < check["identity"]
