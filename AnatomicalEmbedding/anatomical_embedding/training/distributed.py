@@ -67,6 +67,11 @@ def barrier() -> None:
         dist.barrier()
 
 
-def cleanup() -> None:
+def cleanup(synchronise: bool = True) -> None:
+    """Destroy the process group. After a clean finish every rank first meets at a barrier: a rank that
+    tears gloo down while another still has a collective in flight can abort the other ("terminate called
+    without an active exception", seen once in CI). After an error, skip it (a failed rank never arrives)."""
     if dist.is_available() and dist.is_initialized():
+        if synchronise:
+            dist.barrier()
         dist.destroy_process_group()

@@ -298,6 +298,7 @@ class Trainer:
         last_metric = None
         eval_metrics: dict[str, float] = {}
         exit_code = EXIT_OK
+        finished = False
         try:
             for batch in loader:
                 epoch = step // steps_per_epoch
@@ -360,6 +361,7 @@ class Trainer:
                 raise RuntimeError(f"data loader ended at step {step} before {total}")
             if exit_code == EXIT_OK and writer:
                 writer.event("done", step=step, run_dir=str(run_dir))
+            finished = True  # every rank gets here together (same steps; stops are agreed)
         except Exception as exc:
             if writer:
                 writer.event("error", message=f"{type(exc).__name__}: {exc}")
@@ -371,7 +373,7 @@ class Trainer:
                 writer.close()
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
-            D.cleanup()
+            D.cleanup(synchronise=finished)
         return exit_code
 
     @staticmethod
