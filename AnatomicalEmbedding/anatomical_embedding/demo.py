@@ -54,7 +54,7 @@ class DemoSettings:
             return cls(n_subjects=40, n_held_out=8, cohort_spacing=2.0, cohort_size=None, train_steps=4000,
                        model_spacing=2.0, patch=96, device="auto", fewshot_voxels=3000, fewshot_epochs=100,
                        scratch_steps=4000, aefm_spacing=None)
-        # 16.8 minutes on 2 idle CPU cores with four methods (measured: see the README's Demo section).
+        # 15.9 minutes on 2 idle CPU cores with four methods (measured: see the README's Demo section).
         return cls(n_subjects=12, n_held_out=3, cohort_spacing=4.0, cohort_size=None, train_steps=300,
                    model_spacing=5.0, patch=32)
 
