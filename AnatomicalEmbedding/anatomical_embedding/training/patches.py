@@ -52,14 +52,38 @@ def _axis_boxes(d: int, p: int, cfg: PatchPairConfig, rng: np.random.Generator) 
     return a0, sa, b0, sb
 
 
+def _box_edges(starts, extents, size) -> torch.Tensor:
+    """Source edge coordinates (Pk, Pj, Pi, 3), (k, j, i) float64, of the voxel centres of a box resampled to ``size``."""
+    axes = [x0 + (torch.arange(p, dtype=torch.float64) + 0.5) * s / p for x0, s, p in zip(starts, extents, size)]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+
+
+def _edges_to_grid(edges: torch.Tensor, shape_in) -> torch.Tensor:
+    """``grid_sample`` grid (1, Pk, Pj, Pi, 3) of source edge coordinates; last dim (x=i, y=j, z=k), align_corners=False."""
+    d = torch.tensor(shape_in, dtype=torch.float64)
+    return (2.0 * edges / d - 1.0).flip(-1).float().unsqueeze(0)
+
+
 def _grid(starts, extents, shape_in, size) -> torch.Tensor:
-    """``grid_sample`` grid (1, Pk, Pj, Pi, 3) for a box; last dim is (x=i, y=j, z=k), align_corners=False."""
-    axes = []
-    for x0, s, d, p in zip(starts, extents, shape_in, size):
-        edge = x0 + (torch.arange(p, dtype=torch.float64) + 0.5) * s / p
-        axes.append((2.0 * edge / d - 1.0).float())
-    gk, gj, gi = torch.meshgrid(*axes, indexing="ij")
-    return torch.stack([gi, gj, gk], dim=-1).unsqueeze(0)
+    """``grid_sample`` grid of an axis-aligned box."""
+    return _edges_to_grid(_box_edges(starts, extents, size), shape_in)
+
+
+def _box_points(a0, sa, b0, sb, size, n_pos: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Positives of two axis-aligned boxes: integer voxels of A inside the overlap, and the nearest voxel of B."""
+    pts_a, pts_b = [], []
+    for ax, p in enumerate(size):
+        lo = max(a0[ax], b0[ax])
+        hi = min(a0[ax] + sa[ax], b0[ax] + sb[ax])
+        n_lo = int(np.ceil((lo - a0[ax]) * p / sa[ax] - 0.5))
+        n_hi = int(np.floor((hi - a0[ax]) * p / sa[ax] - 0.5))
+        n_lo, n_hi = max(n_lo, 0), min(max(n_hi, n_lo), p - 1)
+        na = rng.integers(n_lo, n_hi + 1, size=n_pos)
+        edge = a0[ax] + (na + 0.5) * sa[ax] / p
+        nb = np.clip(np.rint((edge - b0[ax]) * p / sb[ax] - 0.5), 0, p - 1).astype(np.int64)
+        pts_a.append(na)
+        pts_b.append(nb)
+    return np.stack(pts_a, axis=1).astype(np.int64), np.stack(pts_b, axis=1)
 
 
 def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
@@ -75,8 +99,7 @@ def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
 
 def _deformed_edges(starts, extents, size, cfg: PatchPairConfig, rng: np.random.Generator) -> torch.Tensor:
     """Source edge coordinates (Pk, Pj, Pi, 3) (k, j, i) sampled by each voxel of a deformed box."""
-    axes = [x0 + (torch.arange(p, dtype=torch.float64) + 0.5) * s / p for x0, s, p in zip(starts, extents, size)]
-    e = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+    e = _box_edges(starts, extents, size)
     centre = torch.tensor([x0 + 0.5 * s for x0, s in zip(starts, extents)], dtype=torch.float64)
     if cfg.rotation_deg > 0:
         rot = torch.from_numpy(_rotation(rng, cfg.rotation_deg))
@@ -89,18 +112,12 @@ def _deformed_edges(starts, extents, size, cfg: PatchPairConfig, rng: np.random.
     return e
 
 
-def _edges_to_grid(edges: torch.Tensor, shape_in) -> torch.Tensor:
-    d = torch.tensor(shape_in, dtype=torch.float64)
-    return (2.0 * edges / d - 1.0).flip(-1).float().unsqueeze(0)
-
-
 def _deformed_points(edges_b: torch.Tensor, a0, sa, size, n_pos: int, rng: np.random.Generator):
     """Positives for a deformed box B: voxels of B whose source point falls inside box A (nearest A voxel)."""
-    size_t = torch.tensor(size)
     cand = np.stack([rng.integers(0, p, size=8 * n_pos) for p in size], axis=1)
     src = edges_b[cand[:, 0], cand[:, 1], cand[:, 2]].numpy()  # (M, 3) source edge coordinates
     na = np.rint((src - np.asarray(a0)) * np.asarray(size) / np.asarray(sa) - 0.5).astype(np.int64)
-    ok = np.all((na >= 0) & (na < size_t.numpy()), axis=1)
+    ok = np.all((na >= 0) & (na < np.asarray(size)), axis=1)
     if not ok.any():
         return None
     idx = np.flatnonzero(ok)
@@ -125,7 +142,8 @@ def sample_patch_pair(image: torch.Tensor, cfg: PatchPairConfig, rng: np.random.
 
     Returns ``patch_a``, ``patch_b`` (1, Pk, Pj, Pi) float32; ``points_a``, ``points_b`` (n_pos, 3) int64
     voxel indices (k, j, i) in each resampled patch of the same anatomical point: integer voxels of
-    patch A inside the overlap, and the nearest voxel of patch B (so they agree to half a B voxel);
+    patch A inside the overlap, and the nearest voxel of patch B (so they agree to half a B voxel); with
+    ``cfg.deforms``, voxels of the deformed B and the nearest voxel of A (half an A voxel);
     ``box_a``/``box_b`` (2, 3) float64 (start; extent) per axis in source voxels;
     ``label_a``/``label_b`` (Pk, Pj, Pi) int64 when a label is given; ``world_a``/``world_b`` (n_pos, 3)
     float64 LPS mm when ``ijk_to_lps`` is given.
@@ -137,28 +155,18 @@ def sample_patch_pair(image: torch.Tensor, cfg: PatchPairConfig, rng: np.random.
     sa = [b[1] for b in boxes]
     b0 = [b[2] for b in boxes]
     sb = [b[3] for b in boxes]
-    pts_a, pts_b = [], []
-    for ax, p in enumerate(size):
-        lo = max(a0[ax], b0[ax])
-        hi = min(a0[ax] + sa[ax], b0[ax] + sb[ax])
-        n_lo = int(np.ceil((lo - a0[ax]) * p / sa[ax] - 0.5))
-        n_hi = int(np.floor((hi - a0[ax]) * p / sa[ax] - 0.5))
-        n_lo, n_hi = max(n_lo, 0), min(max(n_hi, n_lo), p - 1)
-        na = rng.integers(n_lo, n_hi + 1, size=cfg.n_pos)
-        edge = a0[ax] + (na + 0.5) * sa[ax] / p
-        nb = np.clip(np.rint((edge - b0[ax]) * p / sb[ax] - 0.5), 0, p - 1).astype(np.int64)
-        pts_a.append(na)
-        pts_b.append(nb)
-    points_a = np.stack(pts_a, axis=1).astype(np.int64)
-    points_b = np.stack(pts_b, axis=1)
-    grid_a, grid_b = _grid(a0, sa, shape, size), _grid(b0, sb, shape, size)
-    src_b = None  # source edge coordinates of B's points when B is deformed
+    grid_a = _grid(a0, sa, shape, size)
+    found = None
     if cfg.deforms:
         edges_b = _deformed_edges(b0, sb, size, cfg, rng)
         found = _deformed_points(edges_b, a0, sa, size, cfg.n_pos, rng)
-        if found is not None:  # else (never seen: boxes overlap by half a side) keep the plain box
-            points_a, points_b, src_b = found
-            grid_b = _edges_to_grid(edges_b, shape)
+    if found is not None:
+        points_a, points_b, src_b = found  # src_b: source edge coordinates of B's points
+        grid_b = _edges_to_grid(edges_b, shape)
+    else:  # the paper's boxes (or, never seen, a deformation that left no point of B inside A)
+        points_a, points_b = _box_points(a0, sa, b0, sb, size, cfg.n_pos, rng)
+        src_b = None
+        grid_b = _grid(b0, sb, shape, size)
     out = {
         "patch_a": _resample(image, grid_a, "bilinear")[None],
         "patch_b": _resample(image, grid_b, "bilinear")[None],
