@@ -43,6 +43,11 @@ class DemoSettings:
     scratch_steps: int = 300         # U-Net from scratch, per shot count; 0 = leave the baseline out
     aefm_spacing: float | None = 8.0  # AEFM's own model spacing on CPU (None: model_spacing), see method_overrides
 
+    @property
+    def aefm_model_spacing(self) -> float:
+        """The spacing AEFM is trained at: its own on CPU, else the shared ``model_spacing``."""
+        return self.aefm_spacing if self.device == "cpu" and self.aefm_spacing else self.model_spacing
+
     @classmethod
     def for_mode(cls, quick: bool, full: bool) -> "DemoSettings":
         if quick:
@@ -72,7 +77,7 @@ def method_overrides(method: str, s: DemoSettings) -> list[str]:
         # (our addition). Measured on the default cohort, all pairs of the 3 held-out subjects, robust-prior
         # median / mean error: 23.8 / 30.1 mm with widths 8-64 at 5 mm, 10.7 / 14.9 mm so; identical coordinates
         # 21.2 / 22.9 mm. Width is what 300 steps need (see Testing/fixtures_data.py).
-        a = s.aefm_spacing if (small and s.aefm_spacing) else s.model_spacing
+        a = s.aefm_model_spacing
         return common + [
             "method.widths=[16,32,64,128]" if small else "method.widths=[32,64,128,256]",
             "method.feature_dim=16" if small else "method.feature_dim=64",
@@ -189,7 +194,7 @@ def _landmarks(state: DemoState, cohort, source_id: str, target_ids: list[str], 
         records += evaluate_transfer(f"registration {kind}", registration_transfer(kind, **reg), src_img,
                                      src.landmarks, targets, source_id)
     matchers = {}
-    target_ids = {id(t[1]): t[0] for t in targets}
+    target_name = {id(t[1]): t[0] for t in targets}
     for method, package in packages.items():
         model = open_model(package, backend="onnxruntime")
         source_emb = embed_volume(model, src_img)
@@ -208,7 +213,7 @@ def _landmarks(state: DemoState, cohort, source_id: str, target_ids: list[str], 
                     _embedded[key] = time.perf_counter() - t0
                 else:
                     matchers[(_m, key)].target.clear_fine_tiles()
-                    _reused[target_ids[key]] = _embedded[key]
+                    _reused[target_name[key]] = _embedded[key]
                 matches = matchers[(_m, key)].match(points, use_prior=_variant != "raw", with_raw=False)
                 return np.array([m.final.point_lps for m in matches])
             print(f"      {method}: {variant} matching", flush=True)
@@ -394,7 +399,7 @@ def _write_report(state: DemoState, records, seg_rows, seg_timing, figures: dict
     r.paragraph(f"Synthetic phantom cohort: {s.n_subjects} subjects ({s.n_held_out} held out), "
                 f"{state.summary['cohort']['landmarks']} landmarks and {state.summary['cohort']['labels']} organ labels "
                 f"each. Models are pretrained for {s.train_steps} steps at {s.model_spacing} mm"
-                + (f" (AEFM at {s.aefm_spacing} mm)" if s.device == "cpu" and s.aefm_spacing else "")
+                + (f" (AEFM at {s.aefm_model_spacing} mm)" if s.aefm_model_spacing != s.model_spacing else "")
                 + " and run through "
                 "ONNX Runtime. All numbers below were measured by this run.")
     r.image(figures["preview"], "Phantom cohort: orthogonal slices with labels and landmarks")
