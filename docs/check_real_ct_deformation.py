@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "Testing"))  # the tests' AEFM recipe (fixtures_data.TINY_AEFM_OVERRIDES)
 DEFAULT_CT = ROOT.parent / "shared" / "data" / "ct-abdomen-pelvis-example" / "example_ct.nii.gz"
 
 
@@ -56,6 +57,7 @@ def main(argv=None) -> int:
     from anatomical_embedding.matching import Matcher
     from anatomical_embedding.training.config import load_run_config
     from anatomical_embedding.training.engine import Trainer
+    from fixtures_data import TINY_AEFM_OVERRIDES
 
     args.out.mkdir(parents=True, exist_ok=True)
     image = sitk.ReadImage(str(args.ct))
@@ -63,13 +65,9 @@ def main(argv=None) -> int:
     sitk.WriteImage(sitk.Resample(image, image, transform, sitk.sitkLinear, -1024.0), str(args.out / "target.nii.gz"))
     manifest = args.out / "train.json"
     manifest.write_text(json.dumps({"cases": [{"id": "source", "image": str(args.ct.resolve())}]}), encoding="utf-8")
-    # The tests' small AEFM recipe at 6 mm (a 32^3 patch covers 192 mm of the abdomen).
-    overrides = ["method.widths=[16,32,64,128]", "method.feature_dim=16", "method.spacing=[6.0,6.0,6.0]",
-                 "method.patch_size=[32,32,32]", "method.n_pos=200", "method.n_neg=1024", "method.temperature=0.2",
-                 "method.momentum=0.9", "method.epochs_region=0", "method.in_image_negatives=true",
-                 "train.batch_size=2", f"train.max_steps={args.steps}", "train.lr=3e-3", "train.warmup_steps=10",
-                 "train.num_workers=0", f"train.log_every={max(1, args.steps // 6)}", f"train.ckpt_every={args.steps}",
-                 "train.tensorboard=false", "train.seed=0"]
+    # The tests' small AEFM recipe, at 6 mm (a 32^3 patch covers 192 mm of the abdomen).
+    overrides = [*TINY_AEFM_OVERRIDES, "method.spacing=[6.0,6.0,6.0]", f"train.max_steps={args.steps}",
+                 f"train.ckpt_every={args.steps}", "train.progress_bar=true"]
     run = args.out / "run"
     t0 = time.perf_counter()
     if not (run / "config.toml").exists() and Trainer(load_run_config("aefm", None, overrides), manifest, run).run():
