@@ -599,7 +599,7 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _defaultEmbedConfig():
-        from anatomical_embedding.embedding import EmbedConfig
+        from anatomical_embedding.inference.embedding import EmbedConfig
 
         # Fine tiles of 32 voxels (engine default 16) with the same 16-voxel context: precomputing a whole
         # volume then runs ~3x fewer voxels through the network (32^3 of every 64^3 window are kept).
@@ -672,7 +672,7 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
     # ---- model ------------------------------------------------------------------------------------
     @staticmethod
     def installedModels() -> list:
-        from anatomical_embedding import model_registry
+        from anatomical_embedding.inference import registry as model_registry
 
         try:
             return model_registry.list_models()
@@ -682,7 +682,7 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
 
     def loadModel(self, path, backend: str = "ONNX Runtime", device: str = "auto"):
         """Open a package (ONNX Runtime) or a run directory (torch); embeddings of another model are dropped."""
-        from anatomical_embedding.backends import open_model
+        from anatomical_embedding.inference.backends import open_model
 
         if path is None or str(path) in ("", "."):
             raise ValueError("no model chosen: pick a .aemodel package (or a run directory for torch)")
@@ -718,7 +718,7 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
 
     @property
     def cache(self):
-        from anatomical_embedding.embedding import EmbeddingCache
+        from anatomical_embedding.inference.embedding import EmbeddingCache
 
         if self._cache is None:
             self._cache = EmbeddingCache(self.cacheDir)
@@ -789,7 +789,7 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         their fine tiles on demand around each click (both are cached on disk).
         """
         from anatomical_embedding import mrml
-        from anatomical_embedding.embedding import embed_volume, window_starts
+        from anatomical_embedding.inference.embedding import embed_volume, window_starts
 
         model = self._requireModel()
         volume = mrml.node_to_volume(volumeNode)
@@ -869,7 +869,7 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         lowConfidence, usePrior = self.lowConfidence, self.usePrior
 
         def work():
-            from anatomical_embedding.matching import MatchConfig, Matcher
+            from anatomical_embedding.inference.matching import MatchConfig, Matcher
 
             embs = dict(known)
             for volume, (embed, _) in zip(pending, parts):
@@ -896,7 +896,7 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
 
     # ---- matching ---------------------------------------------------------------------------------
     def matcher(self, sourceVolume, targetVolume):
-        from anatomical_embedding.matching import MatchConfig, Matcher
+        from anatomical_embedding.inference.matching import MatchConfig, Matcher
 
         key = (sourceVolume.GetID(), targetVolume.GetID())
         src, dst = self.embedding(sourceVolume), self.embedding(targetVolume)
@@ -1308,7 +1308,7 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         return images, labels, {v: n for n, v in classes.items()}, colors
 
     def _trainJob(self, cases: Sequence, job: BackgroundJob, config=None) -> Callable:
-        from anatomical_embedding.fewshot import FewShotConfig, train_head
+        from anatomical_embedding.fewshot.head import FewShotConfig, train_head
 
         model = self._requireModel()
         images, labels, names, colors = self._fewShotData(cases)
@@ -1341,14 +1341,14 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         return self._submit(job, self._trainJob(cases, job, config))
 
     def loadHead(self, path):
-        from anatomical_embedding.fewshot import FewShotHead
+        from anatomical_embedding.fewshot.head import FewShotHead
 
         self.head = FewShotHead.load(path)
         return self.head
 
     def _applyJob(self, volumeNode, outputSegmentation, job: BackgroundJob) -> Callable:
         from anatomical_embedding import mrml
-        from anatomical_embedding.fewshot import apply_head
+        from anatomical_embedding.fewshot.head import apply_head
 
         model = self._requireModel()
         if self.head is None:
@@ -1505,7 +1505,7 @@ class AnatomicalEmbeddingTest(ScriptedLoadableModuleTest):
     def test_CorrespondAndFewShot(self):
         """Click-to-correspond, heatmap, transfer-all and few-shot on the phantom pair (needs a model package)."""
         from anatomical_embedding import mrml
-        from anatomical_embedding.fewshot import FewShotConfig
+        from anatomical_embedding.fewshot.head import FewShotConfig
 
         package = self._tinyPackage()
         if package is None:

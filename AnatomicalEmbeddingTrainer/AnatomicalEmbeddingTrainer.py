@@ -1,17 +1,17 @@
 """AnatomicalEmbeddingTrainer: prepare training data, then start, watch, stop, resume and export training runs.
 
 Training runs outside the Slicer process (``train.py`` in this folder, through
-``anatomical_embedding.training_monitor``: one process, or torchrun for several), so Slicer never blocks.
+``anatomical_embedding.training.monitor``: one process, or torchrun for several), so Slicer never blocks.
 A ``qt.QTimer`` calls ``AnatomicalEmbeddingTrainerLogic.poll()`` twice a second; it reads the lines the
 process appended to ``RUN_DIR/console.log``, parses the engine's JSON progress lines, and rewrites a
 ``vtkMRMLTableNode`` (one row per logged step, one column per loss term) that a ``vtkMRMLPlotChartNode``
 with one ``vtkMRMLPlotSeriesNode`` per term draws as loss curves. When training finishes, ``train.py
 --export`` writes ``RUN_DIR/<run name>.aemodel`` and the logic registers it in
-``anatomical_embedding.model_registry`` so the AnatomicalEmbedding module lists it.
+``anatomical_embedding.inference.registry`` so the AnatomicalEmbedding module lists it.
 
 Training data: a folder of images (or the folder this module fills from the scene: each exported case is
 an image in ``<folder>/images`` and, with a segmentation, a label map of the same name in
-``<folder>/labels``), the layout that ``anatomical_embedding.data.DatasetSpec.from_path`` reads.
+``<folder>/labels``), the layout that ``anatomical_embedding.data.datasets.DatasetSpec.from_path`` reads.
 """
 import logging
 import pathlib
@@ -327,7 +327,7 @@ class AnatomicalEmbeddingTrainerLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self.monitor = None
         self.registeredModel = None
-        self.registryPath = registryPath  # None: anatomical_embedding.model_registry's default location
+        self.registryPath = registryPath  # None: anatomical_embedding.inference.registry's default location
 
     def getParameterNode(self):
         return AnatomicalEmbeddingTrainerParameterNode(super().getParameterNode())
@@ -367,7 +367,7 @@ class AnatomicalEmbeddingTrainerLogic(ScriptedLoadableModuleLogic):
         if method == "finetune":  # the finetune command's recipe (Adam, lr 1e-4), not the pretraining defaults
             import tomllib
 
-            from anatomical_embedding.finetune_cli import FINETUNE_TRAIN_DEFAULTS
+            from anatomical_embedding.training.finetune_config import FINETUNE_TRAIN_DEFAULTS
 
             for item in FINETUNE_TRAIN_DEFAULTS:
                 key, value = item.split("=", 1)
@@ -423,7 +423,7 @@ class AnatomicalEmbeddingTrainerLogic(ScriptedLoadableModuleLogic):
 
     def trainSettings(self, p, resume: bool = False):
         """The :class:`TrainSettings` for the parameter node's choices."""
-        from anatomical_embedding.training_monitor import TrainSettings
+        from anatomical_embedding.training.monitor import TrainSettings
 
         method = self.getMethod(p)
         runDir = _pathOrEmpty(p.runDirectory)
@@ -445,7 +445,7 @@ class AnatomicalEmbeddingTrainerLogic(ScriptedLoadableModuleLogic):
             script=str(pathlib.Path(__file__).resolve().parent / "train.py"))
 
     def buildCommand(self, p, resume: bool = False) -> list:
-        from anatomical_embedding.training_monitor import build_command
+        from anatomical_embedding.training.monitor import build_command
 
         return build_command(self.trainSettings(p, resume))[0]
 
@@ -455,7 +455,7 @@ class AnatomicalEmbeddingTrainerLogic(ScriptedLoadableModuleLogic):
 
     def startTraining(self, p, resume: bool = False, settings=None):
         """Launch ``train.py`` (never blocks); call :meth:`poll` periodically."""
-        from anatomical_embedding.training_monitor import TrainingMonitor, read_history
+        from anatomical_embedding.training.monitor import TrainingMonitor, read_history
 
         if self.isRunning():
             raise RuntimeError("Training is already running; stop it first.")
@@ -490,7 +490,7 @@ class AnatomicalEmbeddingTrainerLogic(ScriptedLoadableModuleLogic):
     def _onFinished(self) -> None:
         st = self.monitor.state
         if st.status == "finished" and st.exported:
-            from anatomical_embedding import model_registry
+            from anatomical_embedding.inference import registry as model_registry
 
             package = pathlib.Path(st.exported)
             if not package.is_absolute():

@@ -9,7 +9,7 @@ Runs unchanged in three ways::
 
 Output: the engine's JSON progress lines on stdout (see ``anatomical_embedding/training/progress.py``), plus
 ``{"event": "exported", "path": ...}`` after ``--export``; ``error`` events carry the messages below. Exit
-codes (``anatomical_embedding.training_monitor.EXIT_CODES``): 0 finished, 1 unexpected error, 2 bad input
+codes (``anatomical_embedding.training.monitor.EXIT_CODES``): 0 finished, 1 unexpected error, 2 bad input
 (data, settings, output folder), 3 CUDA requested but unavailable, 4 GPU out of memory, 130 stopped by
 SIGINT/SIGTERM after saving ``checkpoints/last.pt`` (continue with ``--resume``).
 
@@ -181,7 +181,7 @@ def resolve_config(args):
     if args.device:
         overrides.append(f"train.device={json.dumps(args.device)}")
     if args.method == "finetune" or _resumes_finetune(args):
-        from anatomical_embedding.finetune_cli import resolve_finetune_config
+        from anatomical_embedding.training.finetune_config import resolve_finetune_config
 
         return resolve_finetune_config(out, args.config, overrides, args.mode, args.init_from, args.resume,
                                        args.data, args.labels)
@@ -239,7 +239,7 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def export_package(run_dir: Path, out: Path, checkpoint: str) -> Path:
-    from anatomical_embedding.export import export_run, verify_parity
+    from anatomical_embedding.inference.export import export_run, verify_parity
     from anatomical_embedding.training.checkpoints import load_embedder_from_run
 
     path = export_run(run_dir, out, checkpoint=checkpoint)

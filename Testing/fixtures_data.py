@@ -85,7 +85,7 @@ def nn_landmark_errors(embedder, subjects, spacing, preset) -> list[float]:
 
     import numpy as np
     import torch
-    from anatomical_embedding.data import PreprocessConfig, preprocess_volume
+    from anatomical_embedding.data.datasets import PreprocessConfig, preprocess_volume
     from anatomical_embedding.io import pad_to_multiple, read_image
 
     embedded = {}

@@ -192,7 +192,7 @@ def test_toml_sets_the_paper_defaults():
 # ---- embedder, export, finetuning ----------------------------------------------------------------------
 @pytest.mark.parametrize("dims", [2, 3])
 def test_embedder_outputs_and_onnx_parity(dims, tmp_path):
-    from anatomical_embedding.export import COARSE_ONNX_NAME, export_embedder, verify_parity
+    from anatomical_embedding.inference.export import COARSE_ONNX_NAME, export_embedder, verify_parity
 
     torch.manual_seed(0)
     size = (16, 16) if dims == 2 else (16, 16, 16)
@@ -310,7 +310,7 @@ def test_2d_adam_run_finetunes_a_2d_unet_through_the_cli(tmp_path, capsys):
     the image's grid."""
     import json
 
-    from anatomical_embedding.cli import main as cli_main
+    from anatomical_embedding.cli.app import main as cli_main
     from anatomical_embedding.io import Volume, read_image, write_image
     from anatomical_embedding.methods.finetune import load_finetuned
     from anatomical_embedding.training.checkpoints import load_checkpoint

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from anatomical_embedding.losses import info_nce_in_image, info_nce_queue, region_contrastive_loss, region_means
 from anatomical_embedding.nets.aefm_unet import AEFMUNet
-from anatomical_embedding.training.momentum import FeatureQueue, make_momentum_copy, momentum_update
-from anatomical_embedding.training.patches import PatchPairConfig, gather_points, sample_patch_pair
+from anatomical_embedding.methods.momentum import FeatureQueue, make_momentum_copy, momentum_update
+from anatomical_embedding.data.patches import PatchPairConfig, gather_points, sample_patch_pair
 
 DATA = Path(__file__).parent / "data" / "aefm"
 
@@ -206,7 +206,7 @@ def test_patch_pair_sizes_and_overlap_follow_the_paper():
     rng = np.random.default_rng(5)
     image = torch.zeros(64, 64, 64)
     cfg = PatchPairConfig(patch_size=(32, 32, 32), n_pos=10)
-    from anatomical_embedding.training.patches import _axis_boxes
+    from anatomical_embedding.data.patches import _axis_boxes
 
     for _ in range(200):
         a0, sa, b0, sb = _axis_boxes(64, 32, cfg, rng)

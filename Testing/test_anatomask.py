@@ -299,7 +299,7 @@ def test_embedder_layers_are_the_normalised_decoder_features():
 def test_onnx_export_matches_torch(tmp_path):
     import zipfile
 
-    from anatomical_embedding.export import COARSE_ONNX_NAME, export_embedder, verify_parity
+    from anatomical_embedding.inference.export import COARSE_ONNX_NAME, export_embedder, verify_parity
 
     torch.manual_seed(5)
     method = AnatoMaskMethod(tiny_config())
@@ -382,7 +382,7 @@ TINY_ANATOMASK_OVERRIDES = [
 
 def _heldout_reconstruction(net, subjects, spacing, preset, n_masks: int = 4) -> float:
     """Mean eq. (2) over held-out volumes (padded to the mask grid) under fixed random masks, eval mode."""
-    from anatomical_embedding.data import PreprocessConfig, preprocess_volume
+    from anatomical_embedding.data.datasets import PreprocessConfig, preprocess_volume
     from anatomical_embedding.io import pad_to_multiple, read_image
 
     net.eval()

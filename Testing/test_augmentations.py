@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anatomical_embedding.augmentations import (
+from anatomical_embedding.data.augment_hdssl import (
     GenesisConfig,
     bezier_curve,
     bezier_intensity,

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from anatomical_embedding.data import DatasetSpec, PreprocessConfig, build_dataset
+from anatomical_embedding.data.datasets import DatasetSpec, PreprocessConfig, build_dataset
 from anatomical_embedding.io import Volume, write_dicom_series, write_image
 
 

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from anatomical_embedding.demo import DemoSettings, run_demo
+from anatomical_embedding.evaluation.demo import DemoSettings, run_demo
 
 
 def test_tiny_demo_runs_every_stage(tmp_path, monkeypatch):
@@ -46,7 +46,7 @@ def test_quick_demo_report_numbers_come_from_the_run(tmp_path):
     """``demo --quick`` as a user runs it (all methods, the quick preset) writes a report built from its CSVs."""
     from test_report_tables import check_report
 
-    from anatomical_embedding.cli import main
+    from anatomical_embedding.cli.app import main
     from anatomical_embedding.methods import available_methods
 
     out = tmp_path / "quick"

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from anatomical_embedding.backends import EmbeddingModel, TorchModel
-from anatomical_embedding.embedding import (
+from anatomical_embedding.inference.backends import EmbeddingModel, TorchModel
+from anatomical_embedding.inference.embedding import (
     EmbedConfig,
     EmbeddingCache,
     embed_volume,
@@ -178,7 +178,7 @@ def test_cache_evicts_least_recently_used(tmp_path):
 
 
 def test_default_cache_dir_env(monkeypatch, tmp_path):
-    from anatomical_embedding.embedding import default_cache_dir
+    from anatomical_embedding.inference.embedding import default_cache_dir
 
     monkeypatch.setenv("ANATOMICAL_EMBEDDING_CACHE", str(tmp_path / "x"))
     assert default_cache_dir() == tmp_path / "x"

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from test_embedding import CARD, blob_volume, tiny_aefm
 
-from anatomical_embedding.backends import OnnxModel, TorchModel, open_model, read_package
-from anatomical_embedding.embedding import embed_volume
-from anatomical_embedding.export import export_embedder
+from anatomical_embedding.inference.backends import OnnxModel, TorchModel, open_model, read_package
+from anatomical_embedding.inference.embedding import embed_volume
+from anatomical_embedding.inference.export import export_embedder
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +115,9 @@ def test_open_model_dispatch_and_errors(package, tmp_path):
 def test_onnx_backend_does_not_import_torch(package):
     code = (
         "import sys, numpy as np\n"
-        "from anatomical_embedding.backends import open_model\n"
-        "from anatomical_embedding.embedding import embed_volume\n"
-        "from anatomical_embedding.matching import Matcher\n"
+        "from anatomical_embedding.inference.backends import open_model\n"
+        "from anatomical_embedding.inference.embedding import embed_volume\n"
+        "from anatomical_embedding.inference.matching import Matcher\n"
         "from anatomical_embedding.io import Volume\n"
         f"m = open_model({str(package)!r})\n"
         "v = Volume(np.random.default_rng(0).normal(size=(32, 40, 48)).astype(np.float32) * 300, spacing=(2, 2, 2))\n"
@@ -133,7 +133,7 @@ def test_onnx_backend_does_not_import_torch(package):
 
 @pytest.mark.slow
 def test_cli_export_of_trained_run(trained_aefm_run, tmp_path):
-    from anatomical_embedding.cli import main
+    from anatomical_embedding.cli.app import main
     from anatomical_embedding.training.checkpoints import load_embedder_from_run
 
     out = tmp_path / "trained.aemodel"
@@ -153,7 +153,7 @@ def test_cli_export_of_trained_run(trained_aefm_run, tmp_path):
 
 
 def test_cli_embed_writes_coarse_map_and_uses_cache(package, tmp_path, capsys):
-    from anatomical_embedding.cli import main
+    from anatomical_embedding.cli.app import main
     from anatomical_embedding.io import write_image
 
     vol = blob_volume((20, 40, 30))

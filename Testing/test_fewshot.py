@@ -8,19 +8,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anatomical_embedding.fewshot import (
+from anatomical_embedding.fewshot.head import (
     FewShotConfig,
     FewShotHead,
     _train_mlp,
     apply_head,
     features_at,
     iter_feature_tiles,
-    postprocess,
     sample_voxels,
     train_head,
 )
 from anatomical_embedding.io import Volume
-from anatomical_embedding.io.labelmaps import read_labelmap, write_labelmap
+from anatomical_embedding.io.labelmaps import keep_largest_components, read_labelmap, write_labelmap
 
 
 class LocalEmbedder:
@@ -153,7 +152,7 @@ def test_postprocess_keeps_largest_component_and_fills_holes():
     lab[2:12, 2:12, 2:12] = 1
     lab[6, 6, 6] = 0          # a hole
     lab[15:17, 15:17, 15:17] = 1  # a stray island
-    out = postprocess(lab, 2)
+    out = keep_largest_components(lab, 2)
     assert out[6, 6, 6] == 1 and out[16, 16, 16] == 0 and out.sum() == 1000
 
 

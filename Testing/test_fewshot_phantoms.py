@@ -10,9 +10,9 @@ import time
 
 import numpy as np
 import pytest
-from anatomical_embedding.backends import TorchModel
-from anatomical_embedding.evaluation import segmentation_metrics
-from anatomical_embedding.fewshot import FewShotConfig, apply_heads, case_samples, train_head_on_samples
+from anatomical_embedding.inference.backends import TorchModel
+from anatomical_embedding.evaluation.segmentation import segmentation_metrics
+from anatomical_embedding.fewshot.head import FewShotConfig, apply_heads, case_samples, train_head_on_samples
 from anatomical_embedding.io import read_image
 from anatomical_embedding.io.labelmaps import read_labelmap
 from fixtures_data import step0_embedder

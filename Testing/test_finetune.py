@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from anatomical_embedding.cli import main as cli_main
+from anatomical_embedding.cli.app import main as cli_main
 from anatomical_embedding.methods.base import StepContext
 from anatomical_embedding.methods.finetune import (
     FinetuneConfig,
@@ -306,7 +306,7 @@ def test_bad_inputs_give_clear_errors(phantom_cohort, trained_aefm_run, tmp_path
 
 
 def test_default_config_file_is_the_cli_default_recipe():
-    from anatomical_embedding.finetune_cli import FINETUNE_TRAIN_DEFAULTS
+    from anatomical_embedding.training.finetune_config import FINETUNE_TRAIN_DEFAULTS
     from anatomical_embedding.training.config import load_run_config
 
     path = Path(__file__).resolve().parents[1] / "Resources" / "configs" / "finetune.toml"

@@ -322,7 +322,7 @@ def test_pretraining_beats_random_init(trained_hdssl_run, phantom_cohort, held_o
 
 @pytest.mark.slow
 def test_export_of_trained_embedder_matches_torch(trained_hdssl_run, tmp_path):
-    from anatomical_embedding.export import export_embedder, verify_parity
+    from anatomical_embedding.inference.export import export_embedder, verify_parity
     from anatomical_embedding.training.checkpoints import load_embedder_from_run
 
     embedder, info = load_embedder_from_run(trained_hdssl_run)
@@ -332,7 +332,7 @@ def test_export_of_trained_embedder_matches_torch(trained_hdssl_run, tmp_path):
 
 @pytest.mark.slow
 def test_train_cli_runs_hdssl_end_to_end(phantom_cohort, held_out_ids, tmp_path):
-    from anatomical_embedding.cli import main
+    from anatomical_embedding.cli.app import main
     from anatomical_embedding.training.checkpoints import load_embedder_from_run
 
     manifest = write_training_manifest(phantom_cohort, held_out_ids, tmp_path / "train.json")

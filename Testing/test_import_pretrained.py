@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 from anatomical_embedding import cli
-from anatomical_embedding.backends import open_model, sha256_file
-from anatomical_embedding.embedding import EmbedConfig, embed_volume
-from anatomical_embedding.import_pretrained import HDSSL_CAVEAT
+from anatomical_embedding.inference.backends import open_model, sha256_file
+from anatomical_embedding.inference.embedding import EmbedConfig, embed_volume
+from anatomical_embedding.inference.import_pretrained import HDSSL_CAVEAT
 from anatomical_embedding.io import Volume
-from anatomical_embedding.matching import MatchConfig, Matcher
-from anatomical_embedding.model_registry import list_models
+from anatomical_embedding.inference.matching import MatchConfig, Matcher
+from anatomical_embedding.inference.registry import list_models
 from anatomical_embedding.nets.blocks import layout_for_direction
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from anatomical_embedding.io import Volume
-from anatomical_embedding.landmark_eval import (
+from anatomical_embedding.evaluation.landmarks import (
     evaluate_transfer,
     identical_coordinate,
     plot_error_cdf,

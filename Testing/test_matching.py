@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from test_embedding import CARD, blob_volume, tiny_aefm
 
-from anatomical_embedding.backends import TorchModel
-from anatomical_embedding.embedding import embed_volume
+from anatomical_embedding.inference.backends import TorchModel
+from anatomical_embedding.inference.embedding import embed_volume
 from anatomical_embedding.io import Volume, convert_points
-from anatomical_embedding.matching import MatchConfig, Matcher
-from anatomical_embedding.robust import PriorConfig, fit_affine, ransac_affine
+from anatomical_embedding.inference.matching import MatchConfig, Matcher
+from anatomical_embedding.inference.prior import PriorConfig, fit_affine, ransac_affine
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +154,8 @@ def test_prior_corrects_look_alike_outliers(model):
 
 
 def test_cli_match_writes_markups(tmp_path, model):
-    from anatomical_embedding.cli import main
-    from anatomical_embedding.export import export_embedder
+    from anatomical_embedding.cli.app import main
+    from anatomical_embedding.inference.export import export_embedder
     from anatomical_embedding.io import write_image
 
     src = blob_volume()
@@ -207,7 +207,7 @@ def landmark_errors(model, subjects, use_prior=True):
 
 @pytest.mark.slow
 def test_trained_model_on_held_out_phantom_pairs(trained_aefm_run, phantom_cohort, held_out_ids):
-    from anatomical_embedding.backends import open_model
+    from anatomical_embedding.inference.backends import open_model
 
     model = open_model(trained_aefm_run)
     subjects = [s for s in phantom_cohort.subjects if s.id in held_out_ids]
@@ -228,8 +228,8 @@ def test_trained_model_on_held_out_phantom_pairs(trained_aefm_run, phantom_cohor
 def test_box_coarse_cosine_equals_trilinear_sampling():
     from test_embedding import PoolModel
 
-    from anatomical_embedding.embedding import normalise, trilinear
-    from anatomical_embedding.matching import coarse_cosine_box
+    from anatomical_embedding.inference.embedding import normalise, trilinear
+    from anatomical_embedding.inference.matching import coarse_cosine_box
 
     e = embed_volume(PoolModel(), blob_volume())
     qc = normalise(np.random.default_rng(0).normal(size=3))

@@ -444,7 +444,7 @@ def test_viewer_logic_loads_phantom_pair(load_slicer_module, mrml_scene, tmp_pat
 
 
 def test_trainer_logic_exports_a_training_case(load_slicer_module, mrml_scene, labels, image, tmp_path):
-    from anatomical_embedding.data import DatasetSpec
+    from anatomical_embedding.data.datasets import DatasetSpec
     from anatomical_embedding.io.labelmaps import read_labelmap
 
     label, names = labels

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from anatomical_embedding.cli import main
+from anatomical_embedding.cli.app import main
 from anatomical_embedding.io import read_image, read_points
 from anatomical_embedding.phantoms import (
     LABEL_IDS,

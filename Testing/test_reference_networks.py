@@ -29,7 +29,7 @@ from anatomical_embedding.nets.hdssl import HDSSLFPN, HDSSLConfig, HDSSLEmbedder
 from anatomical_embedding.nets.hdssl import PUBLISHED_MODEL_INFO as HDSSL_INFO
 from anatomical_embedding.nets.vox2vec import PUBLISHED_MODEL_INFO as VOX2VEC_INFO
 from anatomical_embedding.nets.vox2vec import Vox2VecEmbedder, Vox2VecFPN
-from anatomical_embedding.pretrained import (
+from anatomical_embedding.inference.pretrained import (
     load_published_checkpoint,
     load_published_embedder,
     published_model_info,
@@ -220,7 +220,7 @@ def test_aefm_simulated_checkpoint_loads_through_the_aefm_network(tmp_path):
 
 def test_published_checkpoint_to_model_package(tmp_path):
     """The issue's path: downloaded checkpoint -> embedder -> .aemodel carrying the published model info."""
-    from anatomical_embedding.export import export_embedder, verify_parity
+    from anatomical_embedding.inference.export import export_embedder, verify_parity
 
     ckpt = tmp_path / "vox2vec_contrastive.pt"
     torch.save(_published_form(_tiny_state("vox2vec")), ckpt)

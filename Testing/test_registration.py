@@ -6,7 +6,7 @@ import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 
 from anatomical_embedding.io import Volume
-from anatomical_embedding.registration import RegistrationConfig, register_affine, register_affine_bspline
+from anatomical_embedding.evaluation.registration import RegistrationConfig, register_affine, register_affine_bspline
 
 
 def _pair():

@@ -4,7 +4,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from anatomical_embedding.report import Report  # noqa: E402
+from anatomical_embedding.evaluation.report import Report  # noqa: E402
 
 
 def test_markdown_and_html(tmp_path):

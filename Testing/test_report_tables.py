@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from anatomical_embedding.landmark_eval import TransferRecord, write_records_csv
-from anatomical_embedding.report import Report
-from anatomical_embedding.report_tables import add_fewshot_results, add_landmark_results, write_fewshot_csv
+from anatomical_embedding.evaluation.landmarks import TransferRecord, write_records_csv
+from anatomical_embedding.evaluation.report import Report
+from anatomical_embedding.evaluation.report_tables import add_fewshot_results, add_landmark_results, write_fewshot_csv
 
 METHODS = ["identical coordinate", "registration affine", "aefm robust prior"]
 LANDMARKS = ["liver_dome", "kidney_left_upper_pole", "aortic_bifurcation", "l1_body", "spleen_tip"]

@@ -89,9 +89,9 @@ def test_finds_the_engine_in_a_source_checkout_without_install():
 @pytest.mark.slow  # training + ONNX export + embedding two volumes (~25 s on a shared 2-core CPU)
 def test_tiny_run_writes_progress_checkpoint_and_a_package_the_matcher_loads(tiny_cohort, tmp_path):
     from anatomical_embedding import io
-    from anatomical_embedding.backends import open_model
-    from anatomical_embedding.embedding import embed_volume
-    from anatomical_embedding.matching import Matcher
+    from anatomical_embedding.inference.backends import open_model
+    from anatomical_embedding.inference.embedding import embed_volume
+    from anatomical_embedding.inference.matching import Matcher
     from anatomical_embedding.phantoms import load_cohort
 
     run, package = tmp_path / "run", tmp_path / "tiny.aemodel"

@@ -150,7 +150,7 @@ def test_command_line_from_the_parameter_node(trainer, tmp_path):
 
     p.numProcesses, p.gpus, p.exportModel = 2, "0,1", False
     settings = logic.trainSettings(p)
-    from anatomical_embedding.training_monitor import build_command
+    from anatomical_embedding.training.monitor import build_command
 
     argv, env = build_command(settings)
     assert argv[2:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -188,7 +188,7 @@ def progress(step, loss, **terms):
 
 
 def test_progress_lines_fill_the_table_and_the_chart_series(trainer, mrml_scene):
-    from anatomical_embedding.training_monitor import ProgressParser, TrainingState
+    from anatomical_embedding.training.monitor import ProgressParser, TrainingState
 
     logic = trainer.AnatomicalEmbeddingTrainerLogic()
     st = TrainingState(status="running")
@@ -237,10 +237,10 @@ def poll_until_done(logic, timeout: float = 300) -> None:
 @pytest.mark.slow  # a training subprocess plus ONNX export (~25 s on a shared 2-core CPU)
 def test_training_through_the_logic_updates_the_table_and_registers_the_model(trainer, mrml_scene, tiny_cohort,
                                                                               tmp_path, monkeypatch):
-    from anatomical_embedding import model_registry
+    from anatomical_embedding.inference import registry as model_registry
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the child inherits it (shared CPU)
-    from anatomical_embedding.backends import read_package
+    from anatomical_embedding.inference.backends import read_package
 
     registry = tmp_path / "models.json"
     logic = trainer.AnatomicalEmbeddingTrainerLogic(registryPath=registry)
@@ -280,7 +280,7 @@ sys.exit(139)
 
 
 def test_crashed_training_gives_a_clear_error_and_no_package(trainer, mrml_scene, tmp_path):
-    from anatomical_embedding import model_registry
+    from anatomical_embedding.inference import registry as model_registry
 
     script = tmp_path / "crash.py"
     script.write_text(textwrap.dedent(FAKE_CRASH), encoding="utf-8")
@@ -303,7 +303,7 @@ def test_crashed_training_gives_a_clear_error_and_no_package(trainer, mrml_scene
 # ---- model registry ------------------------------------------------------------------------------------
 def fake_package(path: Path, method: str = "aefm") -> Path:
     """A structurally valid package (card hashes match its members); the registry does not run ONNX."""
-    from anatomical_embedding.backends import CARD_NAME, ONNX_NAME, sha256_bytes
+    from anatomical_embedding.inference.backends import CARD_NAME, ONNX_NAME, sha256_bytes
 
     onnx = b"not really onnx"
     with zipfile.ZipFile(path, "w") as zf:
@@ -313,7 +313,7 @@ def fake_package(path: Path, method: str = "aefm") -> Path:
 
 
 def test_model_registry_register_list_unregister(tmp_path, monkeypatch):
-    from anatomical_embedding import model_registry
+    from anatomical_embedding.inference import registry as model_registry
 
     monkeypatch.setenv(model_registry.ENV_VAR, str(tmp_path / "reg" / "models.json"))
     assert model_registry.registry_path() == tmp_path / "reg" / "models.json"

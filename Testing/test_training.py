@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from anatomical_embedding.training.checkpoints import load_checkpoint, load_embedder_from_run
-from anatomical_embedding.training.cli import main as train_main
+from anatomical_embedding.cli.train import main as train_main
 from anatomical_embedding.training.config import load_run_config, read_run_config
 from anatomical_embedding.training.progress import read_progress
 
@@ -36,7 +36,7 @@ def small_data(phantom_cohort, held_out_ids, tmp_path_factory) -> Path:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "anatomical_embedding.training.cli", *args]
+    return [sys.executable, "-m", "anatomical_embedding.cli.train", *args]
 
 
 def _env() -> dict:
@@ -181,7 +181,7 @@ def test_ddp_two_processes_equal_single_process(small_data, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     ddp = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "anatomical_embedding.training.cli", "--method", "aefm", "--data", str(small_data),
+           "-m", "anatomical_embedding.cli.train", "--method", "aefm", "--data", str(small_data),
            "--out", str(ddp), *_sets(steps)]
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

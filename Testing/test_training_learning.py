@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from anatomical_embedding.data import PreprocessConfig, preprocess_volume
+from anatomical_embedding.data.datasets import PreprocessConfig, preprocess_volume
 from anatomical_embedding.io import pad_to_multiple, read_image
 from fixtures_data import trained_vs_random
 

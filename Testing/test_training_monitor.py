@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from anatomical_embedding.training_monitor import (
+from anatomical_embedding.training.monitor import (
     EXIT_STOPPED,
     ProgressParser,
     TrainingMonitor,
@@ -234,7 +234,7 @@ def test_outcome_follows_the_events_when_torchrun_hides_the_exit_code(tmp_path, 
 
 
 def test_read_history_rebuilds_the_curve_of_an_earlier_run(tmp_path):
-    from anatomical_embedding.training_monitor import read_history
+    from anatomical_embedding.training.monitor import read_history
 
     lines = [{"event": "start", "total_steps": 6, "start_step": 0},
              {"event": "progress", "step": 2, "total_steps": 6, "epoch": 0, "loss": 3.0, "terms": {"a": 1.0}},

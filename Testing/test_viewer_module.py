@@ -127,7 +127,7 @@ def viewer(monkeypatch, mrml_app, tmp_path):
 @pytest.fixture(scope="module")
 def package(request, tmp_path_factory):
     """The tiny trained fixture run exported to a model package (what users load in the viewer)."""
-    from anatomical_embedding.export import export_run
+    from anatomical_embedding.inference.export import export_run
 
     run = request.getfixturevalue("trained_aefm_run")
     return export_run(run, tmp_path_factory.mktemp("viewer_model") / "tiny.aemodel")
@@ -469,7 +469,7 @@ def test_model_card_and_background_cancel(viewer, logic, mrml_scene, pair, tmp_p
 
 def test_few_shot_flow(viewer, logic, mrml_scene, pair):
     """Segmentation nodes in, a named and coloured segmentation node out; retraining reuses embeddings."""
-    from anatomical_embedding.fewshot import FewShotConfig
+    from anatomical_embedding.fewshot.head import FewShotConfig
 
     source, target = load_pair(mrml_scene, pair)
     cases = logic.addFewShotCase(None, source["volume"], source["segmentation"])

@@ -54,10 +54,10 @@ def one(cfg: dict) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    from anatomical_embedding.backends import OnnxModel, TorchModel
-    from anatomical_embedding.embedding import EmbedConfig, EmbeddingCache, embed_volume
+    from anatomical_embedding.inference.backends import OnnxModel, TorchModel
+    from anatomical_embedding.inference.embedding import EmbedConfig, EmbeddingCache, embed_volume
     from anatomical_embedding.io import Volume
-    from anatomical_embedding.matching import Matcher
+    from anatomical_embedding.inference.matching import Matcher
     from anatomical_embedding.nets.aefm_unet import AEFMUNet
 
     torch.manual_seed(0)
@@ -79,7 +79,7 @@ def one(cfg: dict) -> dict:
         t0 = time.perf_counter()
         s = embed_volume(model, src, cache, ecfg)
         out["embed_s"] = time.perf_counter() - t0
-        from anatomical_embedding.embedding import window_starts
+        from anatomical_embedding.inference.embedding import window_starts
 
         out["windows"] = int(np.prod([len(window_starts(-(-n // 16) * 16, min(cfg["window"], -(-n // 16) * 16), 0.25, 16))
                                       for n in shape]))
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
         return 0
 
     import torch
-    from anatomical_embedding.export import export_embedder
+    from anatomical_embedding.inference.export import export_embedder
     from anatomical_embedding.nets.aefm_unet import AEFMUNet
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     # Extrapolate the big volumes from the measured seconds per window (quick mode only).
     extrap = []
     if args.quick:
-        from anatomical_embedding.embedding import window_starts
+        from anatomical_embedding.inference.embedding import window_starts
 
         for r in results:
             if "embed_s" not in r:

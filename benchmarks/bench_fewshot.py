@@ -49,7 +49,7 @@ def tiny_aefm(cohort, train_ids: list[str], work: Path) -> tuple[Path, float]:
 def untrained_tiny_package(work: Path, spacing: float) -> Path:
     """An untrained tiny AEFM package (``--smoke``): exercises every step at a fraction of the cost."""
     import torch
-    from anatomical_embedding.export import export_embedder
+    from anatomical_embedding.inference.export import export_embedder
     from anatomical_embedding.nets.aefm_unet import AEFMUNet
 
     torch.manual_seed(0)
@@ -139,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from anatomical_embedding.backends import open_model
-    from anatomical_embedding.evaluation import segmentation_metrics
-    from anatomical_embedding.fewshot import FewShotConfig, apply_head, train_head
+    from anatomical_embedding.inference.backends import open_model
+    from anatomical_embedding.evaluation.segmentation import segmentation_metrics
+    from anatomical_embedding.fewshot.head import FewShotConfig, apply_head, train_head
     from anatomical_embedding.io import read_image
     from anatomical_embedding.io.labelmaps import read_labelmap
     from anatomical_embedding.phantoms import generate_cohort, load_cohort

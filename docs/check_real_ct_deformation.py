@@ -51,10 +51,10 @@ def main(argv=None) -> int:
         print(f"error: no CT at {args.ct}; pass --ct PATH to a CT volume", file=sys.stderr)
         return 2
     import SimpleITK as sitk
-    from anatomical_embedding.backends import open_model
-    from anatomical_embedding.embedding import embed_volume
+    from anatomical_embedding.inference.backends import open_model
+    from anatomical_embedding.inference.embedding import embed_volume
     from anatomical_embedding.io import read_image
-    from anatomical_embedding.matching import Matcher
+    from anatomical_embedding.inference.matching import Matcher
     from anatomical_embedding.training.config import load_run_config
     from anatomical_embedding.training.engine import Trainer
     from fixtures_data import TINY_AEFM_OVERRIDES

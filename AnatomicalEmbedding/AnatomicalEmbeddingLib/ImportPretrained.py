@@ -34,7 +34,7 @@ FILE_FILTER = "Checkpoints (*.pth *.pt *.ckpt *.tar);;All files (*)"
 
 def help_text() -> str:
     """Where each project publishes its checkpoint, and what importing does (HTML for a QLabel)."""
-    from anatomical_embedding.import_pretrained import HDSSL_CAVEAT, PUBLISHED_SOURCES
+    from anatomical_embedding.inference.published import HDSSL_CAVEAT, PUBLISHED_SOURCES
 
     items = "".join(f"<li>{text}</li>" for text in PUBLISHED_SOURCES.values())
     return (
@@ -62,7 +62,7 @@ class ImportPretrainedLogic:
 
     def __init__(self, models_dir: str | os.PathLike | None = None,
                  registry: str | os.PathLike | None = None) -> None:
-        from anatomical_embedding.model_registry import registry_path
+        from anatomical_embedding.inference.registry import registry_path
 
         self.registry = Path(registry) if registry else None
         # Packages live next to the registry file by default (a per-user folder, not the Slicer install).
@@ -83,7 +83,7 @@ class ImportPretrainedLogic:
                      network_config: Mapping[str, Any] | None = None,
                      progress: Callable[[float, str], None] | None = None) -> dict:
         """Import and register; returns the registry entry (``name``, ``path``, ``method``, ``sha256``)."""
-        from anatomical_embedding.import_pretrained import import_published
+        from anatomical_embedding.inference.import_pretrained import import_published
 
         out = Path(out) if out else self.default_output_path(fmt, checkpoint)
         name = name or f"{fmt} ({Path(checkpoint).name})"

@@ -15,8 +15,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .io import Volume, convert_matrix, convert_points
-from .io.labelmaps import default_color
+from anatomical_embedding.io import Volume, convert_matrix, convert_points
+from anatomical_embedding.io.labelmaps import default_color
 
 SCALAR_VOLUME = "vtkMRMLScalarVolumeNode"
 LABELMAP_VOLUME = "vtkMRMLLabelMapVolumeNode"

@@ -1,5 +1,5 @@
 """Image geometry and file I/O. World coordinates in a Volume are LPS; see ``geometry``."""
-from .geometry import (
+from anatomical_embedding.io.geometry import (
     LPS_TO_RAS,
     Frame,
     Volume,
@@ -13,9 +13,9 @@ from .geometry import (
     reorient_to_canonical,
     resample_to_spacing,
 )
-from .images import atomic_write, is_image_path, read_image, write_dicom_series, write_image
-from .intensity import PRESETS, IntensityPreset, get_preset
-from .markups import PointList, read_points, write_points
+from anatomical_embedding.io.images import atomic_write, is_image_path, read_image, write_dicom_series, write_image
+from anatomical_embedding.io.intensity import PRESETS, IntensityPreset, get_preset
+from anatomical_embedding.io.markups import PointList, read_points, write_points
 
 __all__ = [
     "LPS_TO_RAS", "Frame", "Volume", "convert_matrix", "convert_points", "crop", "crop_or_pad", "pad",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .geometry import Volume
+from anatomical_embedding.io.geometry import Volume
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .geometry import Volume
-from .images import atomic_write, read_image, write_image
+from anatomical_embedding.io.geometry import Volume
+from anatomical_embedding.io.images import atomic_write, read_image, write_image
 
 SEG_SUFFIX = ".seg.nrrd"
 
@@ -109,4 +109,23 @@ def write_labelmap(volume: Volume, names: Mapping[int, str], path: str | os.Path
     out = write_image(volume.with_array(arr.astype(np.int16)), path, overwrite=overwrite)
     atomic_write(side, lambda tmp: tmp.write_text(json.dumps({str(v): names[v] for v in values}, indent=1), encoding="utf-8"),
                  overwrite=True)
+    return out
+
+
+def keep_largest_components(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Keep the largest connected component of each class and fill its holes."""
+    from scipy.ndimage import binary_fill_holes
+    from scipy.ndimage import label as cc_label
+
+    out = np.zeros_like(labels)
+    for c in range(1, n_classes):
+        mask = labels == c
+        if not mask.any():
+            continue
+        comp, n = cc_label(mask)
+        if n > 1:
+            sizes = np.bincount(comp.ravel())
+            sizes[0] = 0
+            mask = comp == sizes.argmax()
+        out[binary_fill_holes(mask) & (out == 0)] = c
     return out

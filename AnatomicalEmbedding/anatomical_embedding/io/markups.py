@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from .geometry import Frame, convert_points
-from .images import atomic_write
+from anatomical_embedding.io.geometry import Frame, convert_points
+from anatomical_embedding.io.images import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ Other choices and deviations (all configurable):
 
 * MoCo's shuffling BatchNorm is not implemented (the engine's DDP converts BatchNorm to SyncBatchNorm instead);
   the key encoder runs in train mode as in MoCo. ``norm = "instance"`` is available for tiny 3D batches.
-* The bank starts empty and only real keys are used (``training.momentum.FeatureQueue``; MoCo starts from random
+* The bank starts empty and only real keys are used (``methods.momentum.FeatureQueue``; MoCo starts from random
   unit vectors).
 * The paper gives no augmentation magnitudes; we use MoCo v2's (crop scale 0.2-1, aspect 3/4-4/3, jitter 0.4 with
   p = 0.8, blur sigma 0.1-2 with p = 0.5) and +-10 degree rotation (the supplement's dense-correspondence views).
@@ -52,10 +52,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..losses import pruned_info_nce
-from ..nets.adam_resnet import AdamEveEmbedder, ProjectionHead, ResNetBackbone, ResNetUNet
-from ..training.momentum import FeatureQueue, make_momentum_copy, momentum_update
-from .base import DataInfo, Method, StepContext
+from anatomical_embedding.losses import pruned_info_nce
+from anatomical_embedding.nets.adam_resnet import AdamEveEmbedder, ProjectionHead, ResNetBackbone, ResNetUNet
+from anatomical_embedding.methods.momentum import FeatureQueue, make_momentum_copy, momentum_update
+from anatomical_embedding.methods.base import DataInfo, Method, StepContext
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ class AdamEveMethod(Method):
 
     @classmethod
     def preprocess_config(cls, config: AdamEveConfig):
-        from ..data import PreprocessConfig
+        from anatomical_embedding.data.datasets import PreprocessConfig
 
         spacing, preset = cls.resolved_preprocessing(config)
         return PreprocessConfig(spacing=spacing, preset=preset)
@@ -264,7 +264,7 @@ class AdamEveMethod(Method):
     @classmethod
     def configure_from_data(cls, config: AdamEveConfig, info: DataInfo) -> AdamEveConfig:
         if config.dims == 0 or config.dims == 2:
-            from ..data import DatasetSpec
+            from anatomical_embedding.data.datasets import DatasetSpec
 
             dims = data_dims(DatasetSpec.from_path(info.source)) if info.source else config.dims
             if config.dims == 2 and dims == 3:
@@ -342,16 +342,15 @@ class AdamEveMethod(Method):
         c = self.config
         if not c.init_from:
             return
-        from ..training.checkpoints import load_checkpoint, resolve_checkpoint
-        from ..training.config import read_run_config
+        from anatomical_embedding.methods.runs import load_checkpoint, read_method_run, resolve_checkpoint
 
         run = Path(c.init_from)
         if not (run / "config.toml").is_file():
             raise FileNotFoundError(f"init_from {run} is not a training run folder (no config.toml); pass the run "
                                     "folder of the previous Adam stage")
-        prev = read_run_config(run / "config.toml")
-        if prev.method != self.name:
-            raise ValueError(f"init_from {run} is a {prev.method!r} run; an Adam stage starts from an Adam run")
+        prev_method, prev_config = read_method_run(run / "config.toml")
+        if prev_method != self.name:
+            raise ValueError(f"init_from {run} is a {prev_method!r} run; an Adam stage starts from an Adam run")
         state = dict(load_checkpoint(resolve_checkpoint(run, c.init_checkpoint))["model"])
         own = self.state_dict()
         if tuple(state.get("bank.features", torch.zeros(0)).shape) != tuple(own["bank.features"].shape):
@@ -365,7 +364,7 @@ class AdamEveMethod(Method):
             raise ValueError(f"init_from {run}: its networks differ from this configuration "
                              f"({str(exc).splitlines()[0]}); keep depth, widths, dims and the head as in the "
                              "previous stage") from None
-        log.info("Adam/Eve: started from %s (levels %s -> %s)", run, list(prev.method_config.levels), list(c.levels))
+        log.info("Adam/Eve: started from %s (levels %s -> %s)", run, list(prev_config.levels), list(c.levels))
 
     # ----------------------------------------------------------------- export / finetune
     def embedder(self) -> AdamEveEmbedder:
@@ -378,7 +377,7 @@ class AdamEveMethod(Method):
         return net.to(next(self.encoder.parameters()).device)
 
     def model_info(self) -> dict:
-        from ..io import get_preset
+        from anatomical_embedding.io import get_preset
 
         c = self.config
         spacing, preset = self.resolved_preprocessing(c)

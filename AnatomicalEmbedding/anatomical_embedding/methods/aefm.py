@@ -2,7 +2,7 @@
 
 * Network M_F: :class:`~anatomical_embedding.nets.aefm_unet.AEFMUNet` (global stride-8 + local maps);
   momentum copy M_F' (coefficient 0.999).
-* Samples: overlapping patch pairs (section 2.1, ``training.patches``) with ``n_pos`` shared points.
+* Samples: overlapping patch pairs (section 2.1, ``data.patches``) with ``n_pos`` shared points.
 * L_AC (eq. 1, read as MoCo's per-point InfoNCE, see ``losses.info_nce_queue``) against a feature
   queue D of past E' features. Pairs are fed both ways (A->M_F, B->M_F' and swapped), the two losses
   averaged (paper, section 3). We train both published outputs with the same point pairs: the local map
@@ -30,11 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..losses import info_nce_in_image, info_nce_queue, region_contrastive_loss, region_means
-from ..nets.aefm_unet import AEFMUNet, SegmentationHead
-from ..training.momentum import FeatureQueue, make_momentum_copy, momentum_update
-from ..training.patches import PatchPairConfig, gather_points, jitter_intensity, sample_patch_pair
-from .base import DataInfo, Method, StepContext
+from anatomical_embedding.losses import info_nce_in_image, info_nce_queue, region_contrastive_loss, region_means
+from anatomical_embedding.nets.aefm_unet import AEFMUNet, SegmentationHead
+from anatomical_embedding.methods.momentum import FeatureQueue, make_momentum_copy, momentum_update
+from anatomical_embedding.data.patches import PatchPairConfig, gather_points, jitter_intensity, sample_patch_pair
+from anatomical_embedding.methods.base import DataInfo, Method, StepContext
 
 
 @dataclass
@@ -104,7 +104,7 @@ class AEFMMethod(Method):
 
     @classmethod
     def preprocess_config(cls, config: AEFMConfig):
-        from ..data import PreprocessConfig
+        from anatomical_embedding.data.datasets import PreprocessConfig
 
         # Pad small volumes up to the largest patch side the sampler can draw.
         min_size = tuple(int(np.ceil(p * config.patch_scale[1])) for p in config.patch_size)
@@ -220,7 +220,7 @@ class AEFMMethod(Method):
         return self.encoder
 
     def model_info(self) -> dict:
-        from ..io import get_preset
+        from anatomical_embedding.io import get_preset
 
         c = self.config
         return {

@@ -63,12 +63,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..nets.blocks import upsample_to
-from ..nets.spark import SparKSTUNet, masked_patch_loss, patchify
-from ..nets.stunet import STUNET_SIZES, STUNET_STRIDES, STUNet, STUNetConfig
-from ..training.momentum import make_momentum_copy, momentum_update
-from .base import Method, StepContext
-from .embedder import Embedder
+from anatomical_embedding.nets.blocks import upsample_to
+from anatomical_embedding.nets.spark import SparKSTUNet, masked_patch_loss, patchify
+from anatomical_embedding.nets.stunet import STUNET_SIZES, STUNET_STRIDES, STUNet, STUNetConfig
+from anatomical_embedding.methods.momentum import make_momentum_copy, momentum_update
+from anatomical_embedding.methods.base import Method, StepContext
+from anatomical_embedding.nets.embedder import Embedder
 
 
 @dataclass
@@ -257,7 +257,7 @@ class AnatoMaskMethod(Method):
     # ----------------------------------------------------------------- data
     @classmethod
     def preprocess_config(cls, config: AnatoMaskConfig):
-        from ..data import PreprocessConfig
+        from anatomical_embedding.data.datasets import PreprocessConfig
 
         return PreprocessConfig(spacing=tuple(float(s) for s in config.spacing), preset=config.preset,
                                 min_size=tuple(int(p) for p in config.patch_size))
@@ -353,7 +353,7 @@ class AnatoMaskMethod(Method):
         return net.to(next(self.student.parameters()).device)
 
     def model_info(self) -> dict:
-        from ..io import get_preset
+        from anatomical_embedding.io import get_preset
 
         c = self.config
         emb = self.embedder()

@@ -18,8 +18,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..nets.aefm_unet import AEFMUNet, SegmentationHead
-from ..nets.blocks import AxisLayout, FPN3d, upsample_to
+from anatomical_embedding.nets.aefm_unet import AEFMUNet, SegmentationHead
+from anatomical_embedding.nets.blocks import AxisLayout, FPN3d, upsample_to
 
 #: method name -> "module:function(method, n_classes, hidden) -> nn.Module".
 FINETUNE_BACKBONES: dict[str, str] = {

@@ -29,14 +29,14 @@ Hooks, in the order the engine uses them:
   the engine calls ``evaluate`` every that many steps and at the end (eval mode, no gradients, AMP), on every
   rank (split the work by ``ctx.rank``, combine with ``ctx.all_gather``); the returned metrics are logged as an
   ``eval`` event and can be ``train.best_metric`` (lower is better). The finetune task uses it.
-* ``embedder()``: the dense :class:`~anatomical_embedding.methods.embedder.Embedder` used downstream;
+* ``embedder()``: the dense :class:`~anatomical_embedding.nets.embedder.Embedder` used downstream;
   ``model_info()``: method-specific model-card fields (spacing, preset, patch size, channels).
 
 How the other methods fit: Adam/Eve keeps a momentum encoder plus a memory bank (buffers; keys enqueued in
 ``after_optimizer_step``, pruned per query in ``forward``) and draws a decomposer part of one image and two
 views of it in ``make_sample``; AnatoMask keeps
 an EMA teacher (``after_optimizer_step``) whose reconstruction error guides the mask drawn in
-``forward``; HDSSL samples overlapping patch pairs (``training.patches``) and returns the contrastive
+``forward``; HDSSL samples overlapping patch pairs (``data.patches``) and returns the contrastive
 and restorative terms in ``terms``. None needs an engine special case.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .embedder import Embedder
+from anatomical_embedding.nets.embedder import Embedder
 
 
 @dataclass

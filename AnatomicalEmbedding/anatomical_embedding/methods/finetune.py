@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import DataInfo, Method, StepContext
+from anatomical_embedding.methods.base import DataInfo, Method, StepContext
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,7 @@ class FinetuneConfig:
 # ---------------------------------------------------------------------------------------- pretrained source
 def read_source(path: str | Path, checkpoint: str = "last") -> tuple[str, dict, dict, dict]:
     """``(method name, [config] dict, model_info, method state_dict)`` of a pretrained training run folder."""
-    from ..training.checkpoints import load_checkpoint, resolve_checkpoint
-    from ..training.config import read_run_config
+    from anatomical_embedding.methods.runs import load_checkpoint, plain_config, read_method_run, resolve_checkpoint
 
     p = Path(path)
     if not p.exists():
@@ -96,13 +95,13 @@ def read_source(path: str | Path, checkpoint: str = "last") -> tuple[str, dict, 
                          "weights): an exported .aemodel package holds ONNX only")
     if not (p / "config.toml").is_file():
         raise FileNotFoundError(f"{p / 'config.toml'} not found; init_from must be a pretraining run folder")
-    cfg = read_run_config(p / "config.toml")
-    if cfg.method == FinetuneMethod.name:
+    method_name, method_config = read_method_run(p / "config.toml")
+    if method_name == FinetuneMethod.name:
         raise ValueError(f"init_from {p} is a finetune run, not a pretrained embedding model; "
                          "pass the run folder of its pretraining (e.g. an AEFM or HDSSL run)")
     ck = load_checkpoint(resolve_checkpoint(p, checkpoint))
     info = dict(ck.get("model_info") or {})
-    return cfg.method, cfg.to_dict()["config"], info, ck["model"]
+    return method_name, plain_config(method_config), info, ck["model"]
 
 
 def _load_state(module: nn.Module, state: dict, what: str) -> None:
@@ -120,7 +119,7 @@ def _preset_value(preset: str) -> str | dict:
 
 def _preset_text(preset: str | dict) -> str:
     """A preset for the config file: its registered name when it is one, else its JSON."""
-    from ..io import PRESETS
+    from anatomical_embedding.io import PRESETS
 
     if isinstance(preset, str):
         return preset
@@ -199,7 +198,7 @@ class FinetuneMethod(Method):
                     raise ValueError(f"init_from {c.init_from} holds a {name!r} model that differs from the one this "
                                      f"run was started with ({c.source_method!r}); resume with the original model")
                 c.source_method, c.source_config = name, cfg_dict
-            from ..training.checkpoints import build_method
+            from anatomical_embedding.methods.runs import build_method
 
             source = build_method(c.source_method, c.source_config)
             if state is not None:
@@ -214,7 +213,7 @@ class FinetuneMethod(Method):
             self.network = self._unet(in_ch)
             self.size_multiple = int(np.lcm(int(emb.size_multiple), self.network_multiple))
         elif c.mode == "backbone":
-            from .backbones import segmentation_network
+            from anatomical_embedding.methods.backbones import segmentation_network
 
             self.network = segmentation_network(source, c.num_classes, c.head_hidden)
             # Parameters taken over from the pretrained model (the schedule below freezes, then warms them up).
@@ -279,14 +278,14 @@ class FinetuneMethod(Method):
             path = Path(config.init_from) / "config.toml" if config.init_from else None
             if path is None or not path.is_file():
                 return False  # read_source reports the missing run
-            from ..training.config import read_run_config
+            from anatomical_embedding.methods.runs import plain_config, read_method_run
 
-            run = read_run_config(path)
-            name, cfg_dict = run.method, run.to_dict()["config"]
+            name, run_config = read_method_run(path)
+            cfg_dict = plain_config(run_config)
         if name == cls.name:
             return False  # read_source refuses a finetune run as a source
-        from ..training.config import build_dataclass
-        from . import get_method
+        from anatomical_embedding.methods.runs import build_dataclass
+        from anatomical_embedding.methods import get_method
 
         source = get_method(name)
         return bool(source.accepts_2d(build_dataclass(source.Config, dict(cfg_dict), "method")))
@@ -325,7 +324,7 @@ class FinetuneMethod(Method):
 
     @classmethod
     def preprocess_config(cls, config: FinetuneConfig):
-        from ..data import PreprocessConfig
+        from anatomical_embedding.data.datasets import PreprocessConfig
 
         spacing, preset = cls.resolved_preprocessing(config)
         # 2D: no padding to the patch (it would make a slice flat along i or j a volume); crops pad instead.
@@ -384,7 +383,7 @@ class FinetuneMethod(Method):
         return w
 
     def make_sample(self, item: dict, rng: np.random.Generator, epoch: int) -> dict:
-        from ..training.patches import jitter_intensity
+        from anatomical_embedding.data.patches import jitter_intensity
 
         if item.get("label") is None:  # case_weights never picks these
             raise ValueError(f"case {item.get('id')} has no label map")
@@ -526,16 +525,15 @@ def mean_dice(pred: torch.Tensor, ref: torch.Tensor, num_classes: int) -> float:
 # ------------------------------------------------------------------------------------------- applying
 def load_finetuned(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu") -> FinetuneMethod:
     """A trained finetune run (config.toml + checkpoint) in eval mode; needs no access to ``init_from``."""
-    from ..training.checkpoints import load_checkpoint, resolve_checkpoint
-    from ..training.config import read_run_config
+    from anatomical_embedding.methods.runs import load_checkpoint, plain_config, read_method_run, resolve_checkpoint
 
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.toml"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found; {run_dir} is not a finetune run folder")
-    cfg = read_run_config(cfg_path)
-    if cfg.method != FinetuneMethod.name:
-        raise ValueError(f"{run_dir} is a {cfg.method!r} pretraining run, not a finetune run; segment with the "
+    method_name, method_config = read_method_run(cfg_path)
+    if method_name != FinetuneMethod.name:
+        raise ValueError(f"{run_dir} is a {method_name!r} pretraining run, not a finetune run; segment with the "
                          "few-shot head (`fewshot apply`) or finetune it first (`finetune --init-from`)")
     try:
         path = resolve_checkpoint(run_dir, checkpoint)
@@ -543,15 +541,15 @@ def load_finetuned(run_dir: str | Path, checkpoint: str = "best", device: str = 
         if checkpoint != "best":
             raise
         path = resolve_checkpoint(run_dir, "last")  # runs without validation have no best.pt
-    method = FinetuneMethod(replace(cfg.method_config), load_pretrained=False)
+    method = FinetuneMethod(replace(method_config), load_pretrained=False)
     _load_state(method, load_checkpoint(path)["model"], f"checkpoint {path}")
     return method.to(device).eval()
 
 
 def segment_volume(method: FinetuneMethod, image, postprocess: bool = False):
     """Segment a ``Volume``: preprocess, sliding-window inference, labels back on the image's own grid."""
-    from ..data import PreprocessConfig, preprocess_volume
-    from ..io import resample_like
+    from anatomical_embedding.data.datasets import PreprocessConfig, preprocess_volume
+    from anatomical_embedding.io import resample_like
 
     spacing, preset = FinetuneMethod.resolved_preprocessing(method.config)
     pre, _ = preprocess_volume(image, PreprocessConfig(spacing=spacing, preset=preset))
@@ -560,9 +558,9 @@ def segment_volume(method: FinetuneMethod, image, postprocess: bool = False):
         labels = method.segment_array(torch.from_numpy(np.ascontiguousarray(pre.array, dtype=np.float32)).to(device))
     out = labels.cpu().numpy().astype(np.int16)
     if postprocess:
-        from ..fewshot import postprocess as keep_largest
+        from anatomical_embedding.io.labelmaps import keep_largest_components
 
-        out = keep_largest(out, method.config.num_classes).astype(np.int16)
+        out = keep_largest_components(out, method.config.num_classes).astype(np.int16)
     return resample_like(pre.with_array(out), image, is_label=True)
 
 

@@ -4,9 +4,9 @@
   channels, 5 scales; vox2vec: 16 channels, 6 scales; ``base_channels``/``num_scales``) whose levels are each
   projected by a registered 1x1x1 conv (``scale_proj``) to ``scale_proj_channels`` (Sec. 2.2, "balanced":
   every level the same share of the 5 x 32 = 160-d voxel vector).
-* Samples: two overlapping patches per image (``training.patches``), ``n_pos`` positive voxel pairs in the
+* Samples: two overlapping patches per image (``data.patches``), ``n_pos`` positive voxel pairs in the
   overlap (paper: 1000 per pair, 10 pairs per batch). Each patch gets its own Models-Genesis appearance
-  augmentation (:mod:`~anatomical_embedding.augmentations`, Sec. 2.1); the reconstruction target is the
+  augmentation (:mod:`~anatomical_embedding.data.augment_hdssl`, Sec. 2.1); the reconstruction target is the
   un-augmented patch.
 * Loss (Sec. 2.3): voxel vector -> 3-layer MLP -> 128-d, L2-normalised; InfoNCE with tau = 0.1 (eq. 1) plus
   ``rest_weight`` (lambda = 10) times the MSE of a reconstruction head on the finest level (eq. 2).
@@ -47,11 +47,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..augmentations import GenesisConfig, genesis_augment
-from ..nets.blocks import AxisLayout, layout_for_direction
-from ..nets.hdssl import HDSSLConfig, HDSSLEmbedder, HDSSLNet
-from ..training.patches import PatchPairConfig, sample_patch_pair
-from .base import Method, StepContext
+from anatomical_embedding.data.augment_hdssl import GenesisConfig, genesis_augment
+from anatomical_embedding.nets.blocks import AxisLayout, layout_for_direction
+from anatomical_embedding.nets.hdssl import HDSSLConfig, HDSSLEmbedder, HDSSLNet
+from anatomical_embedding.data.patches import PatchPairConfig, sample_patch_pair
+from anatomical_embedding.methods.base import Method, StepContext
 
 #: modality -> (spacing along (i, j, k) in mm, intensity preset), paper Sec. 3.1.
 MODALITY_DEFAULTS: dict[str, tuple[tuple[float, float, float], str]] = {
@@ -209,7 +209,7 @@ class HDSSLMethod(Method):
 
     @classmethod
     def preprocess_config(cls, config: HDSSLMethodConfig):
-        from ..data import PreprocessConfig
+        from anatomical_embedding.data.datasets import PreprocessConfig
 
         spacing, preset = cls.resolved_preprocessing(config)
         min_size = tuple(int(np.ceil(p * config.patch_scale[1])) for p in config.patch_size)
@@ -281,7 +281,7 @@ class HDSSLMethod(Method):
         return HDSSLEmbedder(self.net, features="scale_proj", coarse_level=self.config.coarse_level)
 
     def model_info(self) -> dict:
-        from ..io import get_preset
+        from anatomical_embedding.io import get_preset
 
         c = self.config
         spacing, preset = self.resolved_preprocessing(c)

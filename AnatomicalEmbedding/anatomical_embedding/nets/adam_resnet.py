@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..methods.embedder import Embedder
+from anatomical_embedding.nets.embedder import Embedder
 
 #: depth -> (block, blocks per stage), as MONAI's / torchvision's ResNets.
 RESNET_LAYERS: dict[int, tuple[str, tuple[int, int, int, int]]] = {

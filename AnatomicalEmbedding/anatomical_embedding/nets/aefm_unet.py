@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution, ResidualUnit
 from torch import nn
 
-from ..methods.embedder import Embedder
+from anatomical_embedding.nets.embedder import Embedder
 
 _COMMON = dict(spatial_dims=3, kernel_size=3, act="PRELU", norm="INSTANCE", dropout=0.0, bias=True, adn_ordering="NDA")
 

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..io.geometry import LPS_TO_RAS
-from ..methods.embedder import Embedder
+from anatomical_embedding.io.geometry import LPS_TO_RAS
+from anatomical_embedding.nets.embedder import Embedder
 
 
 class ResBlock3d(nn.Module):

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..io.intensity import IntensityPreset
-from .blocks import AxisLayout, FPN3d, PyramidEmbedder, select_from_pyramid
+from anatomical_embedding.io.intensity import IntensityPreset
+from anatomical_embedding.nets.blocks import AxisLayout, FPN3d, PyramidEmbedder, select_from_pyramid
 
 _COMMON_INFO: dict = {
     "method": "hdssl",
@@ -155,7 +155,7 @@ class HDSSLNet(nn.Module):
 
 
 class HDSSLEmbedder(PyramidEmbedder):
-    """HDSSL as a dense :class:`~anatomical_embedding.methods.embedder.Embedder`.
+    """HDSSL as a dense :class:`~anatomical_embedding.nets.embedder.Embedder`.
 
     ``features="backbone"`` (default; the only option for the published weights): the raw pyramid
     concatenation, ``fine`` = all five levels (992 channels), ``coarse`` = levels 3..4 (256 + 512 = 768) at

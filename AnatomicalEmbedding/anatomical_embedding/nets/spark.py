@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from .stunet import MaskedInstanceNorm3d, STUNetConfig, STUNetEncoder, init_he, mask_at
+from anatomical_embedding.nets.stunet import MaskedInstanceNorm3d, STUNetConfig, STUNetEncoder, init_he, mask_at
 
 
 class UNetBlock(nn.Module):

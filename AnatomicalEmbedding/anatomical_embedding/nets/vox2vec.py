@@ -3,7 +3,7 @@
 The backbone reproduces ``mishgon/vox2vec@734e757`` ``vox2vec/nn/fpn.py: FPN3d(1, 16, 6)`` exactly (parity
 tests against the reference outputs in ``Testing/test_reference_networks.py``), so the published
 ``vox2vec_contrastive.pt`` / ``vox2vec_vicreg.pt`` / ``vox2vec.pt`` load into it strictly
-(``anatomical_embedding.pretrained.load_published_checkpoint(path, "vox2vec")``).
+(``anatomical_embedding.inference.pretrained.load_published_checkpoint(path, "vox2vec")``).
 
 Array layout: the network was trained on nibabel-order (x, y, z) arrays in **RAS-canonical** orientation (axes
 increase toward R, A, S), i.e. flipped on x and y relative to the LPS identity-direction layout; the embedder
@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from .blocks import AxisLayout, FPN3d, PyramidEmbedder
+from anatomical_embedding.nets.blocks import AxisLayout, FPN3d, PyramidEmbedder
 
 #: Model card of the published weights; ``intensity_preset`` is an ``io.get_preset`` name.
 PUBLISHED_MODEL_INFO: dict = {
@@ -64,7 +64,7 @@ class Vox2VecFPN(FPN3d):
 
 
 class Vox2VecEmbedder(PyramidEmbedder):
-    """vox2vec as a dense :class:`~anatomical_embedding.methods.embedder.Embedder`.
+    """vox2vec as a dense :class:`~anatomical_embedding.nets.embedder.Embedder`.
 
     Published configuration: ``fine`` = the full 1008-d vox2vec voxel vector (all six levels) at input
     resolution; ``coarse`` = levels 3..5 (128 + 256 + 512 = 896 channels) at stride 8; inputs padded to

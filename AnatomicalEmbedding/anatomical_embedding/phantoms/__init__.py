@@ -5,7 +5,7 @@
 canonical anatomy, ``transform`` for the subject mapping and ``render`` for voxelisation and HU.
 """
 
-from .generate import (
+from anatomical_embedding.phantoms.generate import (
     COHORT_FORMAT,
     Cohort,
     CohortSubject,
@@ -16,7 +16,7 @@ from .generate import (
     load_cohort,
     subject_seeds,
 )
-from .labels import LABEL_COLORS, LABEL_IDS, LABEL_NAMES
+from anatomical_embedding.phantoms.labels import LABEL_COLORS, LABEL_IDS, LABEL_NAMES
 
 __all__ = [
     "COHORT_FORMAT",

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .labels import LABEL_IDS
-from .shapes import Ellipsoid, Tube, frame_from_axis
+from anatomical_embedding.phantoms.labels import LABEL_IDS
+from anatomical_embedding.phantoms.shapes import Ellipsoid, Tube, frame_from_axis
 
 #: Vertebral levels from top to bottom; body centres are spaced by the subject's pitch.
 LEVELS = ("T8", "T9", "T10", "T11", "T12", "L1", "L2", "L3", "L4", "L5")

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from ..io import Volume, atomic_write, read_image, write_image
-from ..io.markups import PointList, read_points, write_points
-from .anatomy import BODY_Z, Anatomy
-from .labels import LABEL_NAMES, color_table_text
-from .render import Grid, render
-from .transform import SubjectTransform
+from anatomical_embedding.io import Volume, atomic_write, read_image, write_image
+from anatomical_embedding.io.markups import PointList, read_points, write_points
+from anatomical_embedding.phantoms.anatomy import BODY_Z, Anatomy
+from anatomical_embedding.phantoms.labels import LABEL_NAMES, color_table_text
+from anatomical_embedding.phantoms.render import Grid, render
+from anatomical_embedding.phantoms.transform import SubjectTransform
 
 log = logging.getLogger(__name__)
 

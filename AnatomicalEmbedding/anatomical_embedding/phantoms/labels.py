@@ -61,7 +61,7 @@ def color_table_text(names: dict[int, str] | None = None) -> str:
 
 
 def write_color_table(path: Path, overwrite: bool = False) -> Path:
-    from ..io import atomic_write
+    from anatomical_embedding.io import atomic_write
 
     text = color_table_text()
     return atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import Volume, atomic_write
-from .labels import LABEL_COLORS
+from anatomical_embedding.io import Volume, atomic_write
+from anatomical_embedding.phantoms.labels import LABEL_COLORS
 
 #: Labels drawn in colour (the body-wide fat and soft-tissue labels would hide the image).
 OVERLAY_LABELS = tuple(range(1, 14))

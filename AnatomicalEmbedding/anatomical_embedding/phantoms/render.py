@@ -15,9 +15,9 @@ from itertools import pairwise
 import numpy as np
 from scipy import ndimage
 
-from .anatomy import BODY_Z, LEVELS, Anatomy
-from .labels import LABEL_IDS
-from .transform import SubjectTransform
+from anatomical_embedding.phantoms.anatomy import BODY_Z, LEVELS, Anatomy
+from anatomical_embedding.phantoms.labels import LABEL_IDS
+from anatomical_embedding.phantoms.transform import SubjectTransform
 
 L = LABEL_IDS
 

@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import atomic_write
+from anatomical_embedding.io import atomic_write
+from anatomical_embedding.methods.runs import (  # noqa: F401 (the run-folder API lives with the methods)
+    build_embedder, build_method, load_checkpoint, resolve_checkpoint)
 
 STEP_RE = re.compile(r"^step_(\d+)\.pt$")
 
@@ -75,44 +77,13 @@ class CheckpointManager:
         return (self.dir / "last.pt").is_file()
 
 
-def resolve_checkpoint(run_dir: str | Path, checkpoint: str = "last") -> Path:
-    """``"last"``, ``"best"``, a step number, or a file path -> the checkpoint file."""
-    run_dir = Path(run_dir)
-    cand = Path(checkpoint)
-    if cand.suffix == ".pt" and cand.is_file():
-        return cand
-    name = f"step_{int(checkpoint):08d}.pt" if str(checkpoint).isdigit() else f"{checkpoint}.pt"
-    path = run_dir / "checkpoints" / name
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint {path}; is {run_dir} a training run folder (RUN_DIR)?")
-    return path
-
-
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def build_method(method_name: str, config_dict: dict):
-    """A method instance from its name and ``[config]`` dict (as saved in ``config.toml``)."""
-    from ..methods import get_method
-    from .config import build_dataclass
-
-    cls = get_method(method_name)
-    return cls(build_dataclass(cls.Config, dict(config_dict), "method"))
-
-
-def build_embedder(method_name: str, config_dict: dict):
-    """The (untrained) embedder a method would produce with this configuration."""
-    return build_method(method_name, config_dict).embedder()
-
-
 def load_embedder_from_run(run_dir: str | Path, checkpoint: str = "last", device: str = "cpu"):
     """``(embedder in eval mode, model_info)`` from ``RUN_DIR`` (``config.toml`` + a checkpoint).
 
     ``model_info`` keys: method, modality, spacing, intensity_preset, patch_size, coarse_channels,
     fine_channels, coarse_stride, size_multiple, training_data {n_cases, source}, engine_version, step.
     """
-    from .config import read_run_config
+    from anatomical_embedding.training.config import read_run_config
 
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.toml"

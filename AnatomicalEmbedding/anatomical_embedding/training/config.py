@@ -15,10 +15,11 @@ parsed as TOML when possible and converted to the dataclass field's type.
 from __future__ import annotations
 
 import tomllib
-import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from anatomical_embedding.methods.runs import build_dataclass, plain_config
 
 ENGINE_VERSION = "0.1.0"
 
@@ -60,55 +61,7 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         """Plain containers only (stored in checkpoints, loadable with ``weights_only=True``)."""
-        return {"method": self.method, "train": asdict(self.train), "config": _plain(asdict(self.method_config))}
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
-
-
-def _convert(value: Any, tp: Any, name: str) -> Any:
-    """Convert a TOML/CLI value to a dataclass field type (ValueError with the field name)."""
-    origin = typing.get_origin(tp)
-    try:
-        if tp is bool:
-            if isinstance(value, str):
-                if value.lower() in ("true", "1", "yes"):
-                    return True
-                if value.lower() in ("false", "0", "no"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if tp in (int, float, str):
-            if tp is int and isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return tp(value)
-        if origin is tuple:
-            args = typing.get_args(tp)
-            if isinstance(value, str):
-                value = [v for v in value.strip("[]()").split(",") if v.strip()]
-            items = list(value)
-            if args and args[-1] is not Ellipsis and len(items) != len(args):
-                raise ValueError(f"needs {len(args)} values")
-            types = [args[0]] * len(items) if (args and args[-1] is Ellipsis) else list(args)
-            return tuple(_convert(v, t, name) for v, t in zip(items, types))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"invalid value {value!r} for {name} (expected {getattr(tp, '__name__', tp)}): {exc}") from None
-    return value
-
-
-def build_dataclass(cls: type, values: dict, section: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown setting(s) {', '.join(section + '.' + u for u in unknown)}; "
-                         f"valid: {', '.join(sorted(known))}")
-    return cls(**{k: _convert(v, hints[k], f"{section}.{k}") for k, v in values.items()})
+        return {"method": self.method, "train": asdict(self.train), "config": plain_config(self.method_config)}
 
 
 def _parse_value(text: str) -> Any:
@@ -133,7 +86,7 @@ def config_file_for_run(out: str | Path, config_file: str | Path | None, resume:
 def load_run_config(method: str | None, config_file: str | Path | None = None,
                     overrides: list[str] | None = None) -> RunConfig:
     """Method defaults, then the TOML file, then ``--set`` overrides."""
-    from ..methods import get_method
+    from anatomical_embedding.methods import get_method
 
     data: dict = {}
     if config_file:
@@ -170,7 +123,7 @@ def load_run_config(method: str | None, config_file: str | Path | None = None,
 
 
 def run_config_from_dict(data: dict) -> RunConfig:
-    from ..methods import get_method
+    from anatomical_embedding.methods import get_method
 
     cls = get_method(data["method"])
     return RunConfig(data["method"], build_dataclass(TrainConfig, data.get("train", {}), "train"),
@@ -180,7 +133,7 @@ def run_config_from_dict(data: dict) -> RunConfig:
 def save_run_config(cfg: RunConfig, path: Path) -> None:
     import tomli_w
 
-    from ..io import atomic_write
+    from anatomical_embedding.io import atomic_write
 
     blob = tomli_w.dumps(cfg.to_dict())
     atomic_write(Path(path), lambda p: Path(p).write_text(blob, encoding="utf-8"), overwrite=True)

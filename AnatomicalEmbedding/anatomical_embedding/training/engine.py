@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..methods.base import DataInfo, Method, StepContext
-from . import distributed as D
-from .checkpoints import CheckpointManager, load_checkpoint, rng_state, set_rng_state
-from .config import ENGINE_VERSION, RunConfig, save_run_config
-from .progress import ProgressWriter
+from anatomical_embedding.methods.base import DataInfo, Method, StepContext
+from anatomical_embedding.training import distributed as D
+from anatomical_embedding.training.checkpoints import CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from anatomical_embedding.training.config import ENGINE_VERSION, RunConfig, save_run_config
+from anatomical_embedding.training.progress import ProgressWriter
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +145,8 @@ class Trainer:
         return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
 
     def run(self) -> int:
-        from ..data import DatasetSpec, build_dataset
-        from ..methods import get_method
+        from anatomical_embedding.data.datasets import DatasetSpec, build_dataset
+        from anatomical_embedding.methods import get_method
 
         tc = self.cfg.train
         if tc.amp not in ("auto", "bf16", "fp16", "none"):

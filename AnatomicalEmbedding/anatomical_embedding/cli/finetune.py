@@ -7,19 +7,12 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-#: Engine settings of a finetune run when no --config file is given (the AEFM downstream recipe:
-#: Adam at lr 1e-4, constant; best.pt by validation Dice). Resources/configs/finetune.toml holds the same.
-FINETUNE_TRAIN_DEFAULTS: tuple[str, ...] = (
-    "train.optimizer=\"adam\"", "train.lr=1e-4", "train.weight_decay=0.0", "train.lr_schedule=\"constant\"",
-    "train.best_metric=\"val_dice_error\"", "train.ckpt_every=250", "train.batch_size=2",
-)
-
 EPILOG = """\
 examples:
   anatomical-embedding finetune --data cohort/ --init-from runs/aefm1 --out runs/seg1
   anatomical-embedding finetune --mode backbone --init-from runs/hdssl1 --data images/ --labels labels/ --out runs/seg2
   anatomical-embedding finetune --mode scratch --data cohort/ --out runs/unet --set method.spacing=[1.5,1.5,1.5]
-  torchrun --nproc_per_node 4 -m anatomical_embedding.cli finetune --data cohort/ --init-from runs/aefm1 --out runs/seg3
+  torchrun --nproc_per_node 4 -m anatomical_embedding.cli.app finetune --data cohort/ --init-from runs/aefm1 --out runs/seg3
   anatomical-embedding finetune --out runs/seg1 --data cohort/ --resume
   anatomical-embedding segment --run runs/seg1 --image ct.nii.gz --out ct_seg.seg.nrrd
 
@@ -36,64 +29,9 @@ model. Without --config the engine settings are Adam, lr 1e-4, constant (Resourc
 """
 
 
-def _label_names(path: Path) -> dict[int, str]:
-    """Segment names of a label file without reading voxels where possible (sidecar / label_names.json)."""
-    from .io.labelmaps import SEG_SUFFIX, read_labelmap, sidecar_path
-
-    if path.name.lower().endswith(SEG_SUFFIX):
-        return read_labelmap(path)[1]
-    import json
-
-    for candidate in (sidecar_path(path), path.parent / "label_names.json"):
-        if candidate.is_file():
-            return {int(k): str(v) for k, v in json.loads(candidate.read_text(encoding="utf-8")).items() if int(k) != 0}
-    return {}
-
-
-def class_names_from_labels(data: str, labels: str | None) -> tuple[str, ...]:
-    """``("background", name of value 1, ...)`` from the label files' names (gaps as ``label_N``)."""
-    from .data import DatasetSpec
-
-    spec = DatasetSpec.from_path(data, labels)
-    names: dict[int, str] = {}
-    for case in spec.labelled:
-        for value, name in _label_names(case.label).items():
-            if names.setdefault(value, name) != name:
-                raise ValueError(f"label value {value} is {names[value]!r} in one case and {name!r} in "
-                                 f"{case.label}; make the segment names agree")
-    if not names:
-        return ()
-    top = max(names)
-    return ("background",) + tuple(names.get(v, f"label_{v}") for v in range(1, top + 1))
-
-
-def resolve_finetune_config(out: str | Path, config_file: str | None, overrides: list[str], mode: str | None,
-                            init_from: str | None, resume: bool, data: str, labels: str | None):
-    """The finetune RunConfig of ``finetune`` and ``train.py --method finetune`` (one place for both)."""
-    from .training.config import config_file_for_run, load_run_config
-
-    overrides = list(overrides)
-    if resume:
-        if mode or init_from:
-            raise ValueError("--resume uses the run's own config.toml; drop --mode/--init-from")
-        config_file = config_file_for_run(out, config_file, resume)
-    else:
-        if not config_file:
-            overrides = list(FINETUNE_TRAIN_DEFAULTS) + overrides
-        if mode:
-            overrides.append(f"method.mode=\"{mode}\"")
-        if init_from:
-            overrides.append(f"method.init_from='{Path(init_from).resolve()}'")
-    cfg = load_run_config("finetune", config_file, overrides)
-    if cfg.method != "finetune":
-        raise ValueError(f"{config_file} configures method {cfg.method!r}; finetune needs method = \"finetune\"")
-    if not resume and not cfg.method_config.class_names:
-        cfg.method_config.class_names = class_names_from_labels(data, labels)
-    return cfg
-
-
 def _finetune(args: argparse.Namespace) -> int:
-    from .training.engine import Trainer
+    from anatomical_embedding.training.engine import Trainer
+    from anatomical_embedding.training.finetune_config import resolve_finetune_config
 
     cfg = resolve_finetune_config(args.out, args.config, args.overrides, args.mode, args.init_from, args.resume,
                                   args.data, args.labels)
@@ -103,9 +41,9 @@ def _finetune(args: argparse.Namespace) -> int:
 def _segment(args: argparse.Namespace) -> int:
     import torch
 
-    from .io import read_image
-    from .io.labelmaps import default_color, write_labelmap
-    from .methods.finetune import class_names_dict, load_finetuned, segment_volume
+    from anatomical_embedding.io import read_image
+    from anatomical_embedding.io.labelmaps import default_color, write_labelmap
+    from anatomical_embedding.methods.finetune import class_names_dict, load_finetuned, segment_volume
 
     if Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} exists; choose another --out or pass --overwrite")
@@ -153,10 +91,10 @@ def register(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m anatomical_embedding.finetune_cli ARGS`` = ``anatomical-embedding finetune ARGS``."""
+    """``python -m anatomical_embedding.cli.finetune ARGS`` = ``anatomical-embedding finetune ARGS``."""
     import sys
 
-    from .cli import main as cli_main
+    from anatomical_embedding.cli.app import main as cli_main
 
     return cli_main(["finetune", *(sys.argv[1:] if argv is None else argv)])
 

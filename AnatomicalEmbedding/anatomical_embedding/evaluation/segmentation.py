@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .io import Volume, resample_like
+from anatomical_embedding.io import Volume, resample_like
 
 METRIC_COLUMNS = ("case", "label", "name", "dice", "hd95_mm", "nsd")
 

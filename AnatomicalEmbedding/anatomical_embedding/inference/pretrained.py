@@ -22,15 +22,15 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-log = logging.getLogger(__name__)
+from anatomical_embedding.inference.published import FORMATS as KINDS
+from anatomical_embedding.inference.published import Kind
 
-Kind = Literal["aefm", "vox2vec", "hdssl"]
-KINDS: tuple[str, ...] = ("aefm", "vox2vec", "hdssl")
+log = logging.getLogger(__name__)
 
 #: Published FPN shapes, used to recognise a file given under the wrong kind.
 _PUBLISHED_FPN = {"vox2vec": (16, 6), "hdssl": (32, 5)}
@@ -138,16 +138,16 @@ def build_network(kind: Kind, config: Mapping[str, Any] | None = None) -> nn.Mod
     """The network a ``kind`` checkpoint loads into; ``config`` overrides constructor arguments."""
     config = dict(config or {})
     if kind == "vox2vec":
-        from .nets.vox2vec import Vox2VecFPN
+        from anatomical_embedding.nets.vox2vec import Vox2VecFPN
 
         return Vox2VecFPN(**config)
     if kind == "hdssl":
-        from .nets.hdssl import HDSSLFPN
+        from anatomical_embedding.nets.hdssl import HDSSLFPN
 
         return HDSSLFPN(**config)
     if kind == "aefm":
         try:  # imported lazily: AEFM's network lives in its own module
-            from .nets.aefm_unet import AEFMUNet
+            from anatomical_embedding.nets.aefm_unet import AEFMUNet
         except ImportError as exc:  # pragma: no cover - depends on the AEFM module being present
             raise ValueError(f"the AEFM network is not available ({exc})") from exc
         return AEFMUNet(**config)
@@ -215,11 +215,11 @@ def load_published_embedder(
     """A published vox2vec/HDSSL checkpoint as a dense Embedder (eval mode); kwargs go to the embedder."""
     net = load_published_checkpoint(path, kind, config)
     if kind == "vox2vec":
-        from .nets.vox2vec import Vox2VecEmbedder
+        from anatomical_embedding.nets.vox2vec import Vox2VecEmbedder
 
         return Vox2VecEmbedder(net, **embedder_kwargs).eval()
     if kind == "hdssl":
-        from .nets.hdssl import HDSSLEmbedder
+        from anatomical_embedding.nets.hdssl import HDSSLEmbedder
 
         return HDSSLEmbedder(net, **embedder_kwargs).eval()
     raise ValueError(f"load_published_embedder supports 'vox2vec' and 'hdssl', got {kind!r}")
@@ -228,13 +228,13 @@ def load_published_embedder(
 def published_model_info(kind: Literal["vox2vec", "hdssl"], modality: str = "ct") -> dict:
     """Model card of a published network (copy; see ``PUBLISHED_MODEL_INFO`` in the network modules)."""
     if kind == "vox2vec":
-        from .nets.vox2vec import PUBLISHED_MODEL_INFO
+        from anatomical_embedding.nets.vox2vec import PUBLISHED_MODEL_INFO
 
         if modality.lower() != "ct":
             raise ValueError("vox2vec was published for CT only")
         return dict(PUBLISHED_MODEL_INFO)
     if kind == "hdssl":
-        from .nets.hdssl import PUBLISHED_MODEL_INFO as HDSSL_INFO
+        from anatomical_embedding.nets.hdssl import PUBLISHED_MODEL_INFO as HDSSL_INFO
 
         if modality.lower() not in HDSSL_INFO:
             raise ValueError(f"HDSSL was published for {', '.join(HDSSL_INFO)}, not {modality!r}")

@@ -2,7 +2,7 @@
 
 ``import_published(fmt, checkpoint, out)`` reads the downloaded file with the container/prefix rules of
 :mod:`pretrained` (``weights_only=True``, strict key and shape matching, every mismatch listed), wraps the
-network as a dense :class:`~anatomical_embedding.methods.embedder.Embedder` that takes our ``(1, 1, k, j, i)``
+network as a dense :class:`~anatomical_embedding.nets.embedder.Embedder` that takes our ``(1, 1, k, j, i)``
 arrays, exports it to ONNX with :func:`export.export_embedder`, checks the ONNX graph against torch, and
 writes the package with a model card that records what the network was trained with:
 
@@ -32,23 +32,13 @@ from typing import Any
 
 import numpy as np
 
-from .backends import CARD_NAME, sha256_file
-from .methods.embedder import Embedder
+from anatomical_embedding.inference.backends import CARD_NAME, sha256_file
+from anatomical_embedding.nets.embedder import Embedder
+from anatomical_embedding.inference.published import FORMATS, HDSSL_CAVEAT, PUBLISHED_SOURCES  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-FORMATS: tuple[str, ...] = ("aefm", "vox2vec", "hdssl")
 Progress = Callable[[float, str], None]
-
-#: Where each project publishes its checkpoint (shown by the CLI help and the Slicer dialog). Nothing is fetched.
-PUBLISHED_SOURCES: dict[str, str] = {
-    "aefm": "AEFM (Zhuang et al.): abdomen_foundation.pth, linked (OneDrive) from the README of "
-            "https://github.com/DlutMedimgGroup/Anatomy-Embedding-Foundation-Model",
-    "vox2vec": "vox2vec (Goncharov et al., MICCAI 2023): vox2vec_contrastive.pt / vox2vec_vicreg.pt on Hugging Face "
-               "https://huggingface.co/mishgon/vox2vec, or vox2vec.pt (Google Drive) from https://github.com/mishgon/vox2vec",
-    "hdssl": "HDSSL (Kats et al.): CT and MRI .ckpt files, linked (Google Drive) from the README of "
-             "https://github.com/multimodallearning/hierarchical-dense-ssl",
-}
 
 #: Model card of the published AEFM weights (reference: /work/shared/reference-networks/aefm/NOTES.md).
 AEFM_PUBLISHED_INFO: dict = {
@@ -76,11 +66,6 @@ _TRAINING_DATA: dict[str, dict] = {
                   "modality": "MRI"},
 }
 
-HDSSL_CAVEAT = (
-    "The published HDSSL checkpoints lack the per-scale projection layers (scale_proj): upstream kept them in a "
-    "plain Python list, so they were never registered, trained or saved. This model therefore uses the backbone "
-    "pyramid levels directly (992-d), not the paper's 160-d hierarchical embedding."
-)
 
 
 @dataclass
@@ -104,7 +89,7 @@ class PublishedAEFMEmbedder(Embedder):
 
     def __init__(self, net: Any) -> None:
         super().__init__()
-        from .nets.blocks import layout_for_direction
+        from anatomical_embedding.nets.blocks import layout_for_direction
 
         self.net = net
         self.layout = layout_for_direction(np.eye(3), "LPS")
@@ -116,14 +101,14 @@ class PublishedAEFMEmbedder(Embedder):
         return self.layout.from_network(g), self.layout.from_network(local)
 
     def forward_coarse(self, image):
-        from .export import coarse_forward
+        from anatomical_embedding.nets.embedder import coarse_forward
 
         return self.layout.from_network(coarse_forward(self.net, self.layout.to_network(image)))
 
 
 def published_info(fmt: str, modality: str = "ct") -> dict:
     """The published preprocessing and provenance of ``fmt`` (a fresh copy)."""
-    from .pretrained import published_model_info
+    from anatomical_embedding.inference.pretrained import published_model_info
 
     modality = modality.lower()
     if fmt == "aefm":
@@ -167,7 +152,7 @@ def _check_file(path: Path) -> None:
 def build_published_embedder(fmt: str, checkpoint: str | os.PathLike, modality: str = "ct",
                              network_config: Mapping[str, Any] | None = None) -> tuple[Embedder, dict]:
     """Load ``checkpoint`` strictly as ``fmt`` and wrap it as an Embedder; returns (embedder, published info)."""
-    from .pretrained import load_published_checkpoint
+    from anatomical_embedding.inference.pretrained import load_published_checkpoint
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
@@ -183,11 +168,11 @@ def build_published_embedder(fmt: str, checkpoint: str | os.PathLike, modality: 
     if fmt == "aefm":
         embedder: Embedder = PublishedAEFMEmbedder(net)
     elif fmt == "vox2vec":
-        from .nets.vox2vec import Vox2VecEmbedder
+        from anatomical_embedding.nets.vox2vec import Vox2VecEmbedder
 
         embedder = Vox2VecEmbedder(net)
     else:
-        from .nets.hdssl import HDSSLEmbedder
+        from anatomical_embedding.nets.hdssl import HDSSLEmbedder
 
         embedder = HDSSLEmbedder(net, features="backbone")
     return embedder.eval(), info
@@ -214,7 +199,7 @@ def _embedding_semantics(fmt: str, embedder: Embedder) -> dict:
 
 def _card_extra(fmt: str, info: dict, embedder: Embedder, checkpoint: Path, name: str,
                 network_config: Mapping[str, Any] | None) -> dict:
-    from .io import get_preset
+    from anatomical_embedding.io import get_preset
 
     preset = get_preset(info["intensity_preset"])
     layout = info["input_layout"]
@@ -266,7 +251,7 @@ def _card_extra(fmt: str, info: dict, embedder: Embedder, checkpoint: Path, name
 
 def _rewrite_with_card(src: Path, out: Path, extra: dict, overwrite: bool) -> dict:
     """Copy the package ``src`` to ``out`` with ``extra`` merged into its card; writes the sha256 sidecar."""
-    from .export import write_package
+    from anatomical_embedding.inference.export import write_package
 
     with zipfile.ZipFile(src) as zf:
         members = {n: zf.read(n) for n in zf.namelist()}
@@ -296,7 +281,7 @@ def import_published(fmt: str, checkpoint: str | os.PathLike, out: str | os.Path
     Raises ``ValueError`` (wrong format, missing/unexpected keys, shape mismatch, truncated file, ONNX not
     matching torch), ``FileNotFoundError`` and ``FileExistsError`` (``out`` exists and not ``overwrite``).
     """
-    from .export import export_embedder, verify_parity
+    from anatomical_embedding.inference.export import export_embedder, verify_parity
 
     def report(fraction: float, message: str) -> None:
         log.info("%s", message)
@@ -328,7 +313,7 @@ def import_published(fmt: str, checkpoint: str | os.PathLike, out: str | os.Path
         card = _rewrite_with_card(staged, out, extra, overwrite)
     entry = None
     if register:
-        from .model_registry import register_model
+        from anatomical_embedding.inference.registry import register_model
 
         entry = register_model(out, name=name, path=registry)
         report(0.97, f"registered as {name!r}")

@@ -437,7 +437,7 @@ class TrainingMonitor:
 
 def read_history(run_dir: str | os.PathLike) -> TrainingState:
     """State rebuilt from ``RUN_DIR/progress.jsonl`` (e.g. to show an earlier run before resuming it)."""
-    from .training.progress import read_progress
+    from anatomical_embedding.training.progress import read_progress
 
     st = TrainingState()
     path = Path(run_dir) / "progress.jsonl"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .io import Volume, resample_to_spacing
+from anatomical_embedding.io import Volume, resample_to_spacing
 
 log = logging.getLogger(__name__)
 

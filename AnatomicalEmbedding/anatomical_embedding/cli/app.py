@@ -13,13 +13,13 @@ import sys
 
 #: Modules (relative to this package) that contribute sub-commands, in help order.
 COMMAND_MODULES: tuple[str, ...] = (
-    ".phantoms.cli",
-    ".fewshot_cli",
-    ".embedding_cli",
-    ".import_cli",
-    ".demo",
-    ".training.cli",
-    ".finetune_cli",
+    "anatomical_embedding.cli.phantoms",
+    "anatomical_embedding.cli.fewshot",
+    "anatomical_embedding.cli.embed",
+    "anatomical_embedding.cli.import_model",
+    "anatomical_embedding.cli.demo",
+    "anatomical_embedding.cli.train",
+    "anatomical_embedding.cli.finetune",
 )
 
 
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
-        importlib.import_module(name, __package__).register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

@@ -49,7 +49,7 @@ def _read(path: Path) -> list[dict]:
 
 
 def _write(path: Path, models: list[dict]) -> None:
-    from .io import atomic_write
+    from anatomical_embedding.io import atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = json.dumps({"models": models}, indent=1)
@@ -65,7 +65,7 @@ def list_models(path: str | os.PathLike | None = None, include_missing: bool = F
 def register_model(package: str | os.PathLike, name: str | None = None, run_dir: str | os.PathLike | None = None,
                    path: str | os.PathLike | None = None) -> dict:
     """Add (or refresh) ``package``; the card is read and checked, so a broken package is refused."""
-    from .backends import read_package, sha256_file
+    from anatomical_embedding.inference.backends import read_package, sha256_file
 
     package = Path(package).resolve()
     if not package.is_file():

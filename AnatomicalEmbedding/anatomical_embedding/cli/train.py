@@ -8,7 +8,7 @@ examples:
   anatomical-embedding train --method aefm --data cohort/ --out runs/aefm1
   anatomical-embedding train --method aefm --data images/ --labels labels/ --out runs/aefm2 \\
       --config Resources/configs/aefm.toml --set train.batch_size=4 --set method.n_pos=500
-  torchrun --nproc_per_node 8 -m anatomical_embedding.cli train --method aefm --data images/ --out runs/big
+  torchrun --nproc_per_node 8 -m anatomical_embedding.cli.app train --method aefm --data images/ --out runs/big
   anatomical-embedding train --out runs/aefm1 --data cohort/ --resume
 
 data: a folder of 3D images (NIfTI/NRRD/MHA or DICOM series folders), a folder with images/ and
@@ -34,7 +34,7 @@ def register(subparsers) -> None:
         description="Pretrain a dense anatomical embedding method. Works on CPU, one GPU, or many GPUs "
                     "and nodes via torchrun (DDP).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from ..methods import available_methods
+    from anatomical_embedding.methods import available_methods
 
     p.add_argument("--method", choices=available_methods(),
                    help="training method (default: from --config or the resumed run)")
@@ -52,8 +52,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .config import config_file_for_run, load_run_config
-    from .engine import Trainer
+    from anatomical_embedding.training.config import config_file_for_run, load_run_config
+    from anatomical_embedding.training.engine import Trainer
 
     out = Path(args.out)
     cfg = load_run_config(args.method, config_file_for_run(out, args.config, args.resume), args.overrides)
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m anatomical_embedding.training.cli ARGS`` = ``anatomical-embedding train ARGS``.
+    """``python -m anatomical_embedding.cli.train ARGS`` = ``anatomical-embedding train ARGS``.
 
     Standalone entry (used by torchrun and the tests) with the same error handling as the main CLI.
     """

@@ -25,8 +25,8 @@ try:
 except ImportError:  # Slicer with only ONNX Runtime: preprocessing for few-shot needs no MONAI
     Transform = object
 
-from .io import Volume, get_preset, read_image, resample_to_spacing
-from .io.images import IMAGE_SUFFIXES, dicom_series_ids
+from anatomical_embedding.io import Volume, get_preset, read_image, resample_to_spacing
+from anatomical_embedding.io.images import IMAGE_SUFFIXES, dicom_series_ids
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def preprocess_volume(image: Volume, config: PreprocessConfig, label: Volume | N
     Labels are resampled with nearest neighbour. Callers that need the result on the input grid
     resample back with ``resample_like`` (world geometry is preserved throughout).
     """
-    from .io import pad, reorient_to_canonical
+    from anatomical_embedding.io import pad, reorient_to_canonical
 
     image = reorient_to_canonical(image)
     label = reorient_to_canonical(label) if label is not None else None

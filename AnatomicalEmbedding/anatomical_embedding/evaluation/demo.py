@@ -135,8 +135,8 @@ class DemoState:
 
 # ---- stages -----------------------------------------------------------------------------------------
 def _cohort(state: DemoState, seed: int, overwrite: bool):
-    from .phantoms import generate_cohort, load_cohort
-    from .phantoms.preview import write_preview
+    from anatomical_embedding.phantoms import generate_cohort, load_cohort
+    from anatomical_embedding.phantoms.preview import write_preview
 
     s = state.settings
     t0 = time.perf_counter()
@@ -151,9 +151,9 @@ def _cohort(state: DemoState, seed: int, overwrite: bool):
 
 
 def _train_and_export(state: DemoState, cohort, train_ids: list[str], method: str) -> Path:
-    from .export import export_run
-    from .training.config import load_run_config
-    from .training.engine import Trainer
+    from anatomical_embedding.inference.export import export_run
+    from anatomical_embedding.training.config import load_run_config
+    from anatomical_embedding.training.engine import Trainer
 
     cases = [{"id": s.id, "image": str(s.image_path)} for s in cohort.subjects if s.id in train_ids]
     manifest = state.out / "runs" / f"{method}_data.json"
@@ -174,11 +174,11 @@ def _train_and_export(state: DemoState, cohort, train_ids: list[str], method: st
 
 
 def _landmarks(state: DemoState, cohort, source_id: str, target_ids: list[str], packages: dict[str, Path]):
-    from .backends import open_model
-    from .embedding import embed_volume
-    from .io import read_image
-    from .landmark_eval import evaluate_transfer, identical_coordinate, registration_transfer
-    from .matching import Matcher
+    from anatomical_embedding.inference.backends import open_model
+    from anatomical_embedding.inference.embedding import embed_volume
+    from anatomical_embedding.io import read_image
+    from anatomical_embedding.evaluation.landmarks import evaluate_transfer, identical_coordinate, registration_transfer
+    from anatomical_embedding.inference.matching import Matcher
 
     subjects = {s.id: s for s in cohort.subjects}
     src = subjects[source_id]
@@ -230,11 +230,11 @@ def _fewshot(state: DemoState, cohort, labelled_ids: list[str], target_ids: list
     Each labelled case is embedded once and its voxel sample reused by every head that includes it (the shot
     sets are nested), and each held-out case is embedded once for all heads of a method.
     """
-    from .backends import open_model
-    from .evaluation import segmentation_metrics
-    from .fewshot import FewShotConfig, apply_heads, case_samples, train_head_on_samples
-    from .io import read_image
-    from .io.labelmaps import read_labelmap
+    from anatomical_embedding.inference.backends import open_model
+    from anatomical_embedding.evaluation.segmentation import segmentation_metrics
+    from anatomical_embedding.fewshot.head import FewShotConfig, apply_heads, case_samples, train_head_on_samples
+    from anatomical_embedding.io import read_image
+    from anatomical_embedding.io.labelmaps import read_labelmap
 
     subjects = {s.id: s for s in cohort.subjects}
     names = {int(k): v for k, v in cohort.label_names.items()}
@@ -275,12 +275,12 @@ SCRATCH = "U-Net from scratch"
 
 def _scratch_unet(state: DemoState, cohort, labelled_ids: list[str], target_ids: list[str]):
     """The baseline without pretraining: a U-Net trained from scratch on the same labelled cases, per shot count."""
-    from .evaluation import segmentation_metrics
-    from .finetune_cli import resolve_finetune_config
-    from .io import read_image
-    from .io.labelmaps import read_labelmap
-    from .methods.finetune import load_finetuned, segment_volume
-    from .training.engine import Trainer
+    from anatomical_embedding.evaluation.segmentation import segmentation_metrics
+    from anatomical_embedding.training.finetune_config import resolve_finetune_config
+    from anatomical_embedding.io import read_image
+    from anatomical_embedding.io.labelmaps import read_labelmap
+    from anatomical_embedding.methods.finetune import load_finetuned, segment_volume
+    from anatomical_embedding.training.engine import Trainer
 
     s = state.settings
     subjects = {x.id: x for x in cohort.subjects}
@@ -385,10 +385,10 @@ def _heatmap_figure(state: DemoState, matcher, src_img, target, point_lps: np.nd
 
 
 def _write_report(state: DemoState, records, seg_rows, seg_timing, figures: dict[str, Path]) -> tuple[Path, Path]:
-    from .evaluation import plot_dice
-    from .landmark_eval import plot_error_cdf, write_records_csv
-    from .report import Report
-    from .report_tables import add_fewshot_results, add_landmark_results, write_fewshot_csv
+    from anatomical_embedding.evaluation.segmentation import plot_dice
+    from anatomical_embedding.evaluation.landmarks import plot_error_cdf, write_records_csv
+    from anatomical_embedding.evaluation.report import Report
+    from anatomical_embedding.evaluation.report_tables import add_fewshot_results, add_landmark_results, write_fewshot_csv
 
     out = state.out
     # The tables are computed from the CSV files written here, so they agree with them to the last digit.
@@ -439,7 +439,7 @@ def _provenance(r, state: DemoState) -> None:
     import onnxruntime
     import torch
 
-    from .backends import _engine_version, read_package
+    from anatomical_embedding.inference.backends import _engine_version, read_package
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     r.heading("Provenance")
@@ -485,7 +485,7 @@ def _loss_plot(run_dir: Path, path: Path, method: str) -> Path | None:
 def run_demo(out: Path, quick: bool = False, full: bool = False, seed: int = 0, overwrite: bool = False,
              methods: list[str] | None = None, settings: DemoSettings | None = None) -> dict:
     """Run all stages; ``settings`` (tests, experiments) replaces the ``quick``/``full`` presets."""
-    from .methods import available_methods
+    from anatomical_embedding.methods import available_methods
 
     settings = settings or DemoSettings.for_mode(quick, full)
     out = Path(out).resolve()  # manifests written below hold paths that must not depend on the cwd
@@ -536,9 +536,9 @@ def run_demo(out: Path, quick: bool = False, full: bool = False, seed: int = 0, 
             subjects[train_ids[0]].landmarks[name], targets[0][2][name], f"{method}, {name}",
             state.out / "figures" / f"heatmap_{method}.png")
     if examples:
-        from .io import read_image
-        from .io.labelmaps import read_labelmap
-        from .phantoms.labels import LABEL_COLORS
+        from anatomical_embedding.io import read_image
+        from anatomical_embedding.io.labelmaps import read_labelmap
+        from anatomical_embedding.phantoms.labels import LABEL_COLORS
 
         first = {x.id: x for x in cohort.subjects}[held_out[0]]
         k = max(settings.shots)
@@ -554,33 +554,3 @@ def run_demo(out: Path, quick: bool = False, full: bool = False, seed: int = 0, 
         for m, k in sorted({(r["method"], r["shots"]) for r in seg_rows})}
     state.save()
     return state.summary
-
-
-def _handle(args: argparse.Namespace) -> int:
-    summary = run_demo(args.out, quick=args.quick, full=args.full, seed=args.seed, overwrite=args.overwrite,
-                       methods=args.methods)
-    print()
-    print(f"{'landmark transfer':34s} {'mean':>8s} {'median':>8s} {'p90':>8s} {'s/scan':>8s}")
-    for m, v in summary["landmarks"].items():
-        print(f"{m:34s} {v['mean_mm']:7.1f}mm {v['median_mm']:7.1f}mm {v['p90_mm']:7.1f}mm {v['seconds_per_scan']:8.2f}")
-    print()
-    for k, v in summary["fewshot_mean_dice"].items():
-        print(f"few-shot {k:25s} mean Dice {v:.3f}")
-    print()
-    print(f"report      {summary['report_html']}")
-    print(f"            {summary['report_md']}")
-    print(f"total       {summary['seconds']:.0f} s")
-    return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="run the end-to-end demo on a synthetic phantom cohort",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default: demo-output)")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="smallest settings, a smoke run of a few minutes")
-    mode.add_argument("--full", action="store_true", help="larger cohort and longer training (GPU if present)")
-    p.add_argument("--methods", nargs="+", help="methods to pretrain (default: all implemented)")
-    p.add_argument("--seed", type=int, default=0, help="cohort seed (default: 0)")
-    p.add_argument("--overwrite", action="store_true", help="reuse a non-empty output folder")
-    p.set_defaults(func=_handle)

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .fewshot import FewShotConfig, FewShotHead, apply_head, train_head
+from anatomical_embedding.fewshot.head import FewShotConfig, FewShotHead, apply_head, train_head
 
 
 def _progress_bar(desc: str):
@@ -23,14 +23,14 @@ def _progress_bar(desc: str):
 
 
 def _open(model_path: str, backend: str):
-    from .backends import open_model
+    from anatomical_embedding.inference.backends import open_model
 
     return open_model(model_path, backend=backend)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .io.labelmaps import read_labelmap
-    from .io import read_image
+    from anatomical_embedding.io.labelmaps import read_labelmap
+    from anatomical_embedding.io import read_image
 
     if len(args.images) != len(args.labels):
         raise ValueError(f"{len(args.images)} images but {len(args.labels)} label maps; give one label map per image")
@@ -62,8 +62,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _apply(args: argparse.Namespace) -> int:
-    from .io import read_image
-    from .io.labelmaps import write_labelmap
+    from anatomical_embedding.io import read_image
+    from anatomical_embedding.io.labelmaps import write_labelmap
 
     head = FewShotHead.load(args.head)
     model_path = args.model or head.history.get("model_path")
@@ -84,8 +84,8 @@ def _apply(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import plot_dice, segmentation_metrics, summarise, write_metrics_csv
-    from .io.labelmaps import read_labelmap
+    from anatomical_embedding.evaluation.segmentation import plot_dice, segmentation_metrics, summarise, write_metrics_csv
+    from anatomical_embedding.io.labelmaps import read_labelmap
 
     if len(args.pred) != len(args.ref):
         raise ValueError(f"{len(args.pred)} predictions but {len(args.ref)} references; pair them one to one")

@@ -27,25 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from .backends import CARD_NAME, ONNX_NAME, card_from_embedder, sha256_bytes, sha256_file
-from .io import atomic_write
+from anatomical_embedding.inference.backends import CARD_NAME, ONNX_NAME, card_from_embedder, sha256_bytes, sha256_file
+from anatomical_embedding.io import atomic_write
 
 log = logging.getLogger(__name__)
 
 COARSE_ONNX_NAME = "coarse.onnx"
 OPSET = 17
-
-
-def coarse_forward(embedder: Any, x):
-    """Coarse output only: ``embedder.forward_coarse`` when the network has a cheaper coarse path (it skips
-    the full-resolution decoder), otherwise the full forward with the fine output dropped."""
-    if hasattr(embedder, "forward_coarse"):
-        return embedder.forward_coarse(x)
-    return embedder(x)[0]
-
-
-def has_coarse_path(embedder: Any) -> bool:
-    return hasattr(embedder, "forward_coarse")
 
 
 def _onnx_bytes(module, example, output_names: list[str], opset: int) -> bytes:
@@ -69,6 +57,8 @@ def export_embedder(embedder: Any, info: dict | None, out: str | os.PathLike, ov
     """Export an in-memory Embedder with its run info (see ``load_embedder_from_run``) to ``out``."""
     import torch
     from torch import nn
+
+    from anatomical_embedding.nets.embedder import coarse_forward, has_coarse_path
 
     if opset < 17:
         raise ValueError("opset must be >= 17")
@@ -132,7 +122,7 @@ def write_package(out: Path, card: dict, members: dict[str, bytes], overwrite: b
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, checkpoint: str = "last",
                overwrite: bool = False, opset: int = OPSET) -> Path:
     """Export a training run directory (torch checkpoint) to a ``.aemodel`` package."""
-    from .training.checkpoints import load_embedder_from_run
+    from anatomical_embedding.training.checkpoints import load_embedder_from_run
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -145,7 +135,7 @@ def verify_parity(package: str | os.PathLike, embedder: Any, size_kji=(32, 48, 6
     """Max abs difference between ONNX Runtime and torch outputs on a random input (both outputs)."""
     import torch
 
-    from .backends import OnnxModel
+    from anatomical_embedding.inference.backends import OnnxModel
 
     x = np.random.default_rng(seed).uniform(-1, 1, size=(1, 1, *size_kji)).astype(np.float32)
     onnx_model = OnnxModel(package, device="cpu")

@@ -18,7 +18,7 @@ import numpy as np
 
 
 def _handle(args: argparse.Namespace) -> int:
-    from .generate import generate_cohort, load_cohort
+    from anatomical_embedding.phantoms.generate import generate_cohort, load_cohort
 
     if args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
@@ -45,7 +45,7 @@ def _handle(args: argparse.Namespace) -> int:
     print(f"landmarks   {len(info['landmark_organs'])} per subject; labels {len(info['label_names'])} organs")
     print(f"manifest    {manifest}")
     if args.preview is not None:
-        from .preview import write_preview
+        from anatomical_embedding.phantoms.preview import write_preview
 
         target = Path(args.out) / "preview.png" if args.preview is True else Path(args.preview)
         print(f"preview     {write_preview(load_cohort(manifest), target, overwrite=True)}")

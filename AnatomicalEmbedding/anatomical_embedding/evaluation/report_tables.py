@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .evaluation import METRIC_COLUMNS, write_metrics_csv
-from .landmark_eval import TransferRecord, summarise
+from anatomical_embedding.evaluation.segmentation import METRIC_COLUMNS, write_metrics_csv
+from anatomical_embedding.evaluation.landmarks import TransferRecord, summarise
 
 LANDMARK_COLUMNS = ("method", "source", "target", "landmark", "error_mm", "seconds_for_scan")
 FEWSHOT_COLUMNS = ("method", "shots") + METRIC_COLUMNS

@@ -84,7 +84,7 @@ class EmbeddingModel:
         return (int(p[0]), int(p[1]), int(p[2]))
 
     def preset(self):
-        from .io import get_preset
+        from anatomical_embedding.io import get_preset
 
         return get_preset(self.card["intensity_preset"])
 
@@ -204,7 +204,7 @@ def card_from_embedder(embedder: Any, info: dict | None = None) -> dict:
     info = dict(info or {})
     preset = info.get("intensity_preset", "ct_aefm")
     if not isinstance(preset, dict):
-        from .io import get_preset
+        from anatomical_embedding.io import get_preset
 
         preset = get_preset(preset).to_dict()
     spacing = info.get("spacing", (1.0, 1.0, 1.0))
@@ -251,7 +251,7 @@ class TorchModel(EmbeddingModel):
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, checkpoint: str = "last", device: str = "auto") -> "TorchModel":
-        from .training.checkpoints import load_embedder_from_run
+        from anatomical_embedding.training.checkpoints import load_embedder_from_run
 
         embedder, info = load_embedder_from_run(run_dir, checkpoint=checkpoint, device="cpu")
         return cls(embedder, info, device=device)
@@ -261,7 +261,7 @@ class TorchModel(EmbeddingModel):
 
         from contextlib import nullcontext
 
-        from .export import coarse_forward
+        from anatomical_embedding.nets.embedder import coarse_forward
 
         t = torch.from_numpy(x).to(self.device)
         # fp16 on GPU halves memory and time; embeddings are unit vectors, fp16 keeps ~1e-3.

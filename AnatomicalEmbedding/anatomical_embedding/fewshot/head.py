@@ -17,7 +17,8 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from .io import Volume, atomic_write, resample_like
+from anatomical_embedding.io import Volume, atomic_write, resample_like
+from anatomical_embedding.io.labelmaps import keep_largest_components
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class FewShotConfig:
 
 # ---- feature extraction in tiles --------------------------------------------------------------
 def preprocess_for_model(model: PatchEmbedder, volume: Volume) -> Volume:
-    from .data import PreprocessConfig, preprocess_volume
+    from anatomical_embedding.data.datasets import PreprocessConfig, preprocess_volume
 
     card = model.card
     cfg = PreprocessConfig(spacing=tuple(card["spacing"]), preset=card["intensity_preset"])
@@ -392,25 +393,6 @@ def train_head(model: PatchEmbedder, images: Sequence[Volume], labels: Sequence[
     return head
 
 
-def postprocess(labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """Keep the largest connected component of each class and fill its holes."""
-    from scipy.ndimage import binary_fill_holes
-    from scipy.ndimage import label as cc_label
-
-    out = np.zeros_like(labels)
-    for c in range(1, n_classes):
-        mask = labels == c
-        if not mask.any():
-            continue
-        comp, n = cc_label(mask)
-        if n > 1:
-            sizes = np.bincount(comp.ravel())
-            sizes[0] = 0
-            mask = comp == sizes.argmax()
-        out[binary_fill_holes(mask) & (out == 0)] = c
-    return out
-
-
 def apply_heads(model: PatchEmbedder, heads: Sequence[FewShotHead], image: Volume,
                 postprocess_components: bool = True,
                 progress: Callable[[float, str], bool] | None = None) -> list[Volume]:
@@ -443,7 +425,7 @@ def apply_heads(model: PatchEmbedder, heads: Sequence[FewShotHead], image: Volum
     results = []
     for head, out in zip(heads, outs):
         if postprocess_components:
-            out = postprocess(out, len(head.class_values))
+            out = keep_largest_components(out, len(head.class_values))
         values = np.asarray(head.class_values, dtype=np.int16)
         results.append(resample_like(pre.with_array(values[out]), image, is_label=True))
     return results

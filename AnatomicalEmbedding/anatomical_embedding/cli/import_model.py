@@ -9,7 +9,7 @@ log = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
-    from .import_pretrained import FORMATS, PUBLISHED_SOURCES
+    from anatomical_embedding.inference.published import FORMATS, PUBLISHED_SOURCES
 
     epilog = "Where the checkpoints are published (nothing is downloaded by this command):\n" + "\n".join(
         f"  {fmt}: {text}" for fmt, text in PUBLISHED_SOURCES.items())
@@ -33,7 +33,7 @@ def register(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .import_pretrained import import_published
+    from anatomical_embedding.inference.import_pretrained import import_published
 
     result = import_published(args.format, args.checkpoint, args.out, name=args.name, modality=args.modality,
                               network_config=args.network_config, overwrite=args.overwrite,

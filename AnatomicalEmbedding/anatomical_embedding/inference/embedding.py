@@ -32,8 +32,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .backends import EmbeddingModel
-from .io import Volume, reorient_to_canonical, resample_to_spacing
+from anatomical_embedding.inference.backends import EmbeddingModel
+from anatomical_embedding.io import Volume, reorient_to_canonical, resample_to_spacing
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from .embedding import VolumeEmbedding, normalise, trilinear, upsample_linear
-from .io import Frame, Volume, convert_points, resample_like
-from .robust import PriorConfig, RobustPrior, fit_prior, parabolic_peak
+from anatomical_embedding.inference.embedding import VolumeEmbedding, normalise, trilinear, upsample_linear
+from anatomical_embedding.io import Frame, Volume, convert_points, resample_like
+from anatomical_embedding.inference.prior import PriorConfig, RobustPrior, fit_prior, parabolic_peak
 
 log = logging.getLogger(__name__)
 

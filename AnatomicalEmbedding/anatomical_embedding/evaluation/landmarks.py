@@ -15,7 +15,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from .io import Volume
+from anatomical_embedding.io import Volume
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def identical_coordinate(source: Volume, target: Volume, points: np.ndarray) -> 
 
 def registration_transfer(kind: str, **config) -> Transfer:
     """Baselines (b) affine and (c) affine + B-spline registration (SimpleITK)."""
-    from .registration import RegistrationConfig, register_affine, register_affine_bspline
+    from anatomical_embedding.evaluation.registration import RegistrationConfig, register_affine, register_affine_bspline
 
     register = {"affine": register_affine, "affine+bspline": register_affine_bspline}[kind]
     cfg = RegistrationConfig(**config)

@@ -63,8 +63,8 @@ def register(subparsers) -> None:
 
 
 def _open(args):
-    from .backends import open_model
-    from .embedding import EmbeddingCache
+    from anatomical_embedding.inference.backends import open_model
+    from anatomical_embedding.inference.embedding import EmbeddingCache
 
     model = open_model(args.model, backend=args.backend, device=args.device)
     cache = None if args.no_cache else EmbeddingCache(args.cache, int(args.cache_budget_gb * 2**30))
@@ -72,8 +72,8 @@ def _open(args):
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from .embedding import embed_volume
-    from .io import atomic_write, read_image
+    from anatomical_embedding.inference.embedding import embed_volume
+    from anatomical_embedding.io import atomic_write, read_image
 
     model, cache = _open(args)
     vol = read_image(args.image)
@@ -114,8 +114,8 @@ def write_matches(path: Path, names: list[str], matches, overwrite: bool = False
     fb_distance_mm, method and the raw (uncorrected) match. ``.mrk.json`` also gets Slicer measurements
     (``similarity``, ``confidence``, ``low_confidence`` as 0/1 per control point) so Slicer shows them.
     """
-    from .io import atomic_write
-    from .io.markups import PointList, points_format, write_points
+    from anatomical_embedding.io import atomic_write
+    from anatomical_embedding.io.markups import PointList, points_format, write_points
 
     extra = []
     for m in matches:
@@ -143,17 +143,17 @@ def write_matches(path: Path, names: list[str], matches, overwrite: bool = False
 
 
 def _match(args: argparse.Namespace) -> int:
-    from .embedding import embed_volume
-    from .io import convert_points, read_image, write_image
-    from .matching import MatchConfig, Matcher
-    from .robust import PriorConfig
+    from anatomical_embedding.inference.embedding import embed_volume
+    from anatomical_embedding.io import convert_points, read_image, write_image
+    from anatomical_embedding.inference.matching import MatchConfig, Matcher
+    from anatomical_embedding.inference.prior import PriorConfig
 
     if args.point:
         pts = np.array([_parse_point(p) for p in args.point])
         names = [f"P-{n + 1}" for n in range(len(pts))]
         frame = args.frame
     else:
-        from .io.markups import read_points
+        from anatomical_embedding.io.markups import read_points
 
         pl = read_points(args.points)
         pts, names, frame = np.asarray(pl.points_lps), list(pl.names), "LPS"
@@ -181,7 +181,7 @@ def _match(args: argparse.Namespace) -> int:
         out = write_matches(Path(args.out), names, results, overwrite=args.overwrite)
         print(f"wrote {out}")
     if args.report:
-        from .io import atomic_write
+        from anatomical_embedding.io import atomic_write
 
         rep = {"matches": [{"name": r.name, "raw": r.raw.as_dict(show),
                             "corrected": r.corrected.as_dict(show) if r.corrected else None} for r in results],
@@ -196,8 +196,8 @@ def _match(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export_run, verify_parity
-    from .training.checkpoints import load_embedder_from_run
+    from anatomical_embedding.inference.export import export_run, verify_parity
+    from anatomical_embedding.training.checkpoints import load_embedder_from_run
 
     out = export_run(args.run, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite, opset=args.opset)
     embedder, _ = load_embedder_from_run(args.run, checkpoint=args.checkpoint, device="cpu")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .embedding import VolumeEmbedding
+from anatomical_embedding.inference.embedding import VolumeEmbedding
 
 log = logging.getLogger(__name__)
 

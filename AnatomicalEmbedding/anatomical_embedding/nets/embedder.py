@@ -1,6 +1,8 @@
 """The contract every method's dense embedder fulfils (matching, few-shot and export rely on it)."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -25,3 +27,15 @@ class Embedder(nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
+
+
+def coarse_forward(embedder: Any, x: torch.Tensor) -> torch.Tensor:
+    """Coarse output only: ``embedder.forward_coarse`` when the network has a cheaper coarse path (it skips
+    the full-resolution decoder), otherwise the full forward with the fine output dropped."""
+    if hasattr(embedder, "forward_coarse"):
+        return embedder.forward_coarse(x)
+    return embedder(x)[0]
+
+
+def has_coarse_path(embedder: Any) -> bool:
+    return hasattr(embedder, "forward_coarse")

@@ -1,0 +1,2 @@
+"""Data: cases and their preprocessing cache (``datasets``), patch-pair sampling (``patches``), and each
+method's augmentations, one module per method (``augment_hdssl``, ``augment_adam``)."""

@@ -1,0 +1,1 @@
+"""Evaluation: landmark and segmentation metrics, registration baselines, reports and the demo."""

@@ -1,0 +1,1 @@
+"""Few-shot segmentation: a light head trained on frozen embeddings, and its application (``head``)."""
