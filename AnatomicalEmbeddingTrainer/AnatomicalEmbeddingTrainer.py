@@ -12,12 +12,12 @@ with one ``vtkMRMLPlotSeriesNode`` per term draws as loss curves. When training 
 Training data: a folder of images (or the folder this module fills from the scene: each exported case is
 an image in ``<folder>/images`` and, with a segmentation, a label map of the same name in
 ``<folder>/labels``), the layout that ``anatomical_embedding.data.datasets.DatasetSpec.from_path`` reads.
+
+This file holds the module, its parameter node, the Widget (GUI wiring only) and the Slicer self-test; the logic,
+settings and live view are in ``AnatomicalEmbeddingTrainerLib``.
 """
 import logging
 import pathlib
-import re
-import shutil
-import sys
 from typing import Annotated, Optional
 
 import slicer
@@ -26,21 +26,18 @@ from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
-    ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
 
+from AnatomicalEmbeddingTrainerLib.liveview import CHART_NAME, TABLE_NAME  # noqa: F401 (the module's constants)
+from AnatomicalEmbeddingTrainerLib.logic import AnatomicalEmbeddingTrainerLogic
+from AnatomicalEmbeddingTrainerLib.settings import METHOD_PARAMETER, pathOrEmpty  # noqa: F401
+
+#: The parameter node's choices (literal lists: Testing/test_ui_files.py checks them against the .ui combo boxes).
 DEVICES = ["auto", "cpu", "cuda"]
-TABLE_NAME = "AnatomicalEmbedding training losses"
-CHART_NAME = "AnatomicalEmbedding training"
-#: The method is not a parameterNodeWrapper field: the registered methods are only known at run time, while a
-#: Choice needs a fixed list. It is kept as a plain parameter of the same parameter node.
-METHOD_PARAMETER = "Method"
-#: Parameter-node field -> engine setting, for the key hyperparameters shown in the GUI.
 FINETUNE_MODES = ["embedding", "backbone", "scratch"]
-TRAIN_FIELDS = {"batchSize": "batch_size", "learningRate": "lr", "epochs": "epochs", "maxSteps": "max_steps"}
 POLL_INTERVAL_MS = 500
 
 
@@ -109,10 +106,8 @@ class AnatomicalEmbeddingTrainerParameterNode:
     finetuneMode: Annotated[str, Choice(FINETUNE_MODES)] = "embedding"
 
 
-def _pathOrEmpty(value) -> str:
-    """A pathlib.Path field that was never set reads as "."; treat it as empty."""
-    text = str(value) if value is not None else ""
-    return "" if text in ("", ".") else text
+# The logic lives in AnatomicalEmbeddingTrainerLib; it wraps the scene's parameter node with the class declared here.
+AnatomicalEmbeddingTrainerLogic.parameterNodeClass = AnatomicalEmbeddingTrainerParameterNode
 
 
 #
@@ -215,7 +210,7 @@ class AnatomicalEmbeddingTrainerWidget(ScriptedLoadableModuleWidget, VTKObservat
         problem = None
         if not p or not p.trainingVolume:
             problem = "Select a volume to export."
-        elif not _pathOrEmpty(p.outputDirectory):
+        elif not pathOrEmpty(p.outputDirectory):
             problem = "Choose the training folder."
         elif not AnatomicalEmbeddingTrainerLogic.isValidCaseName(p.caseName):
             problem = "Case name may hold letters, digits, '-', '_' and '.' only."
@@ -226,7 +221,7 @@ class AnatomicalEmbeddingTrainerWidget(ScriptedLoadableModuleWidget, VTKObservat
     def _updateButtons(self) -> None:
         p = self._parameterNode
         running = bool(self.logic and self.logic.isRunning())
-        runDir = _pathOrEmpty(p.runDirectory) if p else ""
+        runDir = pathOrEmpty(p.runDirectory) if p else ""
         self.ui.startButton.enabled = bool(p) and not running and self.ui.methodComboBox.count > 0
         self.ui.stopButton.enabled = running
         self.ui.resumeButton.enabled = bool(runDir) and not running and \
@@ -253,7 +248,7 @@ class AnatomicalEmbeddingTrainerWidget(ScriptedLoadableModuleWidget, VTKObservat
 
     def onUseTrainingFolder(self) -> None:
         p = self._parameterNode
-        if _pathOrEmpty(p.outputDirectory):
+        if pathOrEmpty(p.outputDirectory):
             p.dataDirectory = p.outputDirectory
             p.labelsDirectory = pathlib.Path(".")  # images/ + labels/ of the folder are paired by the engine
 
@@ -278,7 +273,7 @@ class AnatomicalEmbeddingTrainerWidget(ScriptedLoadableModuleWidget, VTKObservat
     def onOpenRunFolder(self) -> None:
         import qt
 
-        runDir = _pathOrEmpty(self._parameterNode.runDirectory)
+        runDir = pathOrEmpty(self._parameterNode.runDirectory)
         if runDir:
             qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(runDir))
 
@@ -311,294 +306,10 @@ class AnatomicalEmbeddingTrainerWidget(ScriptedLoadableModuleWidget, VTKObservat
             import AnatomicalEmbedding
 
             viewerParameters = AnatomicalEmbedding.AnatomicalEmbeddingLogic().getParameterNode()
-            if not _pathOrEmpty(viewerParameters.modelPath):
+            if not pathOrEmpty(viewerParameters.modelPath):
                 viewerParameters.modelPath = pathlib.Path(path)
         except Exception as exc:  # the viewer module is optional here
             logging.info("Could not select the new model in the AnatomicalEmbedding module: %s", exc)
-
-
-#
-# Logic
-#
-class AnatomicalEmbeddingTrainerLogic(ScriptedLoadableModuleLogic):
-    """Scene export, command line, process control and the MRML live view (no Qt: tested headless)."""
-
-    def __init__(self, registryPath=None) -> None:
-        ScriptedLoadableModuleLogic.__init__(self)
-        self.monitor = None
-        self.registeredModel = None
-        self.registryPath = registryPath  # None: anatomical_embedding.inference.registry's default location
-
-    def getParameterNode(self):
-        return AnatomicalEmbeddingTrainerParameterNode(super().getParameterNode())
-
-    # ---- settings --------------------------------------------------------------------------------
-    @staticmethod
-    def availableMethods() -> list:
-        """Pretraining methods, then the finetune task (segmentation from a pretrained run)."""
-        from anatomical_embedding.methods import available_methods, available_tasks
-
-        return available_methods() + available_tasks()
-
-    @staticmethod
-    def getMethod(p) -> str:
-        node = getattr(p, "parameterNode", None)
-        if node is not None:
-            return node.GetParameter(METHOD_PARAMETER) or ""
-        return getattr(p, "method", "")  # plain objects (scripts, tests)
-
-    @staticmethod
-    def setMethod(p, method: str) -> None:
-        node = getattr(p, "parameterNode", None)
-        if node is not None:
-            node.SetParameter(METHOD_PARAMETER, method)
-        else:
-            p.method = method
-
-    @staticmethod
-    def defaultHyperparameters(method: str) -> dict:
-        """The key hyperparameters' defaults (paper values) from the engine and the method's Config dataclass."""
-        from dataclasses import fields
-
-        from anatomical_embedding.methods import get_method
-        from anatomical_embedding.training.config import TrainConfig
-
-        train = {f.name: f.default for f in fields(TrainConfig)}
-        if method == "finetune":  # the finetune command's recipe (Adam, lr 1e-4), not the pretraining defaults
-            import tomllib
-
-            from anatomical_embedding.training.finetune_config import FINETUNE_TRAIN_DEFAULTS
-
-            for item in FINETUNE_TRAIN_DEFAULTS:
-                key, value = item.split("=", 1)
-                train[key.split(".", 1)[1]] = tomllib.loads(f"v = {value}")["v"]
-        out = {field: train[key] for field, key in TRAIN_FIELDS.items()}
-        methodDefaults = {f.name: f.default for f in fields(get_method(method).Config)}
-        patch = methodDefaults.get("patch_size")
-        out["patchSize"] = ",".join(str(int(v)) for v in patch) if patch is not None else ""
-        return out
-
-    def applyDefaults(self, p, method: str, trainSettings: bool = True) -> None:
-        """Fill the key hyperparameters with the defaults (only the method's ones when ``trainSettings`` is off)."""
-        defaults = self.defaultHyperparameters(method)
-        for name, value in defaults.items():
-            if trainSettings or name == "patchSize":
-                setattr(p, name, value)
-
-    def overrides(self, p, method: str) -> list:
-        """``--set`` items for the key hyperparameters of the GUI (advanced settings come after them)."""
-        from anatomical_embedding.methods import get_method
-
-        items = [f"train.{key}={getattr(p, field)!r}" for field, key in TRAIN_FIELDS.items()]
-        items += [f'train.device="{p.device}"', "train.progress_bar=false"]  # the GUI shows progress itself
-        patch = (p.patchSize or "").strip()
-        if patch and method and "patch_size" in {f.name for f in _fields(get_method(method).Config)}:
-            values = [v.strip() for v in patch.replace("x", ",").split(",") if v.strip()]
-            if not all(v.isdigit() for v in values):
-                raise ValueError(f"patch size {patch!r}: give whole voxel counts like 96,96,96")
-            items.append(f"method.patch_size=[{','.join(values)}]")
-        if method == "finetune":
-            items.append(f'method.mode="{p.finetuneMode}"')
-            initFrom = _pathOrEmpty(p.initFromDirectory)
-            if initFrom:
-                items.append(f"method.init_from='{pathlib.Path(initFrom).resolve()}'")
-        return items
-
-    @staticmethod
-    def exportPath(runDir) -> pathlib.Path:
-        runDir = pathlib.Path(runDir)
-        return runDir / f"{runDir.name}.aemodel"
-
-    @staticmethod
-    def pythonExecutable() -> str:
-        # Inside Slicer the child must run Slicer's own Python (same packages): PythonSlicer, a launcher that sets
-        # up its environment. Outside Slicer (tests, scripts) this interpreter.
-        home = getattr(getattr(slicer, "app", None), "slicerHome", None)
-        if home:
-            for name in ("PythonSlicer.exe", "PythonSlicer"):
-                candidate = pathlib.Path(home) / "bin" / name
-                if candidate.is_file():
-                    return str(candidate)
-        return shutil.which("PythonSlicer") or sys.executable
-
-    def trainSettings(self, p, resume: bool = False):
-        """The :class:`TrainSettings` for the parameter node's choices."""
-        from anatomical_embedding.training.monitor import TrainSettings
-
-        method = self.getMethod(p)
-        runDir = _pathOrEmpty(p.runDirectory)
-        data = _pathOrEmpty(p.dataDirectory)
-        if not runDir:
-            raise ValueError("Choose the run (output) folder.")
-        if not data:
-            raise ValueError("Choose the data folder (images, or the training folder exported from the scene).")
-        if not resume and not method:
-            raise ValueError("Choose a method.")
-        overrides = self.overrides(p, method) if not resume else [f'train.device="{p.device}"']
-        return TrainSettings(
-            out=runDir, data=data, labels=_pathOrEmpty(p.labelsDirectory), method=method if not resume else "",
-            overrides=overrides, advanced=p.advancedSettings if not resume else "", resume=resume,
-            # A finetune run is a segmenter, not an embedding package: it is applied with `segment`.
-            export=str(self.exportPath(runDir)) if p.exportModel and method != "finetune" else "",
-            nproc=int(p.numProcesses),
-            gpus=p.gpus.strip(), python=self.pythonExecutable(),
-            script=str(pathlib.Path(__file__).resolve().parent / "train.py"))
-
-    def buildCommand(self, p, resume: bool = False) -> list:
-        from anatomical_embedding.training.monitor import build_command
-
-        return build_command(self.trainSettings(p, resume))[0]
-
-    # ---- process control -------------------------------------------------------------------------
-    def isRunning(self) -> bool:
-        return self.monitor is not None and self.monitor.running
-
-    def startTraining(self, p, resume: bool = False, settings=None):
-        """Launch ``train.py`` (never blocks); call :meth:`poll` periodically."""
-        from anatomical_embedding.training.monitor import TrainingMonitor, read_history
-
-        if self.isRunning():
-            raise RuntimeError("Training is already running; stop it first.")
-        settings = settings or self.trainSettings(p, resume)
-        if not resume and (pathlib.Path(settings.out) / "checkpoints" / "last.pt").is_file():
-            raise FileExistsError(f"{settings.out} already holds a run: resume it or choose a new run folder.")
-        monitor = TrainingMonitor(settings)
-        if resume:
-            monitor.state = read_history(settings.out)  # keep the curves of the earlier part
-        self.registeredModel = None
-        monitor.start()
-        self.monitor = monitor
-        self.updateTable()
-        return monitor
-
-    def stopTraining(self) -> None:
-        if self.isRunning():
-            self.monitor.stop()
-
-    def poll(self) -> list:
-        """Read new progress, update the table/plot; register the package once training has finished."""
-        if self.monitor is None:
-            return []
-        wasRunning = self.monitor.running
-        events = self.monitor.poll()
-        if events or (wasRunning and not self.monitor.running):
-            self.updateTable()
-        if wasRunning and not self.monitor.running:
-            self._onFinished()
-        return events
-
-    def _onFinished(self) -> None:
-        st = self.monitor.state
-        if st.status == "finished" and st.exported:
-            from anatomical_embedding.inference import registry as model_registry
-
-            package = pathlib.Path(st.exported)
-            if not package.is_absolute():
-                package = self.monitor.run_dir / package
-            self.registeredModel = model_registry.register_model(
-                package, name=self.monitor.run_dir.name, run_dir=self.monitor.run_dir, path=self.registryPath)
-            logging.info("Registered model %s", package)
-        elif st.status == "failed":
-            logging.error("%s", st.error)
-
-    # ---- live view (MRML) ------------------------------------------------------------------------
-    def getTableNode(self, scene=None):
-        scene = scene or slicer.mrmlScene
-        node = scene.GetFirstNodeByName(TABLE_NAME)
-        if node is None or not node.IsA("vtkMRMLTableNode"):
-            node = scene.AddNewNodeByClass("vtkMRMLTableNode", TABLE_NAME)
-        return node
-
-    def updateTable(self, scene=None, history=None):
-        """Rewrite the loss table (column "step", "loss" and one per term) and the chart's series."""
-        history = self.monitor.state.history if history is None else history
-        tableNode = self.getTableNode(scene)
-        columns = ["step", "loss"]
-        for rec in history:
-            columns += [k for k in rec if k not in columns and k != "epoch"]
-        table = vtk.vtkTable()
-        for name in columns:
-            arr = vtk.vtkDoubleArray()
-            arr.SetName(name)
-            arr.SetNumberOfTuples(len(history))
-            for row, rec in enumerate(history):
-                arr.SetValue(row, float(rec.get(name, float("nan"))))  # a term logged only later: NaN before
-            table.AddColumn(arr)
-        tableNode.SetAndObserveTable(table)
-        self.updateChart(tableNode, columns[1:], scene)
-        return tableNode
-
-    def updateChart(self, tableNode, terms: list, scene=None):
-        scene = scene or slicer.mrmlScene
-        chart = scene.GetFirstNodeByName(CHART_NAME)
-        if chart is None or not chart.IsA("vtkMRMLPlotChartNode"):
-            chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", CHART_NAME)
-            chart.SetTitle("Training loss")
-            chart.SetXAxisTitle("step")
-            chart.SetYAxisTitle("loss")
-        have = {}
-        for i in range(chart.GetNumberOfPlotSeriesNodes()):
-            series = chart.GetNthPlotSeriesNode(i)
-            if series is not None:
-                have[series.GetYColumnName()] = series
-        colors = [(0.1, 0.1, 0.1), (0.85, 0.2, 0.2), (0.2, 0.45, 0.85), (0.2, 0.65, 0.3), (0.8, 0.5, 0.1),
-                  (0.55, 0.3, 0.7)]
-        for n, term in enumerate(terms):
-            series = have.get(term)
-            if series is None:
-                series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{CHART_NAME} {term}")
-                series.SetXColumnName("step")
-                series.SetYColumnName(term)
-                series.SetPlotType(series.PlotTypeScatter)  # scatter with lines: x values are steps
-                series.SetMarkerStyle(series.MarkerStyleNone)
-                series.SetColor(*colors[n % len(colors)])
-                chart.AddAndObservePlotSeriesNodeID(series.GetID())
-            series.SetAndObserveTableNodeID(tableNode.GetID())
-        return chart
-
-    def showChart(self) -> None:
-        """Show the loss chart in the layout (Slicer application only)."""
-        chart = slicer.mrmlScene.GetFirstNodeByName(CHART_NAME)
-        if chart is None:
-            chart = self.updateChart(self.getTableNode(), ["loss"])
-        slicer.modules.plots.logic().ShowChartInLayout(chart)
-
-    # ---- training data from the scene -----------------------------------------------------------
-    @staticmethod
-    def isValidCaseName(name: str) -> bool:
-        return bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name or ""))
-
-    def exportCase(self, volumeNode, segmentationNode, outputDirectory, caseName: str,
-                   overwrite: bool = False) -> dict:
-        """Write ``images/<case>.nii.gz`` and, with a segmentation, ``labels/<case>.nii.gz`` (+ names).
-
-        The label map is rasterised on the volume's grid, segments numbered 1..n in segment order.
-        Returns ``{"image": path, "label": path or None, "names": {value: name}}``.
-        """
-        from anatomical_embedding import io, mrml
-        from anatomical_embedding.io.labelmaps import write_labelmap
-
-        if volumeNode is None:
-            raise ValueError("no volume selected")
-        if not self.isValidCaseName(caseName):
-            raise ValueError(f"invalid case name {caseName!r}: use letters, digits, '-', '_' and '.'")
-        folder = pathlib.Path(outputDirectory)
-        (folder / "images").mkdir(parents=True, exist_ok=True)
-        image = mrml.node_to_volume(volumeNode)
-        imagePath = io.write_image(image, folder / "images" / f"{caseName}.nii.gz", overwrite=overwrite)
-        labelPath, names = None, {}
-        if segmentationNode is not None:
-            (folder / "labels").mkdir(parents=True, exist_ok=True)
-            label, names = mrml.segmentation_node_to_labelmap(segmentationNode, image)
-            labelPath = write_labelmap(label, names, folder / "labels" / f"{caseName}.nii.gz", overwrite=overwrite)
-        logging.info("Exported %s to %s", caseName, folder)
-        return {"image": imagePath, "label": labelPath, "names": names}
-
-
-def _fields(cls):
-    from dataclasses import fields
-
-    return fields(cls)
 
 
 #
@@ -655,7 +366,8 @@ class AnatomicalEmbeddingTrainerTest(ScriptedLoadableModuleTest):
         import tempfile
         import time
 
-        from anatomical_embedding import io, model_registry, mrml, phantoms
+        from anatomical_embedding import io, mrml, phantoms
+        from anatomical_embedding.inference import registry as model_registry
 
         self.delayDisplay("Training a tiny AEFM on phantoms from the scene")
         root = pathlib.Path(tempfile.mkdtemp(prefix="AnatomicalEmbeddingTrainerTest-", dir=slicer.app.temporaryPath))

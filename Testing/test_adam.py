@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from anatomical_embedding.data.augment_adam import make_view
 from anatomical_embedding.losses import pruned_info_nce, purposive_prune_mask
 from anatomical_embedding.methods import available_methods, get_method
-from anatomical_embedding.methods.adam import AdamEveConfig, AdamEveMethod, decompose, make_view
+from anatomical_embedding.methods.adam import AdamEveConfig, AdamEveMethod, decompose
 from anatomical_embedding.methods.base import StepContext
 from fixtures_data import trained_vs_random, write_training_manifest
 

@@ -22,7 +22,7 @@ from anatomical_embedding.methods.anatomask import (
     random_mask,
 )
 from anatomical_embedding.methods.base import StepContext
-from anatomical_embedding.nets.spark import masked_patch_loss
+from anatomical_embedding.losses import masked_patch_loss
 from anatomical_embedding.nets.stunet import (
     STUNET_SIZES,
     MaskedInstanceNorm3d,

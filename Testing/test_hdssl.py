@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from anatomical_embedding.methods import get_method
 from anatomical_embedding.methods.base import StepContext
+from anatomical_embedding.losses import hdssl_info_nce
 from anatomical_embedding.methods.hdssl import (
     HDSSLMethod,
     HDSSLMethodConfig,
-    hdssl_info_nce,
     points_to_layout,
 )
 from fixtures_data import trained_vs_random, write_training_manifest

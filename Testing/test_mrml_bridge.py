@@ -405,6 +405,11 @@ def load_slicer_module(monkeypatch, mrml_app, tmp_path):
     monkeypatch.setattr(slicer, "app", types.SimpleNamespace(temporaryPath=str(tmp_path)), raising=False)
 
     def load(module: str):
+        # As in Slicer, the module's folder is on sys.path (its <module>Lib package); a Lib imported by an earlier
+        # test holds that test's stand-ins, so it is imported afresh.
+        monkeypatch.syspath_prepend(str(REPO_ROOT / module))
+        for name in [n for n in sys.modules if n.split(".")[0] == f"{module}Lib"]:
+            monkeypatch.delitem(sys.modules, name)
         path = REPO_ROOT / module / f"{module}.py"
         spec = importlib.util.spec_from_file_location(f"_headless_{module}", path)
         mod = importlib.util.module_from_spec(spec)

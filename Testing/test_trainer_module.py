@@ -55,6 +55,11 @@ def trainer(monkeypatch, mrml_app, tmp_path):
     monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", wrapper)
     monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", scripted)
     monkeypatch.setattr(slicer, "app", types.SimpleNamespace(temporaryPath=str(tmp_path)), raising=False)
+    # As in Slicer, the module's folder is on sys.path (its AnatomicalEmbeddingTrainerLib); a Lib imported by an
+    # earlier test holds that test's stand-ins, so it is imported afresh.
+    monkeypatch.syspath_prepend(str(ROOT / MODULE))
+    for name in [n for n in sys.modules if n.split(".")[0] == f"{MODULE}Lib"]:
+        monkeypatch.delitem(sys.modules, name)
     spec = importlib.util.spec_from_file_location(f"_headless_{MODULE}", ROOT / MODULE / f"{MODULE}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -196,9 +196,22 @@ def test_every_button_does_something(module):
             assert name in used, f"{module}.ui button {name!r} is not connected to anything"
 
 
+def module_classes(module: str) -> dict[str, list[str]]:
+    """{class name: base names} of the module file, plus the classes it imports from its ``<module>Lib`` package
+    (Slicer looks the Logic up in the module file; it may be defined in the Lib and imported there)."""
+    tree = module_ast(module)
+    classes = {n.name: [ast.unparse(b) for b in n.bases] for n in tree.body if isinstance(n, ast.ClassDef)}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == f"{module}Lib":
+            lib = ast.parse((ROOT / module / f"{node.module.replace('.', '/')}.py").read_text(encoding="utf-8"))
+            defined = {n.name: [ast.unparse(b) for b in n.bases] for n in lib.body if isinstance(n, ast.ClassDef)}
+            classes.update({a.asname or a.name: defined[a.name] for a in node.names if a.name in defined})
+    return classes
+
+
 @pytest.mark.parametrize("module", MODULES)
 def test_module_defines_widget_logic_and_self_test(module):
-    classes = {n.name: [ast.unparse(b) for b in n.bases] for n in module_ast(module).body if isinstance(n, ast.ClassDef)}
+    classes = module_classes(module)
     assert classes[module] == ["ScriptedLoadableModule"]
     assert "ScriptedLoadableModuleWidget" in classes[f"{module}Widget"]
     assert classes[f"{module}Logic"] == ["ScriptedLoadableModuleLogic"]

@@ -112,6 +112,11 @@ def load_viewer_module(monkeypatch, temporary_path: str):
     monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", _wrapper_module())
     monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", scripted)
     monkeypatch.setattr(slicer, "app", types.SimpleNamespace(temporaryPath=temporary_path), raising=False)
+    # As in Slicer, the module's folder is on sys.path (its AnatomicalEmbeddingLib); a Lib imported by an earlier
+    # test holds that test's stand-ins, so it is imported afresh.
+    monkeypatch.syspath_prepend(str(ROOT / MODULE))
+    for name in [n for n in sys.modules if n.split(".")[0] == f"{MODULE}Lib"]:
+        monkeypatch.delitem(sys.modules, name)
     spec = importlib.util.spec_from_file_location(f"_headless_{MODULE}_viewer", ROOT / MODULE / f"{MODULE}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -1,4 +1,17 @@
-"""``demo``: the end-to-end demo on a synthetic phantom cohort (``evaluation.demo``)."""
+"""``anatomical-embedding demo``: the whole mission on a fresh machine, no network, no GPU needed.
+
+Stages:
+1. generate a phantom cohort (and its preview picture);
+2. pretrain every implemented method on the unlabelled training subjects;
+3. export each run to an ONNX model package (``.aemodel``);
+4. transfer all landmarks from one subject to each held-out subject (raw and robust-prior matching),
+   against identical world coordinates and SimpleITK affine / affine + B-spline registration;
+5. train few-shot heads on 1, 3 and 5 labelled cases per method and segment the held-out subjects;
+6. write a report (HTML and Markdown with PNG figures) into the output folder.
+
+``--quick`` is a smoke run of a few minutes; the default takes about 15-20 minutes on 2 CPU cores;
+``--full`` uses a larger cohort, longer training and the GPU when present.
+"""
 from __future__ import annotations
 
 import argparse

@@ -1,17 +1,4 @@
-"""``anatomical-embedding demo``: the whole mission on a fresh machine, no network, no GPU needed.
-
-Stages:
-1. generate a phantom cohort (and its preview picture);
-2. pretrain every implemented method on the unlabelled training subjects;
-3. export each run to an ONNX model package (``.aemodel``);
-4. transfer all landmarks from one subject to each held-out subject (raw and robust-prior matching),
-   against identical world coordinates and SimpleITK affine / affine + B-spline registration;
-5. train few-shot heads on 1, 3 and 5 labelled cases per method and segment the held-out subjects;
-6. write a report (HTML and Markdown with PNG figures) into the output folder.
-
-``--quick`` is a smoke run of a few minutes; the default takes about 15-20 minutes on 2 CPU cores;
-``--full`` uses a larger cohort, longer training and the GPU when present.
-"""
+"""The end-to-end demo on a synthetic phantom cohort (stages and presets: ``cli/demo.py``, shown by ``demo --help``)."""
 from __future__ import annotations
 
 import argparse
@@ -322,10 +309,9 @@ def _scratch_unet(state: DemoState, cohort, labelled_ids: list[str], target_ids:
 
 def _overlay_figure(state: DemoState, image, reference, segmentations: dict, colors: dict[int, tuple]) -> Path:
     """One coronal slice of a held-out case: the reference labels and each method's segmentation."""
-    import matplotlib
+    from anatomical_embedding.evaluation.figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.colors import ListedColormap
 
     panels = [("reference", reference)] + list(segmentations.items())
@@ -346,19 +332,14 @@ def _overlay_figure(state: DemoState, image, reference, segmentations: dict, col
         ax.imshow(image.array[::-1, j, :], cmap="gray", vmin=-200, vmax=300, aspect=aspect)
         ax.imshow(seg.array[::-1, j, :], cmap=cmap, vmin=0, vmax=top - 1, aspect=aspect, interpolation="nearest")
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = state.out / "figures" / "fewshot_overlays.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, state.out / "figures" / "fewshot_overlays.png")
 
 
 def _heatmap_figure(state: DemoState, matcher, src_img, target, point_lps: np.ndarray, truth_lps: np.ndarray,
                     title: str, path: Path) -> Path:
-    import matplotlib
+    from anatomical_embedding.evaluation.figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     _, tgt_img, _ = target
     heat = matcher.heatmap(point_lps)
@@ -378,10 +359,7 @@ def _heatmap_figure(state: DemoState, matcher, src_img, target, point_lps: np.nd
         ax.axis("off")
         ax.legend(loc="lower right", fontsize=7)
     fig.suptitle(f"{title}: similarity {match.similarity:.2f}, confidence {match.confidence:.2f}")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _write_report(state: DemoState, records, seg_rows, seg_timing, figures: dict[str, Path]) -> tuple[Path, Path]:
@@ -459,10 +437,9 @@ def _provenance(r, state: DemoState) -> None:
 def _loss_plot(run_dir: Path, path: Path, method: str) -> Path | None:
     import csv
 
-    import matplotlib
+    from anatomical_embedding.evaluation.figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     metrics = run_dir / "metrics.csv"
     if not metrics.is_file():
@@ -476,10 +453,7 @@ def _loss_plot(run_dir: Path, path: Path, method: str) -> Path | None:
     ax.set_ylabel("loss")
     ax.set_title(f"{method} pretraining")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def run_demo(out: Path, quick: bool = False, full: bool = False, seed: int = 0, overwrite: bool = False,

@@ -104,11 +104,9 @@ def write_records_csv(records: Sequence[TransferRecord], path: str | Path) -> Pa
 
 
 def plot_error_cdf(records: Sequence[TransferRecord], path: str | Path, title: str = "Landmark transfer error") -> Path:
-    import matplotlib
+    from anatomical_embedding.evaluation.figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for method in dict.fromkeys(r.method for r in records):
         err = np.sort(np.concatenate([r.errors_mm for r in records if r.method == method]))
@@ -120,9 +118,4 @@ def plot_error_cdf(records: Sequence[TransferRecord], path: str | Path, title: s
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

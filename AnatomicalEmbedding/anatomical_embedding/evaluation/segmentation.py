@@ -75,11 +75,9 @@ def summarise(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
 
 def plot_dice(rows: Sequence[dict], path: str | Path, title: str = "Dice per organ") -> Path:
     """Box plot of Dice per organ (one point per case)."""
-    import matplotlib
+    from anatomical_embedding.evaluation.figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = sorted({r["name"] for r in rows})
     data = [[r["dice"] for r in rows if r["name"] == n] for n in names]
     fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(names) + 2), 3.5), dpi=120)
@@ -91,9 +89,4 @@ def plot_dice(rows: Sequence[dict], path: str | Path, title: str = "Dice per org
     ax.set_ylabel("Dice")
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -8,7 +8,8 @@ As published (2D, ``dims = 2``, the dataclass defaults):
 * Anatomy Decomposer (:func:`decompose`): split the image vertically in two, then alternate horizontal and
   vertical splits until there are ``2**n`` parts; one part, drawn uniformly, is the anchor ``x``. Two
   augmented views ``x_q``, ``x_k`` of the anchor (random resized crop, intensity jitter, Gaussian blur, rotation;
-  MoCo v2's probabilities) are resized to the network input (paper: 224 x 224).
+  MoCo v2's probabilities; :func:`~anatomical_embedding.data.augment_adam.make_view`) are resized to the
+  network input (paper: 224 x 224).
 * Purposive Pruner (:func:`~anatomical_embedding.losses.purposive_prune_mask`, supplementary Algorithm 1): for
   ``n > 0`` every bank key with cosine similarity >= gamma = 0.8 to the anchor's query is removed; InfoNCE over
   the pruned bank (:func:`~anatomical_embedding.losses.pruned_info_nce`).
@@ -55,7 +56,8 @@ import torch.nn.functional as F
 from anatomical_embedding.losses import pruned_info_nce
 from anatomical_embedding.nets.adam_resnet import AdamEveEmbedder, ProjectionHead, ResNetBackbone, ResNetUNet
 from anatomical_embedding.methods.momentum import FeatureQueue, make_momentum_copy, momentum_update
-from anatomical_embedding.methods.base import DataInfo, Method, StepContext
+from anatomical_embedding.data.augment_adam import Box, make_view
+from anatomical_embedding.methods.base import DataInfo, Method, Preprocessing, StepContext, resolve_preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +65,9 @@ log = logging.getLogger(__name__)
 #: cuts the columns, axis 1), then horizontal (axis 0). 3D arrays are (k, j, i): i, then k, then j.
 SPLIT_AXES: dict[int, tuple[int, ...]] = {2: (1, 0), 3: (2, 0, 1)}
 
-#: dims -> (default spacing in mm, default intensity preset).
-DIMS_DEFAULTS: dict[int, tuple[float, str]] = {2: (1.0, "xray_minmax"), 3: (2.0, "ct_hdssl"), 0: (1.0, "xray_minmax")}
+#: dims -> (default spacing along (i, j, k) in mm, default intensity preset); 0 (from the data) takes the 2D row.
+DIMS_DEFAULTS: dict[int, Preprocessing] = {2: ((1.0, 1.0, 1.0), "xray_minmax"), 3: ((2.0, 2.0, 2.0), "ct_hdssl"),
+                                           0: ((1.0, 1.0, 1.0), "xray_minmax")}
 
 
 @dataclass
@@ -113,9 +116,6 @@ class AdamEveConfig:
 
 
 # ---------------------------------------------------------------------------------------------- decomposer
-Box = tuple[tuple[int, int], ...]
-
-
 def decompose(shape: Sequence[int], n: int, axes: Sequence[int] | None = None) -> list[Box]:
     """The Anatomy Decomposer's ``2**n`` parts of an array of ``shape``: boxes ``((start, stop), ...)`` per axis.
 
@@ -154,49 +154,6 @@ def squeeze_2d(image: torch.Tensor) -> torch.Tensor:
     return image.squeeze(flat[0]) if image.dim() == 3 else image
 
 
-# ---------------------------------------------------------------------------------------------- views
-def make_view(image: torch.Tensor, box: Box, size: Sequence[int], rng: np.random.Generator,
-              c: AdamEveConfig) -> torch.Tensor:
-    """One augmented view of the anchor ``box`` of ``image`` (2D or 3D array), resampled to ``size`` (array order).
-
-    Random resized crop inside the anchor (area/volume fraction ``crop_scale``, per-axis aspect ``crop_ratio``),
-    rotated by up to ``rotation_deg`` in the plane of the last two axes (2D: the image plane; 3D: the axial
-    (j, i) plane), sampled bilinearly in one ``grid_sample``; then brightness/contrast jitter and Gaussian blur.
-    """
-    d = image.dim()
-    shape = np.asarray(image.shape, dtype=np.float64)
-    lo = np.array([b[0] for b in box], dtype=np.float64)
-    side = np.array([b[1] - b[0] for b in box], dtype=np.float64)
-    scale = rng.uniform(*c.crop_scale)
-    logr = rng.uniform(np.log(c.crop_ratio[0]), np.log(c.crop_ratio[1]), size=d)
-    frac = np.clip(scale ** (1.0 / d) * np.exp(logr - logr.mean()), 1e-3, 1.0)
-    ext = side * frac  # edge units (a voxel spans [c, c + 1])
-    start = lo + rng.uniform(0.0, 1.0, size=d) * (side - ext)
-    centre = start + ext / 2
-    theta = np.deg2rad(rng.uniform(-c.rotation_deg, c.rotation_deg))
-    axes = [(2.0 * torch.arange(p, dtype=torch.float64) + 1.0) / p - 1.0 for p in size]
-    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (*size, d), in [-1, 1]
-    offs = grid * torch.from_numpy(ext / 2)
-    a, b = d - 2, d - 1  # rotate in the plane of the last two axes
-    cos, sin = float(np.cos(theta)), float(np.sin(theta))
-    ra = cos * offs[..., a] - sin * offs[..., b]
-    rb = sin * offs[..., a] + cos * offs[..., b]
-    offs = torch.stack([offs[..., q] for q in range(a)] + [ra, rb], dim=-1)
-    pts = torch.from_numpy(centre) + offs
-    norm = (2.0 * pts / torch.from_numpy(shape) - 1.0).flip(-1).float()  # grid_sample wants (x=last axis, ...)
-    view = F.grid_sample(image[None, None].float(), norm[None], mode="bilinear", padding_mode="border",
-                         align_corners=False)[0, 0]
-    if rng.random() < c.jitter_prob:
-        view = view * rng.uniform(1 - c.brightness, 1 + c.brightness)
-        mean = view.mean()
-        view = (view - mean) * rng.uniform(1 - c.contrast, 1 + c.contrast) + mean
-    if rng.random() < c.blur_prob:
-        from scipy.ndimage import gaussian_filter
-
-        view = torch.from_numpy(gaussian_filter(view.numpy(), rng.uniform(*c.blur_sigma), mode="nearest"))
-    return view.contiguous()
-
-
 # ---------------------------------------------------------------------------------------------- method
 class AdamEveMethod(Method):
     name = "adam"
@@ -231,24 +188,10 @@ class AdamEveMethod(Method):
 
     # ----------------------------------------------------------------- data
     @classmethod
-    def resolved_preprocessing(cls, config: AdamEveConfig) -> tuple[tuple[float, float, float], str]:
+    def resolved_preprocessing(cls, config: AdamEveConfig) -> Preprocessing:
         if config.dims not in DIMS_DEFAULTS:
             raise ValueError(f"Adam/Eve dims must be 0, 2 or 3, got {config.dims}")
-        spacing, preset = DIMS_DEFAULTS[config.dims]
-        if config.spacing:
-            if len(config.spacing) not in (1, 2, 3):
-                raise ValueError(f"Adam/Eve spacing needs 1 to 3 values (mm along i, j, k), got {list(config.spacing)}")
-            sp = [float(s) for s in config.spacing]
-            sp = sp + [sp[-1]] * (3 - len(sp))  # flat axes keep their own spacing anyway
-            return (sp[0], sp[1], sp[2]), (config.preset or preset)
-        return (spacing, spacing, spacing), (config.preset or preset)
-
-    @classmethod
-    def preprocess_config(cls, config: AdamEveConfig):
-        from anatomical_embedding.data.datasets import PreprocessConfig
-
-        spacing, preset = cls.resolved_preprocessing(config)
-        return PreprocessConfig(spacing=spacing, preset=preset)
+        return resolve_preprocessing(DIMS_DEFAULTS[config.dims], config.spacing, config.preset, "Adam/Eve", (1, 2, 3))
 
     @classmethod
     def accepts_2d(cls, config: AdamEveConfig) -> bool:
@@ -376,20 +319,16 @@ class AdamEveMethod(Method):
         net = ResNetUNet(self.encoder, n_classes, tuple(self.config.decoder_widths) or None)
         return net.to(next(self.encoder.parameters()).device)
 
-    def model_info(self) -> dict:
-        from anatomical_embedding.io import get_preset
+    def model_modality(self) -> str:
+        return "X-ray" if self.config.dims == 2 else "CT"
 
+    def model_patch_size(self) -> list[int]:
+        size = self.config.input_size  # a 2D network's input gets a flat third axis
+        return [int(s) for s in size] + [1] * (3 - len(size))
+
+    def model_extras(self) -> dict:
         c = self.config
-        spacing, preset = self.resolved_preprocessing(c)
-        emb = self.embedder()
-        size = [int(s) for s in c.input_size] + [1] * (3 - len(c.input_size))
-        return {
-            "method": self.name, "modality": "X-ray" if c.dims == 2 else "CT", "spacing": [float(s) for s in spacing],
-            "intensity_preset": get_preset(preset).to_dict(), "patch_size": size,
-            "coarse_channels": int(emb.coarse_channels), "fine_channels": int(emb.fine_channels),
-            "coarse_stride": int(emb.coarse_stride), "size_multiple": int(emb.size_multiple),
-            "dims": int(c.dims), "backbone": f"ResNet-{c.depth} ({c.dims}D)", "levels": [int(n) for n in c.levels],
-        }
+        return {"dims": int(c.dims), "backbone": f"ResNet-{c.depth} ({c.dims}D)", "levels": [int(n) for n in c.levels]}
 
 
 def data_dims(spec) -> int:
@@ -414,4 +353,4 @@ def data_dims(spec) -> int:
     raise ValueError(f"{spec.source} mixes 2D images and 3D volumes; Adam/Eve trains on one kind (set method.dims)")
 
 
-__all__ = ["SPLIT_AXES", "AdamEveConfig", "AdamEveMethod", "data_dims", "decompose", "make_view", "squeeze_2d"]
+__all__ = ["SPLIT_AXES", "AdamEveConfig", "AdamEveMethod", "data_dims", "decompose", "squeeze_2d"]

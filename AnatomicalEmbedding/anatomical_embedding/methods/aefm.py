@@ -34,7 +34,7 @@ from anatomical_embedding.losses import info_nce_in_image, info_nce_queue, regio
 from anatomical_embedding.nets.aefm_unet import AEFMUNet, SegmentationHead
 from anatomical_embedding.methods.momentum import FeatureQueue, make_momentum_copy, momentum_update
 from anatomical_embedding.data.patches import PatchPairConfig, gather_points, jitter_intensity, sample_patch_pair
-from anatomical_embedding.methods.base import DataInfo, Method, StepContext
+from anatomical_embedding.methods.base import DataInfo, Method, StepContext, patch_min_size
 
 
 @dataclass
@@ -103,12 +103,8 @@ class AEFMMethod(Method):
         return config
 
     @classmethod
-    def preprocess_config(cls, config: AEFMConfig):
-        from anatomical_embedding.data.datasets import PreprocessConfig
-
-        # Pad small volumes up to the largest patch side the sampler can draw.
-        min_size = tuple(int(np.ceil(p * config.patch_scale[1])) for p in config.patch_size)
-        return PreprocessConfig(spacing=tuple(config.spacing), preset=config.preset, min_size=min_size)
+    def preprocess_min_size(cls, config: AEFMConfig) -> tuple[int, ...]:
+        return patch_min_size(config.patch_size, config.patch_scale)
 
     @classmethod
     def min_image_size(cls, config: AEFMConfig) -> tuple[int, int, int]:
@@ -218,14 +214,3 @@ class AEFMMethod(Method):
     # ----------------------------------------------------------------- export
     def embedder(self) -> AEFMUNet:
         return self.encoder
-
-    def model_info(self) -> dict:
-        from anatomical_embedding.io import get_preset
-
-        c = self.config
-        return {
-            "method": self.name, "modality": "CT", "spacing": [float(s) for s in c.spacing],
-            "intensity_preset": get_preset(c.preset).to_dict(), "patch_size": [int(p) for p in c.patch_size],
-            "coarse_channels": int(c.feature_dim), "fine_channels": int(c.feature_dim),
-            "coarse_stride": AEFMUNet.coarse_stride, "size_multiple": AEFMUNet.size_multiple,
-        }

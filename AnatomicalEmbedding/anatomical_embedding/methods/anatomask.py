@@ -12,7 +12,7 @@
   rest of the gamma budget drawn uniformly from all other patches. ``r_t = r0 + (t / T)(rT - r0)`` (eq. 3),
   r0 = 0, rT = 0.5 (easy to hard).
 * Loss (eq. 2 as implemented): per-patch normalised MSE on the student's masked patches only
-  (:func:`~anatomical_embedding.nets.spark.masked_patch_loss`).
+  (:func:`~anatomical_embedding.losses.masked_patch_loss`).
 * Data: 1.5 mm isotropic, z-score (``ct_zscore``), random 112 x 112 x 128 crops with random flips only.
 
 Dense embedding (:class:`AnatoMaskEmbedder`): the dense (all-visible) student; with a stride-16 encoder the
@@ -64,10 +64,11 @@ import torch
 import torch.nn.functional as F
 
 from anatomical_embedding.nets.blocks import upsample_to
-from anatomical_embedding.nets.spark import SparKSTUNet, masked_patch_loss, patchify
+from anatomical_embedding.losses import masked_patch_loss
+from anatomical_embedding.nets.spark import SparKSTUNet, patchify
 from anatomical_embedding.nets.stunet import STUNET_SIZES, STUNET_STRIDES, STUNet, STUNetConfig
 from anatomical_embedding.methods.momentum import make_momentum_copy, momentum_update
-from anatomical_embedding.methods.base import Method, StepContext
+from anatomical_embedding.methods.base import Method, Preprocessing, StepContext
 from anatomical_embedding.nets.embedder import Embedder
 
 
@@ -256,11 +257,12 @@ class AnatoMaskMethod(Method):
 
     # ----------------------------------------------------------------- data
     @classmethod
-    def preprocess_config(cls, config: AnatoMaskConfig):
-        from anatomical_embedding.data.datasets import PreprocessConfig
+    def resolved_preprocessing(cls, config: AnatoMaskConfig) -> Preprocessing:
+        return tuple(float(s) for s in config.spacing), config.preset
 
-        return PreprocessConfig(spacing=tuple(float(s) for s in config.spacing), preset=config.preset,
-                                min_size=tuple(int(p) for p in config.patch_size))
+    @classmethod
+    def preprocess_min_size(cls, config: AnatoMaskConfig) -> tuple[int, ...]:
+        return tuple(int(p) for p in config.patch_size)  # crops only: pad to one patch
 
     @classmethod
     def min_image_size(cls, config: AnatoMaskConfig) -> tuple[int, int, int]:
@@ -352,18 +354,9 @@ class AnatoMaskMethod(Method):
         net.load_pretrained_encoder(self.encoder_state_dict())
         return net.to(next(self.student.parameters()).device)
 
-    def model_info(self) -> dict:
-        from anatomical_embedding.io import get_preset
-
+    def model_extras(self) -> dict:
         c = self.config
-        emb = self.embedder()
-        return {
-            "method": self.name, "modality": "CT", "spacing": [float(s) for s in c.spacing],
-            "intensity_preset": get_preset(c.preset).to_dict(), "patch_size": [int(p) for p in c.patch_size],
-            "coarse_channels": int(emb.coarse_channels), "fine_channels": int(emb.fine_channels),
-            "coarse_stride": int(emb.coarse_stride), "size_multiple": int(emb.size_multiple),
-            "widths": [int(w) for w in c.widths], "depths": [int(d) for d in c.depths], "backbone": "STU-Net",
-        }
+        return {"widths": [int(w) for w in c.widths], "depths": [int(d) for d in c.depths], "backbone": "STU-Net"}
 
 
 __all__ = [

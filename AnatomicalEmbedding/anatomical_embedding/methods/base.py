@@ -11,7 +11,8 @@ Hooks, in the order the engine uses them:
 * ``configure_from_data(config, info)`` (classmethod): fill data-dependent settings (e.g. the number
   of label classes) before the networks are built.
 * ``preprocess_config(config)`` -> ``data.PreprocessConfig`` (classmethod): spacing and intensity preset
-  of the cached data; ``min_image_size(config)``: smallest usable volume (i, j, k voxels), checked
+  of the cached data (``resolved_preprocessing``) and the size small volumes are padded to
+  (``preprocess_min_size``); ``min_image_size(config)``: smallest usable volume (i, j, k voxels), checked
   before training.
 * ``accepts_2d(config)`` (classmethod): True when the method trains on 2D images (single-slice volumes);
   otherwise the engine refuses them up front.
@@ -30,7 +31,8 @@ Hooks, in the order the engine uses them:
   rank (split the work by ``ctx.rank``, combine with ``ctx.all_gather``); the returned metrics are logged as an
   ``eval`` event and can be ``train.best_metric`` (lower is better). The finetune task uses it.
 * ``embedder()``: the dense :class:`~anatomical_embedding.nets.embedder.Embedder` used downstream;
-  ``model_info()``: method-specific model-card fields (spacing, preset, patch size, channels).
+  ``model_info()``: the model card (spacing, preset, patch size, channels); a method supplies what differs
+  (``model_modality``, ``model_patch_size``, ``model_extras``).
 
 How the other methods fit: Adam/Eve keeps a momentum encoder plus a memory bank (buffers; keys enqueued in
 ``after_optimizer_step``, pruned per query in ``forward``) and draws a decomposer part of one image and two
@@ -41,6 +43,7 @@ and restorative terms in ``terms``. None needs an engine special case.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -74,6 +77,34 @@ class StepContext:
     all_gather: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t)
 
 
+#: (spacing along (i, j, k) in mm, intensity preset name) of the cached data.
+Preprocessing = tuple[tuple[float, float, float], str]
+
+
+def resolve_preprocessing(defaults: Preprocessing, spacing: Sequence[float], preset: str, what: str,
+                          counts: tuple[int, ...] = (1, 3)) -> Preprocessing:
+    """The config's ``spacing`` and ``preset`` where set, else ``defaults`` (a per-modality / per-dims table row).
+
+    ``spacing`` may hold any of ``counts`` values: one is isotropic, fewer than three repeat the last one (Adam/Eve
+    allows two for 2D images, whose flat axis keeps its own spacing anyway; HDSSL asks for one or three).
+    """
+    default_spacing, default_preset = defaults
+    if not spacing:
+        return tuple(default_spacing), (preset or default_preset)
+    if len(spacing) not in counts:
+        lo, hi = min(counts), max(counts)
+        allowed = f"{lo} to {hi}" if tuple(counts) == tuple(range(lo, hi + 1)) else " or ".join(map(str, counts))
+        raise ValueError(f"{what} spacing needs {allowed} values (mm along i, j, k), got {list(spacing)}")
+    sp = [float(s) for s in spacing]
+    sp = sp + [sp[-1]] * (3 - len(sp))
+    return (sp[0], sp[1], sp[2]), (preset or default_preset)
+
+
+def patch_min_size(patch_size: Sequence[int], patch_scale: Sequence[float]) -> tuple[int, ...]:
+    """Largest patch side (voxels) the patch-pair sampler can draw: small volumes are padded up to it."""
+    return tuple(int(np.ceil(p * patch_scale[1])) for p in patch_size)
+
+
 class Method(nn.Module):
     """Base class of the training methods; subclasses set ``name`` and ``Config``."""
 
@@ -93,8 +124,21 @@ class Method(nn.Module):
         return config
 
     @classmethod
+    def resolved_preprocessing(cls, config: Any) -> tuple[tuple[float, ...], str]:
+        """(spacing, intensity preset) of the cached data; default: the config's own ``spacing`` and ``preset``."""
+        return tuple(config.spacing), config.preset
+
+    @classmethod
+    def preprocess_min_size(cls, config: Any) -> tuple[int, ...]:
+        """Small volumes are padded up to this size (voxels along i, j, k); 0 = no padding."""
+        return (0, 0, 0)
+
+    @classmethod
     def preprocess_config(cls, config: Any):  # -> data.PreprocessConfig
-        raise NotImplementedError
+        from anatomical_embedding.data.datasets import PreprocessConfig
+
+        spacing, preset = cls.resolved_preprocessing(config)
+        return PreprocessConfig(spacing=spacing, preset=preset, min_size=cls.preprocess_min_size(config))
 
     @classmethod
     def min_image_size(cls, config: Any) -> tuple[int, int, int]:
@@ -146,4 +190,26 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def model_info(self) -> dict:
+        """Model card: the fields every embedding method records (what ``inference`` reads), then its extras."""
+        from anatomical_embedding.io import get_preset
+
+        spacing, preset = self.resolved_preprocessing(self.config)
+        emb = self.embedder()
+        return {
+            "method": self.name, "modality": self.model_modality(), "spacing": [float(s) for s in spacing],
+            "intensity_preset": get_preset(preset).to_dict(), "patch_size": self.model_patch_size(),
+            "coarse_channels": int(emb.coarse_channels), "fine_channels": int(emb.fine_channels),
+            "coarse_stride": int(emb.coarse_stride), "size_multiple": int(emb.size_multiple),
+            **self.model_extras(),
+        }
+
+    def model_modality(self) -> str:
+        return "CT"
+
+    def model_patch_size(self) -> list[int]:
+        """Training patch size along (i, j, k) (inference uses it as the default sliding window)."""
+        return [int(p) for p in self.config.patch_size]
+
+    def model_extras(self) -> dict:
+        """Method-specific model-card fields (after the common ones)."""
         return {}

@@ -8,8 +8,9 @@
   overlap (paper: 1000 per pair, 10 pairs per batch). Each patch gets its own Models-Genesis appearance
   augmentation (:mod:`~anatomical_embedding.data.augment_hdssl`, Sec. 2.1); the reconstruction target is the
   un-augmented patch.
-* Loss (Sec. 2.3): voxel vector -> 3-layer MLP -> 128-d, L2-normalised; InfoNCE with tau = 0.1 (eq. 1) plus
-  ``rest_weight`` (lambda = 10) times the MSE of a reconstruction head on the finest level (eq. 2).
+* Loss (Sec. 2.3): voxel vector -> 3-layer MLP -> 128-d, L2-normalised; InfoNCE with tau = 0.1 (eq. 1,
+  ``losses.hdssl_info_nce``) plus ``rest_weight`` (lambda = 10) times the MSE of a reconstruction head on the
+  finest level (eq. 2).
 * Dense embedding: the balanced concatenated voxel vector (``HDSSLEmbedder(features="scale_proj")``),
   L2-normalised; fine = all levels at full resolution, coarse = levels ``>= coarse_level`` at stride
   ``2**coarse_level``. The linear-evaluation head (one 1x1x1 conv per level, upsampled and summed) and the
@@ -51,16 +52,14 @@ from anatomical_embedding.data.augment_hdssl import GenesisConfig, genesis_augme
 from anatomical_embedding.nets.blocks import AxisLayout, layout_for_direction
 from anatomical_embedding.nets.hdssl import HDSSLConfig, HDSSLEmbedder, HDSSLNet
 from anatomical_embedding.data.patches import PatchPairConfig, sample_patch_pair
-from anatomical_embedding.methods.base import Method, StepContext
+from anatomical_embedding.losses import hdssl_info_nce
+from anatomical_embedding.methods.base import Method, Preprocessing, StepContext, patch_min_size, resolve_preprocessing
 
 #: modality -> (spacing along (i, j, k) in mm, intensity preset), paper Sec. 3.1.
-MODALITY_DEFAULTS: dict[str, tuple[tuple[float, float, float], str]] = {
+MODALITY_DEFAULTS: dict[str, Preprocessing] = {
     "ct": ((1.0, 1.0, 2.0), "ct_hdssl"),  # 1 x 1 x 2 mm, [-1350, 1000] HU -> [0, 1]
     "mri": ((1.5, 1.5, 1.5), "mri_percentile"),  # 1.5 mm isotropic, 0.01/99.9 percentiles -> [0, 1]
 }
-
-#: Logit for masked-out entries: finite, so rows without any valid entry give finite (unused) gradients.
-_MASKED = -1e9
 
 
 @dataclass
@@ -85,7 +84,7 @@ class HDSSLMethodConfig:
     temperature: float = 0.1  # paper
     rest_weight: float = 10.0  # lambda (paper)
     negatives: str = "pair"  # pair (eq. 1) | batch (published code)
-    # Appearance augmentation (Models Genesis; probabilities as published, see augmentations.py).
+    # Appearance augmentation (Models Genesis; probabilities as published, see data/augment_hdssl.py).
     augment: bool = True
     shuffle_prob: float = 0.8
     shuffle_block_fraction: float = 0.05
@@ -105,29 +104,6 @@ class ReconstructionHead(nn.Sequential):
             nn.BatchNorm3d(channels), nn.ReLU(), nn.Conv3d(channels, hidden, kernel_size=3, padding=1),
             nn.BatchNorm3d(hidden), nn.ReLU(), nn.Conv3d(hidden, 1, kernel_size=1),
         )
-
-
-def hdssl_info_nce(z_a: torch.Tensor, z_b: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Eq. (1), symmetric: mean over valid anchors of both views.
-
-    ``z_a``, ``z_b``: (G, n, D) unit vectors, row i of both the same location; ``mask``: (G, n) bool, False rows
-    take part neither as anchors nor as negatives. Anchor ``z_A^i`` has logits ``<z_A^i, z_B^i>/tau``
-    (positive), ``<z_A^i, z_A^j>/tau`` and ``<z_A^i, z_B^j>/tau`` for valid ``j != i`` (negatives), within its
-    group G (a patch pair, or the whole batch flattened).
-    """
-    n = z_a.shape[1]
-    t = float(temperature)
-    ab = z_a @ z_b.transpose(1, 2) / t
-    aa = z_a @ z_a.transpose(1, 2) / t
-    bb = z_b @ z_b.transpose(1, 2) / t
-    invalid_col = ~mask[:, None, :]
-    self_or_invalid = torch.eye(n, dtype=torch.bool, device=z_a.device)[None] | invalid_col
-    pos = ab.diagonal(dim1=1, dim2=2)
-    row_a = torch.cat([aa.masked_fill(self_or_invalid, _MASKED), ab.masked_fill(invalid_col, _MASKED)], dim=2)
-    row_b = torch.cat([ab.transpose(1, 2).masked_fill(invalid_col, _MASKED), bb.masked_fill(self_or_invalid, _MASKED)],
-                      dim=2)
-    per_anchor = 0.5 * ((torch.logsumexp(row_a, dim=2) - pos) + (torch.logsumexp(row_b, dim=2) - pos))
-    return per_anchor[mask].mean()
 
 
 def points_to_layout(points: np.ndarray, size_kji: tuple[int, int, int], layout: AxisLayout) -> np.ndarray:
@@ -197,23 +173,14 @@ class HDSSLMethod(Method):
 
     # ----------------------------------------------------------------- data
     @classmethod
-    def resolved_preprocessing(cls, config: HDSSLMethodConfig) -> tuple[tuple[float, float, float], str]:
+    def resolved_preprocessing(cls, config: HDSSLMethodConfig) -> Preprocessing:
         if config.modality not in MODALITY_DEFAULTS:
             raise ValueError(f"HDSSL modality must be one of {sorted(MODALITY_DEFAULTS)}, got {config.modality!r}")
-        spacing, preset = MODALITY_DEFAULTS[config.modality]
-        if config.spacing:
-            if len(config.spacing) not in (1, 3):
-                raise ValueError(f"HDSSL spacing needs 1 or 3 values (mm along i, j, k), got {list(config.spacing)}")
-            spacing = tuple(float(s) for s in np.broadcast_to(np.asarray(config.spacing, float), (3,)))
-        return spacing, (config.preset or preset)
+        return resolve_preprocessing(MODALITY_DEFAULTS[config.modality], config.spacing, config.preset, "HDSSL")
 
     @classmethod
-    def preprocess_config(cls, config: HDSSLMethodConfig):
-        from anatomical_embedding.data.datasets import PreprocessConfig
-
-        spacing, preset = cls.resolved_preprocessing(config)
-        min_size = tuple(int(np.ceil(p * config.patch_scale[1])) for p in config.patch_size)
-        return PreprocessConfig(spacing=spacing, preset=preset, min_size=min_size)
+    def preprocess_min_size(cls, config: HDSSLMethodConfig) -> tuple[int, ...]:
+        return patch_min_size(config.patch_size, config.patch_scale)
 
     @classmethod
     def min_image_size(cls, config: HDSSLMethodConfig) -> tuple[int, int, int]:
@@ -280,17 +247,10 @@ class HDSSLMethod(Method):
     def embedder(self) -> HDSSLEmbedder:
         return HDSSLEmbedder(self.net, features="scale_proj", coarse_level=self.config.coarse_level)
 
-    def model_info(self) -> dict:
-        from anatomical_embedding.io import get_preset
+    def model_modality(self) -> str:
+        return self.config.modality.upper()
 
+    def model_extras(self) -> dict:
         c = self.config
-        spacing, preset = self.resolved_preprocessing(c)
-        emb = self.embedder()
-        return {
-            "method": self.name, "modality": c.modality.upper(), "spacing": [float(s) for s in spacing],
-            "intensity_preset": get_preset(preset).to_dict(), "patch_size": [int(p) for p in c.patch_size],
-            "coarse_channels": int(emb.coarse_channels), "fine_channels": int(emb.fine_channels),
-            "coarse_stride": int(emb.coarse_stride), "size_multiple": int(emb.size_multiple),
-            "features": "scale_proj", "base_channels": int(c.base_channels), "num_scales": int(c.num_scales),
-            "input_layout": HDSSLEmbedder.input_layout,
-        }
+        return {"features": "scale_proj", "base_channels": int(c.base_channels), "num_scales": int(c.num_scales),
+                "input_layout": HDSSLEmbedder.input_layout}

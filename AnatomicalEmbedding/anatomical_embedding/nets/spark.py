@@ -132,22 +132,4 @@ def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     return x.reshape(n, (a // p) * (b // p) * (c // p), p**3 * ch)
 
 
-def masked_patch_loss(image: torch.Tensor, rec: torch.Tensor, active: torch.Tensor, p: int
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. (2) as published: per-patch normalised MSE, averaged over the masked patches only.
-
-    Each target patch is standardised by its own mean and (unbiased, as ``torch.var``) variance + 1e-6;
-    returns ``(loss, per_patch)`` with ``per_patch`` (N, L) the patch MSE (zero at visible patches).
-    """
-    inp = patchify(image.float(), p)
-    out = patchify(rec.float(), p)
-    mean = inp.mean(dim=-1, keepdim=True)
-    var = inp.var(dim=-1, keepdim=True)
-    target = (inp - mean) / (var + 1e-6).sqrt()
-    per_patch = ((out - target) ** 2).mean(dim=-1)
-    masked = (~active.reshape(active.shape[0], -1)).to(per_patch.dtype)
-    per_patch = per_patch * masked
-    return per_patch.sum() / (masked.sum() + 1e-8), per_patch
-
-
-__all__ = ["LightDecoder", "SparKSTUNet", "UNetBlock", "masked_patch_loss", "patchify"]
+__all__ = ["LightDecoder", "SparKSTUNet", "UNetBlock", "patchify"]

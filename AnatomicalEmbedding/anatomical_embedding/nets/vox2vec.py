@@ -12,7 +12,6 @@ converts our ``[k, j, i]`` tensors (see ``blocks.AxisLayout``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -43,24 +42,12 @@ PUBLISHED_MODEL_INFO: dict = {
 }
 
 
-@dataclass
-class Vox2VecConfig:
-    """Published constructor (``vox2vec/default_params.py``; ``deep=False``)."""
-
-    in_channels: int = 1
-    base_channels: int = 16
-    num_scales: int = 6
-
-
 class Vox2VecFPN(FPN3d):
-    """The vox2vec backbone, published defaults; ``forward`` returns the raw pyramid (finest first)."""
+    """The vox2vec backbone with the published constructor's defaults (``vox2vec/default_params.py``;
+    ``deep=False``); ``forward`` returns the raw pyramid (finest first)."""
 
     def __init__(self, in_channels: int = 1, base_channels: int = 16, num_scales: int = 6) -> None:
         super().__init__(in_channels, base_channels, num_scales)
-
-    @classmethod
-    def from_config(cls, config: Vox2VecConfig) -> "Vox2VecFPN":
-        return cls(config.in_channels, config.base_channels, config.num_scales)
 
 
 class Vox2VecEmbedder(PyramidEmbedder):

@@ -46,7 +46,7 @@ CONSOLE_LOG = "console.log"
 
 def default_train_script() -> Path:
     """``AnatomicalEmbeddingTrainer/train.py`` of a source checkout (the Slicer module passes its own)."""
-    return Path(__file__).resolve().parents[2] / "AnatomicalEmbeddingTrainer" / "train.py"
+    return Path(__file__).resolve().parents[3] / "AnatomicalEmbeddingTrainer" / "train.py"
 
 
 def toml_overrides(text: str) -> list[str]:

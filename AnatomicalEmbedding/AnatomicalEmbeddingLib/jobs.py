@@ -1,0 +1,86 @@
+"""Background jobs of the viewer module: one worker thread, with progress, cancel and a main-thread finish step."""
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from typing import Any, Callable, Optional
+
+
+class BackgroundJob:
+    """A function run in the logic's worker thread, with progress, cancel and a main-thread finish step.
+
+    The worker only touches numpy/engine objects; everything that touches MRML happens before
+    submission or in ``finish`` (run by :meth:`JobWorker.finish` on the main thread).
+    """
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self.progress = 0.0
+        self.message = "waiting"
+        self.seconds = 0.0
+        self.output = None
+        self.finish: Optional[Callable] = None
+        self._cancel = threading.Event()
+        self.future: Optional[concurrent.futures.Future] = None
+
+    def report(self, fraction: float, message: str = "") -> bool:
+        """Progress callback (engine convention): returns False once cancelled."""
+        self.progress = float(min(max(fraction, 0.0), 1.0))
+        if message:
+            self.message = message
+        return not self._cancel.is_set()
+
+    def check(self) -> None:
+        if self._cancel.is_set():
+            raise InterruptedError(f"{self.description} cancelled")
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def done(self) -> bool:
+        return self.future is not None and self.future.done()
+
+    def wait(self, timeout: Optional[float] = None):
+        """Block until the worker is done (tests; never from the GUI)."""
+        concurrent.futures.wait([self.future], timeout=timeout)
+        return self.done()
+
+
+class JobWorker:
+    """The single worker thread that runs :class:`BackgroundJob` functions in submission order."""
+
+    def __init__(self, threadNamePrefix: str) -> None:
+        self.threadNamePrefix = threadNamePrefix
+        self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
+
+    def executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        # One worker: jobs run in order, and the network is never run twice at once. Started on first use.
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=self.threadNamePrefix)
+        return self._executor
+
+    def submit(self, job: BackgroundJob, fn: Callable) -> BackgroundJob:
+        def run():
+            t0 = time.perf_counter()
+            job.report(0.0, "started")
+            try:
+                job.check()  # cancelled while queued
+                return fn()
+            finally:
+                job.seconds = time.perf_counter() - t0
+        job.future = self.executor().submit(run)
+        return job
+
+    @staticmethod
+    def finish(job: BackgroundJob) -> Any:
+        """Main thread: collect a finished job (re-raises its error or InterruptedError) and apply its result."""
+        result = job.future.result()
+        if job.finish is not None:
+            job.output = job.finish(result)
+        job.progress = 1.0
+        return job.output

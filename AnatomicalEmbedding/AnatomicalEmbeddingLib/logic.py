@@ -1,0 +1,636 @@
+"""The viewer module's logic: model, embeddings, matching, click-to-correspond and few-shot labelling (no Qt)."""
+import logging
+import pathlib
+import tempfile
+import time
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import slicer
+import vtk
+from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
+
+from AnatomicalEmbeddingLib import cases as fewShotCasesTable
+from AnatomicalEmbeddingLib import dependencies, matches, views
+from AnatomicalEmbeddingLib.engine_model import _EngineModel
+from AnatomicalEmbeddingLib.jobs import BackgroundJob, JobWorker
+from AnatomicalEmbeddingLib.views import HEATMAP_ATTRIBUTE
+
+#: GUI backend names (the parameter node's ``backend`` choices) -> engine backend names (``backends.open_model``).
+ENGINE_BACKEND = {"ONNX Runtime": "onnxruntime", "torch": "torch"}
+
+
+class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
+    """Scene-level operations; all conversions go through ``anatomical_embedding.mrml``.
+
+    Runs on slicer-core: nothing here needs Qt. Blocking calls (``embedVolume``, ``trainFewShotHead``,
+    ``applyFewShotHead``) are for scripts and tests; the ``...Async`` variants return a
+    :class:`BackgroundJob` that the widget polls with a QTimer and completes with :meth:`finishJob`.
+    """
+
+    #: The module's ``@parameterNodeWrapper`` class. AnatomicalEmbedding.py sets it: the wrapper is declared with
+    #: the GUI it binds, and this file must not import the module file (that would be a cycle).
+    parameterNodeClass: Optional[type] = None
+
+    def __init__(self, cacheDir: Optional[str] = None) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.cacheDir = cacheDir
+        self.model: Optional[_EngineModel] = None
+        self.modelPath: Optional[pathlib.Path] = None
+        self.head = None
+        self.lowConfidence = 0.5
+        #: Use the robust prior (fitted once per volume pair) to keep matches anatomically plausible.
+        self.usePrior = True
+        #: Sliding-window and fine-tile settings (engine defaults; part of the cache key).
+        self.embedConfig = self._defaultEmbedConfig()
+        #: Volumes with at most this many fine tiles get all of them computed in the background.
+        self.maxPrecomputedTiles = 512
+        self._cache = None
+        self._embeddings: dict = {}   # volume node ID -> (geometry/content stamp, VolumeEmbedding)
+        self._matchers: dict = {}     # (source ID, target ID) -> Matcher
+        self._jobs = JobWorker("AnatomicalEmbedding")
+        self._click: Optional[dict] = None
+        self._busy = False
+
+    def getParameterNode(self):
+        if self.parameterNodeClass is None:
+            raise RuntimeError("import the AnatomicalEmbedding module first: it declares the parameter node")
+        return self.parameterNodeClass(super().getParameterNode())
+
+    @staticmethod
+    def _defaultEmbedConfig():
+        from anatomical_embedding.inference.embedding import EmbedConfig
+
+        # Fine tiles of 32 voxels (engine default 16) with the same 16-voxel context: precomputing a whole
+        # volume then runs ~3x fewer voxels through the network (32^3 of every 64^3 window are kept).
+        return EmbedConfig(fine_tile=32)
+
+    # ---- dependencies -----------------------------------------------------------------------------
+    _importable = staticmethod(dependencies.importable)
+    cudaAvailable = staticmethod(dependencies.cudaAvailable)
+
+    def requiredPackages(self, backend: str = "ONNX Runtime") -> list:
+        """(import name, pip requirement) the chosen backend needs; torch is handled separately."""
+        return dependencies.requiredPackages(backend, self.cudaAvailable)
+
+    def missingPackages(self, backend: str = "ONNX Runtime") -> list:
+        return [requirement for module, requirement in self.requiredPackages(backend) if not self._importable(module)]
+
+    def missingEnginePackages(self) -> list:
+        """pip requirements of engine packages that cannot be imported in this Python."""
+        return [requirement for module, requirement in dependencies.ENGINE_PACKAGES if not self._importable(module)]
+
+    def ensureDependencies(self, backend: str = "ONNX Runtime", askUser: bool = True) -> bool:
+        """Check the Python packages; install missing ones only after the user confirms (never silently).
+
+        Returns True when everything is importable. ``askUser=False`` only checks (a script or test that
+        must not install). torch comes from the PyTorch extension (``PyTorchUtils``) when it is installed.
+        """
+        missing = self.missingPackages(backend)
+        needTorch = backend == "torch" and not self._importable("torch")
+        if not missing and not needTorch:
+            return True
+        if not askUser:
+            logging.warning("Missing Python packages: %s", ", ".join(missing + (["torch"] if needTorch else [])))
+            return False
+        if not dependencies.install(missing, needTorch):
+            return False
+        return not self.missingPackages(backend) and (backend != "torch" or self._importable("torch"))
+
+    # keep the earlier name working (scripts written against the first version)
+    def ensureEngineDependencies(self, askUser: bool = True) -> bool:
+        return self.ensureDependencies("ONNX Runtime", askUser)
+
+    # ---- model ------------------------------------------------------------------------------------
+    @staticmethod
+    def installedModels() -> list:
+        from anatomical_embedding.inference import registry as model_registry
+
+        try:
+            return model_registry.list_models()
+        except ValueError as exc:
+            logging.warning("%s", exc)
+            return []
+
+    def loadModel(self, path, backend: str = "ONNX Runtime", device: str = "auto"):
+        """Open a package (ONNX Runtime) or a run directory (torch); embeddings of another model are dropped."""
+        from anatomical_embedding.inference.backends import open_model
+
+        if path is None or str(path) in ("", "."):
+            raise ValueError("no model chosen: pick a .aemodel package (or a run directory for torch)")
+        if backend not in ENGINE_BACKEND:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {list(ENGINE_BACKEND)}")
+        model = open_model(path, backend=ENGINE_BACKEND[backend], device=device)
+        if self.model is None or self.model.model_hash != model.model_hash:
+            self._embeddings.clear()
+            self._matchers.clear()
+        self.model = _EngineModel(model)
+        self.modelPath = pathlib.Path(path)
+        logging.info("Loaded %r (%s on %s)", model, model.backend, getattr(model, "device", "cpu"))
+        return self.model
+
+    def modelCardText(self) -> str:
+        if self.model is None:
+            return "No model loaded."
+        card = self.model.card
+        data = card.get("training_data") or {}
+        if isinstance(data, dict):
+            data = ", ".join(f"{k}: {v}" for k, v in data.items()) or "not recorded"
+        return (f"Method: {card.get('method', '?')}   Modality: {card.get('modality', '?')}\n"
+                f"Spacing: {' x '.join(f'{s:g}' for s in card.get('spacing', []))} mm   "
+                f"Embedding: {card.get('coarse_channels')} coarse + {card.get('fine_channels')} fine channels\n"
+                f"Training data: {data}\n"
+                f"Backend: {self.model.backend} on {getattr(self.model.model, 'device', 'cpu')}   "
+                f"Step: {card.get('step')}   Engine: {card.get('engine_version', '?')}")
+
+    def _requireModel(self) -> _EngineModel:
+        if self.model is None:
+            raise RuntimeError("no model loaded: choose a model package in the Model panel and load it")
+        return self.model
+
+    @property
+    def cache(self):
+        from anatomical_embedding.inference.embedding import EmbeddingCache
+
+        if self._cache is None:
+            self._cache = EmbeddingCache(self.cacheDir)
+        return self._cache
+
+    def _worker(self):
+        """The worker thread's executor (one worker: jobs run in order, the network never twice at once)."""
+        return self._jobs.executor()
+
+    def _submit(self, job: BackgroundJob, fn: Callable) -> BackgroundJob:
+        return self._jobs.submit(job, fn)
+
+    def finishJob(self, job: BackgroundJob):
+        """Main thread: collect a finished job (re-raises its error or InterruptedError) and apply its result."""
+        return self._jobs.finish(job)
+
+    def forgetScene(self) -> None:
+        """Drop in-memory embeddings and matchers (scene closed); the disk cache stays."""
+        self._embeddings.clear()
+        self._matchers.clear()
+
+    # ---- embedding --------------------------------------------------------------------------------
+    @staticmethod
+    def _stamp(volumeNode) -> tuple:
+        # Image content or geometry changes invalidate the in-memory embedding (disk cache keys by content).
+        image = volumeNode.GetImageData()
+        m = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(m)
+        parent = volumeNode.GetParentTransformNode()
+        return (image.GetMTime() if image else 0, tuple(slicer.util.arrayFromVTKMatrix(m).ravel().round(6)),
+                parent.GetMTime() if parent else 0)
+
+    def isPrepared(self, sourceVolume, targetVolumes: Sequence) -> bool:
+        """True when every volume is embedded and each (source, target) matcher exists (clicks are then fast)."""
+        return all(self.isEmbedded(v) for v in [sourceVolume, *targetVolumes]) and all(
+            (sourceVolume.GetID(), t.GetID()) in self._matchers for t in targetVolumes if t is not sourceVolume)
+
+    def isEmbedded(self, volumeNode) -> bool:
+        entry = self._embeddings.get(volumeNode.GetID()) if volumeNode is not None else None
+        return entry is not None and entry[0] == self._stamp(volumeNode)
+
+    def embedding(self, volumeNode):
+        """The embedding of a volume node, computed (blocking) when needed."""
+        if not self.isEmbedded(volumeNode):
+            self.embedVolume(volumeNode)
+        return self._embeddings[volumeNode.GetID()][1]
+
+    def _embedWork(self, volumeNode, job: BackgroundJob) -> tuple:
+        """Read the node (main thread); return (worker function, store function) for one volume.
+
+        The worker embeds the coarse map and, for volumes of at most ``maxPrecomputedTiles`` fine tiles,
+        every fine tile too, so that later clicks are pure numpy (well under a second). Larger volumes get
+        their fine tiles on demand around each click (both are cached on disk).
+        """
+        from anatomical_embedding import mrml
+        from anatomical_embedding.inference.embedding import embed_volume, window_starts
+
+        model = self._requireModel()
+        volume = mrml.node_to_volume(volumeNode)
+        nodeId, stamp, name = volumeNode.GetID(), self._stamp(volumeNode), volumeNode.GetName()
+        config = self.embedConfig
+        # Expected network runs (progress bar): the volume at the model spacing, padded to the size multiple.
+        m = model.size_multiple
+        shape = np.ceil(np.asarray(volume.shape_ijk) * volume.spacing / model.spacing).astype(int)
+        shape = np.maximum(-(-shape // m) * m, m)
+        window = -(-np.asarray(config.window or model.patch_size) // m) * m
+        nCoarse = int(np.prod([len(window_starts(int(s), int(min(w, s)), config.overlap, m))
+                               for s, w in zip(shape, window)]))
+        nTiles = int(np.prod(-(-shape // config.fine_tile)))
+        precompute = nTiles <= self.maxPrecomputedTiles
+        total = nCoarse + (nTiles if precompute else 0)
+        count = [0]
+
+        def hook():
+            job.check()
+            count[0] += 1
+            stage = "coarse window" if count[0] <= nCoarse else "fine tile"
+            job.report(min(0.99, count[0] / max(total, 1)), f"embedding {name}: {stage} {count[0]}/{total}")
+
+        def work():
+            model.set_hook(hook)
+            try:
+                emb = embed_volume(model, volume, self.cache, config)
+                if precompute:
+                    emb.fine_block(emb.valid_start, emb.valid_size)  # every tile, from disk cache when there
+                return emb
+            finally:
+                model.set_hook(None)
+
+        def store(emb):
+            self._embeddings[nodeId] = (stamp, emb)
+            for key in [k for k in self._matchers if nodeId in k]:
+                del self._matchers[key]
+            return emb
+
+        return work, store
+
+    def _embedJob(self, volumeNode, job: BackgroundJob) -> Callable:
+        work, job.finish = self._embedWork(volumeNode, job)
+        return work
+
+    def embedVolume(self, volumeNode, progress: Optional[Callable[[float, str], bool]] = None):
+        """Embed a volume node now (blocking; cached on disk and in memory)."""
+        job = BackgroundJob(f"Embedding {volumeNode.GetName()}")
+        if progress is not None:
+            def report(fraction: float, message: str = "") -> bool:
+                if progress(fraction, message) is False:
+                    job.cancel()
+                return BackgroundJob.report(job, fraction, message)
+            job.report = report
+        work = self._embedJob(volumeNode, job)
+        t0 = time.perf_counter()
+        emb = job.finish(work())
+        logging.info("Embedded %s in %.2f s", volumeNode.GetName(), time.perf_counter() - t0)
+        return emb
+
+    def embedVolumeAsync(self, volumeNode) -> BackgroundJob:
+        """Embed a volume node in the worker thread; poll ``job.done()`` and call :meth:`finishJob`."""
+        job = BackgroundJob(f"Embedding {volumeNode.GetName()}")
+        return self._submit(job, self._embedJob(volumeNode, job))
+
+    def prepareCorrespondenceAsync(self, sourceVolume, targetVolumes: Sequence) -> BackgroundJob:
+        """One background job that embeds what is missing and fits the robust prior of each pair.
+
+        After :meth:`finishJob`, clicks between these volumes only search (no network, no prior fit).
+        """
+        job = BackgroundJob("Preparing correspondence")
+        volumes = [sourceVolume] + [t for t in targetVolumes if t is not sourceVolume]
+        pending = [v for v in volumes if not self.isEmbedded(v)]
+        parts = [self._embedWork(v, job) for v in pending]
+        known = {v.GetID(): self._embeddings[v.GetID()][1] for v in volumes if v not in pending}
+        ids = [v.GetID() for v in volumes]
+        lowConfidence, usePrior = self.lowConfidence, self.usePrior
+
+        def work():
+            from anatomical_embedding.inference.matching import MatchConfig, Matcher
+
+            embs = dict(known)
+            for volume, (embed, _) in zip(pending, parts):
+                embs[volume.GetID()] = embed()
+            matchers = {}
+            for target in ids[1:]:
+                job.check()
+                job.message = "fitting the robust prior"
+                matcher = Matcher(embs[ids[0]], embs[target], MatchConfig(low_confidence=lowConfidence))
+                if usePrior:
+                    _ = matcher.prior  # fitted here, in the worker, instead of on the first click
+                matchers[(ids[0], target)] = matcher
+            return embs, matchers
+
+        def finish(result):
+            embs, matchers = result
+            for volume, (_, store) in zip(pending, parts):
+                store(embs[volume.GetID()])
+            self._matchers.update(matchers)
+            return matchers
+
+        job.finish = finish
+        return self._submit(job, work)
+
+    # ---- matching ---------------------------------------------------------------------------------
+    def matcher(self, sourceVolume, targetVolume):
+        from anatomical_embedding.inference.matching import MatchConfig, Matcher
+
+        key = (sourceVolume.GetID(), targetVolume.GetID())
+        src, dst = self.embedding(sourceVolume), self.embedding(targetVolume)
+        m = self._matchers.get(key)
+        if m is None or m.source is not src or m.target is not dst:
+            m = Matcher(src, dst, MatchConfig(low_confidence=self.lowConfidence))
+            self._matchers[key] = m
+        return m
+
+    defaultTargetMarkups = staticmethod(matches.defaultTargetMarkups)
+    pointScores = staticmethod(matches.pointScores)
+
+    def _storeMatch(self, targetMarkups, label: str, sourceId: str, sourceNodeId: str, match, seconds: float,
+                    targetVolume) -> dict:
+        return matches.storeMatch(targetMarkups, label, sourceId, sourceNodeId, match, seconds, targetVolume,
+                                  self.lowConfidence)
+
+    def matchControlPoint(self, sourceMarkups, index: int, sourceVolume, targetVolume, targetMarkups=None) -> dict:
+        """Match one control point of ``sourceMarkups`` into ``targetMarkups`` (created when None).
+
+        Returns a dict with the target node, index, RAS position, similarity, confidence, the low-confidence
+        flag and the matching time in seconds (excluding embedding, which is cached after the first call).
+        """
+        from anatomical_embedding.io import convert_points
+
+        if targetMarkups is not None and targetMarkups is sourceMarkups:
+            raise ValueError("the target point list must differ from the source point list")
+        if sourceMarkups.GetNthControlPointPositionStatus(index) != sourceMarkups.PositionDefined:
+            raise ValueError(f"control point {index} of {sourceMarkups.GetName()!r} has no position yet")
+        matcher = self.matcher(sourceVolume, targetVolume)
+        if targetMarkups is None:
+            targetMarkups = self.defaultTargetMarkups(targetVolume)
+        ras = np.zeros(3)
+        sourceMarkups.GetNthControlPointPositionWorld(index, ras)
+        label = sourceMarkups.GetNthControlPointLabel(index)
+        t0 = time.perf_counter()
+        result = matcher.match(convert_points(ras, "RAS", "LPS"), "LPS", use_prior=self.usePrior, with_raw=False,
+                               names=[label])[0]
+        seconds = time.perf_counter() - t0
+        return self._storeMatch(targetMarkups, label, sourceMarkups.GetNthControlPointID(index),
+                                sourceMarkups.GetID(), result.final, seconds, targetVolume)
+
+    def transferAll(self, sourceMarkups, sourceVolume, targetVolumes: Sequence, targetMarkups: Optional[Sequence] = None,
+                    ) -> list:
+        """Match every defined point of ``sourceMarkups`` into each target; returns the target point lists."""
+        from anatomical_embedding import mrml
+
+        names, lps = mrml.markups_node_to_points(sourceMarkups)
+        ids = [sourceMarkups.GetNthControlPointID(i) for i in range(sourceMarkups.GetNumberOfControlPoints())
+               if sourceMarkups.GetNthControlPointPositionStatus(i) == sourceMarkups.PositionDefined]
+        if not names:
+            raise ValueError(f"{sourceMarkups.GetName()!r} has no placed points to transfer")
+        targetMarkups = list(targetMarkups or []) + [None] * (len(targetVolumes) - len(targetMarkups or []))
+        outputs = []
+        for volume, out in zip(targetVolumes, targetMarkups):
+            if volume is sourceVolume:
+                continue
+            matcher = self.matcher(sourceVolume, volume)
+            out = out or self.defaultTargetMarkups(volume)
+            t0 = time.perf_counter()
+            results = matcher.match(lps, "LPS", use_prior=self.usePrior, with_raw=False, names=names)
+            seconds = (time.perf_counter() - t0) / len(results)
+            wasModifying = out.StartModify()
+            for name, pid, r in zip(names, ids, results):
+                self._storeMatch(out, name, pid, sourceMarkups.GetID(), r.final, seconds, volume)
+            out.EndModify(wasModifying)
+            outputs.append(out)
+        return outputs
+
+    @staticmethod
+    def targetVolumes(sourceVolume, targetVolume, allVolumes: bool = False) -> list:
+        """The target, and with ``allVolumes`` every other scalar volume (not heatmaps) in the scene."""
+        targets = [targetVolume] if targetVolume is not None else []
+        if allVolumes and sourceVolume is not None:
+            scene = sourceVolume.GetScene()
+            for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+                node = scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+                if (node.IsA("vtkMRMLLabelMapVolumeNode") or node.GetAttribute(HEATMAP_ATTRIBUTE)
+                        or node in targets or node is sourceVolume):
+                    continue
+                targets.append(node)
+        return targets
+
+    # ---- heatmap ----------------------------------------------------------------------------------
+    def updateHeatmap(self, sourceVolume, targetVolume, pointRas, heatmapNode=None, opacity: float = 0.5):
+        """Similarity to the source point on the target's grid, shown as coloured foreground over the target."""
+        from anatomical_embedding import mrml
+        from anatomical_embedding.io import convert_points
+
+        heat = self.matcher(sourceVolume, targetVolume).heatmap(
+            convert_points(np.asarray(pointRas, float), "RAS", "LPS"), reference=mrml.node_to_volume(targetVolume))
+        return views.showHeatmapVolume(heat, targetVolume, heatmapNode, opacity)
+
+    showHeatmap = staticmethod(views.showHeatmap)
+    setHeatmapOpacity = staticmethod(views.setHeatmapOpacity)
+
+    # ---- results table ----------------------------------------------------------------------------
+    updateResultsTable = staticmethod(views.updateResultsTable)
+    resultsTableRows = staticmethod(views.resultsTableRows)
+    jumpToResult = staticmethod(views.jumpToResult)
+    jumpToPoint = staticmethod(views.jumpToPoint)
+
+    # ---- click-to-correspond ----------------------------------------------------------------------
+    def startClickToCorrespond(self, sourceMarkups, sourceVolume, targetVolume, targetMarkups=None,
+                               onMatched: Optional[Callable[[dict], None]] = None):
+        """Match each point placed or moved on ``sourceMarkups`` at once; returns the target point list."""
+        if sourceMarkups is None or sourceVolume is None or targetVolume is None:
+            raise ValueError("click-to-correspond needs a source point list, a source volume and a target volume")
+        self.stopClickToCorrespond()
+        targetMarkups = targetMarkups or self.defaultTargetMarkups(targetVolume)
+        self.embedding(sourceVolume), self.embedding(targetVolume)  # no-op when the widget embedded them already
+        callbacks, tags = [], []
+        for event in (sourceMarkups.PointPositionDefinedEvent, sourceMarkups.PointStartInteractionEvent,
+                      sourceMarkups.PointEndInteractionEvent, sourceMarkups.PointModifiedEvent):
+            # One callback per event: VTK passes custom MRML events to Python without their id.
+            callback = vtk.calldata_type(vtk.VTK_INT)(
+                lambda caller, name, index=-1, event=event: self.onSourcePointEvent(caller, event, index))
+            callbacks.append(callback)
+            tags.append(sourceMarkups.AddObserver(event, callback))
+        self._click = {"source": sourceMarkups, "sourceVolume": sourceVolume, "targetVolume": targetVolume,
+                       "target": targetMarkups, "tags": tags, "callbacks": callbacks, "onMatched": onMatched,
+                       "last": {}, "results": [], "dragging": False}
+        return targetMarkups
+
+    def stopClickToCorrespond(self) -> None:
+        if self._click is not None:
+            for tag in self._click["tags"]:
+                self._click["source"].RemoveObserver(tag)
+        self._click = None
+
+    def clickToCorrespondActive(self) -> bool:
+        return self._click is not None
+
+    def onSourcePointEvent(self, caller, event: int, index=None) -> Optional[dict]:
+        """Observer of the source list (``event`` is the MRML event id): match point ``index`` when placed or moved.
+
+        PointModifiedEvent also fires during a drag; the match then runs once, at PointEndInteractionEvent.
+        A point whose position and label did not change is not matched again.
+        """
+        state = self._click
+        if state is None or self._busy or index is None:
+            return None
+        node = state["source"]
+        if event == node.PointStartInteractionEvent:
+            state["dragging"] = True
+            return None
+        if event == node.PointEndInteractionEvent:
+            state["dragging"] = False
+        elif event == node.PointModifiedEvent and state["dragging"]:
+            return None  # matched once, at the end of the drag
+        if index < 0 or index >= node.GetNumberOfControlPoints() or \
+                node.GetNthControlPointPositionStatus(index) != node.PositionDefined:
+            return None
+        ras = np.zeros(3)
+        node.GetNthControlPointPositionWorld(index, ras)
+        pid = node.GetNthControlPointID(index)
+        label = node.GetNthControlPointLabel(index)
+        last = state["last"].get(pid)
+        if last is not None and np.allclose(last[0], ras, atol=1e-6) and last[1] == label:
+            return None
+        self._busy = True  # writing the target list must not re-enter through our own events
+        try:
+            result = self.matchControlPoint(node, index, state["sourceVolume"], state["targetVolume"], state["target"])
+        except ValueError as exc:  # e.g. a point outside the source image: tell, do not crash the observer
+            logging.warning("Not matched: %s", exc)
+            return None
+        finally:
+            self._busy = False
+        state["last"][pid] = (ras.copy(), label)
+        state["results"].append(result)
+        if state["onMatched"] is not None:
+            state["onMatched"](result)
+        return result
+
+    # ---- few-shot labelling -----------------------------------------------------------------------
+    # The cases live in a table node (see AnatomicalEmbeddingLib.cases); these keep the logic's API.
+    addFewShotCase = staticmethod(fewShotCasesTable.addFewShotCase)
+    removeFewShotCase = staticmethod(fewShotCasesTable.removeFewShotCase)
+    fewShotCases = staticmethod(fewShotCasesTable.fewShotCases)
+
+    def _trainJob(self, cases: Sequence, job: BackgroundJob, config=None) -> Callable:
+        from anatomical_embedding.fewshot.head import FewShotConfig, train_head
+
+        model = self._requireModel()
+        images, labels, names, colors = fewShotCasesTable.fewShotData(cases)
+        config = config or FewShotConfig()
+
+        def work():
+            model.set_memo(True)
+            try:
+                return train_head(model, images, labels, names, config, progress=job.report, colors=colors)
+            finally:
+                model.set_memo(False)
+
+        def finish(head):
+            self.head = head
+            return head
+
+        job.finish = finish
+        return work
+
+    def trainFewShotHead(self, cases: Sequence, config=None, progress: Optional[Callable] = None):
+        """Train the few-shot head on (volume, segmentation) cases now (blocking); segment names are the classes."""
+        job = BackgroundJob("Training the few-shot head")
+        if progress is not None:
+            job.report = lambda fraction, message="": progress(fraction, message) is not False  # only False cancels
+        work = self._trainJob(cases, job, config)
+        return job.finish(work())
+
+    def trainFewShotHeadAsync(self, cases: Sequence, config=None) -> BackgroundJob:
+        job = BackgroundJob("Training the few-shot head")
+        return self._submit(job, self._trainJob(cases, job, config))
+
+    def loadHead(self, path):
+        from anatomical_embedding.fewshot.head import FewShotHead
+
+        self.head = FewShotHead.load(path)
+        return self.head
+
+    def _applyJob(self, volumeNode, outputSegmentation, job: BackgroundJob) -> Callable:
+        from anatomical_embedding import mrml
+        from anatomical_embedding.fewshot.head import apply_head
+
+        model = self._requireModel()
+        if self.head is None:
+            raise RuntimeError("no few-shot head: train one (or load a saved .aehead) first")
+        head = self.head
+        image = mrml.node_to_volume(volumeNode)
+        scene = volumeNode.GetScene()
+        name = f"{volumeNode.GetName()} few-shot segmentation"
+
+        def work():
+            model.set_memo(True)
+            try:
+                return apply_head(model, head, image, progress=job.report)
+            finally:
+                model.set_memo(False)
+
+        def finish(label):
+            names = {int(v): n for v, n in zip(head.class_values[1:], head.class_names[1:])}
+            colors = {int(v): c for v, c in zip(head.class_values[1:], head.colors[1:]) if len(c) >= 3} or None
+            node = mrml.labelmap_to_segmentation_node(label, names, scene, name, colors=colors,
+                                                      reference_node=volumeNode)
+            if outputSegmentation is not None and outputSegmentation.GetScene() is scene:
+                # Keep the user's node (and its place in the scene): copy the new segments into it.
+                outputSegmentation.GetSegmentation().DeepCopy(node.GetSegmentation())
+                outputSegmentation.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+                if outputSegmentation.GetDisplayNode() is None:
+                    outputSegmentation.CreateDefaultDisplayNodes()
+                scene.RemoveNode(node.GetDisplayNode())
+                scene.RemoveNode(node)
+                node = outputSegmentation
+            return node
+
+        job.finish = finish
+        return work
+
+    def applyFewShotHead(self, volumeNode, outputSegmentation=None, progress: Optional[Callable] = None):
+        """Segment ``volumeNode`` with the head now (blocking): a segmentation node with named, coloured segments."""
+        job = BackgroundJob(f"Segmenting {volumeNode.GetName()}")
+        if progress is not None:
+            job.report = lambda fraction, message="": progress(fraction, message) is not False
+        work = self._applyJob(volumeNode, outputSegmentation, job)
+        return job.finish(work())
+
+    def applyFewShotHeadAsync(self, volumeNode, outputSegmentation=None) -> BackgroundJob:
+        job = BackgroundJob(f"Segmenting {volumeNode.GetName()}")
+        return self._submit(job, self._applyJob(volumeNode, outputSegmentation, job))
+
+    # ---- phantom data -----------------------------------------------------------------------------
+    def loadPhantomPair(self, seed: int = 0, outputDir: Optional[str] = None, scene=None,
+                        spacing: Optional[float] = 2.0, size: Optional[int] = None) -> list:
+        """Generate two synthetic torso scans and load each as volume, segmentation and landmarks.
+
+        Returns one dict per subject with the "volume", "segmentation" and "landmarks" nodes.
+        """
+        from anatomical_embedding import io, mrml, phantoms
+        from anatomical_embedding.io.labelmaps import read_labelmap
+
+        scene = scene or slicer.mrmlScene
+        if outputDir is None:
+            outputDir = tempfile.mkdtemp(prefix="AnatomicalEmbeddingPhantoms-", dir=slicer.app.temporaryPath)
+        # workers=1: worker processes would start new Slicer instances (sys.executable is Slicer).
+        manifest = phantoms.generate_cohort(pathlib.Path(outputDir), n=2, seed=int(seed), spacing=spacing,
+                                            size=size, workers=1)
+        cohort = phantoms.load_cohort(manifest)
+        names = {int(v): str(n) for v, n in cohort.label_names.items()}
+        cases = []
+        for index, subject in enumerate(cohort.subjects[:2]):
+            name = f"Phantom{seed}_{'source' if index == 0 else 'target'}"
+            image = io.read_image(subject.image_path)
+            label, _ = read_labelmap(subject.label_path)
+            cases.append(mrml.load_case(scene, image, name, label=label, label_names=names,
+                                        landmarks=subject.landmarks))
+            logging.info("Loaded %s from %s", name, subject.image_path)
+        return cases
+
+    def loadPhantomPairSample(self, seed: int = 0, outputDir: Optional[str] = None, scene=None,
+                              spacing: Optional[float] = 2.0, size: Optional[int] = None) -> list:
+        """The "Phantom pair" sample: load the pair and set it up for click-to-correspond.
+
+        The target's true landmarks stay as a locked reference list ("... ground truth") so the user sees
+        each match's error; an empty source list receives the clicks. Returns the two case dicts.
+        """
+        cases = self.loadPhantomPair(seed, outputDir, scene, spacing, size)
+        source, target = cases
+        target["landmarks"].SetName(f"{target['volume'].GetName()} ground truth")
+        target["landmarks"].SetLocked(True)
+        source["landmarks"].SetName(f"{source['volume'].GetName()} landmarks")
+        p = self.getParameterNode()
+        p.sourceVolume = source["volume"]
+        p.targetVolume = target["volume"]
+        p.sourceLandmarks = source["landmarks"]
+        p.segmentVolume = target["volume"]
+        try:
+            slicer.util.setSliceViewerLayers(background=source["volume"], fit=True)
+        except Exception as exc:  # noqa: BLE001 - no views (headless)
+            logging.debug("No slice views to show the pair in: %s", exc)
+        return cases
+

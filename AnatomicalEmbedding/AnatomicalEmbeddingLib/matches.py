@@ -1,0 +1,73 @@
+"""Matched points on markups lists: the target list, each point's scores (JSON description) and its colour."""
+from __future__ import annotations
+
+import json
+
+import vtk
+
+#: Attribute / description keys written on matched points and nodes.
+SCORES_ATTRIBUTE = "AnatomicalEmbedding.matches"
+SOURCE_ATTRIBUTE = "AnatomicalEmbedding.sourceMarkups"
+#: Colours of matched points: confident matches are drawn selected (green), low-confidence ones unselected (orange).
+MATCH_COLOR = (0.2, 0.9, 0.3)
+LOW_CONFIDENCE_COLOR = (1.0, 0.5, 0.0)
+
+
+def defaultTargetMarkups(targetVolume, scene=None):
+    scene = scene or targetVolume.GetScene()
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"{targetVolume.GetName()} matches")
+    node.CreateDefaultDisplayNodes()
+    node.GetDisplayNode().SetSelectedColor(*MATCH_COLOR)
+    node.GetDisplayNode().SetColor(*LOW_CONFIDENCE_COLOR)
+    return node
+
+
+def pointScores(markupsNode, index: int) -> dict:
+    """Scores stored on a matched control point (its description holds them as JSON)."""
+    text = markupsNode.GetNthControlPointDescription(index)
+    try:
+        data = json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        data = {}
+    return data if isinstance(data, dict) else {}
+
+
+def storeMatch(targetMarkups, label: str, sourceId: str, sourceNodeId: str, match, seconds: float, targetVolume,
+               lowConfidence: float) -> dict:
+    """Write one engine match into ``targetMarkups`` (position, label, scores, low-confidence flag)."""
+    from anatomical_embedding.io import convert_points
+
+    ras = convert_points(match.point_lps, "LPS", "RAS")
+    low = bool(match.confidence is not None and match.confidence < lowConfidence)
+    scores = {"source": sourceNodeId, "sourcePointID": sourceId, "target": targetVolume.GetID(),
+              "similarity": round(float(match.similarity), 5),
+              "confidence": None if match.confidence is None else round(float(match.confidence), 5),
+              "fb_distance_mm": None if match.fb_distance_mm is None else round(float(match.fb_distance_mm), 3),
+              "low_confidence": low, "method": match.method}
+    # The point that belongs to this source point: same source ID, else same label, else a new one.
+    index = -1
+    for i in range(targetMarkups.GetNumberOfControlPoints()):
+        if pointScores(targetMarkups, i).get("sourcePointID") == sourceId:
+            index = i
+            break
+    if index < 0:
+        index = targetMarkups.GetControlPointIndexByLabel(label)
+    wasModifying = targetMarkups.StartModify()
+    try:
+        if index < 0:
+            index = targetMarkups.AddControlPoint(vtk.vtkVector3d(*ras), label)
+        else:
+            targetMarkups.SetNthControlPointPosition(index, *ras)
+            targetMarkups.SetNthControlPointLabel(index, label)
+        targetMarkups.SetNthControlPointDescription(index, json.dumps(scores))
+        # Unselected points are drawn in the list's "Color" (orange): the visible low-confidence flag.
+        targetMarkups.SetNthControlPointSelected(index, not low)
+        all_scores = json.loads(targetMarkups.GetAttribute(SCORES_ATTRIBUTE) or "{}")
+        all_scores[targetMarkups.GetNthControlPointID(index)] = {"label": label, **scores}
+        targetMarkups.SetAttribute(SCORES_ATTRIBUTE, json.dumps(all_scores))
+        targetMarkups.SetAttribute(SOURCE_ATTRIBUTE, sourceNodeId)
+    finally:
+        targetMarkups.EndModify(wasModifying)
+    return {"label": label, "index": index, "ras": ras, "query_ras": convert_points(match.query_lps, "LPS", "RAS"),
+            "similarity": float(match.similarity), "confidence": float(match.confidence or 0.0),
+            "low_confidence": low, "seconds": seconds, "target_markups": targetMarkups}

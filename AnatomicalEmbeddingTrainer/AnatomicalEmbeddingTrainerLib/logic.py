@@ -1,0 +1,121 @@
+"""The Trainer module's logic: settings, the training process and its live view, scene export (no Qt)."""
+import logging
+import pathlib
+from typing import Optional
+
+from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
+
+from AnatomicalEmbeddingTrainerLib import export, liveview, settings
+
+
+class AnatomicalEmbeddingTrainerLogic(ScriptedLoadableModuleLogic):
+    """Scene export, command line, process control and the MRML live view (no Qt: tested headless)."""
+
+    #: The module's ``@parameterNodeWrapper`` class. AnatomicalEmbeddingTrainer.py sets it: the wrapper is declared
+    #: with the GUI it binds, and this file must not import the module file (that would be a cycle).
+    parameterNodeClass: Optional[type] = None
+
+    def __init__(self, registryPath=None) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.monitor = None
+        self.registeredModel = None
+        self.registryPath = registryPath  # None: anatomical_embedding.inference.registry's default location
+
+    def getParameterNode(self):
+        if self.parameterNodeClass is None:
+            raise RuntimeError("import the AnatomicalEmbeddingTrainer module first: it declares the parameter node")
+        return self.parameterNodeClass(super().getParameterNode())
+
+    # ---- settings (AnatomicalEmbeddingTrainerLib.settings) ---------------------------------------
+    availableMethods = staticmethod(settings.availableMethods)
+    getMethod = staticmethod(settings.getMethod)
+    setMethod = staticmethod(settings.setMethod)
+    defaultHyperparameters = staticmethod(settings.defaultHyperparameters)
+    exportPath = staticmethod(settings.exportPath)
+    pythonExecutable = staticmethod(settings.pythonExecutable)
+
+    def applyDefaults(self, p, method: str, trainSettings: bool = True) -> None:
+        """Fill the key hyperparameters with the defaults (only the method's ones when ``trainSettings`` is off)."""
+        defaults = self.defaultHyperparameters(method)
+        for name, value in defaults.items():
+            if trainSettings or name == "patchSize":
+                setattr(p, name, value)
+
+    def overrides(self, p, method: str) -> list:
+        """``--set`` items for the key hyperparameters of the GUI (advanced settings come after them)."""
+        return settings.overrides(p, method)
+
+    def trainSettings(self, p, resume: bool = False):
+        """The :class:`TrainSettings` for the parameter node's choices."""
+        return settings.trainSettings(p, resume)
+
+    def buildCommand(self, p, resume: bool = False) -> list:
+        from anatomical_embedding.training.monitor import build_command
+
+        return build_command(self.trainSettings(p, resume))[0]
+
+    # ---- process control -------------------------------------------------------------------------
+    def isRunning(self) -> bool:
+        return self.monitor is not None and self.monitor.running
+
+    def startTraining(self, p, resume: bool = False, settings=None):
+        """Launch ``train.py`` (never blocks); call :meth:`poll` periodically."""
+        from anatomical_embedding.training.monitor import TrainingMonitor, read_history
+
+        if self.isRunning():
+            raise RuntimeError("Training is already running; stop it first.")
+        settings = settings or self.trainSettings(p, resume)
+        if not resume and (pathlib.Path(settings.out) / "checkpoints" / "last.pt").is_file():
+            raise FileExistsError(f"{settings.out} already holds a run: resume it or choose a new run folder.")
+        monitor = TrainingMonitor(settings)
+        if resume:
+            monitor.state = read_history(settings.out)  # keep the curves of the earlier part
+        self.registeredModel = None
+        monitor.start()
+        self.monitor = monitor
+        self.updateTable()
+        return monitor
+
+    def stopTraining(self) -> None:
+        if self.isRunning():
+            self.monitor.stop()
+
+    def poll(self) -> list:
+        """Read new progress, update the table/plot; register the package once training has finished."""
+        if self.monitor is None:
+            return []
+        wasRunning = self.monitor.running
+        events = self.monitor.poll()
+        if events or (wasRunning and not self.monitor.running):
+            self.updateTable()
+        if wasRunning and not self.monitor.running:
+            self._onFinished()
+        return events
+
+    def _onFinished(self) -> None:
+        st = self.monitor.state
+        if st.status == "finished" and st.exported:
+            from anatomical_embedding.inference import registry as model_registry
+
+            package = pathlib.Path(st.exported)
+            if not package.is_absolute():
+                package = self.monitor.run_dir / package
+            self.registeredModel = model_registry.register_model(
+                package, name=self.monitor.run_dir.name, run_dir=self.monitor.run_dir, path=self.registryPath)
+            logging.info("Registered model %s", package)
+        elif st.status == "failed":
+            logging.error("%s", st.error)
+
+    # ---- live view (AnatomicalEmbeddingTrainerLib.liveview) --------------------------------------
+    getTableNode = staticmethod(liveview.getTableNode)
+    updateChart = staticmethod(liveview.updateChart)
+    showChart = staticmethod(liveview.showChart)
+
+    def updateTable(self, scene=None, history=None):
+        """Rewrite the loss table (column "step", "loss" and one per term) and the chart's series."""
+        history = self.monitor.state.history if history is None else history
+        return liveview.updateTable(history, scene)
+
+    # ---- training data from the scene (AnatomicalEmbeddingTrainerLib.export) ---------------------
+    isValidCaseName = staticmethod(export.isValidCaseName)
+    exportCase = staticmethod(export.exportCase)

@@ -1,0 +1,127 @@
+"""Training settings from the Trainer's parameter node: method, key hyperparameters and the train.py command."""
+from __future__ import annotations
+
+import pathlib
+import shutil
+import sys
+from dataclasses import fields
+
+import slicer
+
+#: The method is not a parameterNodeWrapper field: the registered methods are only known at run time, while a
+#: Choice needs a fixed list. It is kept as a plain parameter of the same parameter node.
+METHOD_PARAMETER = "Method"
+#: Parameter-node field -> engine setting, for the key hyperparameters shown in the GUI.
+TRAIN_FIELDS = {"batchSize": "batch_size", "learningRate": "lr", "epochs": "epochs", "maxSteps": "max_steps"}
+#: The training entry point, run as a subprocess (it stays next to the module file).
+TRAIN_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "train.py"
+
+
+def pathOrEmpty(value) -> str:
+    """A pathlib.Path field that was never set reads as "."; treat it as empty."""
+    text = str(value) if value is not None else ""
+    return "" if text in ("", ".") else text
+
+
+def availableMethods() -> list:
+    """Pretraining methods, then the finetune task (segmentation from a pretrained run)."""
+    from anatomical_embedding.methods import available_methods, available_tasks
+
+    return available_methods() + available_tasks()
+
+
+def getMethod(p) -> str:
+    node = getattr(p, "parameterNode", None)
+    if node is not None:
+        return node.GetParameter(METHOD_PARAMETER) or ""
+    return getattr(p, "method", "")  # plain objects (scripts, tests)
+
+
+def setMethod(p, method: str) -> None:
+    node = getattr(p, "parameterNode", None)
+    if node is not None:
+        node.SetParameter(METHOD_PARAMETER, method)
+    else:
+        p.method = method
+
+
+def defaultHyperparameters(method: str) -> dict:
+    """The key hyperparameters' defaults (paper values) from the engine and the method's Config dataclass."""
+    from anatomical_embedding.methods import get_method
+    from anatomical_embedding.training.config import TrainConfig
+
+    train = {f.name: f.default for f in fields(TrainConfig)}
+    if method == "finetune":  # the finetune command's recipe (Adam, lr 1e-4), not the pretraining defaults
+        import tomllib
+
+        from anatomical_embedding.training.finetune_config import FINETUNE_TRAIN_DEFAULTS
+
+        for item in FINETUNE_TRAIN_DEFAULTS:
+            key, value = item.split("=", 1)
+            train[key.split(".", 1)[1]] = tomllib.loads(f"v = {value}")["v"]
+    out = {field: train[key] for field, key in TRAIN_FIELDS.items()}
+    methodDefaults = {f.name: f.default for f in fields(get_method(method).Config)}
+    patch = methodDefaults.get("patch_size")
+    out["patchSize"] = ",".join(str(int(v)) for v in patch) if patch is not None else ""
+    return out
+
+
+def overrides(p, method: str) -> list:
+    """``--set`` items for the key hyperparameters of the GUI (advanced settings come after them)."""
+    from anatomical_embedding.methods import get_method
+
+    items = [f"train.{key}={getattr(p, field)!r}" for field, key in TRAIN_FIELDS.items()]
+    items += [f'train.device="{p.device}"', "train.progress_bar=false"]  # the GUI shows progress itself
+    patch = (p.patchSize or "").strip()
+    if patch and method and "patch_size" in {f.name for f in fields(get_method(method).Config)}:
+        values = [v.strip() for v in patch.replace("x", ",").split(",") if v.strip()]
+        if not all(v.isdigit() for v in values):
+            raise ValueError(f"patch size {patch!r}: give whole voxel counts like 96,96,96")
+        items.append(f"method.patch_size=[{','.join(values)}]")
+    if method == "finetune":
+        items.append(f'method.mode="{p.finetuneMode}"')
+        initFrom = pathOrEmpty(p.initFromDirectory)
+        if initFrom:
+            items.append(f"method.init_from='{pathlib.Path(initFrom).resolve()}'")
+    return items
+
+
+def exportPath(runDir) -> pathlib.Path:
+    runDir = pathlib.Path(runDir)
+    return runDir / f"{runDir.name}.aemodel"
+
+
+def pythonExecutable() -> str:
+    # Inside Slicer the child must run Slicer's own Python (same packages): PythonSlicer, a launcher that sets
+    # up its environment. Outside Slicer (tests, scripts) this interpreter.
+    home = getattr(getattr(slicer, "app", None), "slicerHome", None)
+    if home:
+        for name in ("PythonSlicer.exe", "PythonSlicer"):
+            candidate = pathlib.Path(home) / "bin" / name
+            if candidate.is_file():
+                return str(candidate)
+    return shutil.which("PythonSlicer") or sys.executable
+
+
+def trainSettings(p, resume: bool = False):
+    """The :class:`TrainSettings` for the parameter node's choices."""
+    from anatomical_embedding.training.monitor import TrainSettings
+
+    method = getMethod(p)
+    runDir = pathOrEmpty(p.runDirectory)
+    data = pathOrEmpty(p.dataDirectory)
+    if not runDir:
+        raise ValueError("Choose the run (output) folder.")
+    if not data:
+        raise ValueError("Choose the data folder (images, or the training folder exported from the scene).")
+    if not resume and not method:
+        raise ValueError("Choose a method.")
+    items = overrides(p, method) if not resume else [f'train.device="{p.device}"']
+    return TrainSettings(
+        out=runDir, data=data, labels=pathOrEmpty(p.labelsDirectory), method=method if not resume else "",
+        overrides=items, advanced=p.advancedSettings if not resume else "", resume=resume,
+        # A finetune run is a segmenter, not an embedding package: it is applied with `segment`.
+        export=str(exportPath(runDir)) if p.exportModel and method != "finetune" else "",
+        nproc=int(p.numProcesses),
+        gpus=p.gpus.strip(), python=pythonExecutable(),
+        script=str(TRAIN_SCRIPT))
