@@ -1,8 +1,8 @@
 """Run every benchmark and write one summary (benchmarks/results/summary.json and summary.md).
 
-    python benchmarks/run_all.py [--quick] [--only training embedding fewshot] [--device auto|cpu|cuda]
+    python benchmarks/run_all.py [--quick] [--only training embedding fewshot real] [--device auto|cpu|cuda]
                                  [--threads 2] [--fewshot-model RUN_DIR_OR_PACKAGE] [--full-embedding]
-                                 [--out benchmarks/results]
+                                 [--real-model RUN_DIR_OR_PACKAGE ...] [--real-data DIR] [--out benchmarks/results]
 
 Benchmarks (each in its own process, so that its peak memory is its own; see each script's docstring):
 
@@ -13,7 +13,11 @@ Benchmarks (each in its own process, so that its peak memory is its own; see eac
   unless ``--device cuda`` (GPU backends only) or ``--full-embedding`` is given (256^3 and 300x512x512
   measured: hours for the CPU backends on 2 cores);
 * ``fewshot``: few-shot head training and apply time and Dice against labelled cases (``bench_fewshot.py``;
-  it trains the tiny test AEFM first unless ``--fewshot-model`` names a model).
+  it trains the tiny test AEFM first unless ``--fewshot-model`` names a model);
+* ``real`` (only when named in ``--only``: it needs the real sample volumes of ``../shared/data``, which a fresh
+  clone does not have): landmark transfer on real CT and MR volumes, models against identical coordinates and
+  SimpleITK registration (``bench_real.py``; with ``--real-model`` for each model given, otherwise with a small
+  AEFM trained for 180 s on the benchmark's volumes).
 
 ``--quick`` runs every benchmark at a tiny size (the scripts' ``--smoke``; about a minute on two busy
 cores) into a new temporary folder unless ``--out`` is given: it checks that everything runs and is what the
@@ -42,6 +46,8 @@ from _common import MACHINE_KEYS, machine_description, machine_line, machine_tab
 log = logging.getLogger("run_all")
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = ("training", "embedding", "fewshot")
+#: Run only when named in --only (they need data outside the repository); summarised when their results exist.
+OPTIONAL = ("real",)
 #: The five things the summary must cover (issue: throughput, embedding time, click latency, memory, few-shot).
 CATEGORIES = ("training throughput", "embedding time", "click latency", "memory", "few-shot head")
 
@@ -51,11 +57,18 @@ def bench_command(name: str, args: argparse.Namespace, out: Path) -> list[str]:
     cmd = [sys.executable, str(HERE / f"bench_{name}.py"), "--out", str(out), "--threads", str(args.threads),
            "--device", args.device]
     if args.quick:
-        return cmd + ["--smoke"]
+        return cmd + ["--smoke"] + (["--data", args.real_data] if name == "real" and args.real_data else [])
     if name == "embedding" and not args.full_embedding and args.device != "cuda":
         cmd.append("--quick")  # the CPU backends at full size take hours on a few cores
     if name == "fewshot" and args.fewshot_model:
         cmd += ["--model", args.fewshot_model]
+    if name == "real":
+        if args.real_data:
+            cmd += ["--data", args.real_data]
+        for model in args.real_model or []:
+            cmd += ["--model", model]
+        if not args.real_model:
+            cmd += ["--train-quick-aefm", "180"]
     return cmd
 
 
@@ -126,8 +139,18 @@ def fewshot_metrics(res: dict) -> list[dict]:
     return out
 
 
+def real_metrics(res: dict) -> list[dict]:
+    out = []
+    for r in res.get("summary", []):
+        cfg = f"{r['group']}, {r['method']}"
+        out += [_metric("landmark transfer (real data)", cfg, "mean error", r.get("mean_mm"), "mm"),
+                _metric("landmark transfer (real data)", cfg, "time per pair", r.get("seconds_per_pair"), "s")]
+    out.append(_metric("memory", "real-data benchmark", "peak RSS (real data)", res.get("peak_rss_mb"), "MB"))
+    return out
+
+
 EXTRACT: dict[str, Callable[[dict], list[dict]]] = {
-    "training": training_metrics, "embedding": embedding_metrics, "fewshot": fewshot_metrics}
+    "training": training_metrics, "embedding": embedding_metrics, "fewshot": fewshot_metrics, "real": real_metrics}
 
 
 def _machine_of(res: dict) -> dict | None:
@@ -164,7 +187,8 @@ def summary_markdown(summary: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes (about a minute): checks that everything runs")
-    ap.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run only these (default: all)")
+    ap.add_argument("--only", nargs="+", choices=BENCHMARKS + OPTIONAL,
+                    help=f"run only these (default: {', '.join(BENCHMARKS)}; {', '.join(OPTIONAL)} only when named)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="cpu: CPU only; cuda: the GPU (embedding: GPU backends only, at full size); "
                          "auto: CPU, and the GPU when present")
@@ -172,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fewshot-model", help="model for the few-shot benchmark (default: it trains the tiny AEFM)")
     ap.add_argument("--full-embedding", action="store_true",
                     help="measure 256^3 and 300x512x512 on a CPU too (instead of 128^3 and extrapolation)")
+    ap.add_argument("--real-model", action="append",
+                    help="model for the real-data benchmark (repeatable; default: a small AEFM trained for 180 s)")
+    ap.add_argument("--real-data", help="the real sample volumes for the real-data benchmark (default ../shared/data)")
     ap.add_argument("--out", help="results folder (default: benchmarks/results; with --quick a new temporary "
                                   "folder, so that smoke numbers never replace measurements)")
     args = ap.parse_args(argv)
@@ -195,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
 
     benchmarks: dict[str, dict] = {}
     machine = None
-    for name in BENCHMARKS:
+    for name in BENCHMARKS + OPTIONAL:
         path = out / f"{name}.json"
         run = runs.get(name)
         if run is None and not path.is_file():

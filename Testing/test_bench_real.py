@@ -1,0 +1,149 @@
+"""Ground truth and point selection of ``benchmarks/bench_real.py`` (no real data needed).
+
+The benchmark's intra-subject truth relies on SimpleITK's resampling convention (the transform maps points of the
+output grid to the input): the moved image at ``q`` must show what the source shows at ``T(q)``. Checked here on a
+small smooth volume with an oblique direction and anisotropic spacing, for the affine part, the B-spline part and
+the composite the benchmark uses.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_real as br  # noqa: E402
+
+
+def _oblique_volume():
+    """Smooth blobs on a 40 x 36 x 30 grid, spacing (2.5, 2, 3) mm, rotated direction, non-zero origin."""
+    from anatomical_embedding.io import Volume
+
+    rng = np.random.default_rng(3)
+    a, b = np.deg2rad(25.0), np.deg2rad(-15.0)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    vol = Volume(np.zeros((30, 36, 40), np.float32), np.array([2.5, 2.0, 3.0]), np.array([-40.0, 25.0, 110.0]),
+                 rz @ rx)
+    kji = np.stack(np.meshgrid(*[np.arange(n) for n in vol.array.shape], indexing="ij"), -1).reshape(-1, 3)
+    world = vol.index_to_world(kji[:, ::-1].astype(float))
+    centre = br.volume_centre(vol)
+    arr = np.full(len(world), 100.0)
+    for _ in range(12):
+        c = centre + rng.uniform(-25, 25, 3)
+        arr += rng.uniform(200, 800) * np.exp(-np.sum((world - c) ** 2, 1) / (2 * rng.uniform(5, 9) ** 2))
+    return vol.with_array(arr.reshape(vol.array.shape).astype(np.float32))
+
+
+def _sample(volume, points):
+    """Linear interpolation of a Volume at world points (scipy, independent of SimpleITK's resampling)."""
+    from scipy.ndimage import map_coordinates
+
+    ijk = volume.world_to_index(points)
+    return map_coordinates(volume.array.astype(np.float64), ijk[:, ::-1].T, order=1, mode="nearest")
+
+
+@pytest.mark.parametrize("parts", ["affine", "bspline", "composite"])
+def test_moved_image_at_q_equals_source_at_T_of_q(parts):
+    import SimpleITK as sitk
+
+    vol = _oblique_volume()
+    composite, params = br.random_transform(vol, seed=5)
+    assert 0 < params["rotation_deg"] <= 10 and abs(params["scale"] - 1) <= 0.05
+    assert np.linalg.norm(params["translation_mm"]) <= 20
+    transform = {"affine": composite.GetNthTransform(0), "bspline": composite.GetNthTransform(1),
+                 "composite": composite}[parts]
+    if parts == "bspline":
+        transform = sitk.BSplineTransform(transform)
+    moved = br.deform(vol, transform)  # no intensity change: values must agree
+    rng = np.random.default_rng(0)
+    q = vol.index_to_world(rng.uniform(8, 22, (200, 3)) * [1.3, 1.2, 1.0])
+    truth = br.map_points(transform, q)
+    keep = br.inside_fov(vol, truth, 5.0) & br.inside_fov(moved, q, 5.0)
+    assert keep.sum() > 50
+    q, truth = q[keep], truth[keep]
+    moved_at_q = _sample(moved, q)
+    source_at_truth = _sample(vol, truth)
+    source_at_q = _sample(vol, q)
+    scale = np.ptp(vol.array)
+    # Equal up to interpolation error (the moved image is itself linearly interpolated once) ...
+    assert np.median(np.abs(moved_at_q - source_at_truth)) < 0.01 * scale
+    # ... and clearly not what the inverse convention would give (a few mm here).
+    assert np.median(np.abs(moved_at_q - source_at_q)) > 3 * np.median(np.abs(moved_at_q - source_at_truth))
+    assert np.median(np.linalg.norm(truth - q, axis=1)) > {"affine": 3.0, "bspline": 0.8, "composite": 3.0}[parts]
+
+
+def test_intensity_change_is_gain_offset_noise():
+    vol = _oblique_volume()
+    transform, _ = br.random_transform(vol, seed=1, bspline_sigma_mm=0.0)
+    change = br.random_intensity(1, vol)
+    assert 0.85 <= change["gain"] <= 1.15
+    clean, noisy = br.deform(vol, transform), br.deform(vol, transform, change)
+    residual = noisy.array - (change["gain"] * clean.array + change["offset"])
+    assert abs(residual.std() - change["noise_sd"]) < 0.1 * change["noise_sd"]
+    assert noisy.same_geometry(vol)
+
+
+def test_structure_points_follow_the_rules():
+    vol = _oblique_volume()
+    mask = np.zeros(vol.array.shape, bool)
+    mask[4:-4, 4:-4, 4:-4] = True  # "body"
+    score = br.local_contrast(vol)
+    valid = lambda p: br.inside_fov(vol, p, 10.0)  # noqa: E731
+    pts = br.select_structure_points(vol, n=40, min_distance_mm=20.0, valid=valid, mask=mask, score=score)
+    assert 3 <= len(pts) <= 40
+    d = np.linalg.norm(pts[:, None] - pts[None], axis=-1) + np.eye(len(pts)) * 1e9
+    assert d.min() >= 20.0
+    assert valid(pts).all()
+    kji = np.round(vol.world_to_index(pts)[:, ::-1]).astype(int)
+    assert mask[tuple(kji.T)].all()
+    # Picked greedily by decreasing contrast, and the first is the best valid local maximum.
+    s = score[tuple(kji.T)]
+    assert np.all(np.diff(s) <= 1e-9)
+    inside = mask & valid(vol.index_to_world(np.argwhere(np.ones(mask.shape, bool))[:, ::-1].astype(float))
+                          ).reshape(mask.shape)
+    assert s[0] == pytest.approx(score[inside].max(), rel=1e-6)
+    # At most n points, and fewer when the spacing rule leaves no room.
+    assert len(br.select_structure_points(vol, n=2, valid=valid, mask=mask, score=score)) == 2
+    sparse = br.select_structure_points(vol, n=40, min_distance_mm=200.0, valid=valid, mask=mask, score=score)
+    assert len(sparse) == 1
+
+
+def test_body_mask_excludes_air_and_the_skin_rim():
+    from anatomical_embedding.io import Volume
+
+    arr = np.full((30, 40, 40), -1000.0, np.float32)
+    zz, yy, xx = np.ogrid[:30, :40, :40]
+    body = ((yy - 20) ** 2 + (xx - 20) ** 2 < 15 ** 2)
+    arr[np.broadcast_to(body, arr.shape)] = 40.0
+    lung = ((yy - 20) ** 2 + (xx - 14) ** 2 < 4 ** 2) & (zz > 3)  # air inside the body, open at the top
+    arr[np.broadcast_to(lung, arr.shape)] = -850.0
+    vol = Volume(arr, np.array([2.0, 2.0, 2.0]))
+    mask = br.body_mask(vol, erode_mm=6.0)
+    assert not mask[:, 0, 0].any() and not mask[15, 20, 2].any()   # air, and the rim 6 mm inside the skin
+    assert mask[15, 20, 20] and mask[15, 20, 14]                      # tissue and the filled "lung"
+
+
+def test_brain_mask_poles_and_label_centroids():
+    from anatomical_embedding.io import Volume
+
+    arr = np.zeros((20, 30, 40), np.uint8)
+    arr[5:15, 10:20, 10:30] = 1
+    vol = Volume(arr, np.array([1.0, 1.0, 1.0]), np.array([0.0, 0.0, 0.0]))
+    pts = br.brain_mask_points(vol)
+    np.testing.assert_allclose(pts["brain_centroid"], [19.5, 14.5, 9.5])
+    assert pts["anterior_pole"][1] < pts["brain_centroid"][1] < pts["posterior_pole"][1]
+    assert pts["right_pole"][0] < pts["left_pole"][0] and pts["superior_pole"][2] > 12
+    cents = br.label_centroids(vol.with_array(arr * 7), [7, 8])
+    assert set(cents) == {7}
+    np.testing.assert_allclose(cents[7], pts["brain_centroid"])
+
+
+def test_missing_data_fails_with_one_line(tmp_path, capsys):
+    rc = br.main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not found" in err[0]
