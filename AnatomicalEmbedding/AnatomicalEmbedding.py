@@ -289,7 +289,10 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if not self.logic.ensureDependencies(p.backend, askUser=True):
             return False
         with slicer.util.tryWithErrorDisplay("Could not load the model.", waitCursor=True):
-            self.logic.loadModel(p.modelPath, p.backend, p.device)
+            if str(p.modelPath) in ("", "."):  # none chosen: the shipped default for the source's modality
+                self.logic.loadDefaultModel(p.sourceVolume, p.backend, p.device)
+            else:
+                self.logic.loadModel(p.modelPath, p.backend, p.device)
             self.ui.modelCardLabel.setText(self.logic.modelCardText())
             return True
         return False

@@ -451,9 +451,12 @@ class ModelMethod(Method):
     cold-equivalent time that avoids computing every tile twice on a shared CPU).
     """
 
-    def __init__(self, label: str, model, use_prior: bool, shared: dict, embed_config=None) -> None:
+    def __init__(self, label: str, model, use_prior: bool, shared: dict, embed_config=None,
+                 modality: str | None = None) -> None:
         self.model, self.use_prior, self.shared, self.embed_config = model, use_prior, shared, embed_config
         self.name = f"{label} {'robust prior' if use_prior else 'raw'}"
+        #: "CT" or "MR": the model runs on pairs of that modality only; None: on every pair.
+        self.modality = modality
 
     def _embedding(self, key: str, volume):
         from anatomical_embedding.inference.embedding import embed_volume
@@ -717,7 +720,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the real sample volumes (default ../shared/data)")
     ap.add_argument("--model", action="append", default=[], help="a .aemodel package or training run folder "
-                                                                 "(repeatable)")
+                                                                 "(repeatable); it runs on the pairs of its card's "
+                                                                 "modality unless --all-modalities")
+    ap.add_argument("--all-modalities", action="store_true", help="run every --model on CT and MR pairs alike")
     ap.add_argument("--train-quick-aefm", type=float, metavar="SECONDS", default=0.0,
                     help="train a small AEFM on the benchmark's volumes for at most SECONDS and add it as a model")
     ap.add_argument("--quick-aefm-spacing", type=float, default=4.0,
@@ -819,7 +824,8 @@ def main(argv: list[str] | None = None) -> int:
         # min_size 8 (engine default 16): the 40 mm DICOM slab and the 60 mm abdominal MR are 10 and 15 voxels thick
         # at 4 mm; prepare_volume pads them to the size multiple.
         cfg = EmbedConfig(fine_tile=args.fine_tile, min_size=8)
-        methods += [ModelMethod(label, model, False, shared, cfg), ModelMethod(label, model, True, shared, cfg)]
+        only = None if (args.all_modalities or label == "quick-aefm") else model.card.get("modality")
+        methods += [ModelMethod(label, model, False, shared, cfg, only), ModelMethod(label, model, True, shared, cfg, only)]
         models.append({"label": label, "path": str(path), "method": model.card.get("method"),
                        "spacing": model.card.get("spacing"), "backend": model.backend,
                        "preset": (model.card.get("intensity_preset") or {}).get("name"),
@@ -833,6 +839,8 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_postfix_str(pair.name)
             line = []
             for method in methods:
+                if getattr(method, "modality", None) and not pair.group.endswith(method.modality):
+                    continue
                 try:
                     pred, seconds, pts_s = method.run(pair)
                     err = np.linalg.norm(np.asarray(pred) - pair.truth, axis=1)

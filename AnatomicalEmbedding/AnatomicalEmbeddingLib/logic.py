@@ -107,7 +107,7 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         from anatomical_embedding.inference import registry as model_registry
 
         try:
-            return model_registry.list_models()
+            return model_registry.available_models()  # the shipped defaults first, then the registered ones
         except ValueError as exc:
             logging.warning("%s", exc)
             return []
@@ -128,6 +128,14 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         self.modelPath = pathlib.Path(path)
         logging.info("Loaded %r (%s on %s)", model, model.backend, getattr(model, "device", "cpu"))
         return self.model
+
+    def loadDefaultModel(self, volumeNode, backend: str = "ONNX Runtime", device: str = "auto"):
+        """The shipped default model for the volume's modality (CT when it holds air in HU, else MR)."""
+        from anatomical_embedding.inference.defaults import resolve_model
+
+        if volumeNode is None:
+            raise ValueError("no model chosen and no source volume to pick the default model for")
+        return self.loadModel(resolve_model(None, slicer.util.arrayFromVolume(volumeNode)), backend, device)
 
     def modelCardText(self) -> str:
         if self.model is None:

@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a .aemodel package (ONNX Runtime) or a training run directory (torch)")
+    p.add_argument("--model", help="a .aemodel package (ONNX Runtime) or a training run directory (torch); default: "
+                   "the shipped default model for the image's modality (CT if it holds air in HU, else MR)")
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch"])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--cache", default=None, help="embedding cache folder (default $ANATOMICAL_EMBEDDING_CACHE "
@@ -62,11 +63,12 @@ def register(subparsers) -> None:
     x.set_defaults(func=_export)
 
 
-def _open(args):
+def _open(args, image):
     from anatomical_embedding.inference.backends import open_model
+    from anatomical_embedding.inference.defaults import resolve_model
     from anatomical_embedding.inference.embedding import EmbeddingCache
 
-    model = open_model(args.model, backend=args.backend, device=args.device)
+    model = open_model(resolve_model(args.model, image.array), backend=args.backend, device=args.device)
     cache = None if args.no_cache else EmbeddingCache(args.cache, int(args.cache_budget_gb * 2**30))
     return model, cache
 
@@ -75,8 +77,8 @@ def _embed(args: argparse.Namespace) -> int:
     from anatomical_embedding.inference.embedding import embed_volume
     from anatomical_embedding.io import atomic_write, read_image
 
-    model, cache = _open(args)
     vol = read_image(args.image)
+    model, cache = _open(args, vol)
     t0 = time.perf_counter()
     emb = embed_volume(model, vol, cache)
     dt = time.perf_counter() - t0
@@ -159,10 +161,11 @@ def _match(args: argparse.Namespace) -> int:
         pts, names, frame = np.asarray(pl.points_lps), list(pl.names), "LPS"
     if args.out and Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} exists; choose another --out or pass --overwrite")
-    model, cache = _open(args)
+    source, target = read_image(args.source), read_image(args.target)
+    model, cache = _open(args, source)
     t0 = time.perf_counter()
-    src = embed_volume(model, read_image(args.source), cache)
-    tgt = embed_volume(model, read_image(args.target), cache)
+    src = embed_volume(model, source, cache)
+    tgt = embed_volume(model, target, cache)
     t1 = time.perf_counter()
     matcher = Matcher(src, tgt, MatchConfig(top_k=args.top_k), None if args.no_prior else PriorConfig())
     results = matcher.match(pts, frame=frame, names=names)

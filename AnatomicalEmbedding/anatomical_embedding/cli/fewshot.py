@@ -36,7 +36,6 @@ def _train(args: argparse.Namespace) -> int:
         raise ValueError(f"{len(args.images)} images but {len(args.labels)} label maps; give one label map per image")
     if Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} exists; choose another --out or pass --overwrite")
-    model = _open(args.model, args.backend)
     images, labels, names = [], [], {}
     for img, lab in zip(args.images, args.labels):
         images.append(read_image(img))
@@ -45,6 +44,10 @@ def _train(args: argparse.Namespace) -> int:
         for v, n in lab_names.items():
             if names.setdefault(v, n) != n:
                 raise ValueError(f"label value {v} is {names[v]!r} in one case and {n!r} in {lab}; make names agree")
+    from anatomical_embedding.inference.defaults import resolve_model
+
+    model_path = resolve_model(args.model, images[0].array)
+    model = _open(model_path, args.backend)
     cfg = FewShotConfig(hidden=args.hidden, use_intensity=not args.no_intensity, use_coarse=not args.no_coarse,
                         voxels_per_class=args.voxels_per_class, seed=args.seed)
     bar, update = _progress_bar("few-shot training")
@@ -52,7 +55,7 @@ def _train(args: argparse.Namespace) -> int:
         head = train_head(model, images, labels, names, cfg, progress=update)
     finally:
         bar.close()
-    head.history["model_path"] = str(Path(args.model).resolve())
+    head.history["model_path"] = str(Path(model_path).resolve())
     head.save(args.out, overwrite=args.overwrite)
     h = head.history
     print(f"head written to {args.out}: {len(head.class_names) - 1} classes, {h['n_voxels']} voxels, "
@@ -109,7 +112,8 @@ def register(subparsers) -> None:
     sub = fs.add_subparsers(dest="fewshot_command", metavar="ACTION")
     sub.required = True
     t = sub.add_parser("train", help="train the light head M_S on a few labelled cases")
-    t.add_argument("--model", required=True, help="model package (.aemodel) or training run folder")
+    t.add_argument("--model", help="model package (.aemodel) or training run folder (default: the shipped default "
+                   "model for the first image's modality)")
     t.add_argument("--images", nargs="+", required=True, help="labelled images")
     t.add_argument("--labels", nargs="+", required=True,
                    help="label maps in the same order (.seg.nrrd, or label images with a .labels.json names file)")

@@ -120,15 +120,18 @@ def write_package(out: Path, card: dict, members: dict[str, bytes], overwrite: b
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, checkpoint: str = "last",
-               overwrite: bool = False, opset: int = OPSET) -> Path:
-    """Export a training run directory (torch checkpoint) to a ``.aemodel`` package."""
+               overwrite: bool = False, opset: int = OPSET, coarse_graph: bool = True) -> Path:
+    """Export a training run directory (torch checkpoint) to a ``.aemodel`` package.
+
+    ``coarse_graph=False`` leaves out the coarse-only graph: the package is about half the size (the coarse
+    graph repeats the encoder's weights), and whole-volume embedding then runs the full network."""
     from anatomical_embedding.training.checkpoints import load_embedder_from_run
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory not found: {run_dir}")
     embedder, info = load_embedder_from_run(run_dir, checkpoint=checkpoint, device="cpu")
-    return export_embedder(embedder, info, out, overwrite=overwrite, opset=opset)
+    return export_embedder(embedder, info, out, overwrite=overwrite, opset=opset, coarse_graph=coarse_graph)
 
 
 def verify_parity(package: str | os.PathLike, embedder: Any, size_kji=(32, 48, 64), seed: int = 0) -> float:

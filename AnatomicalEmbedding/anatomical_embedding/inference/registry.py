@@ -62,6 +62,15 @@ def list_models(path: str | os.PathLike | None = None, include_missing: bool = F
     return models if include_missing else [m for m in models if Path(m["path"]).is_file()]
 
 
+def available_models(path: str | os.PathLike | None = None) -> list[dict]:
+    """The shipped default models first, then the registered packages (what the viewer's model list shows)."""
+    from anatomical_embedding.inference.defaults import builtin_entries
+
+    builtin = builtin_entries()
+    shipped = {Path(m["path"]).resolve() for m in builtin}
+    return builtin + [m for m in list_models(path) if Path(m["path"]).resolve() not in shipped]
+
+
 def register_model(package: str | os.PathLike, name: str | None = None, run_dir: str | os.PathLike | None = None,
                    path: str | os.PathLike | None = None) -> dict:
     """Add (or refresh) ``package``; the card is read and checked, so a broken package is refused."""

@@ -204,7 +204,8 @@ class Method(nn.Module):
         }
 
     def model_modality(self) -> str:
-        return "CT"
+        """``MR`` for an MRI intensity preset, else ``CT`` (methods with their own modality setting override it)."""
+        return "MR" if self.resolved_preprocessing(self.config)[1].startswith("mri") else "CT"
 
     def model_patch_size(self) -> list[int]:
         """Training patch size along (i, j, k) (inference uses it as the default sliding window)."""
