@@ -253,9 +253,14 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.logic.lowConfidence = p.lowConfidenceThreshold
         self.logic.setHeatmapOpacity(p.heatmapVolume, p.heatmapOpacity if p.showHeatmap else 0.0)
         self.ui.modelCardLabel.setText(self.logic.modelCardText())
-        if p.clickToCorrespond and not self.logic.clickToCorrespondActive() and self._job is None:
+        active = self.logic.clickToCorrespondNodes()
+        if active is not None and p.clickToCorrespond and active != (p.sourceLandmarks, p.sourceVolume,
+                                                                     p.targetVolume):
+            self.logic.stopClickToCorrespond()  # a selector changed while clicking: restart on the new nodes
+            active = None
+        if p.clickToCorrespond and active is None and self._job is None:
             self._startClickMode()  # (while its preparation job runs, parameter changes must not restart it)
-        elif not p.clickToCorrespond and self.logic.clickToCorrespondActive():
+        elif not p.clickToCorrespond and active is not None:
             self.logic.stopClickToCorrespond()
 
     # ---- model ----
@@ -267,7 +272,8 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def onImportPublished(self) -> None:
         """Dialog: published checkpoint -> model package, registered and selected here."""
-        if not self.logic.ensureDependencies("torch", askUser=True):  # importing runs the published network
+        # importing runs the published network: PyTorch, MONAI and onnx, one prompt, errors shown
+        if not self.logic.ensureImportDependencies(askUser=True, progress=self.ui.statusLabel.setText):
             return
         from AnatomicalEmbeddingLib.ImportPretrained import ImportPretrainedDialog
 
@@ -286,7 +292,7 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def onLoadModel(self) -> bool:
         p = self._parameterNode
-        if not self.logic.ensureDependencies(p.backend, askUser=True):
+        if not self.logic.ensureDependencies(p.backend, askUser=True, progress=self.ui.statusLabel.setText):
             return False
         with slicer.util.tryWithErrorDisplay("Could not load the model.", waitCursor=True):
             self.logic.loadModel(p.modelPath, p.backend, p.device)
@@ -338,7 +344,7 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if self._job is not None:
             self._job.cancel()
 
-    def _embedThen(self, after, targets: Optional[list] = None) -> None:
+    def _embedThen(self, after, targets: Optional[list] = None, bothWays: bool = False) -> None:
         """Embed the source and targets and fit their priors (one background job), then call ``after``."""
         p = self._parameterNode
         targets = targets or [p.targetVolume]
@@ -346,10 +352,10 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             slicer.util.warningDisplay("Choose a model, a source volume and a target volume first.")
             p.clickToCorrespond = False
             return
-        if self.logic.isPrepared(p.sourceVolume, targets):
+        if self.logic.isPrepared(p.sourceVolume, targets, bothWays):
             after()
             return
-        self._runJob(self.logic.prepareCorrespondenceAsync(p.sourceVolume, targets), after)
+        self._runJob(self.logic.prepareCorrespondenceAsync(p.sourceVolume, targets, bothWays), after)
 
     def onEmbed(self) -> None:
         self._embedThen(lambda: self.ui.statusLabel.setText("Source and target are embedded."))
@@ -360,18 +366,29 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             p = self._parameterNode
             if p.sourceLandmarks is None:
                 p.sourceLandmarks = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Source points")
-            p.targetLandmarks = self.logic.startClickToCorrespond(
-                p.sourceLandmarks, p.sourceVolume, p.targetVolume, p.targetLandmarks, onMatched=self._onMatched)
-            # Place points on the source: the Markups place mode with the source list active.
-            slicer.modules.markups.logic().SetActiveList(p.sourceLandmarks)
-            slicer.modules.markups.logic().StartPlaceMode(True)
-            self.ui.statusLabel.setText("Click on the source volume: each point is matched in the target.")
+            with slicer.util.tryWithErrorDisplay("Could not start click-to-correspond.", waitCursor=False):
+                p.targetLandmarks = self.logic.startClickToCorrespond(
+                    p.sourceLandmarks, p.sourceVolume, p.targetVolume, p.targetLandmarks,
+                    onMatched=self._onMatched, onError=self._onMatchError)
+                # Place points: the Markups place mode with the source list active. The correspondence layout
+                # shows the source in the top row and the target in the bottom row; a click in the bottom row
+                # is matched back into the source.
+                slicer.modules.markups.logic().SetActiveList(p.sourceLandmarks)
+                slicer.modules.markups.logic().StartPlaceMode(True)
+                self.ui.statusLabel.setText("Click in the source views (top row): each point is matched in the "
+                                            "target (bottom row); a click in the target row is matched back.")
+                return
+            p.clickToCorrespond = False
 
-        self._embedThen(start)
+        self._embedThen(start, bothWays=True)
+
+    def _onMatchError(self, message: str) -> None:
+        self.ui.statusLabel.setText(message)
+        slicer.util.warningDisplay(message, windowTitle="Anatomical Embedding")
 
     def _onMatched(self, result: dict) -> None:
         p = self._parameterNode
-        if p.showHeatmap:
+        if p.showHeatmap:  # on the embedding's coarse grid: milliseconds, whatever the target's size
             p.heatmapVolume = self.logic.updateHeatmap(p.sourceVolume, p.targetVolume, result["query_ras"],
                                                        p.heatmapVolume, p.heatmapOpacity)
         p.resultsTable = self.logic.updateResultsTable(p.resultsTable, [p.targetLandmarks])
@@ -532,9 +549,20 @@ class AnatomicalEmbeddingTest(ScriptedLoadableModuleTest):
         scores = logic.pointScores(matches, 0)
         self.assertIn("similarity", scores)
         self.assertIn("confidence", scores)
-        logic.stopClickToCorrespond()
+        # Correspondence layout: source row shows the source only; target row the target with the heatmap.
+        from AnatomicalEmbeddingLib import views
         heatmap = logic.updateHeatmap(source["volume"], target["volume"], ras)
-        self.assertTrue(mrml.node_to_volume(heatmap).same_geometry(mrml.node_to_volume(target["volume"])))
+        for composite in views.correspondenceViews(slicer.mrmlScene, "source"):
+            self.assertEqual(composite.GetBackgroundVolumeID(), source["volume"].GetID())
+            self.assertIsNone(composite.GetForegroundVolumeID())
+        for composite in views.correspondenceViews(slicer.mrmlScene, "target"):
+            self.assertEqual(composite.GetBackgroundVolumeID(), target["volume"].GetID())
+            self.assertEqual(composite.GetForegroundVolumeID(), heatmap.GetID())
+        self.assertTrue(heatmap.GetHideFromEditors())  # never offered as a source or target
+        # The next click is read as a source point (one more match, same target list).
+        clicks.AddControlPoint(vtk.vtkVector3d(*ras), "second")
+        self.assertEqual(matches.GetNumberOfControlPoints(), 2)
+        logic.stopClickToCorrespond()
 
         self.delayDisplay("Transfer all")
         out = logic.transferAll(source["landmarks"], source["volume"], [target["volume"]])[0]

@@ -146,6 +146,12 @@ class AnatomicalEmbeddingTrainerWidget(ScriptedLoadableModuleWidget, VTKObservat
             self.ui.trainingStatusLabel.text = f"Training engine not available: {exc}"
         for name in methods:
             self.ui.methodComboBox.addItem(name)
+        # Without PyTorch the panel still opens (method defaults are read torch-free) and offers the install.
+        self._missing = self.logic.missingTrainingPackages()
+        if self._missing:
+            self.ui.trainingStatusLabel.text = ("Training needs Python packages that are not installed: "
+                                                + ", ".join(self._missing)
+                                                + ". Start installs them (you will be asked first).")
         self.ui.methodComboBox.connect("currentTextChanged(QString)", self.onMethodChanged)
 
         self.ui.exportCaseButton.connect("clicked(bool)", self.onExportCase)
@@ -259,6 +265,10 @@ class AnatomicalEmbeddingTrainerWidget(ScriptedLoadableModuleWidget, VTKObservat
         self._launch(resume=True)
 
     def _launch(self, resume: bool) -> None:
+        if not self.logic.ensureTrainingDependencies(
+                askUser=True, progress=lambda text: setattr(self.ui.trainingStatusLabel, "text", text)):
+            self.ui.trainingStatusLabel.text = "Training needs PyTorch and the packages listed above."
+            return
         with slicer.util.tryWithErrorDisplay("Could not start training.", waitCursor=True):
             self.logic.startTraining(self._parameterNode, resume=resume)
             self.ui.logTextEdit.setPlainText(" ".join(self.logic.monitor.argv))

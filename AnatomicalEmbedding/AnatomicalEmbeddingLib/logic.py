@@ -3,6 +3,7 @@ import logging
 import pathlib
 import tempfile
 import time
+import types
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -80,22 +81,32 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         """pip requirements of engine packages that cannot be imported in this Python."""
         return [requirement for module, requirement in dependencies.ENGINE_PACKAGES if not self._importable(module)]
 
-    def ensureDependencies(self, backend: str = "ONNX Runtime", askUser: bool = True) -> bool:
+    def ensureDependencies(self, backend: str = "ONNX Runtime", askUser: bool = True, extra: str = "",
+                           progress: Optional[Callable[[str], None]] = None) -> bool:
         """Check the Python packages; install missing ones only after the user confirms (never silently).
 
         Returns True when everything is importable. ``askUser=False`` only checks (a script or test that
         must not install). torch comes from the PyTorch extension (``PyTorchUtils``) when it is installed.
+        ``extra`` names a requirements file under ``Resources/Requirements`` (e.g. "import-published": MONAI and
+        onnx for Import published model). One prompt covers all; failures are shown in the GUI, never raised.
         """
         missing = self.missingPackages(backend)
+        if extra:
+            missing += [r for module, r in dependencies.readRequirements(dependencies.RESOURCES / f"{extra}.txt")
+                        if not self._importable(module) and r not in missing]
         needTorch = backend == "torch" and not self._importable("torch")
         if not missing and not needTorch:
             return True
         if not askUser:
             logging.warning("Missing Python packages: %s", ", ".join(missing + (["torch"] if needTorch else [])))
             return False
-        if not dependencies.install(missing, needTorch):
+        if not dependencies.install(missing, needTorch, progress=progress):
             return False
         return not self.missingPackages(backend) and (backend != "torch" or self._importable("torch"))
+
+    def ensureImportDependencies(self, askUser: bool = True, progress=None) -> bool:
+        """Import published model: PyTorch, MONAI and onnx (one prompt)."""
+        return self.ensureDependencies("torch", askUser, extra="import-published", progress=progress)
 
     # keep the earlier name working (scripts written against the first version)
     def ensureEngineDependencies(self, askUser: bool = True) -> bool:
@@ -183,10 +194,12 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         return (image.GetMTime() if image else 0, tuple(slicer.util.arrayFromVTKMatrix(m).ravel().round(6)),
                 parent.GetMTime() if parent else 0)
 
-    def isPrepared(self, sourceVolume, targetVolumes: Sequence) -> bool:
+    def isPrepared(self, sourceVolume, targetVolumes: Sequence, bothWays: bool = False) -> bool:
         """True when every volume is embedded and each (source, target) matcher exists (clicks are then fast)."""
         return all(self.isEmbedded(v) for v in [sourceVolume, *targetVolumes]) and all(
-            (sourceVolume.GetID(), t.GetID()) in self._matchers for t in targetVolumes if t is not sourceVolume)
+            (sourceVolume.GetID(), t.GetID()) in self._matchers
+            and (not bothWays or (t.GetID(), sourceVolume.GetID()) in self._matchers)
+            for t in targetVolumes if t is not sourceVolume)
 
     def isEmbedded(self, volumeNode) -> bool:
         entry = self._embeddings.get(volumeNode.GetID()) if volumeNode is not None else None
@@ -272,10 +285,12 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         job = BackgroundJob(f"Embedding {volumeNode.GetName()}")
         return self._submit(job, self._embedJob(volumeNode, job))
 
-    def prepareCorrespondenceAsync(self, sourceVolume, targetVolumes: Sequence) -> BackgroundJob:
+    def prepareCorrespondenceAsync(self, sourceVolume, targetVolumes: Sequence, bothWays: bool = False
+                                   ) -> BackgroundJob:
         """One background job that embeds what is missing and fits the robust prior of each pair.
 
         After :meth:`finishJob`, clicks between these volumes only search (no network, no prior fit).
+        ``bothWays`` also prepares target -> source (click mode: a click in a target view matches back).
         """
         job = BackgroundJob("Preparing correspondence")
         volumes = [sourceVolume] + [t for t in targetVolumes if t is not sourceVolume]
@@ -299,6 +314,11 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
                 if usePrior:
                     _ = matcher.prior  # fitted here, in the worker, instead of on the first click
                 matchers[(ids[0], target)] = matcher
+                if bothWays:
+                    back = Matcher(embs[target], embs[ids[0]], MatchConfig(low_confidence=lowConfidence))
+                    if usePrior:
+                        _ = back.prior
+                    matchers[(target, ids[0])] = back
             return embs, matchers
 
         def finish(result):
@@ -398,16 +418,34 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         return targets
 
     # ---- heatmap ----------------------------------------------------------------------------------
-    def updateHeatmap(self, sourceVolume, targetVolume, pointRas, heatmapNode=None, opacity: float = 0.5):
-        """Similarity to the source point on the target's grid, shown as coloured foreground over the target."""
-        from anatomical_embedding import mrml
+    def heatmapVolume(self, sourceVolume, targetVolume, pointRas):
+        """Similarity to the source point on the target embedding's own coarse grid (an engine ``Volume``).
+
+        No resampling to the target's voxel grid: Slicer reslices the foreground layer for display. The cost is
+        one dot product per coarse cell (milliseconds), independent of the target's voxel count.
+        """
+        from anatomical_embedding.inference.embedding import upsample_linear
         from anatomical_embedding.io import convert_points
 
-        heat = self.matcher(sourceVolume, targetVolume).heatmap(
-            convert_points(np.asarray(pointRas, float), "RAS", "LPS"), reference=mrml.node_to_volume(targetVolume))
-        return views.showHeatmapVolume(heat, targetVolume, heatmapNode, opacity)
+        matcher = self.matcher(sourceVolume, targetVolume)
+        lps = convert_points(np.asarray(pointRas, float), "RAS", "LPS")
+        q = matcher.source.world_to_index(lps)
+        if not matcher.source.inside(q)[0]:
+            raise ValueError(f"heatmap query {np.round(pointRas, 2).tolist()} RAS is outside the source image")
+        qc = matcher.source.sample_coarse(q)[0]
+        target = matcher.target
+        u = max(1, target.stride // 2)  # as Matcher.heatmap: cosine to vectors interpolated every s/2 voxels
+        sim = upsample_linear(np.einsum("c,ckji->kji", qc, target.coarse), u) / target.upsampled_norms(u)
+        sim = np.where(target.upsampled_valid_mask(u), sim, -1.0)
+        return target.coarse_volume(sim, u)
+
+    def updateHeatmap(self, sourceVolume, targetVolume, pointRas, heatmapNode=None, opacity: float = 0.5):
+        """Similarity heatmap on its coarse grid, shown as foreground over the target in the target views only."""
+        return views.showHeatmapVolume(self.heatmapVolume(sourceVolume, targetVolume, pointRas), targetVolume,
+                                       heatmapNode, opacity)
 
     showHeatmap = staticmethod(views.showHeatmap)
+    setupCorrespondenceLayout = staticmethod(views.setupCorrespondenceLayout)
     setHeatmapOpacity = staticmethod(views.setHeatmapOpacity)
 
     # ---- results table ----------------------------------------------------------------------------
@@ -418,13 +456,29 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
 
     # ---- click-to-correspond ----------------------------------------------------------------------
     def startClickToCorrespond(self, sourceMarkups, sourceVolume, targetVolume, targetMarkups=None,
-                               onMatched: Optional[Callable[[dict], None]] = None):
-        """Match each point placed or moved on ``sourceMarkups`` at once; returns the target point list."""
+                               onMatched: Optional[Callable[[dict], None]] = None,
+                               onError: Optional[Callable[[str], None]] = None, layout: bool = True):
+        """Match each point placed or moved on ``sourceMarkups`` at once; returns the target point list.
+
+        With ``layout`` the correspondence layout is set up: source views on top, target views below, each row
+        bound to its volume; the source list is drawn in the source row and the matches in the target row.
+        A point placed in a target view (its associated node is the target volume, as Slicer's markups
+        placement records it) is matched back: the target list gets the clicked position and the source point
+        moves to its match in the source. ``onError`` receives the message of a click that could not be matched
+        (e.g. outside the image); the widget shows it.
+        """
         if sourceMarkups is None or sourceVolume is None or targetVolume is None:
             raise ValueError("click-to-correspond needs a source point list, a source volume and a target volume")
+        if sourceVolume is targetVolume:
+            raise ValueError("choose different source and target volumes")
         self.stopClickToCorrespond()
         targetMarkups = targetMarkups or self.defaultTargetMarkups(targetVolume)
         self.embedding(sourceVolume), self.embedding(targetVolume)  # no-op when the widget embedded them already
+        if layout:
+            scene = sourceVolume.GetScene()
+            views.setupCorrespondenceLayout(sourceVolume, targetVolume)
+            views.restrictMarkupsToViews(sourceMarkups, scene, "source")
+            views.restrictMarkupsToViews(targetMarkups, scene, "target")
         callbacks, tags = [], []
         for event in (sourceMarkups.PointPositionDefinedEvent, sourceMarkups.PointStartInteractionEvent,
                       sourceMarkups.PointEndInteractionEvent, sourceMarkups.PointModifiedEvent):
@@ -435,8 +489,14 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
             tags.append(sourceMarkups.AddObserver(event, callback))
         self._click = {"source": sourceMarkups, "sourceVolume": sourceVolume, "targetVolume": targetVolume,
                        "target": targetMarkups, "tags": tags, "callbacks": callbacks, "onMatched": onMatched,
-                       "last": {}, "results": [], "dragging": False}
+                       "onError": onError, "last": {}, "results": [], "errors": [], "dragging": False}
         return targetMarkups
+
+    def clickToCorrespondNodes(self) -> Optional[tuple]:
+        """(source list, source volume, target volume) of the active click mode, or None."""
+        if self._click is None:
+            return None
+        return self._click["source"], self._click["sourceVolume"], self._click["targetVolume"]
 
     def stopClickToCorrespond(self) -> None:
         if self._click is not None:
@@ -474,11 +534,22 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         last = state["last"].get(pid)
         if last is not None and np.allclose(last[0], ras, atol=1e-6) and last[1] == label:
             return None
-        self._busy = True  # writing the target list must not re-enter through our own events
+        inTarget = node.GetNthControlPointAssociatedNodeID(index) == state["targetVolume"].GetID()
+        self._busy = True  # writing the point lists must not re-enter through our own events
         try:
-            result = self.matchControlPoint(node, index, state["sourceVolume"], state["targetVolume"], state["target"])
-        except ValueError as exc:  # e.g. a point outside the source image: tell, do not crash the observer
-            logging.warning("Not matched: %s", exc)
+            if inTarget:
+                result = self.matchBackControlPoint(node, index, state["sourceVolume"], state["targetVolume"],
+                                                    state["target"])
+                node.GetNthControlPointPositionWorld(index, ras)
+            else:
+                result = self.matchControlPoint(node, index, state["sourceVolume"], state["targetVolume"],
+                                                state["target"])
+        except ValueError as exc:  # e.g. a point outside the image: tell the user, do not crash the observer
+            message = f"{label} not matched: {exc}"
+            logging.warning("%s", message)
+            state["errors"].append(message)
+            if state["onError"] is not None:
+                state["onError"](message)
             return None
         finally:
             self._busy = False
@@ -487,6 +558,35 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         if state["onMatched"] is not None:
             state["onMatched"](result)
         return result
+
+    def matchBackControlPoint(self, sourceMarkups, index: int, sourceVolume, targetVolume, targetMarkups) -> dict:
+        """A point of ``sourceMarkups`` placed on the target (a click in a target view): match it into the source.
+
+        The clicked position becomes the target list's point (with the reverse match's scores) and the source
+        point moves to the matched source position. Returns the result dict of :meth:`matchControlPoint`, whose
+        ``query_ras`` is the new source position (the heatmap query).
+        """
+        from anatomical_embedding.io import convert_points
+
+        ras = np.zeros(3)
+        sourceMarkups.GetNthControlPointPositionWorld(index, ras)
+        label = sourceMarkups.GetNthControlPointLabel(index)
+        pid = sourceMarkups.GetNthControlPointID(index)
+        back = self.matcher(targetVolume, sourceVolume)
+        t0 = time.perf_counter()
+        result = back.match(convert_points(ras, "RAS", "LPS"), "LPS", use_prior=self.usePrior, with_raw=False,
+                            names=[label])[0].final
+        seconds = time.perf_counter() - t0
+        sourceRas = convert_points(result.point_lps, "LPS", "RAS")
+        sourceMarkups.SetNthControlPointPositionWorld(index, *sourceRas)
+        sourceMarkups.SetNthControlPointAssociatedNodeID(index, sourceVolume.GetID())
+        # The target point is where the user clicked; the scores are those of the reverse match.
+        clicked = types.SimpleNamespace(similarity=result.similarity, confidence=result.confidence,
+                                        fb_distance_mm=result.fb_distance_mm, method=result.method,
+                                        point_lps=result.query_lps, query_lps=result.point_lps)
+        out = self._storeMatch(targetMarkups, label, pid, sourceMarkups.GetID(), clicked, seconds, targetVolume)
+        out["direction"] = "target to source"
+        return out
 
     # ---- few-shot labelling -----------------------------------------------------------------------
     # The cases live in a table node (see AnatomicalEmbeddingLib.cases); these keep the logic's API.

@@ -16,9 +16,124 @@ LOW_CONFIDENCE_TEXT = "low confidence"
 _TEXT_COLUMNS = ("label", "target", "flag")
 
 
+# ---- correspondence layout --------------------------------------------------------------------------
+#: Slice views of the correspondence layout: the top row shows the source, the bottom row the target.
+SOURCE_VIEWS = ("AESourceAxial", "AESourceSagittal", "AESourceCoronal")
+TARGET_VIEWS = ("AETargetAxial", "AETargetSagittal", "AETargetCoronal")
+_ORIENTATIONS = ("Axial", "Sagittal", "Coronal")
+#: Layout ID of the correspondence layout (custom layouts use IDs above Slicer's built-in ones).
+CORRESPONDENCE_LAYOUT_ID = 5019
+#: Role attribute on the slice nodes of the layout ("source" or "target").
+VIEW_ROLE_ATTRIBUTE = "AnatomicalEmbedding.viewRole"
+
+
+def correspondenceLayoutXml() -> str:
+    """Slicer layout description: two rows of three slice views (source on top, target below)."""
+    def row(names, color, label):
+        items = "".join(
+            f'<item><view class="vtkMRMLSliceNode" singletontag="{n}">'
+            f'<property name="orientation" action="default">{o}</property>'
+            f'<property name="viewlabel" action="default">{label}{k + 1}</property>'
+            f'<property name="viewcolor" action="default">{color}</property>'
+            f'<property name="viewgroup" action="default">{0 if label == "S" else 1}</property></view></item>'
+            for k, (n, o) in enumerate(zip(names, _ORIENTATIONS)))
+        return f'<item><layout type="horizontal">{items}</layout></item>'
+    return ('<layout type="vertical">' + row(SOURCE_VIEWS, "#4a90d9", "S")
+            + row(TARGET_VIEWS, "#e0a030", "T") + "</layout>")
+
+
+def _compositeByLayoutName(scene, name: str):
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+        if node.GetLayoutName() == name:
+            return node
+    return None
+
+
+def _sliceByLayoutName(scene, name: str):
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLSliceNode")
+        if node.GetLayoutName() == name:
+            return node
+    return None
+
+
+def setupCorrespondenceLayout(sourceVolume, targetVolume) -> dict:
+    """Show source and target side by side: each row of slice views is bound to one volume.
+
+    In Slicer the layout manager creates the six views (slice + composite nodes); headless (slicer-core), the
+    nodes are created here the way the slice logic would. Returns {"source": [composite...], "target": [...]}.
+    The target rows get no foreground until a heatmap is shown; the source rows never get one.
+    """
+    scene = sourceVolume.GetScene()
+    layoutManager = None
+    try:
+        layoutManager = slicer.app.layoutManager()
+    except AttributeError:  # no application (slicer-core)
+        layoutManager = None
+    if layoutManager is not None:
+        layoutNode = layoutManager.layoutLogic().GetLayoutNode()
+        if not layoutNode.IsLayoutDescription(CORRESPONDENCE_LAYOUT_ID):
+            layoutNode.AddLayoutDescription(CORRESPONDENCE_LAYOUT_ID, correspondenceLayoutXml())
+        layoutManager.setLayout(CORRESPONDENCE_LAYOUT_ID)
+    out = {"source": [], "target": []}
+    for role, names, volume in (("source", SOURCE_VIEWS, sourceVolume), ("target", TARGET_VIEWS, targetVolume)):
+        for name, orientation in zip(names, _ORIENTATIONS):
+            sliceNode = _sliceByLayoutName(scene, name)
+            if sliceNode is None:
+                sliceNode = slicer.vtkMRMLSliceNode()
+                sliceNode.SetLayoutName(name)  # also the singleton tag, as the layout manager sets it
+                sliceNode.SetName(name)
+                sliceNode = scene.AddNode(sliceNode)
+                try:
+                    sliceNode.SetOrientation(orientation)
+                except Exception:  # noqa: BLE001 - no orientation presets headless
+                    pass
+            sliceNode.SetAttribute(VIEW_ROLE_ATTRIBUTE, role)
+            composite = _compositeByLayoutName(scene, name)
+            if composite is None:
+                composite = slicer.vtkMRMLSliceCompositeNode()
+                composite.SetLayoutName(name)
+                composite = scene.AddNode(composite)
+            composite.SetBackgroundVolumeID(volume.GetID() if volume is not None else None)
+            composite.SetForegroundVolumeID(None)
+            composite.SetLabelVolumeID(None)
+            out[role].append(composite)
+    return out
+
+
+def correspondenceViews(scene, role: str) -> list:
+    """Composite nodes of the layout's ``role`` row ("source" or "target"); empty when the layout was never set up."""
+    names = SOURCE_VIEWS if role == "source" else TARGET_VIEWS
+    return [c for c in (_compositeByLayoutName(scene, n) for n in names) if c is not None]
+
+
+def correspondenceSliceNodeIDs(scene, role: str) -> list:
+    names = SOURCE_VIEWS if role == "source" else TARGET_VIEWS
+    return [s.GetID() for s in (_sliceByLayoutName(scene, n) for n in names) if s is not None]
+
+
+def restrictMarkupsToViews(markupsNode, scene, role: str) -> None:
+    """Draw a point list only in the ``role`` row (source points on the source, matches on the target)."""
+    ids = correspondenceSliceNodeIDs(scene, role)
+    if markupsNode is None or not ids:
+        return
+    if markupsNode.GetDisplayNode() is None:
+        markupsNode.CreateDefaultDisplayNodes()
+    display = markupsNode.GetDisplayNode()
+    threeD = [display.GetNthViewNodeID(i) for i in range(display.GetNumberOfViewNodeIDs())
+              if (scene.GetNodeByID(display.GetNthViewNodeID(i)) is not None
+                  and scene.GetNodeByID(display.GetNthViewNodeID(i)).IsA("vtkMRMLViewNode"))]
+    display.SetViewNodeIDs(ids + threeD)
+
+
 # ---- heatmap ----------------------------------------------------------------------------------------
 def showHeatmapVolume(heat, targetVolume, heatmapNode=None, opacity: float = 0.5):
-    """Put the engine's heatmap volume ``heat`` into ``heatmapNode`` (created when None), coloured, over the target."""
+    """Put the engine's heatmap volume ``heat`` into ``heatmapNode`` (created when None), coloured, over the target.
+
+    ``heat`` stays on its own (coarse) grid: Slicer reslices the foreground layer for display, so there is no
+    resampling to the target grid. The node is hidden from node selectors (never offered as a source or target).
+    """
     from anatomical_embedding import mrml
 
     scene = targetVolume.GetScene()
@@ -26,6 +141,7 @@ def showHeatmapVolume(heat, targetVolume, heatmapNode=None, opacity: float = 0.5
         heatmapNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{targetVolume.GetName()} similarity")
     mrml.set_node_from_volume(heatmapNode, heat)
     heatmapNode.SetAttribute(HEATMAP_ATTRIBUTE, targetVolume.GetID())
+    heatmapNode.SetHideFromEditors(True)
     if heatmapNode.GetDisplayNode() is None:
         heatmapNode.CreateDefaultDisplayNodes()
     display = heatmapNode.GetDisplayNode()
@@ -37,16 +153,29 @@ def showHeatmapVolume(heat, targetVolume, heatmapNode=None, opacity: float = 0.5
     display.SetLowerThreshold(0.0)
     display.SetUpperThreshold(1.0)
     display.SetApplyThreshold(1)
+    display.SetInterpolate(1)
     showHeatmap(targetVolume, heatmapNode, opacity)
     return heatmapNode
 
 
 def showHeatmap(targetVolume, heatmapNode, opacity: float) -> None:
-    """Target as background and the heatmap as foreground in every slice view."""
+    """The heatmap as foreground over the target, in the target's views only.
+
+    Views of the correspondence layout's target row always get it; any other view gets it only when it
+    already shows the target as background. Views showing the source (or anything else) are left alone, so a
+    click in a source view is always a click on source anatomy.
+    """
     scene = targetVolume.GetScene()
+    sourceRow = {c.GetID() for c in correspondenceViews(scene, "source")}
+    targetRow = {c.GetID() for c in correspondenceViews(scene, "target")}
     for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
         composite = scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
-        composite.SetBackgroundVolumeID(targetVolume.GetID())
+        if composite.GetID() in sourceRow:
+            continue
+        if composite.GetID() in targetRow:
+            composite.SetBackgroundVolumeID(targetVolume.GetID())
+        elif composite.GetBackgroundVolumeID() != targetVolume.GetID():
+            continue
         composite.SetForegroundVolumeID(heatmapNode.GetID())
         composite.SetForegroundOpacity(float(opacity))
 

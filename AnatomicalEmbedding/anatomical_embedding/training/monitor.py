@@ -1,4 +1,4 @@
-"""Launch, watch, stop and resume a training subprocess (``AnatomicalEmbeddingTrainer/train.py``); Qt-free.
+"""Launch, watch, stop and resume a training subprocess (``AnatomicalEmbeddingTrainerLib/train.py``); Qt-free.
 
 The Trainer module drives training through this class so that the same code is tested without Slicer:
 
@@ -45,8 +45,8 @@ CONSOLE_LOG = "console.log"
 
 
 def default_train_script() -> Path:
-    """``AnatomicalEmbeddingTrainer/train.py`` of a source checkout (the Slicer module passes its own)."""
-    return Path(__file__).resolve().parents[3] / "AnatomicalEmbeddingTrainer" / "train.py"
+    """``AnatomicalEmbeddingTrainerLib/train.py`` of a source checkout (the Slicer module passes its own)."""
+    return Path(__file__).resolve().parents[3] / "AnatomicalEmbeddingTrainer" / "AnatomicalEmbeddingTrainerLib" / "train.py"
 
 
 def toml_overrides(text: str) -> list[str]:
