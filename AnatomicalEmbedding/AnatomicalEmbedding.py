@@ -82,6 +82,10 @@ HDSSL (Kats et al.). See the extension's README for references.
 #
 # Sample data: a phantom pair generated locally by the engine (no download)
 #
+#: Placeholder URI of the generated sample (never downloaded: the custom downloader generates the pair locally).
+PHANTOM_PAIR_URI = "https://github.com/AnatomicalEmbedding/generated/phantom-pair"
+
+
 def registerSampleData() -> bool:
     """Register "Phantom pair" with the SampleData module; False when SampleData is absent."""
     try:
@@ -92,18 +96,22 @@ def registerSampleData() -> bool:
     iconsPath = os.path.join(os.path.dirname(__file__), "Resources", "Icons")
 
     def generate(source=None):
-        # Called by SampleData instead of a download: generate and load the pair (no network).
+        # SampleData calls customDownloader(source) instead of downloading: generate and load the pair (no network).
         logic = AnatomicalEmbeddingLogic()
         return logic.loadPhantomPairSample()
 
     try:
+        # Slicer's SampleDataSource needs uris, fileNames, nodeNames ... of equal length (None fails len()); as in
+        # Slicer's own custom-downloader test source, one placeholder URI and file name: the custom downloader
+        # replaces the download, so the URI is never fetched.
         SampleData.SampleDataLogic.registerCustomSampleDataSource(
             category="AnatomicalEmbedding", sampleName="PhantomPair",
             thumbnailFileName=os.path.join(iconsPath, "AnatomicalEmbedding.png"),
-            uris=None, fileNames=None, nodeNames=None, loadFiles=False, customDownloader=generate)
+            uris=PHANTOM_PAIR_URI, fileNames="PhantomPair.nrrd", nodeNames="PhantomPair", loadFiles=False,
+            customDownloader=generate)
         return True
     except Exception as exc:  # noqa: BLE001 - an older SampleData API must not break module loading
-        logging.warning("Could not register the phantom pair with SampleData (%s)", exc)
+        logging.error("Could not register the phantom pair with SampleData: %s", exc)
         return False
 
 

@@ -180,6 +180,60 @@ def random_point_errors(target_volume: Volume, truth_lps: np.ndarray, n: int = 2
 
 
 # ---- dependencies, sample data, parameter node (no model needed) -----------------------------------
+def slicer_sample_data_api():
+    """Slicer's SampleData registration API as in Slicer's Modules/Scripted/SampleData/SampleData.py (its module
+    imports qt and ctk, which slicer-core lacks): the same ``registerCustomSampleDataSource`` signature and the
+    ``SampleDataSource`` constructor's normalisation and length check, which rejected ``uris=None``."""
+    sources: dict = {}
+
+    class SampleDataSource:
+        def __init__(self, sampleName=None, sampleDescription=None, uris=None, fileNames=None, nodeNames=None,
+                     checksums=None, loadFiles=None, customDownloader=None, thumbnailFileName=None,
+                     loadFileTypes=None, loadFileProperties=None, loadFileType=None):
+            if (loadFileType is not None) and (loadFileTypes is not None):
+                raise ValueError("loadFileType and loadFileTypes cannot be specified at the same time")
+            if (loadFileType is not None) and (loadFileTypes is None):
+                loadFileTypes = loadFileType
+            self.sampleName = sampleName
+            if isinstance(uris, list) or isinstance(uris, tuple):
+                if isinstance(loadFileTypes, str) or loadFileTypes is None:
+                    loadFileTypes = [loadFileTypes] * len(uris)
+                if nodeNames is None:
+                    nodeNames = [None] * len(uris)
+                if loadFiles is None:
+                    loadFiles = [None] * len(uris)
+                if checksums is None:
+                    checksums = [None] * len(uris)
+            elif isinstance(uris, str):
+                uris, fileNames, nodeNames = [uris], [fileNames], [nodeNames]
+                loadFiles, loadFileTypes, checksums = [loadFiles], [loadFileTypes], [checksums]
+            self.uris, self.fileNames, self.nodeNames, self.loadFiles = uris, fileNames, nodeNames, loadFiles
+            self.customDownloader, self.thumbnailFileName = customDownloader, thumbnailFileName
+            self.loadFileTypes, self.checksums = loadFileTypes, checksums
+            if not len(uris) == len(fileNames) == len(nodeNames) == len(loadFiles) == len(loadFileTypes) == len(checksums):
+                raise ValueError("All fields of sample data source must have the same length")
+
+    class SampleDataLogic:
+        @staticmethod
+        def registerCustomSampleDataSource(category="Custom", sampleName=None, uris=None, fileNames=None,
+                                           nodeNames=None, customDownloader=None, thumbnailFileName=None,
+                                           loadFileTypes=None, loadFiles=None, loadFileProperties={},
+                                           checksums=None, loadFileType=None):
+            if (loadFileType is not None) and (loadFileTypes is None):
+                loadFileTypes = loadFileType
+            source = SampleDataSource(sampleName=sampleName, uris=uris, fileNames=fileNames, nodeNames=nodeNames,
+                                      thumbnailFileName=thumbnailFileName, loadFileTypes=loadFileTypes,
+                                      loadFiles=loadFiles, loadFileProperties=loadFileProperties,
+                                      checksums=checksums, customDownloader=customDownloader)
+            sources.setdefault(category, []).append(source)
+
+    # The old call (uris=None, fileNames=None) fails here exactly as inside Slicer.
+    with pytest.raises(TypeError):
+        SampleDataLogic.registerCustomSampleDataSource(category="x", sampleName="y", uris=None, fileNames=None)
+    sources.clear()
+    return types.SimpleNamespace(SampleDataLogic=SampleDataLogic, SampleDataSource=SampleDataSource, sources=sources)
+
+
 def test_dependencies_are_installed_only_after_confirmation(viewer, mrml_scene, monkeypatch):
     import slicer
 
@@ -237,17 +291,12 @@ def test_phantom_pair_sample_data(viewer, mrml_scene, tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "SampleData", None)  # import fails
     assert viewer.registerSampleData() is False
-    registered = {}
-
-    class SampleDataLogic:
-        @staticmethod
-        def registerCustomSampleDataSource(**kwargs):
-            registered.update(kwargs)
-
-    monkeypatch.setitem(sys.modules, "SampleData", types.SimpleNamespace(SampleDataLogic=SampleDataLogic))
+    sampleData = slicer_sample_data_api()
+    monkeypatch.setitem(sys.modules, "SampleData", sampleData)
     assert viewer.registerSampleData() is True
-    assert registered["sampleName"] == "PhantomPair" and registered["uris"] is None  # nothing to download
-    assert callable(registered["customDownloader"])
+    sources = sampleData.sources["AnatomicalEmbedding"]
+    assert [s.sampleName for s in sources] == ["PhantomPair"]
+    assert callable(sources[0].customDownloader) and sources[0].loadFiles == [False]
 
     logic = viewer.AnatomicalEmbeddingLogic()
     source, target = logic.loadPhantomPairSample(seed=5, outputDir=str(tmp_path / "pair"), spacing=8.0, size=32)
@@ -468,7 +517,8 @@ def test_correspondence_layout_after_a_match(viewer, logic, mrml_app, mrml_scene
 
 def src_volume_contains(volumeNode, ras) -> bool:
     volume = mrml.node_to_volume(volumeNode)
-    return bool(volume.inside(volume.world_to_index(convert_points(np.asarray(ras), "RAS", "LPS")))[0])
+    ijk = np.atleast_2d(volume.world_to_index(convert_points(np.asarray(ras, float), "RAS", "LPS")))[0]
+    return bool(np.all(ijk >= -0.5) and np.all(ijk <= np.asarray(volume.shape_ijk) - 0.5))
 
 
 def oblique_anisotropic(volume: Volume) -> Volume:

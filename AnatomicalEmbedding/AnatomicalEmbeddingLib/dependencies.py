@@ -20,8 +20,6 @@ from typing import Callable, Optional, Sequence
 import slicer
 
 RESOURCES = pathlib.Path(__file__).resolve().parents[1] / "Resources" / "Requirements"
-#: Python packages the engine needs that Slicer does not ship, as (import name, pip requirement).
-ENGINE_PACKAGES = (("scipy", "scipy>=1.10"), ("SimpleITK", "SimpleITK>=2.3"))
 #: Import names of pip distributions whose module name differs.
 IMPORT_NAMES = {"simpleitk": "SimpleITK", "onnxruntime-gpu": "onnxruntime", "tomli-w": "tomli_w",
                 "scikit-image": "skimage"}
@@ -41,6 +39,10 @@ def readRequirements(path) -> list:
         dist = re.split(r"[<>=!~;\[ ]", line, 1)[0]
         out.append((IMPORT_NAMES.get(dist.lower(), dist.replace("-", "_")), line))
     return out
+
+
+#: Python packages the engine needs that Slicer does not ship, as (import name, pip requirement).
+ENGINE_PACKAGES = tuple(readRequirements(RESOURCES / "viewer.txt"))
 
 
 def missingRequirements(path, importable: Callable[[str], bool] = importable) -> list:

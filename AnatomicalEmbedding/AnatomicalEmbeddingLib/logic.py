@@ -247,8 +247,10 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
             model.set_hook(hook)
             try:
                 emb = embed_volume(model, volume, self.cache, config)
-                if precompute:
-                    emb.fine_block(emb.valid_start, emb.valid_size)  # every tile, from disk cache when there
+                if precompute and (emb.cache is not None or nTiles <= emb.max_tiles_in_memory):
+                    # Tile by tile, within the tile budget (never channels x every voxel at once: a 1000-channel
+                    # imported model would need 8 GB for a 200x200x50 region); tiles go to the disk cache.
+                    emb.precompute_fine_tiles(check=job.check)
                 return emb
             finally:
                 model.set_hook(None)
@@ -424,20 +426,7 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         No resampling to the target's voxel grid: Slicer reslices the foreground layer for display. The cost is
         one dot product per coarse cell (milliseconds), independent of the target's voxel count.
         """
-        from anatomical_embedding.inference.embedding import upsample_linear
-        from anatomical_embedding.io import convert_points
-
-        matcher = self.matcher(sourceVolume, targetVolume)
-        lps = convert_points(np.asarray(pointRas, float), "RAS", "LPS")
-        q = matcher.source.world_to_index(lps)
-        if not matcher.source.inside(q)[0]:
-            raise ValueError(f"heatmap query {np.round(pointRas, 2).tolist()} RAS is outside the source image")
-        qc = matcher.source.sample_coarse(q)[0]
-        target = matcher.target
-        u = max(1, target.stride // 2)  # as Matcher.heatmap: cosine to vectors interpolated every s/2 voxels
-        sim = upsample_linear(np.einsum("c,ckji->kji", qc, target.coarse), u) / target.upsampled_norms(u)
-        sim = np.where(target.upsampled_valid_mask(u), sim, -1.0)
-        return target.coarse_volume(sim, u)
+        return views.coarseSimilarity(self.matcher(sourceVolume, targetVolume), pointRas)
 
     def updateHeatmap(self, sourceVolume, targetVolume, pointRas, heatmapNode=None, opacity: float = 0.5):
         """Similarity heatmap on its coarse grid, shown as foreground over the target in the target views only."""
@@ -547,6 +536,7 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         except ValueError as exc:  # e.g. a point outside the image: tell the user, do not crash the observer
             message = f"{label} not matched: {exc}"
             logging.warning("%s", message)
+            state["last"][pid] = (ras.copy(), label)  # one report per placement (several events fire for it)
             state["errors"].append(message)
             if state["onError"] is not None:
                 state["onError"](message)

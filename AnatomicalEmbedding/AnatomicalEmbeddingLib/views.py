@@ -85,10 +85,8 @@ def setupCorrespondenceLayout(sourceVolume, targetVolume) -> dict:
                 sliceNode.SetLayoutName(name)  # also the singleton tag, as the layout manager sets it
                 sliceNode.SetName(name)
                 sliceNode = scene.AddNode(sliceNode)
-                try:
+                if sliceNode.HasSliceOrientationPreset(orientation):  # presets exist in Slicer, not headless
                     sliceNode.SetOrientation(orientation)
-                except Exception:  # noqa: BLE001 - no orientation presets headless
-                    pass
             sliceNode.SetAttribute(VIEW_ROLE_ATTRIBUTE, role)
             composite = _compositeByLayoutName(scene, name)
             if composite is None:
@@ -128,6 +126,29 @@ def restrictMarkupsToViews(markupsNode, scene, role: str) -> None:
 
 
 # ---- heatmap ----------------------------------------------------------------------------------------
+#: The heatmap grid: the coarse grid upsampled this many times (1: the coarse cells themselves, with Slicer's
+#: display interpolation on). Its cost is that of the coarse map, independent of the target's voxel count.
+HEATMAP_UPSAMPLE = 1
+
+
+def coarseSimilarity(matcher, pointRas, upsample: int = HEATMAP_UPSAMPLE):
+    """Cosine similarity of the source point's coarse vector to the target's coarse map, as an engine Volume on
+    the coarse grid (world geometry of the target's embedding). Raises ValueError outside the source."""
+    from anatomical_embedding.inference.embedding import upsample_linear
+    from anatomical_embedding.io import convert_points
+
+    lps = convert_points(np.asarray(pointRas, float), "RAS", "LPS")
+    source, target = matcher.source, matcher.target
+    q = np.atleast_2d(source.world_to_index(lps))
+    if not source.inside(q)[0]:
+        raise ValueError(f"heatmap query {np.round(pointRas, 2).tolist()} RAS is outside the source image")
+    qc = source.sample_coarse(q)[0]
+    u = max(1, int(upsample))
+    sim = upsample_linear(np.einsum("c,ckji->kji", qc, target.coarse), u) / target.upsampled_norms(u)
+    sim = np.where(target.upsampled_valid_mask(u), sim, -1.0)
+    return target.coarse_volume(sim, u)
+
+
 def showHeatmapVolume(heat, targetVolume, heatmapNode=None, opacity: float = 0.5):
     """Put the engine's heatmap volume ``heat`` into ``heatmapNode`` (created when None), coloured, over the target.
 
