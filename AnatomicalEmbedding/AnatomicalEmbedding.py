@@ -327,6 +327,7 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.progressBar.setValue(int(100 * job.progress))
         self.ui.statusLabel.setText(job.message)
         if not job.done():
+            self.logic.yieldToWorker()  # PythonQt holds the interpreter lock while idle: let the worker run
             return
         self._timer.stop()
         self._job = None
@@ -542,7 +543,7 @@ class AnatomicalEmbeddingTest(ScriptedLoadableModuleTest):
         job = logic.embedVolumeAsync(source["volume"])
         while not job.done():
             slicer.app.processEvents()  # the GUI stays live while the worker embeds
-            time.sleep(0.05)
+            logic.yieldToWorker()  # the widget's poll timer does the same (no longer hidden by a long sleep)
         logic.finishJob(job)
         self.assertTrue(logic.isEmbedded(source["volume"]))
 

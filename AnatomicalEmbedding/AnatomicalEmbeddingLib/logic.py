@@ -174,6 +174,10 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
     def _submit(self, job: BackgroundJob, fn: Callable) -> BackgroundJob:
         return self._jobs.submit(job, fn)
 
+    def yieldToWorker(self, seconds: Optional[float] = None) -> None:
+        """Poll timer slot: give the worker thread the interpreter lock for a moment (see JobWorker)."""
+        self._jobs.yieldToWorker(seconds)
+
     def finishJob(self, job: BackgroundJob):
         """Main thread: collect a finished job (re-raises its error or InterruptedError) and apply its result."""
         return self._jobs.finish(job)
