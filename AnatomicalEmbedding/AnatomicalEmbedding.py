@@ -409,12 +409,15 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         p = self._parameterNode
         targets = self.logic.targetVolumes(p.sourceVolume, p.targetVolume, p.transferToAllVolumes)
 
-        def transfer():
-            with slicer.util.tryWithErrorDisplay("Transfer failed.", waitCursor=True):
-                outputs = self.logic.transferAll(p.sourceLandmarks, p.sourceVolume, targets,
-                                                 [p.targetLandmarks] + [None] * (len(targets) - 1))
-                p.targetLandmarks = outputs[0]
-                p.resultsTable = self.logic.updateResultsTable(p.resultsTable, outputs)
+        def transfer():  # in the worker thread (progress, Cancel); the lists are written when it is done
+            with slicer.util.tryWithErrorDisplay("Transfer failed.", waitCursor=False):
+                job = self.logic.transferAllAsync(p.sourceLandmarks, p.sourceVolume, targets,
+                                                  [p.targetLandmarks] + [None] * (len(targets) - 1))
+
+                def done():
+                    p.targetLandmarks = job.output[0]
+                    p.resultsTable = self.logic.updateResultsTable(p.resultsTable, job.output)
+                self._runJob(job, done)
 
         if self._parameterNode.sourceLandmarks is None:
             slicer.util.warningDisplay("Choose the source point list to transfer.")

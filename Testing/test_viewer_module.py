@@ -512,6 +512,11 @@ def test_correspondence_layout_after_a_match(viewer, logic, mrml_app, mrml_scene
     # Click mode follows selector changes: the widget restarts it when the nodes differ.
     assert logic.clickToCorrespondNodes() == (clicks, src_volume, dst_volume)
     logic.stopClickToCorrespond()
+    # Transfer all runs in the worker (the widget polls it); the lists are written on the main thread.
+    job = logic.transferAllAsync(source["landmarks"], src_volume, [dst_volume])
+    assert job.wait(timeout=120)
+    outputs = logic.finishJob(job)
+    assert mrml.markups_node_to_points(outputs[0])[0] == names
     assert mrml_app.vtk_messages() == ""
 
 

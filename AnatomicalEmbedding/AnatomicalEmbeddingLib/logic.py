@@ -44,8 +44,9 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         self.usePrior = True
         #: Sliding-window and fine-tile settings (engine defaults; part of the cache key).
         self.embedConfig = self._defaultEmbedConfig()
-        #: Volumes with at most this many fine tiles get all of them computed in the background.
-        self.maxPrecomputedTiles = 512
+        #: Volumes with at most this many fine tiles get all of them computed in the background, so that no click
+        #: runs the network on the GUI thread. None (default): every volume; tiles are computed one by one within the tile budget and read back from the disk cache.
+        self.maxPrecomputedTiles: Optional[int] = None
         self._cache = None
         self._embeddings: dict = {}   # volume node ID -> (geometry/content stamp, VolumeEmbedding)
         self._matchers: dict = {}     # (source ID, target ID) -> Matcher
@@ -237,7 +238,7 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         nCoarse = int(np.prod([len(window_starts(int(s), int(min(w, s)), config.overlap, m))
                                for s, w in zip(shape, window)]))
         nTiles = int(np.prod(-(-shape // config.fine_tile)))
-        precompute = nTiles <= self.maxPrecomputedTiles
+        precompute = self.maxPrecomputedTiles is None or nTiles <= self.maxPrecomputedTiles
         total = nCoarse + (nTiles if precompute else 0)
         count = [0]
 
@@ -382,9 +383,9 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         return self._storeMatch(targetMarkups, label, sourceMarkups.GetNthControlPointID(index),
                                 sourceMarkups.GetID(), result.final, seconds, targetVolume)
 
-    def transferAll(self, sourceMarkups, sourceVolume, targetVolumes: Sequence, targetMarkups: Optional[Sequence] = None,
-                    ) -> list:
-        """Match every defined point of ``sourceMarkups`` into each target; returns the target point lists."""
+    def _transferJob(self, sourceMarkups, sourceVolume, targetVolumes: Sequence, targetMarkups, job) -> Callable:
+        """Read the lists on the main thread; return the worker function (matching only: numpy, and the network
+        for fine tiles not yet computed); ``job.finish`` writes the matches into the lists on the main thread."""
         from anatomical_embedding import mrml
 
         names, lps = mrml.markups_node_to_points(sourceMarkups)
@@ -393,21 +394,46 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         if not names:
             raise ValueError(f"{sourceMarkups.GetName()!r} has no placed points to transfer")
         targetMarkups = list(targetMarkups or []) + [None] * (len(targetVolumes) - len(targetMarkups or []))
-        outputs = []
-        for volume, out in zip(targetVolumes, targetMarkups):
-            if volume is sourceVolume:
-                continue
-            matcher = self.matcher(sourceVolume, volume)
-            out = out or self.defaultTargetMarkups(volume)
-            t0 = time.perf_counter()
-            results = matcher.match(lps, "LPS", use_prior=self.usePrior, with_raw=False, names=names)
-            seconds = (time.perf_counter() - t0) / len(results)
-            wasModifying = out.StartModify()
-            for name, pid, r in zip(names, ids, results):
-                self._storeMatch(out, name, pid, sourceMarkups.GetID(), r.final, seconds, volume)
-            out.EndModify(wasModifying)
-            outputs.append(out)
-        return outputs
+        pairs = [(volume, out, self.matcher(sourceVolume, volume))
+                 for volume, out in zip(targetVolumes, targetMarkups) if volume is not sourceVolume]
+        usePrior, sourceId = self.usePrior, sourceMarkups.GetID()
+
+        def work():
+            results = []
+            for n, (volume, _, matcher) in enumerate(pairs):
+                job.check()
+                job.report(n / max(len(pairs), 1), f"transferring {len(names)} points into {n + 1}/{len(pairs)}")
+                t0 = time.perf_counter()
+                matched = matcher.match(lps, "LPS", use_prior=usePrior, with_raw=False, names=names)
+                results.append((matched, (time.perf_counter() - t0) / max(len(matched), 1)))
+            return results
+
+        def finish(results):
+            outputs = []
+            for (volume, out, _), (matched, seconds) in zip(pairs, results):
+                out = out or self.defaultTargetMarkups(volume)
+                wasModifying = out.StartModify()
+                for name, pid, r in zip(names, ids, matched):
+                    self._storeMatch(out, name, pid, sourceId, r.final, seconds, volume)
+                out.EndModify(wasModifying)
+                outputs.append(out)
+            return outputs
+
+        job.finish = finish
+        return work
+
+    def transferAll(self, sourceMarkups, sourceVolume, targetVolumes: Sequence, targetMarkups: Optional[Sequence] = None,
+                    ) -> list:
+        """Match every defined point of ``sourceMarkups`` into each target now (blocking); returns the lists."""
+        job = BackgroundJob("Transfer all")
+        work = self._transferJob(sourceMarkups, sourceVolume, targetVolumes, targetMarkups, job)
+        return job.finish(work())
+
+    def transferAllAsync(self, sourceMarkups, sourceVolume, targetVolumes: Sequence,
+                         targetMarkups: Optional[Sequence] = None) -> BackgroundJob:
+        """Transfer all in the worker thread (progress, cancel); :meth:`finishJob` writes the target lists."""
+        job = BackgroundJob("Transfer all")
+        return self._submit(job, self._transferJob(sourceMarkups, sourceVolume, targetVolumes, targetMarkups, job))
 
     @staticmethod
     def targetVolumes(sourceVolume, targetVolume, allVolumes: bool = False) -> list:
