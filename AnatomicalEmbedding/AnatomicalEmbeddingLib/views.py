@@ -81,7 +81,8 @@ def setupCorrespondenceLayout(sourceVolume, targetVolume) -> dict:
         for name, orientation in zip(names, _ORIENTATIONS):
             sliceNode = _sliceByLayoutName(scene, name)
             if sliceNode is None:
-                sliceNode = slicer.vtkMRMLSliceNode()
+                sliceNode = scene.CreateNodeByClass("vtkMRMLSliceNode")  # with the scene's defaults (presets)
+                sliceNode.UnRegister(None)
                 sliceNode.SetLayoutName(name)  # also the singleton tag, as the layout manager sets it
                 sliceNode.SetName(name)
                 sliceNode = scene.AddNode(sliceNode)
@@ -90,7 +91,8 @@ def setupCorrespondenceLayout(sourceVolume, targetVolume) -> dict:
             sliceNode.SetAttribute(VIEW_ROLE_ATTRIBUTE, role)
             composite = _compositeByLayoutName(scene, name)
             if composite is None:
-                composite = slicer.vtkMRMLSliceCompositeNode()
+                composite = scene.CreateNodeByClass("vtkMRMLSliceCompositeNode")
+                composite.UnRegister(None)
                 composite.SetLayoutName(name)
                 composite = scene.AddNode(composite)
             composite.SetBackgroundVolumeID(volume.GetID() if volume is not None else None)
