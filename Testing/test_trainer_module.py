@@ -343,6 +343,20 @@ def test_model_registry_register_list_unregister(tmp_path, monkeypatch):
         model_registry.list_models()
 
 
+def test_defaults_read_from_source_equal_the_imported_dataclasses(trainer):
+    """The torch-free reading of the method defaults (ast) agrees with the imported Config classes: every
+    field with a literal default is found and equal, and patch_size (what the panel shows) is always there."""
+    from AnatomicalEmbeddingTrainerLib import settings
+
+    for method in settings.availableMethods():
+        imported = settings.methodConfigDefaults(method)
+        parsed = settings.dataclassDefaultsFromSource(*settings.methodTarget(method))
+        assert parsed and {k: imported[k] for k in parsed} == parsed, method
+        assert ("patch_size" in parsed) == ("patch_size" in imported), method
+    train = settings.dataclassDefaultsFromSource("anatomical_embedding.training.config", "TrainConfig")
+    assert train == settings.trainConfigDefaults()
+
+
 # ---- the panel without PyTorch (defect: setup() imported methods/adam.py and therefore torch) -------------
 class _Combo:
     def __init__(self):

@@ -109,12 +109,18 @@ def methodConfigDefaults(method: str) -> dict:
         from anatomical_embedding.methods import get_method
 
         return {f.name: f.default for f in fields(get_method(method).Config)}
+    return dataclassDefaultsFromSource(*methodTarget(method))
+
+
+def methodTarget(method: str) -> tuple:
+    """(module, class) of a registered method, without importing it."""
     from anatomical_embedding import methods
 
     target = methods._REGISTRY.get(method) or methods._TASKS.get(method)
     if target is None:
         raise ValueError(f"unknown method {method!r}")
-    return dataclassDefaultsFromSource(*target.split(":"))
+    module, cls = target.split(":")
+    return module, cls
 
 
 def finetuneTrainDefaults() -> tuple:
