@@ -713,3 +713,32 @@ def test_few_shot_flow(viewer, logic, mrml_scene, pair):
         logic.trainFewShotHead(logic.fewShotCases(cases), quick, progress=lambda f, m: False)
     logic.removeFewShotCase(cases, 0)
     assert [v.GetName() for v, _ in logic.fewShotCases(cases)] == ["third"]
+
+
+def test_click_mode_follows_selector_changes(viewer, logic, mrml_scene, pair, monkeypatch):
+    """Item 11: the Widget's parameter observer restarts click mode when the source/target selectors change
+    while it is active (it used to keep matching into the old volumes). The Widget's Qt parts are not built
+    (slicer-core has no Qt); its parameter observer and the logic are the real ones."""
+    import unittest.mock as mock
+
+    source, target = load_pair(mrml_scene, pair)
+    other = mrml.volume_to_node(pair[0][2]["image"], mrml_scene, "third")
+    clicks = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks")
+    p = logic.getParameterNode()
+    p.sourceVolume, p.targetVolume, p.sourceLandmarks, p.clickToCorrespond = (source["volume"], target["volume"],
+                                                                               clicks, True)
+    widget = viewer.AnatomicalEmbeddingWidget.__new__(viewer.AnatomicalEmbeddingWidget)
+    widget.logic, widget._parameterNode, widget._job, widget.ui = logic, p, None, mock.MagicMock()
+    started = []
+    monkeypatch.setattr(widget, "_startClickMode", lambda: started.append(
+        logic.startClickToCorrespond(p.sourceLandmarks, p.sourceVolume, p.targetVolume, layout=False)))
+    widget.onParameterChanged()
+    assert logic.clickToCorrespondNodes() == (clicks, source["volume"], target["volume"]) and len(started) == 1
+    widget.onParameterChanged()  # nothing changed: not restarted
+    assert len(started) == 1
+    p.targetVolume = other
+    widget.onParameterChanged()
+    assert len(started) == 2 and logic.clickToCorrespondNodes() == (clicks, source["volume"], other)
+    p.clickToCorrespond = False
+    widget.onParameterChanged()
+    assert not logic.clickToCorrespondActive()
