@@ -189,6 +189,7 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = AnatomicalEmbeddingLogic()
+        self.logic.matchInBackground = True  # a click only reads its point on the GUI thread
         self._timer = qt.QTimer()
         self._timer.setInterval(100)  # polls background jobs; the GUI never waits on them
         self._timer.connect("timeout()", self.onPollJob)
@@ -320,16 +321,21 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._timer.start()
 
     def onPollJob(self) -> None:
+        self.logic.pollClickJobs()  # click matches run in the worker; their results are written here
+        if self.logic.clickJobsPending():
+            self.logic.yieldToWorker()
         job = self._job
         if job is None:
-            self._timer.stop()
+            if not self.logic.clickToCorrespondActive() and not self.logic.clickJobsPending():
+                self._timer.stop()
             return
         self.ui.progressBar.setValue(int(100 * job.progress))
         self.ui.statusLabel.setText(job.message)
         if not job.done():
             self.logic.yieldToWorker()  # PythonQt holds the interpreter lock while idle: let the worker run
             return
-        self._timer.stop()
+        if not self.logic.clickToCorrespondActive():
+            self._timer.stop()  # (click mode keeps it: it polls the click matches)
         self._job = None
         self.ui.progressBar.setVisible(False)
         self.ui.cancelButton.setEnabled(False)
@@ -384,6 +390,7 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 # is matched back into the source.
                 slicer.modules.markups.logic().SetActiveList(p.sourceLandmarks)
                 slicer.modules.markups.logic().StartPlaceMode(True)
+                self._timer.start()  # polls the click matches
                 self.ui.statusLabel.setText("Click in the source views (top row): each point is matched in the "
                                             "target (bottom row); a click in the target row is matched back.")
                 return

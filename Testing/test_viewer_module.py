@@ -742,3 +742,39 @@ def test_click_mode_follows_selector_changes(viewer, logic, mrml_scene, pair, mo
     p.clickToCorrespond = False
     widget.onParameterChanged()
     assert not logic.clickToCorrespondActive()
+
+
+def test_click_matches_in_the_worker_thread(viewer, logic, mrml_scene, pair):
+    """Item 2: with ``matchInBackground`` (the widget's setting) a click costs the GUI thread only reading the
+    point; the match runs in the worker and the poll writes the target point and calls ``onMatched``."""
+    import vtk
+
+    source, target = load_pair(mrml_scene, pair)
+    job = logic.prepareCorrespondenceAsync(source["volume"], [target["volume"]], bothWays=True)
+    assert job.wait(timeout=300)
+    logic.finishJob(job)
+    logic.matchInBackground = True
+    clicks = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks")
+    seen, errors = [], []
+    out = logic.startClickToCorrespond(clicks, source["volume"], target["volume"], onMatched=seen.append,
+                                       onError=errors.append)
+    names, src_lps = mrml.markups_node_to_points(source["landmarks"])
+    gui = []
+    for name, ras in zip(names[:5], convert_points(src_lps[:5], "LPS", "RAS")):
+        t0 = time.perf_counter()
+        clicks.AddControlPoint(vtk.vtkVector3d(*ras), name)  # the click: observers run on this (GUI) thread
+        gui.append(time.perf_counter() - t0)
+    clicks.AddControlPoint(vtk.vtkVector3d(5000.0, 5000.0, 5000.0), "outside")
+    assert out.GetNumberOfControlPoints() == 0  # nothing written yet: the matches run in the worker
+    deadline = time.monotonic() + 120
+    while logic.clickJobsPending() and time.monotonic() < deadline:
+        t0 = time.perf_counter()
+        logic.pollClickJobs()
+        gui.append(time.perf_counter() - t0)
+        time.sleep(0.01)
+    assert [r["label"] for r in seen] == names[:5]  # in click order
+    assert mrml.markups_node_to_points(out)[0] == names[:5]
+    assert len(errors) == 1 and "outside" in errors[0]
+    print(f"\nGUI-thread time per click event or poll: max {1000 * max(gui):.1f} ms")
+    assert max(gui) < 0.05
+    logic.stopClickToCorrespond()

@@ -53,6 +53,10 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         self._jobs = JobWorker("AnatomicalEmbedding")
         self._click: Optional[dict] = None
         self._busy = False
+        #: Click-to-correspond matches in the worker thread (the widget sets it; scripts and tests may keep the
+        #: blocking default). The GUI thread then only reads the point, and later writes the result.
+        self.matchInBackground = False
+        self._clickJobs: list = []
 
     def getParameterNode(self):
         if self.parameterNodeClass is None:
@@ -560,6 +564,9 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
                 result = self.matchBackControlPoint(node, index, state["sourceVolume"], state["targetVolume"],
                                                     state["target"])
                 node.GetNthControlPointPositionWorld(index, ras)
+            elif self.matchInBackground:
+                state["last"][pid] = (ras.copy(), label)
+                return self._submitClickMatch(node, index, state)
             else:
                 result = self.matchControlPoint(node, index, state["sourceVolume"], state["targetVolume"],
                                                 state["target"])
@@ -578,6 +585,59 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         if state["onMatched"] is not None:
             state["onMatched"](result)
         return result
+
+    def _submitClickMatch(self, node, index: int, state: dict) -> BackgroundJob:
+        """The match of one click as a background job: read the point now (main thread), match in the worker,
+        write the target point and call ``onMatched`` in :meth:`pollClickJobs` (main thread, in click order)."""
+        from anatomical_embedding.io import convert_points
+
+        ras = np.zeros(3)
+        node.GetNthControlPointPositionWorld(index, ras)
+        label, pid = node.GetNthControlPointLabel(index), node.GetNthControlPointID(index)
+        sourceVolume, targetVolume, targetMarkups = state["sourceVolume"], state["targetVolume"], state["target"]
+        matcher, usePrior = self.matcher(sourceVolume, targetVolume), self.usePrior
+        job = BackgroundJob(f"Matching {label}")
+        lps = convert_points(ras, "RAS", "LPS")
+
+        def work():
+            t0 = time.perf_counter()
+            match = matcher.match(lps, "LPS", use_prior=usePrior, with_raw=False, names=[label])[0]
+            return match, time.perf_counter() - t0
+
+        def finish(output):
+            match, seconds = output
+            return self._storeMatch(targetMarkups, label, pid, node.GetID(), match.final, seconds, targetVolume)
+
+        job.finish = finish
+        self._clickJobs.append((job, state))
+        return self._submit(job, work)
+
+    def clickJobsPending(self) -> bool:
+        return bool(self._clickJobs)
+
+    def pollClickJobs(self) -> int:
+        """Main thread (the widget's poll timer): apply finished click matches in click order; returns how many."""
+        applied = 0
+        while self._clickJobs and self._clickJobs[0][0].done():
+            job, state = self._clickJobs.pop(0)
+            try:
+                self._busy = True
+                try:
+                    result = self.finishJob(job)
+                finally:
+                    self._busy = False
+            except (ValueError, InterruptedError) as exc:
+                message = f"{job.description[len('Matching '):]} not matched: {exc}"
+                logging.warning("%s", message)
+                state["errors"].append(message)
+                if state.get("onError") is not None:
+                    state["onError"](message)
+                continue
+            state["results"].append(result)
+            applied += 1
+            if state["onMatched"] is not None:
+                state["onMatched"](result)
+        return applied
 
     def matchBackControlPoint(self, sourceMarkups, index: int, sourceVolume, targetVolume, targetMarkups) -> dict:
         """A point of ``sourceMarkups`` placed on the target (a click in a target view): match it into the source.
