@@ -282,6 +282,15 @@ def test_dependencies_are_installed_only_after_confirmation(viewer, mrml_scene, 
     ensured.clear()
     logic.ensureImportDependencies()
     assert ensured and {r.split(">")[0] for r in ensured[0][0]} == {"monai", "onnx"}
+    # With PyTorch missing too: our one question names everything, pip_ensure runs without its own prompt, and
+    # a missing PyTorch extension is shown (not raised).
+    monkeypatch.setattr(logic, "_importable", lambda name: name not in ("monai", "onnx", "torch"))
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)
+    asked.clear(), ensured.clear(), shown.clear()
+    assert logic.ensureImportDependencies() is False
+    assert len(asked) == 1 and "PyTorch" in asked[0] and "monai" in asked[0]
+    assert ensured and ensured[0][1] is False  # prompt_install=False: never a second question
+    assert shown and "PyTorch extension" in shown[-1]
     # The torch backend does not need onnxruntime; torch itself comes from the PyTorch extension.
     assert logic.missingPackages("torch") == []
 

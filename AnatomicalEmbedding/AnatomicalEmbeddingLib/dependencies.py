@@ -82,8 +82,10 @@ def install(missing: Sequence[str], needTorch: bool, requester: str = "Anatomica
     what = list(missing) + (["PyTorch (through the PyTorch extension)"] if needTorch else [])
     packaging = getattr(slicer, "packaging", None)
     pipEnsure = getattr(packaging, "pip_ensure", None) if packaging is not None else None
-    if pipEnsure is None or not missing:
-        # Our own (single) prompt; pip_ensure below shows Slicer's instead, so never both.
+    # pip_ensure's own prompt covers pip packages only: with PyTorch to install too, we ask once for everything
+    # and call pip_ensure without its prompt. Never two questions.
+    ownPrompt = pipEnsure is None or needTorch
+    if ownPrompt:
         if not slicer.util.confirmOkCancelDisplay(
                 f"{requester} needs these Python packages: " + ", ".join(what)
                 + ".\nInstall them now? (this may take a few minutes)"):
@@ -96,7 +98,7 @@ def install(missing: Sequence[str], needTorch: bool, requester: str = "Anatomica
             if pipEnsure is not None:
                 from packaging.requirements import Requirement
 
-                pipEnsure([Requirement(r) for r in missing], prompt_install=True, requester=requester,
+                pipEnsure([Requirement(r) for r in missing], prompt_install=not ownPrompt, requester=requester,
                           show_progress=True)
             else:
                 slicer.util.pip_install(list(missing))
