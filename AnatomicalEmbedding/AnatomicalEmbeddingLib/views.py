@@ -121,9 +121,9 @@ def restrictMarkupsToViews(markupsNode, scene, role: str) -> None:
     if markupsNode.GetDisplayNode() is None:
         markupsNode.CreateDefaultDisplayNodes()
     display = markupsNode.GetDisplayNode()
-    threeD = [display.GetNthViewNodeID(i) for i in range(display.GetNumberOfViewNodeIDs())
-              if (scene.GetNodeByID(display.GetNthViewNodeID(i)) is not None
-                  and scene.GetNodeByID(display.GetNthViewNodeID(i)).IsA("vtkMRMLViewNode"))]
+    # 3D views keep showing the points (only the slice rows are split between source and target).
+    threeD = [scene.GetNthNodeByClass(i, "vtkMRMLViewNode").GetID()
+              for i in range(scene.GetNumberOfNodesByClass("vtkMRMLViewNode"))]
     display.SetViewNodeIDs(ids + threeD)
 
 
