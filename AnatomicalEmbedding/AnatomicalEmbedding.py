@@ -82,6 +82,10 @@ HDSSL (Kats et al.). See the extension's README for references.
 #
 # Sample data: a phantom pair generated locally by the engine (no download)
 #
+#: Placeholder URI of the generated sample (never downloaded: the custom downloader generates the pair locally).
+PHANTOM_PAIR_URI = "https://github.com/AnatomicalEmbedding/generated/phantom-pair"
+
+
 def registerSampleData() -> bool:
     """Register "Phantom pair" with the SampleData module; False when SampleData is absent."""
     try:
@@ -92,18 +96,22 @@ def registerSampleData() -> bool:
     iconsPath = os.path.join(os.path.dirname(__file__), "Resources", "Icons")
 
     def generate(source=None):
-        # Called by SampleData instead of a download: generate and load the pair (no network).
+        # SampleData calls customDownloader(source) instead of downloading: generate and load the pair (no network).
         logic = AnatomicalEmbeddingLogic()
         return logic.loadPhantomPairSample()
 
     try:
+        # Slicer's SampleDataSource needs uris, fileNames, nodeNames ... of equal length (None fails len()); as in
+        # Slicer's own custom-downloader test source, one placeholder URI and file name: the custom downloader
+        # replaces the download, so the URI is never fetched.
         SampleData.SampleDataLogic.registerCustomSampleDataSource(
             category="AnatomicalEmbedding", sampleName="PhantomPair",
             thumbnailFileName=os.path.join(iconsPath, "AnatomicalEmbedding.png"),
-            uris=None, fileNames=None, nodeNames=None, loadFiles=False, customDownloader=generate)
+            uris=PHANTOM_PAIR_URI, fileNames="PhantomPair.nrrd", nodeNames="PhantomPair", loadFiles=False,
+            customDownloader=generate)
         return True
     except Exception as exc:  # noqa: BLE001 - an older SampleData API must not break module loading
-        logging.warning("Could not register the phantom pair with SampleData (%s)", exc)
+        logging.error("Could not register the phantom pair with SampleData: %s", exc)
         return False
 
 
@@ -181,6 +189,7 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = AnatomicalEmbeddingLogic()
+        self.logic.matchInBackground = True  # a click only reads its point on the GUI thread
         self._timer = qt.QTimer()
         self._timer.setInterval(100)  # polls background jobs; the GUI never waits on them
         self._timer.connect("timeout()", self.onPollJob)
@@ -253,9 +262,14 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.logic.lowConfidence = p.lowConfidenceThreshold
         self.logic.setHeatmapOpacity(p.heatmapVolume, p.heatmapOpacity if p.showHeatmap else 0.0)
         self.ui.modelCardLabel.setText(self.logic.modelCardText())
-        if p.clickToCorrespond and not self.logic.clickToCorrespondActive() and self._job is None:
+        active = self.logic.clickToCorrespondNodes()
+        if active is not None and p.clickToCorrespond and active != (p.sourceLandmarks, p.sourceVolume,
+                                                                     p.targetVolume):
+            self.logic.stopClickToCorrespond()  # a selector changed while clicking: restart on the new nodes
+            active = None
+        if p.clickToCorrespond and active is None and self._job is None:
             self._startClickMode()  # (while its preparation job runs, parameter changes must not restart it)
-        elif not p.clickToCorrespond and self.logic.clickToCorrespondActive():
+        elif not p.clickToCorrespond and active is not None:
             self.logic.stopClickToCorrespond()
 
     # ---- model ----
@@ -267,7 +281,8 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def onImportPublished(self) -> None:
         """Dialog: published checkpoint -> model package, registered and selected here."""
-        if not self.logic.ensureDependencies("torch", askUser=True):  # importing runs the published network
+        # importing runs the published network: PyTorch, MONAI and onnx, one prompt, errors shown
+        if not self.logic.ensureImportDependencies(askUser=True, progress=self.ui.statusLabel.setText):
             return
         from AnatomicalEmbeddingLib.ImportPretrained import ImportPretrainedDialog
 
@@ -286,7 +301,7 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def onLoadModel(self) -> bool:
         p = self._parameterNode
-        if not self.logic.ensureDependencies(p.backend, askUser=True):
+        if not self.logic.ensureDependencies(p.backend, askUser=True, progress=self.ui.statusLabel.setText):
             return False
         with slicer.util.tryWithErrorDisplay("Could not load the model.", waitCursor=True):
             if str(p.modelPath) in ("", "."):  # none chosen: the shipped default for the source's modality
@@ -309,15 +324,21 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._timer.start()
 
     def onPollJob(self) -> None:
+        self.logic.pollClickJobs()  # click matches run in the worker; their results are written here
+        if self.logic.clickJobsPending():
+            self.logic.yieldToWorker()
         job = self._job
         if job is None:
-            self._timer.stop()
+            if not self.logic.clickToCorrespondActive() and not self.logic.clickJobsPending():
+                self._timer.stop()
             return
         self.ui.progressBar.setValue(int(100 * job.progress))
         self.ui.statusLabel.setText(job.message)
         if not job.done():
+            self.logic.yieldToWorker()  # PythonQt holds the interpreter lock while idle: let the worker run
             return
-        self._timer.stop()
+        if not self.logic.clickToCorrespondActive():
+            self._timer.stop()  # (click mode keeps it: it polls the click matches)
         self._job = None
         self.ui.progressBar.setVisible(False)
         self.ui.cancelButton.setEnabled(False)
@@ -341,7 +362,7 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if self._job is not None:
             self._job.cancel()
 
-    def _embedThen(self, after, targets: Optional[list] = None) -> None:
+    def _embedThen(self, after, targets: Optional[list] = None, bothWays: bool = False) -> None:
         """Embed the source and targets and fit their priors (one background job), then call ``after``."""
         p = self._parameterNode
         targets = targets or [p.targetVolume]
@@ -349,10 +370,10 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             slicer.util.warningDisplay("Choose a model, a source volume and a target volume first.")
             p.clickToCorrespond = False
             return
-        if self.logic.isPrepared(p.sourceVolume, targets):
+        if self.logic.isPrepared(p.sourceVolume, targets, bothWays):
             after()
             return
-        self._runJob(self.logic.prepareCorrespondenceAsync(p.sourceVolume, targets), after)
+        self._runJob(self.logic.prepareCorrespondenceAsync(p.sourceVolume, targets, bothWays), after)
 
     def onEmbed(self) -> None:
         self._embedThen(lambda: self.ui.statusLabel.setText("Source and target are embedded."))
@@ -363,18 +384,30 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             p = self._parameterNode
             if p.sourceLandmarks is None:
                 p.sourceLandmarks = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Source points")
-            p.targetLandmarks = self.logic.startClickToCorrespond(
-                p.sourceLandmarks, p.sourceVolume, p.targetVolume, p.targetLandmarks, onMatched=self._onMatched)
-            # Place points on the source: the Markups place mode with the source list active.
-            slicer.modules.markups.logic().SetActiveList(p.sourceLandmarks)
-            slicer.modules.markups.logic().StartPlaceMode(True)
-            self.ui.statusLabel.setText("Click on the source volume: each point is matched in the target.")
+            with slicer.util.tryWithErrorDisplay("Could not start click-to-correspond.", waitCursor=False):
+                p.targetLandmarks = self.logic.startClickToCorrespond(
+                    p.sourceLandmarks, p.sourceVolume, p.targetVolume, p.targetLandmarks,
+                    onMatched=self._onMatched, onError=self._onMatchError)
+                # Place points: the Markups place mode with the source list active. The correspondence layout
+                # shows the source in the top row and the target in the bottom row; a click in the bottom row
+                # is matched back into the source.
+                slicer.modules.markups.logic().SetActiveList(p.sourceLandmarks)
+                slicer.modules.markups.logic().StartPlaceMode(True)
+                self._timer.start()  # polls the click matches
+                self.ui.statusLabel.setText("Click in the source views (top row): each point is matched in the "
+                                            "target (bottom row); a click in the target row is matched back.")
+                return
+            p.clickToCorrespond = False
 
-        self._embedThen(start)
+        self._embedThen(start, bothWays=True)
+
+    def _onMatchError(self, message: str) -> None:
+        self.ui.statusLabel.setText(message)
+        slicer.util.warningDisplay(message, windowTitle="Anatomical Embedding")
 
     def _onMatched(self, result: dict) -> None:
         p = self._parameterNode
-        if p.showHeatmap:
+        if p.showHeatmap:  # on the embedding's coarse grid: milliseconds, whatever the target's size
             p.heatmapVolume = self.logic.updateHeatmap(p.sourceVolume, p.targetVolume, result["query_ras"],
                                                        p.heatmapVolume, p.heatmapOpacity)
         p.resultsTable = self.logic.updateResultsTable(p.resultsTable, [p.targetLandmarks])
@@ -386,12 +419,15 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         p = self._parameterNode
         targets = self.logic.targetVolumes(p.sourceVolume, p.targetVolume, p.transferToAllVolumes)
 
-        def transfer():
-            with slicer.util.tryWithErrorDisplay("Transfer failed.", waitCursor=True):
-                outputs = self.logic.transferAll(p.sourceLandmarks, p.sourceVolume, targets,
-                                                 [p.targetLandmarks] + [None] * (len(targets) - 1))
-                p.targetLandmarks = outputs[0]
-                p.resultsTable = self.logic.updateResultsTable(p.resultsTable, outputs)
+        def transfer():  # in the worker thread (progress, Cancel); the lists are written when it is done
+            with slicer.util.tryWithErrorDisplay("Transfer failed.", waitCursor=False):
+                job = self.logic.transferAllAsync(p.sourceLandmarks, p.sourceVolume, targets,
+                                                  [p.targetLandmarks] + [None] * (len(targets) - 1))
+
+                def done():
+                    p.targetLandmarks = job.output[0]
+                    p.resultsTable = self.logic.updateResultsTable(p.resultsTable, job.output)
+                self._runJob(job, done)
 
         if self._parameterNode.sourceLandmarks is None:
             slicer.util.warningDisplay("Choose the source point list to transfer.")
@@ -520,7 +556,7 @@ class AnatomicalEmbeddingTest(ScriptedLoadableModuleTest):
         job = logic.embedVolumeAsync(source["volume"])
         while not job.done():
             slicer.app.processEvents()  # the GUI stays live while the worker embeds
-            time.sleep(0.05)
+            logic.yieldToWorker()  # the widget's poll timer does the same (no longer hidden by a long sleep)
         logic.finishJob(job)
         self.assertTrue(logic.isEmbedded(source["volume"]))
 
@@ -535,9 +571,20 @@ class AnatomicalEmbeddingTest(ScriptedLoadableModuleTest):
         scores = logic.pointScores(matches, 0)
         self.assertIn("similarity", scores)
         self.assertIn("confidence", scores)
-        logic.stopClickToCorrespond()
+        # Correspondence layout: source row shows the source only; target row the target with the heatmap.
+        from AnatomicalEmbeddingLib import views
         heatmap = logic.updateHeatmap(source["volume"], target["volume"], ras)
-        self.assertTrue(mrml.node_to_volume(heatmap).same_geometry(mrml.node_to_volume(target["volume"])))
+        for composite in views.correspondenceViews(slicer.mrmlScene, "source"):
+            self.assertEqual(composite.GetBackgroundVolumeID(), source["volume"].GetID())
+            self.assertIsNone(composite.GetForegroundVolumeID())
+        for composite in views.correspondenceViews(slicer.mrmlScene, "target"):
+            self.assertEqual(composite.GetBackgroundVolumeID(), target["volume"].GetID())
+            self.assertEqual(composite.GetForegroundVolumeID(), heatmap.GetID())
+        self.assertTrue(heatmap.GetHideFromEditors())  # never offered as a source or target
+        # The next click is read as a source point (one more match, same target list).
+        clicks.AddControlPoint(vtk.vtkVector3d(*ras), "second")
+        self.assertEqual(matches.GetNumberOfControlPoints(), 2)
+        logic.stopClickToCorrespond()
 
         self.delayDisplay("Transfer all")
         out = logic.transferAll(source["landmarks"], source["volume"], [target["volume"]])[0]

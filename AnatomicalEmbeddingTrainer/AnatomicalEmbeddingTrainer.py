@@ -1,6 +1,6 @@
 """AnatomicalEmbeddingTrainer: prepare training data, then start, watch, stop, resume and export training runs.
 
-Training runs outside the Slicer process (``train.py`` in this folder, through
+Training runs outside the Slicer process (``AnatomicalEmbeddingTrainerLib/train.py``, through
 ``anatomical_embedding.training.monitor``: one process, or torchrun for several), so Slicer never blocks.
 A ``qt.QTimer`` calls ``AnatomicalEmbeddingTrainerLogic.poll()`` twice a second; it reads the lines the
 process appended to ``RUN_DIR/console.log``, parses the engine's JSON progress lines, and rewrites a
@@ -146,6 +146,12 @@ class AnatomicalEmbeddingTrainerWidget(ScriptedLoadableModuleWidget, VTKObservat
             self.ui.trainingStatusLabel.text = f"Training engine not available: {exc}"
         for name in methods:
             self.ui.methodComboBox.addItem(name)
+        # Without PyTorch the panel still opens (method defaults are read torch-free) and offers the install.
+        self._missing = self.logic.missingTrainingPackages()
+        if self._missing:
+            self.ui.trainingStatusLabel.text = ("Training needs Python packages that are not installed: "
+                                                + ", ".join(self._missing)
+                                                + ". Start installs them (you will be asked first).")
         self.ui.methodComboBox.connect("currentTextChanged(QString)", self.onMethodChanged)
 
         self.ui.exportCaseButton.connect("clicked(bool)", self.onExportCase)
@@ -259,6 +265,10 @@ class AnatomicalEmbeddingTrainerWidget(ScriptedLoadableModuleWidget, VTKObservat
         self._launch(resume=True)
 
     def _launch(self, resume: bool) -> None:
+        if not self.logic.ensureTrainingDependencies(
+                askUser=True, progress=lambda text: setattr(self.ui.trainingStatusLabel, "text", text)):
+            self.ui.trainingStatusLabel.text = "Training needs PyTorch and the packages listed above."
+            return
         with slicer.util.tryWithErrorDisplay("Could not start training.", waitCursor=True):
             self.logic.startTraining(self._parameterNode, resume=resume)
             self.ui.logTextEdit.setPlainText(" ".join(self.logic.monitor.argv))
@@ -321,9 +331,24 @@ class AnatomicalEmbeddingTrainerTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         self.setUp()
+        self.test_DefaultsReadWithoutTorch()
+        self.setUp()
         self.test_ExportCase()
         self.setUp()
         self.test_TrainFromScene()
+
+    def test_DefaultsReadWithoutTorch(self):
+        """The panel's torch-free defaults (read from the engine's source) equal the imported dataclasses'."""
+        from AnatomicalEmbeddingTrainerLib import settings
+
+        if not settings.torchAvailable():
+            self.delayDisplay("PyTorch absent: the panel uses the source-read defaults (nothing to compare)")
+            return
+        for method in settings.availableMethods():
+            imported = settings.methodConfigDefaults(method)
+            parsed = settings.dataclassDefaultsFromSource(*settings.methodTarget(method))
+            self.assertEqual({k: imported[k] for k in parsed}, parsed, method)
+        self.delayDisplay("Test passed")
 
     def test_ExportCase(self):
         """A scene volume and segmentation land in the training folder with the same voxels, geometry and names."""

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,9 @@ def trained_aefm_run(tmp_path_factory, phantom_cohort, held_out_ids) -> Path:
     from anatomical_embedding.training.config import load_run_config
     from anatomical_embedding.training.engine import Trainer
 
+    reuse = os.environ.get("AE_TEST_REUSE_AEFM_RUN")
+    if reuse:  # local iteration only (a run trained earlier; accuracy assertions need the full 300 steps)
+        return Path(reuse)
     root = tmp_path_factory.mktemp("aefm_run")
     manifest = write_training_manifest(phantom_cohort, held_out_ids, root / "train.json")
     cfg = load_run_config("aefm", None, TINY_AEFM_OVERRIDES)

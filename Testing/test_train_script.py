@@ -1,4 +1,4 @@
-"""``AnatomicalEmbeddingTrainer/train.py``: help generated from the config defaults, a tiny run in a subprocess
+"""``AnatomicalEmbeddingTrainerLib/train.py``: help generated from the config defaults, a tiny run in a subprocess
 (progress lines, checkpoint, exported package that the matching code loads) and the documented exit codes."""
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_PY = ROOT / "AnatomicalEmbeddingTrainer" / "train.py"
+TRAIN_PY = ROOT / "AnatomicalEmbeddingTrainer" / "AnatomicalEmbeddingTrainerLib" / "train.py"
+#: The documented path of a source checkout (a compatibility launcher, not installed).
+COMPAT_TRAIN_PY = ROOT / "AnatomicalEmbeddingTrainer" / "train.py"
 TINY = ["method.widths=[8,16,32,64]", "method.feature_dim=8", "method.spacing=[8.0,8.0,8.0]",
         "method.patch_size=[32,32,32]", "method.n_pos=50", "method.n_neg=512", "method.epochs_region=0",
         "train.batch_size=2", "train.num_workers=0", "train.progress_bar=false", "train.tensorboard=false"]
@@ -221,3 +223,48 @@ def test_finetune_goes_through_the_same_script(train_module, tiny_cohort, tmp_pa
     assert train_module.main(["--method", "finetune", "--mode", "scratch", "--data", str(tiny_cohort),
                               "--out", str(tmp_path / "y"), "--export", str(tmp_path / "y.aemodel")]) == 2
     assert "anatomical-embedding segment" in capsys.readouterr().err
+
+
+# ---- every path exits with its documented code (defect: a windowless Slicer never quit) ---------------------
+BLOCK_TORCH = ("import sys, importlib.abc\n"
+               "class _Block(importlib.abc.MetaPathFinder):\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name.split('.')[0] in ('torch', 'monai'):\n"
+               "            raise ImportError(f'No module named {name!r} (blocked by the test)')\n"
+               "sys.meta_path.insert(0, _Block())\n")
+FAKE_SLICER = ("import types\n"
+               "exits = []\n"
+               "slicer = types.ModuleType('slicer')\n"
+               "slicer.app = types.SimpleNamespace(commandOptions=lambda: types.SimpleNamespace(noMainWindow=True))\n"
+               "slicer.util = types.SimpleNamespace(exit=lambda code: exits.append(code))\n"
+               "sys.modules['slicer'] = slicer\n")
+
+
+def run_as_slicer_script(script: Path, *args: str) -> subprocess.CompletedProcess:
+    """``Slicer --no-main-window --python-script script args`` as far as the script sees it: ``slicer.app`` with
+    ``noMainWindow`` and ``slicer.util.exit`` (recorded and printed instead of quitting), torch blocked."""
+    code = (BLOCK_TORCH + FAKE_SLICER + "import runpy\n"
+            f"sys.argv = [{str(script)!r}, *{list(args)!r}]\n"
+            "try:\n"
+            f"    runpy.run_path({str(script)!r}, run_name='__main__')\n"
+            "except BaseException as exc:\n"
+            "    print('ESCAPED', type(exc).__name__, exc)\n"
+            "print('SLICER_EXIT', exits)\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8",
+                          errors="replace", timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("script", [TRAIN_PY, COMPAT_TRAIN_PY], ids=["train.py", "compat path"])
+def test_headless_slicer_command_exits_on_an_early_error(script, tmp_path):
+    """torch missing: the help/parser still builds, training fails, and Slicer is asked to quit with code 1 (the
+    exception never escapes the script, which would leave a ``--no-main-window`` Slicer running)."""
+    res = run_as_slicer_script(script, "--method", "aefm", "--data", str(tmp_path), "--out", str(tmp_path / "run"))
+    assert "ESCAPED" not in res.stdout, res.stdout + res.stderr
+    assert "SLICER_EXIT [1]" in res.stdout, res.stdout + res.stderr[-2000:]
+    error = [e for e in events(res.stdout) if e.get("event") == "error"]
+    assert error and error[-1]["exit_code"] == 1 and "torch" in error[-1]["message"]
+    # --help without torch: prints (naming what is missing) and exits 0; bad arguments exit 2.
+    res = run_as_slicer_script(script, "--help")
+    assert "SLICER_EXIT [0]" in res.stdout and "install PyTorch" in res.stdout, res.stdout + res.stderr[-2000:]
+    res = run_as_slicer_script(script, "--no-such-option")
+    assert "SLICER_EXIT [2]" in res.stdout, res.stdout + res.stderr[-2000:]

@@ -107,7 +107,7 @@ def test_gui_defaults_are_the_engine_and_method_defaults(trainer):
 
 def test_finetune_command_line_from_the_parameter_node(trainer, tiny_cohort, tmp_path):
     """Finetuning from the GUI: mode and pretraining run reach train.py; no embedding package is exported."""
-    spec = importlib.util.spec_from_file_location("_train_for_gui_ft", ROOT / MODULE / "train.py")
+    spec = importlib.util.spec_from_file_location("_train_for_gui_ft", ROOT / MODULE / f"{MODULE}Lib" / "train.py")
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
 
@@ -117,7 +117,7 @@ def test_finetune_command_line_from_the_parameter_node(trainer, tiny_cohort, tmp
                     initFromDirectory=pretrained, finetuneMode="backbone", patchSize="32,32,32", device="cpu")
     argv = logic.buildCommand(p)
     assert "--export" not in argv and argv[argv.index("--method") + 1] == "finetune"
-    args = train.build_parser().parse_args(argv[argv.index(str(ROOT / MODULE / "train.py")) + 1:])
+    args = train.build_parser().parse_args(argv[argv.index(str(ROOT / MODULE / f"{MODULE}Lib" / "train.py")) + 1:])
     cfg = train.resolve_config(args)
     assert cfg.method == "finetune" and cfg.method_config.mode == "backbone"
     assert Path(cfg.method_config.init_from) == pretrained.resolve()
@@ -134,7 +134,7 @@ def test_method_combo_is_filled_at_run_time():
 
 def test_command_line_from_the_parameter_node(trainer, tmp_path):
     """The argv the GUI launches resolves (through train.py's own parser) to the settings shown in the GUI."""
-    spec = importlib.util.spec_from_file_location("_train_for_gui", ROOT / MODULE / "train.py")
+    spec = importlib.util.spec_from_file_location("_train_for_gui", ROOT / MODULE / f"{MODULE}Lib" / "train.py")
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
 
@@ -144,7 +144,7 @@ def test_command_line_from_the_parameter_node(trainer, tmp_path):
                     advancedSettings="[train]\nwarmup_steps = 5\n[method]\nn_pos = 123\n")
     logic.setMethod(p, "aefm")
     argv = logic.buildCommand(p)
-    script = argv.index(str(ROOT / MODULE / "train.py"))
+    script = argv.index(str(ROOT / MODULE / f"{MODULE}Lib" / "train.py"))
     args = train.build_parser().parse_args(argv[script + 1:])
     cfg = train.resolve_config(args)
     assert cfg.method == "aefm" and Path(args.data) == tmp_path / "data" and Path(args.out) == tmp_path / "run"
@@ -341,3 +341,97 @@ def test_model_registry_register_list_unregister(tmp_path, monkeypatch):
     (tmp_path / "reg" / "models.json").write_text("{oops", encoding="utf-8")
     with pytest.raises(ValueError, match="not valid JSON"):
         model_registry.list_models()
+
+
+def test_defaults_read_from_source_equal_the_imported_dataclasses(trainer):
+    """The torch-free reading of the method defaults (ast) agrees with the imported Config classes: every
+    field with a literal default is found and equal, and patch_size (what the panel shows) is always there."""
+    from AnatomicalEmbeddingTrainerLib import settings
+
+    for method in settings.availableMethods():
+        imported = settings.methodConfigDefaults(method)
+        parsed = settings.dataclassDefaultsFromSource(*settings.methodTarget(method))
+        assert parsed and {k: imported[k] for k in parsed} == parsed, method
+        assert ("patch_size" in parsed) == ("patch_size" in imported), method
+    train = settings.dataclassDefaultsFromSource("anatomical_embedding.training.config", "TrainConfig")
+    assert train == settings.trainConfigDefaults()
+
+
+# ---- the panel without PyTorch (defect: setup() imported methods/adam.py and therefore torch) -------------
+class _Combo:
+    def __init__(self):
+        self.items, self.currentText = [], ""
+
+    def addItem(self, text):
+        self.items.append(text)
+        self.currentText = self.currentText or text
+
+    @property
+    def count(self):
+        return len(self.items)
+
+    def setCurrentText(self, text):
+        self.currentText = text
+
+    def connect(self, *args):
+        pass
+
+
+def test_trainer_panel_opens_without_torch_and_offers_the_install(trainer, mrml_scene, monkeypatch):
+    """The Widget's real setup() with torch and MONAI imports blocked: the method list and the method's defaults
+    are filled (read torch-free), the status names the missing packages, and Start asks once before installing.
+
+    Qt is absent from slicer-core, so the .ui's widgets are mocks; the module, logic and settings are the real ones.
+    """
+    import unittest.mock as mock
+
+    import slicer
+
+    for name in list(sys.modules):
+        top = name.split(".")[0]
+        if top in ("torch", "monai") or name.startswith(("anatomical_embedding.methods.", "anatomical_embedding.training",
+                                                         "anatomical_embedding.nets", "anatomical_embedding.losses")):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError, find_spec says absent
+    monkeypatch.setitem(sys.modules, "monai", None)
+    qt = types.ModuleType("qt")
+    qt.QTimer = mock.MagicMock
+    monkeypatch.setitem(sys.modules, "qt", qt)
+    ui = types.SimpleNamespace(methodComboBox=_Combo(), trainingStatusLabel=types.SimpleNamespace(text=""))
+    for name in ("exportCaseButton", "useTrainingFolderButton", "resetDefaultsButton", "startButton", "stopButton",
+                 "resumeButton", "openRunFolderButton", "logTextEdit"):
+        setattr(ui, name, mock.MagicMock())
+    monkeypatch.setattr(slicer.util, "loadUI", lambda path: mock.MagicMock(), raising=False)
+    monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda widget: ui, raising=False)
+    monkeypatch.setattr(trainer.ScriptedLoadableModuleWidget, "setup", lambda self: None, raising=False)
+    p = make_params(trainer, method="", patchSize="", trainingVolume=None, caseName="case", batchSize=0)
+    p.connectGui = lambda ui: "tag"
+    p.disconnectGui = lambda tag: None
+    p.AddObserver = lambda event, method, priority=0.0: 1  # what VTKObservationMixin calls on the wrapper's node
+    p.RemoveObserver = lambda tag: None
+    monkeypatch.setattr(trainer.AnatomicalEmbeddingTrainerLogic, "getParameterNode", lambda self: p)
+
+    widget = trainer.AnatomicalEmbeddingTrainerWidget()
+    widget.layout, widget.parent = mock.MagicMock(), mock.MagicMock()
+    widget.resourcePath = lambda rel: str(ROOT / MODULE / "Resources" / rel)
+    widget.setup()
+
+    from anatomical_embedding.methods import available_methods
+
+    assert ui.methodComboBox.items == available_methods() + ["finetune"]
+    assert (p.method, p.patchSize) == ("adam", "") or p.patchSize  # the first method's defaults were applied
+    widget.onMethodChanged("aefm")
+    assert p.patchSize == "96,96,96"  # AEFM's default, read from the source without torch
+    assert "torch" in ui.trainingStatusLabel.text and "Start installs" in ui.trainingStatusLabel.text
+    assert sys.modules["torch"] is None  # nothing imported torch behind the block
+
+    asked, shown = [], []
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text: asked.append(text) or False,
+                        raising=False)
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: shown.append(text), raising=False)
+    monkeypatch.setattr(slicer, "packaging", None, raising=False)
+    widget.onStart()
+    assert len(asked) == 1 and "PyTorch" in asked[0]  # one prompt, naming PyTorch
+    assert shown and "declined" in shown[0]  # the user sees why nothing started
+    assert widget.logic.monitor is None  # nothing launched
+    widget.removeObservers()

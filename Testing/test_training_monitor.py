@@ -161,6 +161,40 @@ def test_stop_with_sigterm_then_resume(tiny_cohort, tmp_path):
     assert text.count('"event": "start"') == 2 and '"event": "stopped"' in text
 
 
+def test_stop_file_checkpoints_without_any_signal(tiny_cohort, tmp_path, monkeypatch):
+    """Windows has no SIGTERM for the child and CTRL_BREAK_EVENT needs a shared console: the stop is the run
+    folder's stop file. Here no signal is sent at all (os.killpg disabled, as on Windows); the engine still
+    finishes the step, writes last.pt, reports the stop and exits 130, and the stop file is gone afterwards."""
+    import signal
+    import time
+
+    from anatomical_embedding.training import monitor as monitor_module
+    from anatomical_embedding.training.progress import stop_file
+
+    run = tmp_path / "run"
+    mon = TrainingMonitor(settings(run, tiny_cohort, overrides=TINY + ["train.max_steps=40", "train.ckpt_every=1000"]))
+    mon.start()
+    sent = []
+    monkeypatch.setattr(monitor_module.os, "killpg", lambda pid, sig: sent.append(sig), raising=False)
+    try:
+        deadline = time.monotonic() + 120
+        while mon.running and not mon.state.history and time.monotonic() < deadline:
+            mon.poll()
+            time.sleep(0.1)
+        assert mon.state.history, f"no progress before the deadline; log: {list(mon.state.log_lines)[-5:]}"
+        mon.stop()
+        assert stop_file(run).is_file()
+        st = mon.wait(timeout=120)
+    finally:
+        mon.close()
+    assert st.status == "stopped" and st.returncode == EXIT_STOPPED, st.error
+    assert (run / "checkpoints" / "last.pt").is_file() and 2 <= st.step < 40
+    assert not stop_file(run).exists()  # consumed: a resume does not stop at once
+    text = (run / "console.log").read_text(encoding="utf-8")
+    assert '"signal": "STOP_FILE"' in text
+    assert sent == [signal.SIGTERM]  # recorded by the stub, never delivered: the stop file alone did it
+
+
 FAKE_CRASH = """
 import json, pathlib, sys
 args = sys.argv[1:]

@@ -180,6 +180,60 @@ def random_point_errors(target_volume: Volume, truth_lps: np.ndarray, n: int = 2
 
 
 # ---- dependencies, sample data, parameter node (no model needed) -----------------------------------
+def slicer_sample_data_api():
+    """Slicer's SampleData registration API as in Slicer's Modules/Scripted/SampleData/SampleData.py (its module
+    imports qt and ctk, which slicer-core lacks): the same ``registerCustomSampleDataSource`` signature and the
+    ``SampleDataSource`` constructor's normalisation and length check, which rejected ``uris=None``."""
+    sources: dict = {}
+
+    class SampleDataSource:
+        def __init__(self, sampleName=None, sampleDescription=None, uris=None, fileNames=None, nodeNames=None,
+                     checksums=None, loadFiles=None, customDownloader=None, thumbnailFileName=None,
+                     loadFileTypes=None, loadFileProperties=None, loadFileType=None):
+            if (loadFileType is not None) and (loadFileTypes is not None):
+                raise ValueError("loadFileType and loadFileTypes cannot be specified at the same time")
+            if (loadFileType is not None) and (loadFileTypes is None):
+                loadFileTypes = loadFileType
+            self.sampleName = sampleName
+            if isinstance(uris, list) or isinstance(uris, tuple):
+                if isinstance(loadFileTypes, str) or loadFileTypes is None:
+                    loadFileTypes = [loadFileTypes] * len(uris)
+                if nodeNames is None:
+                    nodeNames = [None] * len(uris)
+                if loadFiles is None:
+                    loadFiles = [None] * len(uris)
+                if checksums is None:
+                    checksums = [None] * len(uris)
+            elif isinstance(uris, str):
+                uris, fileNames, nodeNames = [uris], [fileNames], [nodeNames]
+                loadFiles, loadFileTypes, checksums = [loadFiles], [loadFileTypes], [checksums]
+            self.uris, self.fileNames, self.nodeNames, self.loadFiles = uris, fileNames, nodeNames, loadFiles
+            self.customDownloader, self.thumbnailFileName = customDownloader, thumbnailFileName
+            self.loadFileTypes, self.checksums = loadFileTypes, checksums
+            if not len(uris) == len(fileNames) == len(nodeNames) == len(loadFiles) == len(loadFileTypes) == len(checksums):
+                raise ValueError("All fields of sample data source must have the same length")
+
+    class SampleDataLogic:
+        @staticmethod
+        def registerCustomSampleDataSource(category="Custom", sampleName=None, uris=None, fileNames=None,
+                                           nodeNames=None, customDownloader=None, thumbnailFileName=None,
+                                           loadFileTypes=None, loadFiles=None, loadFileProperties={},
+                                           checksums=None, loadFileType=None):
+            if (loadFileType is not None) and (loadFileTypes is None):
+                loadFileTypes = loadFileType
+            source = SampleDataSource(sampleName=sampleName, uris=uris, fileNames=fileNames, nodeNames=nodeNames,
+                                      thumbnailFileName=thumbnailFileName, loadFileTypes=loadFileTypes,
+                                      loadFiles=loadFiles, loadFileProperties=loadFileProperties,
+                                      checksums=checksums, customDownloader=customDownloader)
+            sources.setdefault(category, []).append(source)
+
+    # The old call (uris=None, fileNames=None) fails here exactly as inside Slicer.
+    with pytest.raises(TypeError):
+        SampleDataLogic.registerCustomSampleDataSource(category="x", sampleName="y", uris=None, fileNames=None)
+    sources.clear()
+    return types.SimpleNamespace(SampleDataLogic=SampleDataLogic, SampleDataSource=SampleDataSource, sources=sources)
+
+
 def test_dependencies_are_installed_only_after_confirmation(viewer, mrml_scene, monkeypatch):
     import slicer
 
@@ -199,11 +253,44 @@ def test_dependencies_are_installed_only_after_confirmation(viewer, mrml_scene, 
     logic.ensureDependencies("ONNX Runtime")
     assert installed == [["onnxruntime"]]
     # Slicer versions with slicer.packaging.pip_ensure use it instead of pip_install.
-    ensured = []
-    monkeypatch.setattr(slicer, "packaging", types.SimpleNamespace(pip_ensure=lambda req: ensured.append(list(req))),
-                        raising=False)
+    # Slicer's signature: pip_ensure(requirements: list[Requirement], constraints=None, skip_packages=None,
+    # prompt_install=True, prompt_restart=True, requester=None, skip_in_testing=True, show_progress=True).
+    ensured, asked = [], []
+
+    def pip_ensure(requirements, constraints=None, skip_packages=None, prompt_install=True, prompt_restart=True,
+                   requester=None, skip_in_testing=True, show_progress=True):
+        ensured.append(([str(r) for r in requirements], prompt_install, requester))
+
+    monkeypatch.setattr(slicer, "packaging", types.SimpleNamespace(pip_ensure=pip_ensure), raising=False)
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text: asked.append(text) or True)
     logic.ensureDependencies("ONNX Runtime")
-    assert ensured == [["onnxruntime"]] and len(installed) == 1
+    # One prompt: pip_ensure's own (ours is skipped), and the install went through it.
+    assert ensured == [(["onnxruntime"], True, "AnatomicalEmbedding")] and len(installed) == 1 and asked == []
+    # A failing install is shown in the GUI and returns False (nothing raised past the button handler).
+    shown = []
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: shown.append(text), raising=False)
+
+    def broken(requirements, **kwargs):
+        raise RuntimeError("pip: network unreachable")
+
+    monkeypatch.setattr(slicer, "packaging", types.SimpleNamespace(pip_ensure=broken), raising=False)
+    assert logic.ensureDependencies("ONNX Runtime") is False
+    assert shown and "network unreachable" in shown[-1]
+    # Import published model needs MONAI and onnx too (from Resources/Requirements/import-published.txt).
+    monkeypatch.setattr(logic, "_importable", lambda name: name not in ("monai", "onnx"))
+    monkeypatch.setattr(slicer, "packaging", types.SimpleNamespace(pip_ensure=pip_ensure), raising=False)
+    ensured.clear()
+    logic.ensureImportDependencies()
+    assert ensured and {r.split(">")[0] for r in ensured[0][0]} == {"monai", "onnx"}
+    # With PyTorch missing too: our one question names everything, pip_ensure runs without its own prompt, and
+    # a missing PyTorch extension is shown (not raised).
+    monkeypatch.setattr(logic, "_importable", lambda name: name not in ("monai", "onnx", "torch"))
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)
+    asked.clear(), ensured.clear(), shown.clear()
+    assert logic.ensureImportDependencies() is False
+    assert len(asked) == 1 and "PyTorch" in asked[0] and "monai" in asked[0]
+    assert ensured and ensured[0][1] is False  # prompt_install=False: never a second question
+    assert shown and "PyTorch extension" in shown[-1]
     # The torch backend does not need onnxruntime; torch itself comes from the PyTorch extension.
     assert logic.missingPackages("torch") == []
 
@@ -213,17 +300,12 @@ def test_phantom_pair_sample_data(viewer, mrml_scene, tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "SampleData", None)  # import fails
     assert viewer.registerSampleData() is False
-    registered = {}
-
-    class SampleDataLogic:
-        @staticmethod
-        def registerCustomSampleDataSource(**kwargs):
-            registered.update(kwargs)
-
-    monkeypatch.setitem(sys.modules, "SampleData", types.SimpleNamespace(SampleDataLogic=SampleDataLogic))
+    sampleData = slicer_sample_data_api()
+    monkeypatch.setitem(sys.modules, "SampleData", sampleData)
     assert viewer.registerSampleData() is True
-    assert registered["sampleName"] == "PhantomPair" and registered["uris"] is None  # nothing to download
-    assert callable(registered["customDownloader"])
+    sources = sampleData.sources["AnatomicalEmbedding"]
+    assert [s.sampleName for s in sources] == ["PhantomPair"]
+    assert callable(sources[0].customDownloader) and sources[0].loadFiles == [False]
 
     logic = viewer.AnatomicalEmbeddingLogic()
     source, target = logic.loadPhantomPairSample(seed=5, outputDir=str(tmp_path / "pair"), spacing=8.0, size=32)
@@ -326,8 +408,8 @@ def test_click_to_correspond_flow(viewer, logic, mrml_app, mrml_scene, pair):
         assert scores["sourcePointID"] == clicks.GetNthControlPointID(i)
         assert -1.0 <= scores["similarity"] <= 1.0 and 0.0 <= scores["confidence"] <= 1.0
         assert scores["low_confidence"] == (scores["confidence"] < logic.lowConfidence)
-        # Low confidence is visible: unselected (drawn in the list's orange "Color").
-        assert bool(matches.GetNthControlPointSelected(i)) == (not scores["low_confidence"])
+        # Low confidence is a score (table flag, status), never the user-editable selected state.
+        assert matches.GetNthControlPointSelected(i)
         assert stored[matches.GetNthControlPointID(i)]["similarity"] == scores["similarity"]
     display = matches.GetDisplayNode()
     assert tuple(display.GetColor()) == pytest.approx(viewer.LOW_CONFIDENCE_COLOR)
@@ -350,6 +432,109 @@ def test_click_to_correspond_flow(viewer, logic, mrml_app, mrml_scene, pair):
     assert mrml_app.vtk_messages() == ""
 
 
+def test_correspondence_layout_after_a_match(viewer, logic, mrml_app, mrml_scene, pair):
+    """Defect 1: after a match every view showed the target while clicks went to the source list.
+
+    Real MRML (slicer-core): the six views' slice composite nodes are checked after each match, the next click
+    is read as a source point, a click in a target view is matched back into the source, a click outside the
+    source is reported to the widget, and matches land in world coordinates under a transformed list.
+    """
+    import slicer
+    import vtk
+    from AnatomicalEmbeddingLib import views
+
+    source, target = load_pair(mrml_scene, pair)
+    src_volume, dst_volume = source["volume"], target["volume"]
+    job = logic.prepareCorrespondenceAsync(src_volume, [dst_volume], bothWays=True)
+    assert job.wait(timeout=300)
+    logic.finishJob(job)
+    assert logic.isPrepared(src_volume, [dst_volume], bothWays=True)
+    clicks = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks")
+    out = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "matches")
+    shift = mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "shift")  # 11: world vs local
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 7.0)
+    matrix.SetElement(2, 3, -3.0)
+    shift.SetMatrixTransformToParent(matrix)
+    out.SetAndObserveTransformNodeID(shift.GetID())
+    seen, errors = [], []
+    heat = [None]
+
+    def matched(result):
+        seen.append(result)
+        heat[0] = logic.updateHeatmap(src_volume, dst_volume, result["query_ras"], heat[0], 0.5)
+
+    logic.startClickToCorrespond(clicks, src_volume, dst_volume, out, onMatched=matched, onError=errors.append)
+    names, src_lps = mrml.markups_node_to_points(source["landmarks"])
+    src_ras = convert_points(src_lps, "LPS", "RAS")
+
+    def check_views():
+        for composite in views.correspondenceViews(mrml_scene, "source"):
+            assert composite.GetBackgroundVolumeID() == src_volume.GetID()
+            assert composite.GetForegroundVolumeID() is None
+        for composite in views.correspondenceViews(mrml_scene, "target"):
+            assert composite.GetBackgroundVolumeID() == dst_volume.GetID()
+            assert composite.GetForegroundVolumeID() == heat[0].GetID()
+
+    assert len(views.correspondenceViews(mrml_scene, "source")) == 3
+    assert len(views.correspondenceViews(mrml_scene, "target")) == 3
+    # Each point list is drawn in its own row of views.
+    source_ids = set(views.correspondenceSliceNodeIDs(mrml_scene, "source"))
+    display = clicks.GetDisplayNode()
+    assert {display.GetNthViewNodeID(i) for i in range(display.GetNumberOfViewNodeIDs())} == source_ids
+
+    # A click in a source view (Slicer records the view's background volume as the associated node).
+    index = clicks.AddControlPoint(vtk.vtkVector3d(*src_ras[0]), names[0])
+    assert len(seen) == 1 and out.GetNumberOfControlPoints() == 1
+    check_views()
+    # The next click is again a source point, matched into the target (not stored as a stray source point).
+    clicks.AddControlPoint(vtk.vtkVector3d(*src_ras[1]), names[1])
+    assert len(seen) == 2 and out.GetNumberOfControlPoints() == 2 and seen[1].get("direction") is None
+    check_views()
+    # Matches are written in world coordinates: the transformed list reads them back where they were matched.
+    world = np.zeros(3)
+    out.GetNthControlPointPositionWorld(1, world)
+    np.testing.assert_allclose(world, seen[1]["ras"], atol=1e-4)
+
+    # A click in a target view: matched back into the source; the target list keeps the clicked position.
+    _, dst_lps = mrml.markups_node_to_points(target["landmarks"])
+    clicked = convert_points(dst_lps[2], "LPS", "RAS")
+    clicks.AddControlPoint(vtk.vtkVector3d(*clicked), names[2])
+    n = clicks.GetNumberOfControlPoints() - 1
+    clicks.SetNthControlPointAssociatedNodeID(n, dst_volume.GetID())  # as the displayable manager does
+    # AddControlPoint already fired PositionDefined before the association: place it again as Slicer would.
+    logic._click["last"].pop(clicks.GetNthControlPointID(n), None)
+    result = logic.onSourcePointEvent(clicks, clicks.PointPositionDefinedEvent, n)
+    assert result is not None and result["direction"] == "target to source"
+    out.GetNthControlPointPositionWorld(result["index"], world)
+    np.testing.assert_allclose(world, clicked, atol=1e-4)
+    moved = np.zeros(3)
+    clicks.GetNthControlPointPositionWorld(n, moved)
+    np.testing.assert_allclose(moved, result["query_ras"], atol=1e-4)  # the source point moved to its match
+    assert src_volume_contains(src_volume, moved)
+    check_views()
+
+    # A click outside the source is reported (not just logged).
+    clicks.AddControlPoint(vtk.vtkVector3d(5000.0, 5000.0, 5000.0), "outside")
+    assert len(errors) == 1 and "outside" in errors[0]
+
+    # Click mode follows selector changes: the widget restarts it when the nodes differ.
+    assert logic.clickToCorrespondNodes() == (clicks, src_volume, dst_volume)
+    logic.stopClickToCorrespond()
+    # Transfer all runs in the worker (the widget polls it); the lists are written on the main thread.
+    job = logic.transferAllAsync(source["landmarks"], src_volume, [dst_volume])
+    assert job.wait(timeout=120)
+    outputs = logic.finishJob(job)
+    assert mrml.markups_node_to_points(outputs[0])[0] == names
+    assert mrml_app.vtk_messages() == ""
+
+
+def src_volume_contains(volumeNode, ras) -> bool:
+    volume = mrml.node_to_volume(volumeNode)
+    ijk = np.atleast_2d(volume.world_to_index(convert_points(np.asarray(ras, float), "RAS", "LPS")))[0]
+    return bool(np.all(ijk >= -0.5) and np.all(ijk <= np.asarray(volume.shape_ijk) - 0.5))
+
+
 def oblique_anisotropic(volume: Volume) -> Volume:
     """The same anatomy on an oblique (20 and 10 degree), anisotropic (3.1 x 4.3 x 5.7 mm) grid."""
     from scipy.spatial.transform import Rotation
@@ -363,33 +548,42 @@ def oblique_anisotropic(volume: Volume) -> Volume:
     return resample_like(volume, grid, default_value=-1000.0)
 
 
-def test_heatmap_has_target_geometry_and_is_shown(viewer, logic, mrml_scene, pair):
+def test_heatmap_is_coarse_and_shown_over_the_target_only(viewer, logic, mrml_scene, pair):
     import slicer
-    import vtk
 
     (src, dst, *_), _ = pair
     source = mrml.volume_to_node(src["image"], mrml_scene, "source")
     oblique = oblique_anisotropic(dst["image"])
     assert not np.allclose(oblique.direction, np.eye(3)) and len(set(np.round(oblique.spacing, 3))) == 3
     target = mrml.volume_to_node(oblique, mrml_scene, "oblique target")
-    composite = mrml_scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+    composite = mrml_scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")  # a view showing the target
+    composite.SetBackgroundVolumeID(target.GetID())
+    sourceView = mrml_scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")  # a view showing the source
+    sourceView.SetBackgroundVolumeID(source.GetID())
     logic.maxPrecomputedTiles = 0  # the heatmap needs only the coarse map
     query = convert_points(src["landmarks"]["L1_body_centre"], "LPS", "RAS")
     heat = logic.updateHeatmap(source, target, query, opacity=0.4)
-    a, b = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
-    heat.GetIJKToRASMatrix(a)
-    target.GetIJKToRASMatrix(b)
-    np.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(a), slicer.util.arrayFromVTKMatrix(b), atol=1e-6)
+    # The heatmap stays on the embedding's coarse grid (Slicer reslices it): far fewer voxels than the target,
+    # covering the target's extent, in world coordinates of the oblique, anisotropic target.
     values = slicer.util.arrayFromVolume(heat)
-    assert values.shape == slicer.util.arrayFromVolume(target).shape
+    assert values.size < slicer.util.arrayFromVolume(target).size
+    heat_volume, target_volume = mrml.node_to_volume(heat), mrml.node_to_volume(target)
+    corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], float)
+    target_corners = target_volume.index_to_world(corners * (np.asarray(target_volume.shape_ijk) - 1))
+    heat_box = heat_volume.world_to_index(target_corners)
+    assert np.all(heat_box > -1.5) and np.all(heat_box < np.asarray(heat_volume.shape_ijk) + 0.5)
     assert values.min() >= -1.0 - 1e-5 and values.max() <= 1.0 + 1e-5 and values.max() > 0.5
+    assert heat.GetHideFromEditors()  # not offered in the source/target selectors
     # Values: on the source itself, the similarity peaks (cosine ~1) at the query point.
-    own = slicer.util.arrayFromVolume(logic.updateHeatmap(source, source, query))
-    ijk = np.round(np.atleast_2d(src["image"].world_to_index(convert_points(query, "RAS", "LPS")))[0]).astype(int)
-    assert own[tuple(ijk[::-1])] > 0.95 and own[tuple(ijk[::-1])] >= np.percentile(own, 99)
+    own_volume = logic.heatmapVolume(source, source, query)
+    own = own_volume.array
+    ijk = np.round(np.atleast_2d(own_volume.world_to_index(convert_points(query, "RAS", "LPS")))[0]).astype(int)
+    assert own[tuple(ijk[::-1])] > 0.9 and own[tuple(ijk[::-1])] >= np.percentile(own, 99)
     logic.showHeatmap(target, heat, 0.4)
     assert composite.GetForegroundVolumeID() == heat.GetID() and composite.GetBackgroundVolumeID() == target.GetID()
     assert composite.GetForegroundOpacity() == pytest.approx(0.4)
+    # The source view keeps the source, without overlay (the next click there is on source anatomy).
+    assert sourceView.GetBackgroundVolumeID() == source.GetID() and sourceView.GetForegroundVolumeID() is None
     logic.setHeatmapOpacity(heat, 0.8)
     assert composite.GetForegroundOpacity() == pytest.approx(0.8)
     display = heat.GetDisplayNode()
@@ -397,7 +591,7 @@ def test_heatmap_has_target_geometry_and_is_shown(viewer, logic, mrml_scene, pai
     assert heat.GetAttribute("AnatomicalEmbedding.heatmap") == target.GetID()
     # Updating reuses the node (no pile-up of heatmaps).
     assert logic.updateHeatmap(source, target, query, heat) is heat
-    assert mrml_scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 4  # source, target, 2 heatmaps
+    assert mrml_scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 3  # source, target, one heatmap
 
 
 def test_transfer_all_table_and_jump(viewer, logic, mrml_scene, pair):
@@ -528,3 +722,68 @@ def test_few_shot_flow(viewer, logic, mrml_scene, pair):
         logic.trainFewShotHead(logic.fewShotCases(cases), quick, progress=lambda f, m: False)
     logic.removeFewShotCase(cases, 0)
     assert [v.GetName() for v, _ in logic.fewShotCases(cases)] == ["third"]
+
+
+def test_click_mode_follows_selector_changes(viewer, logic, mrml_scene, pair, monkeypatch):
+    """Item 11: the Widget's parameter observer restarts click mode when the source/target selectors change
+    while it is active (it used to keep matching into the old volumes). The Widget's Qt parts are not built
+    (slicer-core has no Qt); its parameter observer and the logic are the real ones."""
+    import unittest.mock as mock
+
+    source, target = load_pair(mrml_scene, pair)
+    other = mrml.volume_to_node(pair[0][2]["image"], mrml_scene, "third")
+    clicks = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks")
+    p = logic.getParameterNode()
+    p.sourceVolume, p.targetVolume, p.sourceLandmarks, p.clickToCorrespond = (source["volume"], target["volume"],
+                                                                               clicks, True)
+    widget = viewer.AnatomicalEmbeddingWidget.__new__(viewer.AnatomicalEmbeddingWidget)
+    widget.logic, widget._parameterNode, widget._job, widget.ui = logic, p, None, mock.MagicMock()
+    started = []
+    monkeypatch.setattr(widget, "_startClickMode", lambda: started.append(
+        logic.startClickToCorrespond(p.sourceLandmarks, p.sourceVolume, p.targetVolume, layout=False)))
+    widget.onParameterChanged()
+    assert logic.clickToCorrespondNodes() == (clicks, source["volume"], target["volume"]) and len(started) == 1
+    widget.onParameterChanged()  # nothing changed: not restarted
+    assert len(started) == 1
+    p.targetVolume = other
+    widget.onParameterChanged()
+    assert len(started) == 2 and logic.clickToCorrespondNodes() == (clicks, source["volume"], other)
+    p.clickToCorrespond = False
+    widget.onParameterChanged()
+    assert not logic.clickToCorrespondActive()
+
+
+def test_click_matches_in_the_worker_thread(viewer, logic, mrml_scene, pair):
+    """Item 2: with ``matchInBackground`` (the widget's setting) a click costs the GUI thread only reading the
+    point; the match runs in the worker and the poll writes the target point and calls ``onMatched``."""
+    import vtk
+
+    source, target = load_pair(mrml_scene, pair)
+    job = logic.prepareCorrespondenceAsync(source["volume"], [target["volume"]], bothWays=True)
+    assert job.wait(timeout=300)
+    logic.finishJob(job)
+    logic.matchInBackground = True
+    clicks = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks")
+    seen, errors = [], []
+    out = logic.startClickToCorrespond(clicks, source["volume"], target["volume"], onMatched=seen.append,
+                                       onError=errors.append)
+    names, src_lps = mrml.markups_node_to_points(source["landmarks"])
+    gui = []
+    for name, ras in zip(names[:5], convert_points(src_lps[:5], "LPS", "RAS")):
+        t0 = time.perf_counter()
+        clicks.AddControlPoint(vtk.vtkVector3d(*ras), name)  # the click: observers run on this (GUI) thread
+        gui.append(time.perf_counter() - t0)
+    clicks.AddControlPoint(vtk.vtkVector3d(5000.0, 5000.0, 5000.0), "outside")
+    assert out.GetNumberOfControlPoints() == 0  # nothing written yet: the matches run in the worker
+    deadline = time.monotonic() + 120
+    while logic.clickJobsPending() and time.monotonic() < deadline:
+        t0 = time.perf_counter()
+        logic.pollClickJobs()
+        gui.append(time.perf_counter() - t0)
+        time.sleep(0.01)
+    assert [r["label"] for r in seen] == names[:5]  # in click order
+    assert mrml.markups_node_to_points(out)[0] == names[:5]
+    assert len(errors) == 1 and "outside" in errors[0]
+    print(f"\nGUI-thread time per click event or poll: max {1000 * max(gui):.1f} ms")
+    assert max(gui) < 0.05
+    logic.stopClickToCorrespond()

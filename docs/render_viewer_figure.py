@@ -1,11 +1,14 @@
-"""Render the README picture of the viewer module from the headless MRML scene (slicer-core, no Slicer GUI).
+"""Render the README picture of the viewer module from the real MRML slice views (slicer-core, offscreen).
 
     python docs/render_viewer_figure.py MODEL.aemodel [--out docs/images/viewer_correspond.png]
 
-Runs what the viewer does on the "Phantom pair" sample: embeds both phantoms, matches one clicked landmark
-(with its similarity heatmap on the target's grid) and transfers the whole landmark list, then draws the
-nodes' contents with matplotlib: source slice with the click, target slice with the heatmap foreground,
-the match and the ground truth, and every transferred landmark against its ground truth.
+Runs what the viewer does on the "Phantom pair" sample: embeds both phantoms, sets up the correspondence layout
+(source row on top, target row below), places one landmark in a source view, matches it, shows the heatmap on the
+target views and transfers the whole list into the results table. Each of the six views is then resliced and
+blended by Slicer's own ``vtkMRMLSliceLogic`` from the views' slice and slice composite nodes (background volume,
+heatmap foreground with its colour table, window/level and opacity), exactly the image pipeline of Slicer's slice
+views. Markups are drawn at their projection into each view (slicer-core has no displayable managers), and the
+results table node's rows are printed below the views as the module's table shows them.
 """
 from __future__ import annotations
 
@@ -17,18 +20,51 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "Testing"))
+sys.path[:0] = [str(ROOT / "Testing"), str(ROOT / "AnatomicalEmbedding")]
+VIEW = 260  # pixels per slice view
+
+
+def render_view(app, sliceNode, centre_ras):
+    """RGBA image of one slice view, as Slicer's slice logic blends it (layers from the composite node)."""
+    import slicer
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    logic = slicer.vtkMRMLSliceLogic()
+    logic.SetMRMLApplicationLogic(app.app_logic)
+    logic.SetMRMLScene(app.scene)
+    logic.SetSliceNode(sliceNode)
+    sliceNode.SetDimensions(VIEW, VIEW, 1)
+    logic.FitSliceToAll()
+    sliceNode.JumpSliceByCentering(*centre_ras)
+    logic.UpdatePipeline() if hasattr(logic, "UpdatePipeline") else None
+    producer = logic.GetImageDataConnection().GetProducer()
+    producer.Update()
+    image = producer.GetOutputDataObject(0)
+    w, h, _ = image.GetDimensions()
+    rgba = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(h, w, -1)[::-1]
+    return rgba[..., :3].copy(), logic
+
+
+def project(sliceNode, ras):
+    """Pixel (column, row) of a RAS point in the view and its distance from the slice plane (mm)."""
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    vtk.vtkMatrix4x4.Invert(sliceNode.GetXYToRAS(), m)
+    x, y, z, _ = m.MultiplyPoint([*ras, 1.0])
+    thickness = max(sliceNode.GetFieldOfView()[2], 1e-6)
+    return x, VIEW - 1 - y, abs(z) * thickness
 
 
 def main(argv=None) -> int:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import pytest
     import slicer
+    import vtk
+    from PIL import Image, ImageDraw
+
     from anatomical_embedding import mrml
     from anatomical_embedding.io import convert_points
+    from AnatomicalEmbeddingLib import views
     from fixtures_mrml import bootstrap_headless_slicer, teardown_headless_slicer
     from test_viewer_module import load_viewer_module
 
@@ -41,73 +77,90 @@ def main(argv=None) -> int:
 
     tmp = tempfile.mkdtemp(prefix="ae-figure-")
     app = bootstrap_headless_slicer(tmp)
+    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(app.scene)  # as Slicer does at start-up
     with pytest.MonkeyPatch.context() as mp:
         module = load_viewer_module(mp, tmp)
         logic = module.AnatomicalEmbeddingLogic(cacheDir=str(Path(tmp) / "cache"))
         logic.loadModel(args.model, "ONNX Runtime", "cpu")
         source, target = logic.loadPhantomPairSample(seed=args.seed, outputDir=str(Path(tmp) / "pair"),
                                                      spacing=4.0, size=64)
-        job = logic.prepareCorrespondenceAsync(source["volume"], [target["volume"]])
+        for node in (source["volume"], target["volume"]):
+            node.GetDisplayNode().SetAutoWindowLevel(0)
+            node.GetDisplayNode().SetWindowLevel(800, 0)
+        job = logic.prepareCorrespondenceAsync(source["volume"], [target["volume"]], bothWays=True)
         job.wait()
         logic.finishJob(job)
         names, src_lps = mrml.markups_node_to_points(source["landmarks"])
         _, truth_lps = mrml.markups_node_to_points(target["landmarks"])
         n = names.index(args.landmark)
-        clicks = app.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks")
-        logic.startClickToCorrespond(clicks, source["volume"], target["volume"])
-        import vtk
+        clicks = app.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Source points")
+        heat = [None]
 
-        clicks.AddControlPoint(vtk.vtkVector3d(*convert_points(src_lps[n], "LPS", "RAS")), names[n])
+        def matched(result):
+            heat[0] = logic.updateHeatmap(source["volume"], target["volume"], result["query_ras"], heat[0], 0.45)
+
+        matches = logic.startClickToCorrespond(clicks, source["volume"], target["volume"], onMatched=matched)
+        clicked = convert_points(src_lps[n], "LPS", "RAS")
+        clicks.AddControlPoint(vtk.vtkVector3d(*clicked), names[n])
         result = logic._click["results"][-1]
-        heat = logic.updateHeatmap(source["volume"], target["volume"], result["query_ras"])
+        logic.stopClickToCorrespond()
         transferred = logic.transferAll(source["landmarks"], source["volume"], [target["volume"]])[0]
-        _, moved = mrml.markups_node_to_points(transferred)
+        table = logic.updateResultsTable(None, [matches, transferred])
+        rows = logic.resultsTableRows(table)
 
-        src_vol, dst_vol = mrml.node_to_volume(source["volume"]), mrml.node_to_volume(target["volume"])
-        heat_arr = slicer.util.arrayFromVolume(heat)
+        panels = []
+        for role, centre in (("source", clicked), ("target", result["ras"])):
+            row = []
+            for composite in views.correspondenceViews(app.scene, role):
+                sliceNode = views._sliceByLayoutName(app.scene, composite.GetLayoutName())
+                rgb, _ = render_view(app, sliceNode, centre)
+                img = Image.fromarray(rgb)
+                draw = ImageDraw.Draw(img)
+                points = [(clicked, (255, 60, 60), "+")] if role == "source" else [
+                    (convert_points(truth_lps[n], "LPS", "RAS"), (255, 255, 255), "x"),
+                    (result["ras"], (255, 150, 0) if result["low_confidence"] else (60, 230, 80), "+")]
+                for ras, colour, mark in points:
+                    x, y, dz = project(sliceNode, ras)
+                    if dz > 6.0:
+                        continue
+                    if mark == "+":
+                        draw.line([(x - 7, y), (x + 7, y)], fill=colour, width=2)
+                        draw.line([(x, y - 7), (x, y + 7)], fill=colour, width=2)
+                    else:
+                        draw.line([(x - 5, y - 5), (x + 5, y + 5)], fill=colour, width=2)
+                        draw.line([(x - 5, y + 5), (x + 5, y - 5)], fill=colour, width=2)
+                bg = app.scene.GetNodeByID(composite.GetBackgroundVolumeID())
+                fg = composite.GetForegroundVolumeID()
+                label = f"{composite.GetLayoutName()}: {bg.GetName()}" + (" + similarity" if fg else "")
+                draw.rectangle([0, 0, VIEW, 14], fill=(0, 0, 0))
+                draw.text((3, 1), label, fill=(250, 220, 120) if role == "target" else (140, 190, 255))
+                row.append(img)
+            panels.append(row)
 
-        def ijk(volume, lps):
-            return np.atleast_2d(volume.world_to_index(np.atleast_2d(lps)))
-
-        fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.8), dpi=72)
-        q = ijk(src_vol, src_lps[n])[0]
-        k = round(q[2])
-        axes[0].imshow(src_vol.array[k], cmap="gray", vmin=-400, vmax=400, origin="lower")
-        axes[0].plot(q[0], q[1], "r+", ms=14, mew=2)
-        axes[0].set_title(f"source: click on {names[n]}", fontsize=9)
-        m = ijk(dst_vol, convert_points(result["ras"], "RAS", "LPS"))[0]
-        t = ijk(dst_vol, truth_lps[n])[0]
-        k = round(m[2])
-        axes[1].imshow(dst_vol.array[k], cmap="gray", vmin=-400, vmax=400, origin="lower")
-        overlay = np.ma.masked_less(heat_arr[k], 0.0)
-        axes[1].imshow(overlay, cmap="jet", vmin=0, vmax=1, alpha=0.45, origin="lower")
-        colour = "orange" if result["low_confidence"] else "lime"
-        axes[1].plot(m[0], m[1], "+", color=colour, ms=14, mew=2, label="match")
-        axes[1].plot(t[0], t[1], "wx", ms=9, mew=2, label="ground truth")
-        err = float(np.linalg.norm(convert_points(result["ras"], "RAS", "LPS") - truth_lps[n]))
-        axes[1].set_title(f"target + heatmap: sim {result['similarity']:.2f}, conf {result['confidence']:.2f}, "
-                          f"error {err:.0f} mm", fontsize=9)
-        axes[1].legend(loc="lower right", fontsize=7)
-        # Transfer all: coronal projection of matches vs ground truth (j is roughly anterior-posterior).
-        mid = int(dst_vol.array.shape[1] // 2)
-        axes[2].imshow(dst_vol.array[:, mid, :], cmap="gray", vmin=-400, vmax=400, origin="lower", aspect="auto")
-        a, b = ijk(dst_vol, moved), ijk(dst_vol, truth_lps)
-        for p_, q_ in zip(a, b):
-            axes[2].plot([p_[0], q_[0]], [p_[2], q_[2]], "y-", lw=1)
-        axes[2].plot(a[:, 0], a[:, 2], "o", color="lime", ms=4, label="transferred")
-        axes[2].plot(b[:, 0], b[:, 2], "wx", ms=5, label="ground truth")
-        errors = np.linalg.norm(moved - truth_lps, axis=1)
-        axes[2].set_title(f"transfer all: {len(names)} landmarks, median error {np.median(errors):.0f} mm", fontsize=9)
-        axes[2].legend(loc="lower right", fontsize=7)
-        for ax in axes:
-            ax.set_xticks([])
-            ax.set_yticks([])
-        fig.tight_layout()
+        lines = [f"{'label':<26}{'target':<30}{'similarity':>11}{'confidence':>11}  flag"]
+        for r in rows[:1] + rows[1:9]:
+            lines.append(f"{r['label'][:25]:<26}{r['target'][:29]:<30}{r['similarity']:>11.2f}"
+                         f"{r['confidence']:>11.2f}  {r['flag']}")
+        lines.append(f"... {len(rows)} rows in 'Correspondence results' (the module's results table)")
+        error = float(np.linalg.norm(convert_points(result["ras"], "RAS", "LPS") - truth_lps[n]))
+        header = [f"Click-to-correspond: {names[n]} clicked in the source row (red +), matched in the target row",
+                  f"(green +, orange when low confidence; ground truth white x): similarity {result['similarity']:.2f}, "
+                  f"confidence {result['confidence']:.2f}, error {error:.0f} mm"]
+        width, table_h = 3 * VIEW + 4, 16 * len(lines) + 46
+        canvas = Image.new("RGB", (width, 2 * VIEW + 4 + table_h), (24, 24, 28))
+        for r, row in enumerate(panels):
+            for c, img in enumerate(row):
+                canvas.paste(img, (c * (VIEW + 2), r * (VIEW + 2)))
+        draw = ImageDraw.Draw(canvas)
+        y0 = 2 * VIEW + 8
+        for i, line in enumerate(header):
+            draw.text((6, y0 + 14 * i), line, fill=(230, 230, 230))
+        for i, line in enumerate(lines):
+            draw.text((6, y0 + 34 + 16 * i), line, fill=(200, 200, 200))
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out)
-        print(f"wrote {out} ({out.stat().st_size // 1024} KB); click error {err:.1f} mm, "
-              f"transfer median {np.median(errors):.1f} mm")
+        canvas.save(out)
+        print(f"wrote {out} ({out.stat().st_size // 1024} KB); click error {error:.1f} mm")
     teardown_headless_slicer(app)
     return 0
 

@@ -10,7 +10,7 @@ Hook into the module's Model panel with one button::
 
     from AnatomicalEmbeddingLib.ImportPretrained import ImportPretrainedDialog
     ImportPretrainedDialog(parent=slicer.util.mainWindow(), on_imported=lambda entry: refresh_and_select(entry),
-                           ensure_dependencies=lambda: logic.ensureDependencies("torch", askUser=True)).exec_()
+                           ensure_dependencies=lambda: logic.ensureImportDependencies(askUser=True)).exec_()
 
 Nothing is downloaded: the user picks a file they downloaded from the project's page (see :func:`help_text`).
 """

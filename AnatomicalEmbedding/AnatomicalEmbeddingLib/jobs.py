@@ -76,6 +76,20 @@ class JobWorker:
         job.future = self.executor().submit(run)
         return job
 
+    #: Seconds the poll timer's slot gives the worker thread per tick (kept well under the 50 ms GUI budget).
+    YIELD_SECONDS = 0.02
+
+    def yieldToWorker(self, seconds: Optional[float] = None) -> None:
+        """Main thread, from the poll timer: release the interpreter lock for a moment so the worker runs.
+
+        Slicer's PythonQt keeps the lock while the Qt loop idles, so a Python worker thread only runs when the
+        main thread gives it up (the engine's heavy parts - onnxruntime, numpy - release it themselves once
+        entered). Sleeping here, in the timer's slot, hands the worker the lock every tick without blocking the
+        GUI for more than ``YIELD_SECONDS``.
+        """
+        if self._executor is not None:
+            time.sleep(self.YIELD_SECONDS if seconds is None else seconds)
+
     @staticmethod
     def finish(job: BackgroundJob) -> Any:
         """Main thread: collect a finished job (re-raises its error or InterruptedError) and apply its result."""

@@ -3,6 +3,7 @@ import logging
 import pathlib
 import tempfile
 import time
+import types
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -43,14 +44,19 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         self.usePrior = True
         #: Sliding-window and fine-tile settings (engine defaults; part of the cache key).
         self.embedConfig = self._defaultEmbedConfig()
-        #: Volumes with at most this many fine tiles get all of them computed in the background.
-        self.maxPrecomputedTiles = 512
+        #: Volumes with at most this many fine tiles get all of them computed in the background, so that no click
+        #: runs the network on the GUI thread. None (default): every volume; tiles are computed one by one within the tile budget and read back from the disk cache.
+        self.maxPrecomputedTiles: Optional[int] = None
         self._cache = None
         self._embeddings: dict = {}   # volume node ID -> (geometry/content stamp, VolumeEmbedding)
         self._matchers: dict = {}     # (source ID, target ID) -> Matcher
         self._jobs = JobWorker("AnatomicalEmbedding")
         self._click: Optional[dict] = None
         self._busy = False
+        #: Click-to-correspond matches in the worker thread (the widget sets it; scripts and tests may keep the
+        #: blocking default). The GUI thread then only reads the point, and later writes the result.
+        self.matchInBackground = False
+        self._clickJobs: list = []
 
     def getParameterNode(self):
         if self.parameterNodeClass is None:
@@ -80,22 +86,32 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         """pip requirements of engine packages that cannot be imported in this Python."""
         return [requirement for module, requirement in dependencies.ENGINE_PACKAGES if not self._importable(module)]
 
-    def ensureDependencies(self, backend: str = "ONNX Runtime", askUser: bool = True) -> bool:
+    def ensureDependencies(self, backend: str = "ONNX Runtime", askUser: bool = True, extra: str = "",
+                           progress: Optional[Callable[[str], None]] = None) -> bool:
         """Check the Python packages; install missing ones only after the user confirms (never silently).
 
         Returns True when everything is importable. ``askUser=False`` only checks (a script or test that
         must not install). torch comes from the PyTorch extension (``PyTorchUtils``) when it is installed.
+        ``extra`` names a requirements file under ``Resources/Requirements`` (e.g. "import-published": MONAI and
+        onnx for Import published model). One prompt covers all; failures are shown in the GUI, never raised.
         """
         missing = self.missingPackages(backend)
+        if extra:
+            missing += [r for module, r in dependencies.readRequirements(dependencies.RESOURCES / f"{extra}.txt")
+                        if not self._importable(module) and r not in missing]
         needTorch = backend == "torch" and not self._importable("torch")
         if not missing and not needTorch:
             return True
         if not askUser:
             logging.warning("Missing Python packages: %s", ", ".join(missing + (["torch"] if needTorch else [])))
             return False
-        if not dependencies.install(missing, needTorch):
+        if not dependencies.install(missing, needTorch, progress=progress):
             return False
         return not self.missingPackages(backend) and (backend != "torch" or self._importable("torch"))
+
+    def ensureImportDependencies(self, askUser: bool = True, progress=None) -> bool:
+        """Import published model: PyTorch, MONAI and onnx (one prompt)."""
+        return self.ensureDependencies("torch", askUser, extra="import-published", progress=progress)
 
     # keep the earlier name working (scripts written against the first version)
     def ensureEngineDependencies(self, askUser: bool = True) -> bool:
@@ -171,6 +187,10 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
     def _submit(self, job: BackgroundJob, fn: Callable) -> BackgroundJob:
         return self._jobs.submit(job, fn)
 
+    def yieldToWorker(self, seconds: Optional[float] = None) -> None:
+        """Poll timer slot: give the worker thread the interpreter lock for a moment (see JobWorker)."""
+        self._jobs.yieldToWorker(seconds)
+
     def finishJob(self, job: BackgroundJob):
         """Main thread: collect a finished job (re-raises its error or InterruptedError) and apply its result."""
         return self._jobs.finish(job)
@@ -191,10 +211,12 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         return (image.GetMTime() if image else 0, tuple(slicer.util.arrayFromVTKMatrix(m).ravel().round(6)),
                 parent.GetMTime() if parent else 0)
 
-    def isPrepared(self, sourceVolume, targetVolumes: Sequence) -> bool:
+    def isPrepared(self, sourceVolume, targetVolumes: Sequence, bothWays: bool = False) -> bool:
         """True when every volume is embedded and each (source, target) matcher exists (clicks are then fast)."""
         return all(self.isEmbedded(v) for v in [sourceVolume, *targetVolumes]) and all(
-            (sourceVolume.GetID(), t.GetID()) in self._matchers for t in targetVolumes if t is not sourceVolume)
+            (sourceVolume.GetID(), t.GetID()) in self._matchers
+            and (not bothWays or (t.GetID(), sourceVolume.GetID()) in self._matchers)
+            for t in targetVolumes if t is not sourceVolume)
 
     def isEmbedded(self, volumeNode) -> bool:
         entry = self._embeddings.get(volumeNode.GetID()) if volumeNode is not None else None
@@ -228,7 +250,7 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         nCoarse = int(np.prod([len(window_starts(int(s), int(min(w, s)), config.overlap, m))
                                for s, w in zip(shape, window)]))
         nTiles = int(np.prod(-(-shape // config.fine_tile)))
-        precompute = nTiles <= self.maxPrecomputedTiles
+        precompute = self.maxPrecomputedTiles is None or nTiles <= self.maxPrecomputedTiles
         total = nCoarse + (nTiles if precompute else 0)
         count = [0]
 
@@ -242,8 +264,10 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
             model.set_hook(hook)
             try:
                 emb = embed_volume(model, volume, self.cache, config)
-                if precompute:
-                    emb.fine_block(emb.valid_start, emb.valid_size)  # every tile, from disk cache when there
+                if precompute and (emb.cache is not None or nTiles <= emb.max_tiles_in_memory):
+                    # Tile by tile, within the tile budget (never channels x every voxel at once: a 1000-channel
+                    # imported model would need 8 GB for a 200x200x50 region); tiles go to the disk cache.
+                    emb.precompute_fine_tiles(check=job.check)
                 return emb
             finally:
                 model.set_hook(None)
@@ -280,10 +304,12 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         job = BackgroundJob(f"Embedding {volumeNode.GetName()}")
         return self._submit(job, self._embedJob(volumeNode, job))
 
-    def prepareCorrespondenceAsync(self, sourceVolume, targetVolumes: Sequence) -> BackgroundJob:
+    def prepareCorrespondenceAsync(self, sourceVolume, targetVolumes: Sequence, bothWays: bool = False
+                                   ) -> BackgroundJob:
         """One background job that embeds what is missing and fits the robust prior of each pair.
 
         After :meth:`finishJob`, clicks between these volumes only search (no network, no prior fit).
+        ``bothWays`` also prepares target -> source (click mode: a click in a target view matches back).
         """
         job = BackgroundJob("Preparing correspondence")
         volumes = [sourceVolume] + [t for t in targetVolumes if t is not sourceVolume]
@@ -307,6 +333,11 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
                 if usePrior:
                     _ = matcher.prior  # fitted here, in the worker, instead of on the first click
                 matchers[(ids[0], target)] = matcher
+                if bothWays:
+                    back = Matcher(embs[target], embs[ids[0]], MatchConfig(low_confidence=lowConfidence))
+                    if usePrior:
+                        _ = back.prior
+                    matchers[(target, ids[0])] = back
             return embs, matchers
 
         def finish(result):
@@ -364,9 +395,9 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         return self._storeMatch(targetMarkups, label, sourceMarkups.GetNthControlPointID(index),
                                 sourceMarkups.GetID(), result.final, seconds, targetVolume)
 
-    def transferAll(self, sourceMarkups, sourceVolume, targetVolumes: Sequence, targetMarkups: Optional[Sequence] = None,
-                    ) -> list:
-        """Match every defined point of ``sourceMarkups`` into each target; returns the target point lists."""
+    def _transferJob(self, sourceMarkups, sourceVolume, targetVolumes: Sequence, targetMarkups, job) -> Callable:
+        """Read the lists on the main thread; return the worker function (matching only: numpy, and the network
+        for fine tiles not yet computed); ``job.finish`` writes the matches into the lists on the main thread."""
         from anatomical_embedding import mrml
 
         names, lps = mrml.markups_node_to_points(sourceMarkups)
@@ -375,21 +406,46 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         if not names:
             raise ValueError(f"{sourceMarkups.GetName()!r} has no placed points to transfer")
         targetMarkups = list(targetMarkups or []) + [None] * (len(targetVolumes) - len(targetMarkups or []))
-        outputs = []
-        for volume, out in zip(targetVolumes, targetMarkups):
-            if volume is sourceVolume:
-                continue
-            matcher = self.matcher(sourceVolume, volume)
-            out = out or self.defaultTargetMarkups(volume)
-            t0 = time.perf_counter()
-            results = matcher.match(lps, "LPS", use_prior=self.usePrior, with_raw=False, names=names)
-            seconds = (time.perf_counter() - t0) / len(results)
-            wasModifying = out.StartModify()
-            for name, pid, r in zip(names, ids, results):
-                self._storeMatch(out, name, pid, sourceMarkups.GetID(), r.final, seconds, volume)
-            out.EndModify(wasModifying)
-            outputs.append(out)
-        return outputs
+        pairs = [(volume, out, self.matcher(sourceVolume, volume))
+                 for volume, out in zip(targetVolumes, targetMarkups) if volume is not sourceVolume]
+        usePrior, sourceId = self.usePrior, sourceMarkups.GetID()
+
+        def work():
+            results = []
+            for n, (volume, _, matcher) in enumerate(pairs):
+                job.check()
+                job.report(n / max(len(pairs), 1), f"transferring {len(names)} points into {n + 1}/{len(pairs)}")
+                t0 = time.perf_counter()
+                matched = matcher.match(lps, "LPS", use_prior=usePrior, with_raw=False, names=names)
+                results.append((matched, (time.perf_counter() - t0) / max(len(matched), 1)))
+            return results
+
+        def finish(results):
+            outputs = []
+            for (volume, out, _), (matched, seconds) in zip(pairs, results):
+                out = out or self.defaultTargetMarkups(volume)
+                wasModifying = out.StartModify()
+                for name, pid, r in zip(names, ids, matched):
+                    self._storeMatch(out, name, pid, sourceId, r.final, seconds, volume)
+                out.EndModify(wasModifying)
+                outputs.append(out)
+            return outputs
+
+        job.finish = finish
+        return work
+
+    def transferAll(self, sourceMarkups, sourceVolume, targetVolumes: Sequence, targetMarkups: Optional[Sequence] = None,
+                    ) -> list:
+        """Match every defined point of ``sourceMarkups`` into each target now (blocking); returns the lists."""
+        job = BackgroundJob("Transfer all")
+        work = self._transferJob(sourceMarkups, sourceVolume, targetVolumes, targetMarkups, job)
+        return job.finish(work())
+
+    def transferAllAsync(self, sourceMarkups, sourceVolume, targetVolumes: Sequence,
+                         targetMarkups: Optional[Sequence] = None) -> BackgroundJob:
+        """Transfer all in the worker thread (progress, cancel); :meth:`finishJob` writes the target lists."""
+        job = BackgroundJob("Transfer all")
+        return self._submit(job, self._transferJob(sourceMarkups, sourceVolume, targetVolumes, targetMarkups, job))
 
     @staticmethod
     def targetVolumes(sourceVolume, targetVolume, allVolumes: bool = False) -> list:
@@ -406,16 +462,21 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         return targets
 
     # ---- heatmap ----------------------------------------------------------------------------------
-    def updateHeatmap(self, sourceVolume, targetVolume, pointRas, heatmapNode=None, opacity: float = 0.5):
-        """Similarity to the source point on the target's grid, shown as coloured foreground over the target."""
-        from anatomical_embedding import mrml
-        from anatomical_embedding.io import convert_points
+    def heatmapVolume(self, sourceVolume, targetVolume, pointRas):
+        """Similarity to the source point on the target embedding's own coarse grid (an engine ``Volume``).
 
-        heat = self.matcher(sourceVolume, targetVolume).heatmap(
-            convert_points(np.asarray(pointRas, float), "RAS", "LPS"), reference=mrml.node_to_volume(targetVolume))
-        return views.showHeatmapVolume(heat, targetVolume, heatmapNode, opacity)
+        No resampling to the target's voxel grid: Slicer reslices the foreground layer for display. The cost is
+        one dot product per coarse cell (milliseconds), independent of the target's voxel count.
+        """
+        return views.coarseSimilarity(self.matcher(sourceVolume, targetVolume), pointRas)
+
+    def updateHeatmap(self, sourceVolume, targetVolume, pointRas, heatmapNode=None, opacity: float = 0.5):
+        """Similarity heatmap on its coarse grid, shown as foreground over the target in the target views only."""
+        return views.showHeatmapVolume(self.heatmapVolume(sourceVolume, targetVolume, pointRas), targetVolume,
+                                       heatmapNode, opacity)
 
     showHeatmap = staticmethod(views.showHeatmap)
+    setupCorrespondenceLayout = staticmethod(views.setupCorrespondenceLayout)
     setHeatmapOpacity = staticmethod(views.setHeatmapOpacity)
 
     # ---- results table ----------------------------------------------------------------------------
@@ -426,13 +487,29 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
 
     # ---- click-to-correspond ----------------------------------------------------------------------
     def startClickToCorrespond(self, sourceMarkups, sourceVolume, targetVolume, targetMarkups=None,
-                               onMatched: Optional[Callable[[dict], None]] = None):
-        """Match each point placed or moved on ``sourceMarkups`` at once; returns the target point list."""
+                               onMatched: Optional[Callable[[dict], None]] = None,
+                               onError: Optional[Callable[[str], None]] = None, layout: bool = True):
+        """Match each point placed or moved on ``sourceMarkups`` at once; returns the target point list.
+
+        With ``layout`` the correspondence layout is set up: source views on top, target views below, each row
+        bound to its volume; the source list is drawn in the source row and the matches in the target row.
+        A point placed in a target view (its associated node is the target volume, as Slicer's markups
+        placement records it) is matched back: the target list gets the clicked position and the source point
+        moves to its match in the source. ``onError`` receives the message of a click that could not be matched
+        (e.g. outside the image); the widget shows it.
+        """
         if sourceMarkups is None or sourceVolume is None or targetVolume is None:
             raise ValueError("click-to-correspond needs a source point list, a source volume and a target volume")
+        if sourceVolume is targetVolume:
+            raise ValueError("choose different source and target volumes")
         self.stopClickToCorrespond()
         targetMarkups = targetMarkups or self.defaultTargetMarkups(targetVolume)
         self.embedding(sourceVolume), self.embedding(targetVolume)  # no-op when the widget embedded them already
+        if layout:
+            scene = sourceVolume.GetScene()
+            views.setupCorrespondenceLayout(sourceVolume, targetVolume)
+            views.restrictMarkupsToViews(sourceMarkups, scene, "source")
+            views.restrictMarkupsToViews(targetMarkups, scene, "target")
         callbacks, tags = [], []
         for event in (sourceMarkups.PointPositionDefinedEvent, sourceMarkups.PointStartInteractionEvent,
                       sourceMarkups.PointEndInteractionEvent, sourceMarkups.PointModifiedEvent):
@@ -443,8 +520,14 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
             tags.append(sourceMarkups.AddObserver(event, callback))
         self._click = {"source": sourceMarkups, "sourceVolume": sourceVolume, "targetVolume": targetVolume,
                        "target": targetMarkups, "tags": tags, "callbacks": callbacks, "onMatched": onMatched,
-                       "last": {}, "results": [], "dragging": False}
+                       "onError": onError, "last": {}, "results": [], "errors": [], "dragging": False}
         return targetMarkups
+
+    def clickToCorrespondNodes(self) -> Optional[tuple]:
+        """(source list, source volume, target volume) of the active click mode, or None."""
+        if self._click is None:
+            return None
+        return self._click["source"], self._click["sourceVolume"], self._click["targetVolume"]
 
     def stopClickToCorrespond(self) -> None:
         if self._click is not None:
@@ -482,11 +565,26 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         last = state["last"].get(pid)
         if last is not None and np.allclose(last[0], ras, atol=1e-6) and last[1] == label:
             return None
-        self._busy = True  # writing the target list must not re-enter through our own events
+        inTarget = node.GetNthControlPointAssociatedNodeID(index) == state["targetVolume"].GetID()
+        self._busy = True  # writing the point lists must not re-enter through our own events
         try:
-            result = self.matchControlPoint(node, index, state["sourceVolume"], state["targetVolume"], state["target"])
-        except ValueError as exc:  # e.g. a point outside the source image: tell, do not crash the observer
-            logging.warning("Not matched: %s", exc)
+            if inTarget:
+                result = self.matchBackControlPoint(node, index, state["sourceVolume"], state["targetVolume"],
+                                                    state["target"])
+                node.GetNthControlPointPositionWorld(index, ras)
+            elif self.matchInBackground:
+                state["last"][pid] = (ras.copy(), label)
+                return self._submitClickMatch(node, index, state)
+            else:
+                result = self.matchControlPoint(node, index, state["sourceVolume"], state["targetVolume"],
+                                                state["target"])
+        except ValueError as exc:  # e.g. a point outside the image: tell the user, do not crash the observer
+            message = f"{label} not matched: {exc}"
+            logging.warning("%s", message)
+            state["last"][pid] = (ras.copy(), label)  # one report per placement (several events fire for it)
+            state["errors"].append(message)
+            if state["onError"] is not None:
+                state["onError"](message)
             return None
         finally:
             self._busy = False
@@ -495,6 +593,88 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         if state["onMatched"] is not None:
             state["onMatched"](result)
         return result
+
+    def _submitClickMatch(self, node, index: int, state: dict) -> BackgroundJob:
+        """The match of one click as a background job: read the point now (main thread), match in the worker,
+        write the target point and call ``onMatched`` in :meth:`pollClickJobs` (main thread, in click order)."""
+        from anatomical_embedding.io import convert_points
+
+        ras = np.zeros(3)
+        node.GetNthControlPointPositionWorld(index, ras)
+        label, pid = node.GetNthControlPointLabel(index), node.GetNthControlPointID(index)
+        sourceVolume, targetVolume, targetMarkups = state["sourceVolume"], state["targetVolume"], state["target"]
+        matcher, usePrior = self.matcher(sourceVolume, targetVolume), self.usePrior
+        job = BackgroundJob(f"Matching {label}")
+        lps = convert_points(ras, "RAS", "LPS")
+
+        def work():
+            t0 = time.perf_counter()
+            match = matcher.match(lps, "LPS", use_prior=usePrior, with_raw=False, names=[label])[0]
+            return match, time.perf_counter() - t0
+
+        def finish(output):
+            match, seconds = output
+            return self._storeMatch(targetMarkups, label, pid, node.GetID(), match.final, seconds, targetVolume)
+
+        job.finish = finish
+        self._clickJobs.append((job, state))
+        return self._submit(job, work)
+
+    def clickJobsPending(self) -> bool:
+        return bool(self._clickJobs)
+
+    def pollClickJobs(self) -> int:
+        """Main thread (the widget's poll timer): apply finished click matches in click order; returns how many."""
+        applied = 0
+        while self._clickJobs and self._clickJobs[0][0].done():
+            job, state = self._clickJobs.pop(0)
+            try:
+                self._busy = True
+                try:
+                    result = self.finishJob(job)
+                finally:
+                    self._busy = False
+            except (ValueError, InterruptedError) as exc:
+                message = f"{job.description[len('Matching '):]} not matched: {exc}"
+                logging.warning("%s", message)
+                state["errors"].append(message)
+                if state.get("onError") is not None:
+                    state["onError"](message)
+                continue
+            state["results"].append(result)
+            applied += 1
+            if state["onMatched"] is not None:
+                state["onMatched"](result)
+        return applied
+
+    def matchBackControlPoint(self, sourceMarkups, index: int, sourceVolume, targetVolume, targetMarkups) -> dict:
+        """A point of ``sourceMarkups`` placed on the target (a click in a target view): match it into the source.
+
+        The clicked position becomes the target list's point (with the reverse match's scores) and the source
+        point moves to the matched source position. Returns the result dict of :meth:`matchControlPoint`, whose
+        ``query_ras`` is the new source position (the heatmap query).
+        """
+        from anatomical_embedding.io import convert_points
+
+        ras = np.zeros(3)
+        sourceMarkups.GetNthControlPointPositionWorld(index, ras)
+        label = sourceMarkups.GetNthControlPointLabel(index)
+        pid = sourceMarkups.GetNthControlPointID(index)
+        back = self.matcher(targetVolume, sourceVolume)
+        t0 = time.perf_counter()
+        result = back.match(convert_points(ras, "RAS", "LPS"), "LPS", use_prior=self.usePrior, with_raw=False,
+                            names=[label])[0].final
+        seconds = time.perf_counter() - t0
+        sourceRas = convert_points(result.point_lps, "LPS", "RAS")
+        sourceMarkups.SetNthControlPointPositionWorld(index, *sourceRas)
+        sourceMarkups.SetNthControlPointAssociatedNodeID(index, sourceVolume.GetID())
+        # The target point is where the user clicked; the scores are those of the reverse match.
+        clicked = types.SimpleNamespace(similarity=result.similarity, confidence=result.confidence,
+                                        fb_distance_mm=result.fb_distance_mm, method=result.method,
+                                        point_lps=result.query_lps, query_lps=result.point_lps)
+        out = self._storeMatch(targetMarkups, label, pid, sourceMarkups.GetID(), clicked, seconds, targetVolume)
+        out["direction"] = "target to source"
+        return out
 
     # ---- few-shot labelling -----------------------------------------------------------------------
     # The cases live in a table node (see AnatomicalEmbeddingLib.cases); these keep the logic's API.

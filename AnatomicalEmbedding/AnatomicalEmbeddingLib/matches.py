@@ -8,7 +8,8 @@ import vtk
 #: Attribute / description keys written on matched points and nodes.
 SCORES_ATTRIBUTE = "AnatomicalEmbedding.matches"
 SOURCE_ATTRIBUTE = "AnatomicalEmbedding.sourceMarkups"
-#: Colours of matched points: confident matches are drawn selected (green), low-confidence ones unselected (orange).
+#: Colour of matched points. Low confidence is a score (description JSON, results-table flag, status line), never
+#: the user-editable selected state; LOW_CONFIDENCE_COLOR is the list's unselected colour and the table's flag colour.
 MATCH_COLOR = (0.2, 0.9, 0.3)
 LOW_CONFIDENCE_COLOR = (1.0, 0.5, 0.0)
 
@@ -54,14 +55,13 @@ def storeMatch(targetMarkups, label: str, sourceId: str, sourceNodeId: str, matc
         index = targetMarkups.GetControlPointIndexByLabel(label)
     wasModifying = targetMarkups.StartModify()
     try:
+        # World coordinates (the list may sit under a transform): matches are read back with the World getters.
         if index < 0:
-            index = targetMarkups.AddControlPoint(vtk.vtkVector3d(*ras), label)
+            index = targetMarkups.AddControlPointWorld(vtk.vtkVector3d(*ras), label)
         else:
-            targetMarkups.SetNthControlPointPosition(index, *ras)
+            targetMarkups.SetNthControlPointPositionWorld(index, *ras)
             targetMarkups.SetNthControlPointLabel(index, label)
         targetMarkups.SetNthControlPointDescription(index, json.dumps(scores))
-        # Unselected points are drawn in the list's "Color" (orange): the visible low-confidence flag.
-        targetMarkups.SetNthControlPointSelected(index, not low)
         all_scores = json.loads(targetMarkups.GetAttribute(SCORES_ATTRIBUTE) or "{}")
         all_scores[targetMarkups.GetNthControlPointID(index)] = {"label": label, **scores}
         targetMarkups.SetAttribute(SCORES_ATTRIBUTE, json.dumps(all_scores))

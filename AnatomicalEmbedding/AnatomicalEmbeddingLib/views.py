@@ -16,9 +16,147 @@ LOW_CONFIDENCE_TEXT = "low confidence"
 _TEXT_COLUMNS = ("label", "target", "flag")
 
 
+# ---- correspondence layout --------------------------------------------------------------------------
+#: Slice views of the correspondence layout: the top row shows the source, the bottom row the target.
+SOURCE_VIEWS = ("AESourceAxial", "AESourceSagittal", "AESourceCoronal")
+TARGET_VIEWS = ("AETargetAxial", "AETargetSagittal", "AETargetCoronal")
+_ORIENTATIONS = ("Axial", "Sagittal", "Coronal")
+#: Layout ID of the correspondence layout (custom layouts use IDs above Slicer's built-in ones).
+CORRESPONDENCE_LAYOUT_ID = 5019
+#: Role attribute on the slice nodes of the layout ("source" or "target").
+VIEW_ROLE_ATTRIBUTE = "AnatomicalEmbedding.viewRole"
+
+
+def correspondenceLayoutXml() -> str:
+    """Slicer layout description: two rows of three slice views (source on top, target below)."""
+    def row(names, color, label):
+        items = "".join(
+            f'<item><view class="vtkMRMLSliceNode" singletontag="{n}">'
+            f'<property name="orientation" action="default">{o}</property>'
+            f'<property name="viewlabel" action="default">{label}{k + 1}</property>'
+            f'<property name="viewcolor" action="default">{color}</property>'
+            f'<property name="viewgroup" action="default">{0 if label == "S" else 1}</property></view></item>'
+            for k, (n, o) in enumerate(zip(names, _ORIENTATIONS)))
+        return f'<item><layout type="horizontal">{items}</layout></item>'
+    return ('<layout type="vertical">' + row(SOURCE_VIEWS, "#4a90d9", "S")
+            + row(TARGET_VIEWS, "#e0a030", "T") + "</layout>")
+
+
+def _compositeByLayoutName(scene, name: str):
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+        if node.GetLayoutName() == name:
+            return node
+    return None
+
+
+def _sliceByLayoutName(scene, name: str):
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLSliceNode")
+        if node.GetLayoutName() == name:
+            return node
+    return None
+
+
+def setupCorrespondenceLayout(sourceVolume, targetVolume) -> dict:
+    """Show source and target side by side: each row of slice views is bound to one volume.
+
+    In Slicer the layout manager creates the six views (slice + composite nodes); headless (slicer-core), the
+    nodes are created here the way the slice logic would. Returns {"source": [composite...], "target": [...]}.
+    The target rows get no foreground until a heatmap is shown; the source rows never get one.
+    """
+    scene = sourceVolume.GetScene()
+    layoutManager = None
+    try:
+        layoutManager = slicer.app.layoutManager()
+    except AttributeError:  # no application (slicer-core)
+        layoutManager = None
+    if layoutManager is not None:
+        layoutNode = layoutManager.layoutLogic().GetLayoutNode()
+        if not layoutNode.IsLayoutDescription(CORRESPONDENCE_LAYOUT_ID):
+            layoutNode.AddLayoutDescription(CORRESPONDENCE_LAYOUT_ID, correspondenceLayoutXml())
+        layoutManager.setLayout(CORRESPONDENCE_LAYOUT_ID)
+    out = {"source": [], "target": []}
+    for role, names, volume in (("source", SOURCE_VIEWS, sourceVolume), ("target", TARGET_VIEWS, targetVolume)):
+        for name, orientation in zip(names, _ORIENTATIONS):
+            sliceNode = _sliceByLayoutName(scene, name)
+            if sliceNode is None:
+                sliceNode = scene.CreateNodeByClass("vtkMRMLSliceNode")  # with the scene's defaults (presets)
+                sliceNode.UnRegister(None)
+                sliceNode.SetLayoutName(name)  # also the singleton tag, as the layout manager sets it
+                sliceNode.SetName(name)
+                sliceNode = scene.AddNode(sliceNode)
+                if sliceNode.HasSliceOrientationPreset(orientation):  # presets exist in Slicer, not headless
+                    sliceNode.SetOrientation(orientation)
+            sliceNode.SetAttribute(VIEW_ROLE_ATTRIBUTE, role)
+            composite = _compositeByLayoutName(scene, name)
+            if composite is None:
+                composite = scene.CreateNodeByClass("vtkMRMLSliceCompositeNode")
+                composite.UnRegister(None)
+                composite.SetLayoutName(name)
+                composite = scene.AddNode(composite)
+            composite.SetBackgroundVolumeID(volume.GetID() if volume is not None else None)
+            composite.SetForegroundVolumeID(None)
+            composite.SetLabelVolumeID(None)
+            out[role].append(composite)
+    return out
+
+
+def correspondenceViews(scene, role: str) -> list:
+    """Composite nodes of the layout's ``role`` row ("source" or "target"); empty when the layout was never set up."""
+    names = SOURCE_VIEWS if role == "source" else TARGET_VIEWS
+    return [c for c in (_compositeByLayoutName(scene, n) for n in names) if c is not None]
+
+
+def correspondenceSliceNodeIDs(scene, role: str) -> list:
+    names = SOURCE_VIEWS if role == "source" else TARGET_VIEWS
+    return [s.GetID() for s in (_sliceByLayoutName(scene, n) for n in names) if s is not None]
+
+
+def restrictMarkupsToViews(markupsNode, scene, role: str) -> None:
+    """Draw a point list only in the ``role`` row (source points on the source, matches on the target)."""
+    ids = correspondenceSliceNodeIDs(scene, role)
+    if markupsNode is None or not ids:
+        return
+    if markupsNode.GetDisplayNode() is None:
+        markupsNode.CreateDefaultDisplayNodes()
+    display = markupsNode.GetDisplayNode()
+    # 3D views keep showing the points (only the slice rows are split between source and target).
+    threeD = [scene.GetNthNodeByClass(i, "vtkMRMLViewNode").GetID()
+              for i in range(scene.GetNumberOfNodesByClass("vtkMRMLViewNode"))]
+    display.SetViewNodeIDs(ids + threeD)
+
+
 # ---- heatmap ----------------------------------------------------------------------------------------
+#: The heatmap grid: the coarse grid upsampled this many times (1: the coarse cells themselves, with Slicer's
+#: display interpolation on). Its cost is that of the coarse map, independent of the target's voxel count.
+HEATMAP_UPSAMPLE = 1
+
+
+def coarseSimilarity(matcher, pointRas, upsample: int = HEATMAP_UPSAMPLE):
+    """Cosine similarity of the source point's coarse vector to the target's coarse map, as an engine Volume on
+    the coarse grid (world geometry of the target's embedding). Raises ValueError outside the source."""
+    from anatomical_embedding.inference.embedding import upsample_linear
+    from anatomical_embedding.io import convert_points
+
+    lps = convert_points(np.asarray(pointRas, float), "RAS", "LPS")
+    source, target = matcher.source, matcher.target
+    q = np.atleast_2d(source.world_to_index(lps))
+    if not source.inside(q)[0]:
+        raise ValueError(f"heatmap query {np.round(pointRas, 2).tolist()} RAS is outside the source image")
+    qc = source.sample_coarse(q)[0]
+    u = max(1, int(upsample))
+    sim = upsample_linear(np.einsum("c,ckji->kji", qc, target.coarse), u) / target.upsampled_norms(u)
+    sim = np.where(target.upsampled_valid_mask(u), sim, -1.0)
+    return target.coarse_volume(sim, u)
+
+
 def showHeatmapVolume(heat, targetVolume, heatmapNode=None, opacity: float = 0.5):
-    """Put the engine's heatmap volume ``heat`` into ``heatmapNode`` (created when None), coloured, over the target."""
+    """Put the engine's heatmap volume ``heat`` into ``heatmapNode`` (created when None), coloured, over the target.
+
+    ``heat`` stays on its own (coarse) grid: Slicer reslices the foreground layer for display, so there is no
+    resampling to the target grid. The node is hidden from node selectors (never offered as a source or target).
+    """
     from anatomical_embedding import mrml
 
     scene = targetVolume.GetScene()
@@ -26,6 +164,7 @@ def showHeatmapVolume(heat, targetVolume, heatmapNode=None, opacity: float = 0.5
         heatmapNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{targetVolume.GetName()} similarity")
     mrml.set_node_from_volume(heatmapNode, heat)
     heatmapNode.SetAttribute(HEATMAP_ATTRIBUTE, targetVolume.GetID())
+    heatmapNode.SetHideFromEditors(True)
     if heatmapNode.GetDisplayNode() is None:
         heatmapNode.CreateDefaultDisplayNodes()
     display = heatmapNode.GetDisplayNode()
@@ -37,16 +176,29 @@ def showHeatmapVolume(heat, targetVolume, heatmapNode=None, opacity: float = 0.5
     display.SetLowerThreshold(0.0)
     display.SetUpperThreshold(1.0)
     display.SetApplyThreshold(1)
+    display.SetInterpolate(1)
     showHeatmap(targetVolume, heatmapNode, opacity)
     return heatmapNode
 
 
 def showHeatmap(targetVolume, heatmapNode, opacity: float) -> None:
-    """Target as background and the heatmap as foreground in every slice view."""
+    """The heatmap as foreground over the target, in the target's views only.
+
+    Views of the correspondence layout's target row always get it; any other view gets it only when it
+    already shows the target as background. Views showing the source (or anything else) are left alone, so a
+    click in a source view is always a click on source anatomy.
+    """
     scene = targetVolume.GetScene()
+    sourceRow = {c.GetID() for c in correspondenceViews(scene, "source")}
+    targetRow = {c.GetID() for c in correspondenceViews(scene, "target")}
     for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
         composite = scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
-        composite.SetBackgroundVolumeID(targetVolume.GetID())
+        if composite.GetID() in sourceRow:
+            continue
+        if composite.GetID() in targetRow:
+            composite.SetBackgroundVolumeID(targetVolume.GetID())
+        elif composite.GetBackgroundVolumeID() != targetVolume.GetID():
+            continue
         composite.SetForegroundVolumeID(heatmapNode.GetID())
         composite.SetForegroundOpacity(float(opacity))
 

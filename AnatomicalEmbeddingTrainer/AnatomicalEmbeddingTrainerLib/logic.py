@@ -33,6 +33,33 @@ class AnatomicalEmbeddingTrainerLogic(ScriptedLoadableModuleLogic):
     defaultHyperparameters = staticmethod(settings.defaultHyperparameters)
     exportPath = staticmethod(settings.exportPath)
     pythonExecutable = staticmethod(settings.pythonExecutable)
+    torchAvailable = staticmethod(settings.torchAvailable)
+
+    #: Requirements of a training run besides PyTorch (PyTorch comes from the PyTorch extension).
+    REQUIREMENTS = pathlib.Path(__file__).resolve().parents[1] / "Resources" / "Requirements" / "training.txt"
+
+    def missingTrainingPackages(self) -> list:
+        """pip requirements of Resources/Requirements/training.txt that cannot be imported, plus "torch"."""
+        from AnatomicalEmbeddingLib import dependencies
+
+        missing = dependencies.missingRequirements(self.REQUIREMENTS)
+        return missing + ([] if self.torchAvailable() else ["torch"])
+
+    def ensureTrainingDependencies(self, askUser: bool = True, progress=None) -> bool:
+        """PyTorch, MONAI, onnx ...: one prompt, installed in Slicer's Python; errors are shown, never raised.
+
+        (The viewer module's ``AnatomicalEmbeddingLib.dependencies`` does the prompting and installing; both modules
+        are installed in the same folder.)"""
+        from AnatomicalEmbeddingLib import dependencies
+
+        missing = [r for r in self.missingTrainingPackages() if r != "torch"]
+        needTorch = not self.torchAvailable()
+        if not missing and not needTorch:
+            return True
+        if not askUser:
+            return False
+        return dependencies.install(missing, needTorch, requester="AnatomicalEmbeddingTrainer", progress=progress) \
+            and not self.missingTrainingPackages()
 
     def applyDefaults(self, p, method: str, trainSettings: bool = True) -> None:
         """Fill the key hyperparameters with the defaults (only the method's ones when ``trainSettings`` is off)."""

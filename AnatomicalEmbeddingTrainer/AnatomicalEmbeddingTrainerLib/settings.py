@@ -14,7 +14,7 @@ METHOD_PARAMETER = "Method"
 #: Parameter-node field -> engine setting, for the key hyperparameters shown in the GUI.
 TRAIN_FIELDS = {"batchSize": "batch_size", "learningRate": "lr", "epochs": "epochs", "maxSteps": "max_steps"}
 #: The training entry point, run as a subprocess (it stays next to the module file).
-TRAIN_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "train.py"
+TRAIN_SCRIPT = pathlib.Path(__file__).resolve().parent / "train.py"
 
 
 def pathOrEmpty(value) -> str:
@@ -45,22 +45,121 @@ def setMethod(p, method: str) -> None:
         p.method = method
 
 
+def torchAvailable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+def dataclassDefaultsFromSource(moduleName: str, className: str) -> dict:
+    """Literal defaults of a dataclass read from its module's source with ``ast`` (no import: no torch).
+
+    Fields whose default is not a literal are left out; base classes in the same module are merged.
+    """
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec(moduleName, "anatomical_embedding.methods")
+    tree = ast.parse(pathlib.Path(spec.origin).read_text(encoding="utf-8"))
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    configAlias = next((item.value.id for item in getattr(classes.get(className), "body", [])
+                        if isinstance(item, ast.Assign) and isinstance(item.value, ast.Name)
+                        and any(isinstance(t, ast.Name) and t.id == "Config" for t in item.targets)), None)
+
+    def literal(value):
+        try:
+            return True, ast.literal_eval(value)
+        except ValueError:
+            pass
+        if isinstance(value, ast.Call):  # field(default=...) / field(default_factory=lambda: ...)
+            for kw in value.keywords:
+                inner = kw.value.body if kw.arg == "default_factory" and isinstance(kw.value, ast.Lambda) else \
+                    kw.value if kw.arg == "default" else None
+                if inner is not None:
+                    try:
+                        return True, ast.literal_eval(inner)
+                    except ValueError:
+                        return False, None
+        return False, None
+
+    def collect(name: str, out: dict) -> dict:
+        node = classes.get(name)
+        if node is None:
+            return out
+        for base in node.bases:  # dataclass inheritance within the module
+            if isinstance(base, ast.Name):
+                collect(base.id, out)
+        for item in node.body:
+            if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name) and item.value is not None:
+                ok, value = literal(item.value)
+                if ok:
+                    out[item.target.id] = value
+        return out
+
+    return collect(configAlias or className, {})
+
+
+def methodConfigDefaults(method: str) -> dict:
+    """Defaults of the method's ``Config`` dataclass, without importing torch when it is absent.
+
+    With torch importable the class is imported (exact). Without it (a fresh Slicer: the Trainer panel must still
+    open and offer the install), the method's source is read with ``ast``.
+    """
+    if torchAvailable():
+        from anatomical_embedding.methods import get_method
+
+        return {f.name: f.default for f in fields(get_method(method).Config)}
+    return dataclassDefaultsFromSource(*methodTarget(method))
+
+
+def methodTarget(method: str) -> tuple:
+    """(module, class) of a registered method, without importing it."""
+    from anatomical_embedding import methods
+
+    target = methods._REGISTRY.get(method) or methods._TASKS.get(method)
+    if target is None:
+        raise ValueError(f"unknown method {method!r}")
+    module, cls = target.split(":")
+    return module, cls
+
+
+def finetuneTrainDefaults() -> tuple:
+    """``FINETUNE_TRAIN_DEFAULTS`` of the engine (read from its source when torch is absent)."""
+    if torchAvailable():
+        from anatomical_embedding.training.finetune_config import FINETUNE_TRAIN_DEFAULTS
+
+        return tuple(FINETUNE_TRAIN_DEFAULTS)
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("anatomical_embedding.training.finetune_config")
+    for node in ast.parse(pathlib.Path(spec.origin).read_text(encoding="utf-8")).body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (node.targets[0] if isinstance(node, ast.Assign)
+                                                                       else None)
+        if isinstance(target, ast.Name) and target.id == "FINETUNE_TRAIN_DEFAULTS":
+            return tuple(ast.literal_eval(node.value))
+    return ()
+
+
+def trainConfigDefaults() -> dict:
+    if torchAvailable():
+        from anatomical_embedding.training.config import TrainConfig
+
+        return {f.name: f.default for f in fields(TrainConfig)}
+    return dataclassDefaultsFromSource("anatomical_embedding.training.config", "TrainConfig")
+
+
 def defaultHyperparameters(method: str) -> dict:
     """The key hyperparameters' defaults (paper values) from the engine and the method's Config dataclass."""
-    from anatomical_embedding.methods import get_method
-    from anatomical_embedding.training.config import TrainConfig
-
-    train = {f.name: f.default for f in fields(TrainConfig)}
+    train = trainConfigDefaults()
     if method == "finetune":  # the finetune command's recipe (Adam, lr 1e-4), not the pretraining defaults
         import tomllib
 
-        from anatomical_embedding.training.finetune_config import FINETUNE_TRAIN_DEFAULTS
-
-        for item in FINETUNE_TRAIN_DEFAULTS:
+        for item in finetuneTrainDefaults():
             key, value = item.split("=", 1)
             train[key.split(".", 1)[1]] = tomllib.loads(f"v = {value}")["v"]
     out = {field: train[key] for field, key in TRAIN_FIELDS.items()}
-    methodDefaults = {f.name: f.default for f in fields(get_method(method).Config)}
+    methodDefaults = methodConfigDefaults(method)
     patch = methodDefaults.get("patch_size")
     out["patchSize"] = ",".join(str(int(v)) for v in patch) if patch is not None else ""
     return out
@@ -68,12 +167,10 @@ def defaultHyperparameters(method: str) -> dict:
 
 def overrides(p, method: str) -> list:
     """``--set`` items for the key hyperparameters of the GUI (advanced settings come after them)."""
-    from anatomical_embedding.methods import get_method
-
     items = [f"train.{key}={getattr(p, field)!r}" for field, key in TRAIN_FIELDS.items()]
     items += [f'train.device="{p.device}"', "train.progress_bar=false"]  # the GUI shows progress itself
     patch = (p.patchSize or "").strip()
-    if patch and method and "patch_size" in {f.name for f in fields(get_method(method).Config)}:
+    if patch and method and "patch_size" in methodConfigDefaults(method):
         values = [v.strip() for v in patch.replace("x", ",").split(",") if v.strip()]
         if not all(v.isdigit() for v in values):
             raise ValueError(f"patch size {patch!r}: give whole voxel counts like 96,96,96")

@@ -175,7 +175,11 @@ class OnnxModel(EmbeddingModel):
         # The coarse-only graph (when packaged) skips the full-resolution decoder for the whole-volume pass.
         self.coarse_session = (ort.InferenceSession(members[COARSE_ONNX_NAME], sess_options=opts, providers=providers)
                                if COARSE_ONNX_NAME in members else None)
-        self.device = "cuda" if providers[0].startswith("CUDA") else "cpu"
+        # What the session really runs on: onnxruntime falls back to CPU silently (missing CUDA/cuDNN libraries),
+        # so the requested providers are not the answer.
+        self.device = "cuda" if self.session.get_providers()[0].startswith("CUDA") else "cpu"
+        if providers[0].startswith("CUDA") and self.device != "cuda":
+            log.warning("onnxruntime could not start CUDA (libraries missing?); running on the CPU")
         self._input = self.session.get_inputs()[0].name
 
     def _run(self, x: np.ndarray, want_fine: bool) -> tuple[np.ndarray, np.ndarray | None]:

@@ -28,7 +28,7 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -135,6 +135,9 @@ class EmbeddingCache:
 
     def load_tile(self, key: str, tile: Sequence[int]) -> np.ndarray | None:
         return self._load(self.entry_dir(key) / "fine" / ("%d_%d_%d.npy" % tuple(tile)))
+
+    def has_tile(self, key: str, tile: Sequence[int]) -> bool:
+        return (self.entry_dir(key) / "fine" / ("%d_%d_%d.npy" % tuple(tile))).is_file()
 
     def save_tile(self, key: str, tile: Sequence[int], block: np.ndarray) -> None:
         self._save(self.entry_dir(key) / "fine" / ("%d_%d_%d.npy" % tuple(tile)), block.astype(np.float16))
@@ -283,12 +286,24 @@ def normalise(v: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 # ---- the embedded volume ---------------------------------------------------------------------------
+#: Memory budget of the fine tiles one VolumeEmbedding keeps (bytes, float16). Wide imported models (vox2vec,
+#: HDSSL: ~1000 fine channels) make a 32^3 tile 65 MB, so a count limit alone is not a bound.
+TILE_BUDGET_BYTES = 1 << 30
+#: Tiles always allowed in memory whatever the budget (a match reads a few neighbouring tiles at once).
+MIN_TILES_IN_MEMORY = 27
+
+
 class VolumeEmbedding:
-    """An embedded volume: prepared grid, coarse map in memory, fine tiles on demand (memory + disk)."""
+    """An embedded volume: prepared grid, coarse map in memory, fine tiles on demand (memory + disk).
+
+    Fine tiles in memory are bounded by ``max_tiles_in_memory`` and by ``tile_budget_bytes`` (least recently
+    used tiles are dropped; the disk cache keeps them).
+    """
 
     def __init__(self, model: EmbeddingModel, prepared: Volume, valid_start: np.ndarray, valid_size: np.ndarray,
                  coarse: np.ndarray, key: str, config: EmbedConfig, cache: EmbeddingCache | None,
-                 source: Volume | None = None, max_tiles_in_memory: int = 512) -> None:
+                 source: Volume | None = None, max_tiles_in_memory: int = 512,
+                 tile_budget_bytes: int | None = None) -> None:
         self.model = model
         self.prepared = prepared
         self.valid_start = np.asarray(valid_start, dtype=int)
@@ -299,7 +314,8 @@ class VolumeEmbedding:
         self.cache = cache
         self.source = source
         self._tiles: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
-        self._max_tiles = max_tiles_in_memory
+        budget = TILE_BUDGET_BYTES if tile_budget_bytes is None else int(tile_budget_bytes)
+        self._max_tiles = max(MIN_TILES_IN_MEMORY, min(int(max_tiles_in_memory), budget // max(self.tile_bytes, 1)))
         self.stats = {"tiles_computed": 0, "tiles_from_disk": 0, "fine_forwards": 0}
         self._pad_value = float(prepared.array.min())
 
@@ -415,6 +431,37 @@ class VolumeEmbedding:
                 self._remember(t, block)
                 return block
         return None
+
+    @property
+    def tile_bytes(self) -> int:
+        """Bytes of one fine tile in memory (float16)."""
+        return int(self.model.fine_channels) * int(self.config.fine_tile) ** 3 * 2
+
+    @property
+    def max_tiles_in_memory(self) -> int:
+        return self._max_tiles
+
+    def all_tiles(self) -> list[tuple[int, int, int]]:
+        """Every fine tile that touches the valid (image) box."""
+        return self._tile_range(self.valid_start, self.valid_size)
+
+    def precompute_fine_tiles(self, check: Callable[[], None] | None = None) -> int:
+        """Compute every fine tile of the image (each one written to the disk cache when there is one).
+
+        Unlike ``fine_block`` over the whole image, nothing of size channels x voxels is allocated: memory stays
+        within the tile budget (least recently used tiles drop out; they are read back from disk when needed).
+        ``check`` is called between tiles (cancel). Returns the number of tiles computed (not found in a cache).
+        """
+        before = self.stats["tiles_computed"]
+        for t in self.all_tiles():
+            if check is not None:
+                check()
+            if t in self._tiles:
+                continue
+            if self.cache is not None and self.cache.has_tile(self.key, t):
+                continue
+            self._compute_tiles([t])
+        return self.stats["tiles_computed"] - before
 
     def clear_fine_tiles(self) -> None:
         """Forget the fine tiles held in memory (the disk cache is untouched), e.g. to time a second matching

@@ -22,7 +22,7 @@ from anatomical_embedding.methods.base import DataInfo, Method, StepContext
 from anatomical_embedding.training import distributed as D
 from anatomical_embedding.training.checkpoints import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from anatomical_embedding.training.config import ENGINE_VERSION, RunConfig, save_run_config
-from anatomical_embedding.training.progress import ProgressWriter
+from anatomical_embedding.training.progress import ProgressWriter, stop_file
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +261,8 @@ class Trainer:
 
         stop = _Stop()
         old_handlers = {}
+        stop_path = stop_file(run_dir)
+        stop_path.unlink(missing_ok=True)  # a stale request from an earlier stop must not end this run at once
 
         def _handler(signum, frame):  # finish the current step, checkpoint, exit 130
             stop.signal = signal.Signals(signum).name
@@ -348,6 +350,8 @@ class Trainer:
                                                   device, amp_dtype, writer)
                     if tc.best_metric in eval_metrics:
                         last_metric = eval_metrics[tc.best_metric]
+                if stop.signal is None and stop_path.exists():  # the stop file (every platform)
+                    stop.signal = "STOP_FILE"
                 stop_now = self._agree_stop(stop, dist_info)
                 if step % tc.ckpt_every == 0 or step == total or stop_now:
                     path = checkpoint(step, step // steps_per_epoch, last_metric)
@@ -357,6 +361,8 @@ class Trainer:
                                      checkpoint=str(ckpts.dir / "last.pt"))
                     exit_code = EXIT_STOPPED
                     break
+            if exit_code == EXIT_STOPPED:
+                stop_path.unlink(missing_ok=True)
             if exit_code == EXIT_OK and step < total:
                 raise RuntimeError(f"data loader ended at step {step} before {total}")
             if exit_code == EXIT_OK and writer:

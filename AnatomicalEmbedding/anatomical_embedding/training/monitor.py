@@ -1,4 +1,4 @@
-"""Launch, watch, stop and resume a training subprocess (``AnatomicalEmbeddingTrainer/train.py``); Qt-free.
+"""Launch, watch, stop and resume a training subprocess (``AnatomicalEmbeddingTrainerLib/train.py``); Qt-free.
 
 The Trainer module drives training through this class so that the same code is tested without Slicer:
 
@@ -45,8 +45,8 @@ CONSOLE_LOG = "console.log"
 
 
 def default_train_script() -> Path:
-    """``AnatomicalEmbeddingTrainer/train.py`` of a source checkout (the Slicer module passes its own)."""
-    return Path(__file__).resolve().parents[3] / "AnatomicalEmbeddingTrainer" / "train.py"
+    """``AnatomicalEmbeddingTrainerLib/train.py`` of a source checkout (the Slicer module passes its own)."""
+    return Path(__file__).resolve().parents[3] / "AnatomicalEmbeddingTrainer" / "AnatomicalEmbeddingTrainerLib" / "train.py"
 
 
 def toml_overrides(text: str) -> list[str]:
@@ -304,8 +304,8 @@ class TrainingMonitor:
         kwargs = {}
         if os.name == "posix":
             kwargs["start_new_session"] = True  # stop() signals the whole group (torchrun and its workers)
-        else:  # pragma: no cover - Windows
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
+        else:  # pragma: no cover - Windows: no console window; stop() uses the stop file, not CTRL_BREAK
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
         log.info("Starting training: %s", " ".join(argv))
         self.argv = argv
         self._started_at = time.time()
@@ -323,16 +323,24 @@ class TrainingMonitor:
         self.start()
 
     def stop(self) -> None:
-        """Ask for a graceful stop: the engine finishes the step, saves last.pt and exits 130."""
+        """Ask for a graceful stop: the engine finishes the step, saves last.pt and exits 130.
+
+        The request is the run folder's stop file (``progress.STOP_FILE_NAME``), which works on every platform; on
+        POSIX the process group also gets SIGTERM (torchrun forwards it to its workers at once).
+        """
         if not self.running:
             return
+        from anatomical_embedding.training.progress import stop_file
+
         try:
-            if os.name == "posix":
+            stop_file(self.run_dir).write_text("stop requested\n", encoding="utf-8")
+        except OSError as exc:
+            log.warning("could not write the stop file: %s", exc)
+        if os.name == "posix":
+            try:
                 os.killpg(self.process.pid, signal.SIGTERM)
-            else:  # pragma: no cover - Windows: CTRL_BREAK reaches the process group
-                self.process.send_signal(signal.CTRL_BREAK_EVENT)
-        except ProcessLookupError:
-            pass
+            except ProcessLookupError:
+                pass
 
     def kill(self) -> None:
         """Hard stop (no checkpoint); used when a graceful stop does not end the process."""

@@ -29,6 +29,15 @@ import sys
 import time
 from pathlib import Path
 
+#: A graceful stop that works on every platform: the run folder gets this file, the engine sees it at the end of
+#: the step, saves ``checkpoints/last.pt`` and exits 130 (as for SIGINT/SIGTERM). Windows has no SIGTERM for a
+#: windowless child, and CTRL_BREAK_EVENT needs a shared console.
+STOP_FILE_NAME = "STOP"
+
+
+def stop_file(run_dir) -> Path:
+    return Path(run_dir) / STOP_FILE_NAME
+
 log = logging.getLogger(__name__)
 
 
