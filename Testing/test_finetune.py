@@ -355,3 +355,59 @@ def test_hdssl_backbone_is_frozen_then_trained_by_the_engine(tmp_path, phantom_c
     assert any(not torch.equal(later[k], v) for k, v in head0.items())
     ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
     assert len(ckpt["optimizer"]["param_groups"]) == 2  # head group and backbone group
+
+
+#: Small pretraining configurations of every method with a finetune backbone (``--set`` overrides).
+TINY_BACKBONE_SOURCES = {
+    "aefm": ["method.widths=[4,8,16,32]", "method.feature_dim=4", "method.spacing=[8.0,8.0,8.0]"],
+    "hdssl": ["method.base_channels=4", "method.num_scales=3", "method.scale_proj_channels=4",
+              "method.coarse_level=2", "method.patch_size=[16,16,16]", "method.spacing=[8.0]"],
+    "adam": ["method.dims=3", "method.depth=10", "method.widths=[4,8,16,32]", "method.conv1_stride=1",
+             "method.input_size=[32,32,32]", "method.spacing=[8.0]", "method.bank_size=64"],
+    "anatomask": ["method.widths=[4,8,16,32,32,32]", "method.spacing=[8.0,8.0,8.0]", "method.patch_size=[32,32,32]"],
+}
+
+
+@pytest.mark.parametrize("method_name", sorted(TINY_BACKBONE_SOURCES))
+def test_backbone_schedule_finds_the_pretrained_parameters_of_every_method(tmp_path, method_name, caplog):
+    # The freeze-then-ramp schedule acts on the parameters taken over from the pretrained model. AnatoMask's
+    # STU-Net gets *copies* of the encoder weights, which object identity missed: its backbone group was empty
+    # and the whole network trained at the base rate from step 0, silently. Names find them for every method.
+    import logging
+
+    from anatomical_embedding.methods.finetune import _BackboneFactor
+
+    run, state = _fake_run(tmp_path, method_name, TINY_BACKBONE_SOURCES[method_name])
+    with caplog.at_level(logging.WARNING):
+        method = FinetuneMethod(FinetuneConfig(mode="backbone", init_from=str(run), num_classes=3,
+                                               patch_size=(32, 32, 32), head_hidden=8, backbone_freeze_steps=5,
+                                               backbone_ramp_steps=2))
+    assert "no pretrained parameters" not in caplog.text
+    groups = method.param_groups()
+    assert len(groups) == 2 and isinstance(groups[1]["lr_factor"], _BackboneFactor)
+    backbone = {id(p) for p in groups[1]["params"]}
+    named = dict(method.network.named_parameters())
+    names = {n for n, p in named.items() if id(p) in backbone}
+    assert names == method.pretrained_names and names
+    # Every parameter of the backbone group holds a pretrained tensor, and every pretrained tensor of the
+    # source's encoder is in it (values, not identities: copies count).
+    pretrained_values = [v for v in state.values() if v.is_floating_point()]
+    for n in names:
+        assert any(v.shape == named[n].shape and torch.equal(v, named[n].detach()) for v in pretrained_values), n
+    head = [n for n in named if n not in names]
+    assert head  # a freshly initialised part (head / decoder) trains from step 0
+    assert len(groups[0]["params"]) == len(head)
+
+
+def test_backbone_schedule_without_pretrained_parameters_warns(tmp_path, caplog, monkeypatch):
+    import logging
+
+    from anatomical_embedding.methods import finetune as ft
+
+    run, _ = _fake_run(tmp_path, "aefm", TINY_BACKBONE_SOURCES["aefm"])
+    monkeypatch.setattr(ft, "pretrained_parameter_names", lambda network, source: set())
+    with caplog.at_level(logging.WARNING):
+        method = FinetuneMethod(FinetuneConfig(mode="backbone", init_from=str(run), num_classes=3,
+                                               patch_size=(32, 32, 32), head_hidden=8, backbone_freeze_steps=5))
+    assert "no pretrained parameters" in caplog.text
+    assert len(method.param_groups()) == 1
