@@ -111,7 +111,7 @@ class AdamEveConfig:
     fine_dim: int = 128
     fine_stages: tuple[int, ...] = (1, 2, 3, 4)
     proj_seed: int = 0
-    # Finetuning U-Net decoder widths (() = half the skip widths).
+    # Finetuning U-Net decoder widths: layer3, layer2, layer1[, stem, full resolution] (() = half the skip widths).
     decoder_widths: tuple[int, ...] = ()
 
 
