@@ -411,3 +411,52 @@ def test_backbone_schedule_without_pretrained_parameters_warns(tmp_path, caplog,
                                                patch_size=(32, 32, 32), head_hidden=8, backbone_freeze_steps=5))
     assert "no pretrained parameters" in caplog.text
     assert len(method.param_groups()) == 1
+
+
+#: (optimizer, lr, schedule, batch size, weight decay) each paper states for finetuning its backbone.
+PAPER_FINETUNE_RECIPES = {
+    "aefm": ("adam", 1e-4, "constant", 2, 0.0),  # AEFM's downstream recipe (the project's defaults)
+    "hdssl": ("adam", 3e-4, "constant", 7, 0.0),  # HDSSL §4: Adam 3e-4, batch 7, 45K steps
+    "adam": ("adamw", 2e-4, "cosine", 8, 0.05),  # Adam/Eve F.2: AdamW 2e-4, cosine (batch: ours, see recipe)
+    "anatomask": ("sgd", 1e-2, "poly", 2, 3e-5),  # nnU-Net 2.2 defaults (AnatoMask §4)
+}
+
+
+@pytest.mark.parametrize("method_name", sorted(PAPER_FINETUNE_RECIPES))
+def test_backbone_finetuning_uses_each_methods_paper_recipe(tmp_path, method_name, caplog):
+    import logging
+
+    from anatomical_embedding.training.finetune_config import resolve_finetune_config
+
+    run, _ = _fake_run(tmp_path, method_name, TINY_BACKBONE_SOURCES[method_name])
+    data = str(tmp_path)
+    names = ['method.class_names=["background","organ"]']  # no label files to read them from
+    cfg = resolve_finetune_config(tmp_path / "out", None, names, "backbone", str(run), False, data, None)
+    t = cfg.train
+    assert (t.optimizer, t.lr, t.lr_schedule, t.batch_size, t.weight_decay) == PAPER_FINETUNE_RECIPES[method_name]
+    if method_name == "adam":  # augmentation on, 10 % validation (early stopping on 10 % of the training data)
+        assert cfg.method_config.aug_scale > 0 and cfg.method_config.val_fraction == 0.1
+    if method_name == "anatomask":
+        assert (t.sgd_momentum, t.sgd_nesterov) == (0.99, True)
+    if method_name == "hdssl":
+        assert t.max_steps == 45000
+    # --set wins over the recipe; a BatchNorm backbone at batch 2 is flagged as a deviation.
+    with caplog.at_level(logging.WARNING):
+        cfg = resolve_finetune_config(tmp_path / "out", None, names + ["train.batch_size=2", "train.lr=5e-4"], "backbone",
+                                      str(run), False, data, None)
+    assert (cfg.train.batch_size, cfg.train.lr) == (2, 5e-4)
+    assert ("uses BatchNorm" in caplog.text) == (method_name in ("adam", "hdssl"))
+    # The embedding mode is AEFM's downstream network: AEFM's recipe whatever the source.
+    cfg = resolve_finetune_config(tmp_path / "out", None, names, "embedding", str(run), False, data, None)
+    assert (cfg.train.optimizer, cfg.train.lr, cfg.train.batch_size) == ("adam", 1e-4, 2)
+
+
+def test_poly_schedule_and_sgd_settings_reach_the_optimizer():
+    from types import SimpleNamespace
+
+    from anatomical_embedding.training.engine import _lr_lambda
+
+    f = _lr_lambda(SimpleNamespace(warmup_steps=0, lr_schedule="poly"), 100)
+    assert f(0) == 1.0 and f(50) == pytest.approx(0.5 ** 0.9) and f(100) == 0.0
+    with pytest.raises(ValueError, match="lr_schedule"):
+        _lr_lambda(SimpleNamespace(warmup_steps=0, lr_schedule="step"), 100)(3)

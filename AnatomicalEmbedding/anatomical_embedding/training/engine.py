@@ -100,6 +100,10 @@ def _lr_lambda(cfg, total_steps: int):
         if sched == "constant":
             return 1.0
         t = (step - warm) / max(1, total_steps - warm)
+        if sched == "poly":
+            return (1.0 - min(1.0, t)) ** 0.9
+        if sched != "cosine":
+            raise ValueError(f"train.lr_schedule must be cosine, constant or poly, got {sched!r}")
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
     return f
 
@@ -209,7 +213,8 @@ class Trainer:
         elif tc.optimizer == "adam":
             opt = torch.optim.Adam(param_groups, lr=tc.lr, weight_decay=tc.weight_decay)
         elif tc.optimizer == "sgd":
-            opt = torch.optim.SGD(param_groups, lr=tc.lr, momentum=0.9, weight_decay=tc.weight_decay)
+            opt = torch.optim.SGD(param_groups, lr=tc.lr, momentum=tc.sgd_momentum, nesterov=tc.sgd_nesterov,
+                                  weight_decay=tc.weight_decay)
         else:
             raise ValueError(f"train.optimizer must be adamw, adam or sgd, got {tc.optimizer!r}")
         schedule = _lr_lambda(tc, total)
