@@ -230,3 +230,120 @@ def test_gather_points_exact_at_full_resolution_and_interpolates_coarse():
     coarse = torch.arange(4.0).reshape(1, 1, 4, 1, 1).expand(1, 1, 4, 4, 4).contiguous()
     got_c = gather_points(coarse, torch.tensor([[[1, 0, 0], [3, 5, 5], [4, 2, 7]]]), (8, 8, 8))
     assert got_c[0, :, 0].tolist() == pytest.approx([0.25, 1.25, 1.75])
+
+
+@pytest.mark.parametrize("deformed", [False, True])
+def test_patch_pair_positives_are_drawn_without_replacement(deformed):
+    # With in-image negatives a repeated point is its own negative (a false negative): every A point and every
+    # B point of a pair must be distinct (before: rng.integers per axis, 200 of 32^3 voxels gave duplicates).
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        image = torch.from_numpy(rng.standard_normal((40, 44, 48)).astype(np.float32))
+        cfg = PatchPairConfig(patch_size=(16, 16, 16), n_pos=400, rotation_deg=10.0 if deformed else 0.0)
+        out = sample_patch_pair(image, cfg, rng)
+        for key in ("points_a", "points_b"):
+            pts = out[key].numpy()
+            assert len(pts) == 400 and len(np.unique(pts, axis=0)) == 400, (seed, key)
+
+
+def _tiny_aefm(**kw):
+    from anatomical_embedding.methods.aefm import AEFMConfig, AEFMMethod
+
+    base = dict(widths=(4, 8, 8, 16), feature_dim=8, patch_size=(32, 32, 32), n_pos=20, n_neg=200, temperature=0.2,
+                momentum=0.9, epochs_region=0)
+    base.update(kw)
+    torch.manual_seed(0)
+    return AEFMMethod(AEFMConfig(**base))
+
+
+def _aefm_batch(method, n=2, seed=0):
+    rng = np.random.default_rng(seed)
+    items = [method.make_sample({"image": torch.from_numpy(rng.standard_normal((40, 40, 40)).astype(np.float32))},
+                                rng, 0) for _ in range(n)]
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+def test_aefm_forward_pairs_online_a_with_momentum_b_both_ways_and_enqueues_after_the_step():
+    # The paper's L_AC (queue-only negatives): online features of A pair with momentum features of B at the same
+    # points, and the swap (B online, A momentum); the two losses are averaged. Keys enter the queue only after
+    # the optimiser step. The hand computation runs the two networks on A and B separately.
+    from anatomical_embedding.methods.base import StepContext
+
+    method = _tiny_aefm()
+    # Perturb the momentum copy so online and momentum features differ (else pairing mistakes could cancel).
+    with torch.no_grad():
+        for p in method.momentum_encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    queue0 = F.normalize(torch.randn(40, 8), dim=1)
+    method.queue_local.enqueue(queue0)
+    method.queue_global.enqueue(F.normalize(torch.randn(40, 8), dim=1))
+    batch = _aefm_batch(method)
+    ctx = StepContext(0, 0, 10)
+    loss, terms = method(batch, ctx)
+
+    a, b, pa, pb = batch["patch_a"], batch["patch_b"], batch["points_a"], batch["points_b"]
+    size = tuple(a.shape[2:])
+    with torch.no_grad():
+        (_, l_a), (_, l_b) = method.encoder(a), method.encoder(b)
+        (_, m_a), (_, m_b) = method.momentum_encoder(a), method.momentum_encoder(b)
+    q_la, q_lb = gather_points(l_a, pa, size), gather_points(l_b, pb, size)
+    k_la, k_lb = gather_points(m_a, pa, size), gather_points(m_b, pb, size)
+
+    def hand(q, k, neg):  # -log(exp(q.k/t) / (exp(q.k/t) + sum_d exp(q.d/t))), mean over points
+        q, k = q.flatten(0, 1).double(), k.flatten(0, 1).double()
+        pos = (q * k).sum(1) / 0.2
+        negs = q @ neg.double().t() / 0.2
+        return (torch.logsumexp(torch.cat([pos[:, None], negs], 1), 1) - pos).mean()
+
+    expected = 0.5 * (hand(q_la, k_lb, queue0) + hand(q_lb, k_la, queue0))
+    assert float(terms["ac_local"]) == pytest.approx(float(expected), rel=1e-5)
+    # Pairing each online point with its own patch's momentum feature (q_la with k_la) is not the loss.
+    wrong = 0.5 * (hand(q_la, k_la, queue0) + hand(q_lb, k_lb, queue0))
+    assert abs(float(wrong) - float(expected)) > 1e-3
+    # Only one direction is not the loss either: both are averaged.
+    assert abs(float(hand(q_la, k_lb, queue0)) - float(expected)) > 1e-4
+    # The queue is untouched by the forward pass; the step enqueues this batch's momentum keys (B's, then A's).
+    assert torch.equal(method.queue_local.negatives(), queue0)
+    method.after_optimizer_step(ctx)
+    keys = torch.cat([k_lb, k_la], dim=1).flatten(0, 1)
+    assert int(method.queue_local.filled) == 40 + len(keys)
+    torch.testing.assert_close(method.queue_local.negatives()[40:], keys, rtol=1e-5, atol=1e-6)
+
+
+def test_contrastive_logits_are_float32_under_bf16_autocast():
+    # query @ queue.t() under autocast was bf16 (3 significant digits) against a float32 positive.
+    from anatomical_embedding.losses import positive_first_logits
+
+    g = torch.Generator().manual_seed(0)
+    q, k = F.normalize(torch.randn(64, 16, generator=g), dim=1), F.normalize(torch.randn(64, 16, generator=g), dim=1)
+    queue = F.normalize(torch.randn(500, 16, generator=g), dim=1)
+    ref = positive_first_logits(q, k, queue)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = positive_first_logits(q, k, queue)
+        loss_amp = info_nce_queue(q, k, queue, 0.07)
+        in_image = info_nce_in_image(q.view(4, 16, 16), k.view(4, 16, 16), queue, 0.07)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, ref, rtol=1e-6, atol=1e-6)
+    assert float(loss_amp) == pytest.approx(float(info_nce_queue(q, k, queue, 0.07)), rel=1e-6)
+    assert float(in_image) == pytest.approx(float(info_nce_in_image(q.view(4, 16, 16), k.view(4, 16, 16), queue,
+                                                                    0.07)), rel=1e-6)
+
+
+def test_a_step_the_fp16_scaler_skips_reports_skipped():
+    # The engine moves the momentum networks and the queues only after an applied step (optimizer_step True).
+    from anatomical_embedding.training.engine import optimizer_step
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0 ** 8)
+    scaler.scale((w * torch.tensor([1.0, float("inf"), 1.0])).sum()).backward()
+    assert optimizer_step(scaler, opt) is False
+    assert torch.equal(w.detach(), torch.ones(3))  # the scaler skipped it
+    opt.zero_grad()
+    scaler.scale(w.sum()).backward()
+    assert optimizer_step(scaler, opt) is True
+    assert not torch.equal(w.detach(), torch.ones(3))
+    off = torch.amp.GradScaler("cpu", enabled=False)
+    opt.zero_grad()
+    w.sum().backward()
+    assert optimizer_step(off, opt) is True

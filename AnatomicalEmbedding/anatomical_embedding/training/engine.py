@@ -108,6 +108,19 @@ def _lr_lambda(cfg, total_steps: int):
     return f
 
 
+def optimizer_step(scaler, opt) -> bool:
+    """``scaler.step(opt)`` and ``scaler.update()``; False when the scaler skipped the step (fp16 gradients with
+    inf/NaN: it lowers its scale). Without fp16 the step is always applied."""
+    if not scaler.is_enabled():
+        scaler.step(opt)
+        scaler.update()
+        return True
+    before = scaler.get_scale()
+    scaler.step(opt)
+    scaler.update()
+    return not scaler.get_scale() < before
+
+
 def _scaled_lambda(schedule, factor):
     """The engine's schedule times a parameter group's own factor.
 
@@ -320,10 +333,10 @@ class Trainer:
                 if tc.grad_clip > 0:
                     scaler.unscale_(opt)
                     torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-                scaler.step(opt)
-                scaler.update()
+                applied = optimizer_step(scaler, opt)
                 sched.step()
-                method.after_optimizer_step(ctx)
+                if applied:  # a step the fp16 scaler skipped (inf/NaN) moves neither EMA copies nor queues
+                    method.after_optimizer_step(ctx)
                 step += 1
                 samples += tc.batch_size
                 acc["loss"] = acc.get("loss", 0.0) + float(loss.detach())
