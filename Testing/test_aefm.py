@@ -347,3 +347,21 @@ def test_a_step_the_fp16_scaler_skips_reports_skipped():
     opt.zero_grad()
     w.sum().backward()
     assert optimizer_step(off, opt) is True
+
+
+def test_region_stage_restarts_the_schedule():
+    # 500 + 200 epochs under one cosine: the region stage starts at 0.188 of the base rate. With its own schedule
+    # (our reading; the paper names none) it starts at the base rate; region_schedule=False keeps the single cosine.
+    from types import SimpleNamespace
+
+    from anatomical_embedding.training.engine import _lr_lambda
+
+    cfg = SimpleNamespace(warmup_steps=0, lr_schedule="cosine")
+    method = _tiny_aefm(epochs_ac=500, epochs_region=200, num_classes=3)
+    starts = method.stage_starts(1, 700)
+    assert starts == [0, 500]
+    assert _lr_lambda(cfg, 700, starts)(500) == pytest.approx(1.0)
+    single = _tiny_aefm(epochs_ac=500, epochs_region=200, num_classes=3, region_schedule=False).stage_starts(1, 700)
+    assert _lr_lambda(cfg, 700, single)(500) == pytest.approx(0.5 * (1 + math.cos(math.pi * 500 / 700)))
+    assert _lr_lambda(cfg, 700, single)(500) < 0.19
+    assert _tiny_aefm().stage_starts(1, 700) == [0]  # no region stage: one schedule
