@@ -33,8 +33,11 @@ TINY = ["method.patch_size=[32,32,32]", "method.unet_channels=[8,16]", "method.u
 #: Held-out mean foreground Dice (15 organs at 8 mm), measured with exactly this test's settings (60 steps,
 #: lr 3e-3, seed 0): 0.153, 0.151 and 0.154 on the three held-out subjects; the same network untrained
 #: (random U-Net on the same frozen embedding): 0.016-0.020. Bounds leave room for platform differences.
-LEARNED_DICE_MIN = 0.10
-UNTRAINED_MARGIN = 0.08
+#: Asserted: the held-out Dice above 0.12 (0.8 x measured) and at least 5 x the untrained net's (measured 7.5-9.6 x);
+#: the validation Dice at step 60 above 0.10 (see the test for its measurement).
+LEARNED_DICE_MIN = 0.12
+UNTRAINED_RATIO = 5.0
+VAL_DICE_MIN = 0.10
 
 
 def sets(items: list[str]) -> list[str]:
@@ -143,7 +146,8 @@ def test_embedding_finetune_learns_and_beats_an_untrained_net(finetuned_run, pha
     losses = [e["loss"] for e in ev if e["event"] == "progress"]
     assert len(losses) == 6 and np.mean(losses[-2:]) < 0.7 * losses[0], losses  # measured 3.29 -> 1.91
     evals = [e for e in ev if e["event"] == "eval"]
-    assert [e["step"] for e in evals] == [60] and 0.05 < evals[-1]["metrics"]["val_dice"] <= 1.0
+    print(f"\nvalidation Dice at step 60: {evals[-1]['metrics']['val_dice']:.3f}")
+    assert [e["step"] for e in evals] == [60] and evals[-1]["metrics"]["val_dice"] > VAL_DICE_MIN
     assert (finetuned_run / "checkpoints" / "best.pt").is_file()
     method = load_finetuned(finetuned_run)
     assert method.config.mode == "embedding" and method.embedding is not None
@@ -154,7 +158,7 @@ def test_embedding_finetune_learns_and_beats_an_untrained_net(finetuned_run, pha
     baseline = _held_out_dice(untrained, phantom_cohort, held_out_ids)
     print(f"\nheld-out mean Dice: finetuned on the embedding {trained:.3f}, untrained {baseline:.3f}")
     assert trained > LEARNED_DICE_MIN, (trained, baseline)
-    assert trained > baseline + UNTRAINED_MARGIN, (trained, baseline)
+    assert trained > UNTRAINED_RATIO * baseline, (trained, baseline)
 
 
 def test_segment_writes_named_labelmap_and_frozen_embedding_is_unchanged(finetuned_run, phantom_cohort,
