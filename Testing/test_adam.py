@@ -458,6 +458,10 @@ TINY_ADAM_OVERRIDES = [
     "method.dims=3", "method.depth=10", "method.widths=[8,16,32,64]", "method.conv1_stride=1",
     "method.input_size=[32,32,32]", "method.spacing=[8.0]", "method.bank_size=1024", "method.momentum=0.99",
     "method.levels=[0,2,4]", "method.epochs_per_level=13", "method.coarse_stride=4", "method.coarse_dim=32",
+    # One cosine over the three 26-step stages: restarting SGD at lr 0.1 for each of them (the paper's per-stage
+    # schedule, the default) destabilised this tiny run (2026-12-06: loss 2.9 -> 3.4, 28.4 mm vs 35.7 random,
+    # no key pruned at the end).
+    "method.stage_schedule=false",
     "method.fine_dim=32",
     "train.batch_size=4", "train.max_steps=80", "train.optimizer=sgd", "train.lr=0.1", "train.weight_decay=1e-4",
     "train.lr_schedule=cosine", "train.warmup_steps=5", "train.num_workers=0", "train.log_every=20",
@@ -483,7 +487,10 @@ def test_pretraining_beats_random_init(phantom_cohort, held_out_ids, tmp_path):
     # Stage n = 0 first (bank untouched), n = 4 at the end (the pruner removes some keys).
     assert float(rows[0]["level"]) == 0.0 and float(rows[0]["bank_kept"]) == 1.0
     assert float(rows[-1]["level"]) == 4.0 and float(rows[-1]["bank_kept"]) < 1.0
-    assert check["trained"] <= 0.85 * check["random"]  # measured 25.5 vs 35.7 mm (0.71) for seed 0 (2026-12-01)
+    # Measured 25.5 vs 35.7 mm random init (0.71) for seed 0 (2026-12-01); identical coordinates 24.7 mm, which
+    # this tiny run does not beat (1.03 x; the README's table says so too). Asserted: the margins it has.
+    assert check["trained"] <= 0.8 * check["random"]
+    assert check["trained"] <= 1.15 * check["identity"]
 
 
 def test_each_stage_has_its_own_cosine_schedule():

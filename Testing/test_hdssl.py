@@ -345,7 +345,10 @@ def test_pretraining_beats_random_init(trained_hdssl_run, phantom_cohort, held_o
     check = trained_vs_random(trained_hdssl_run, subjects)
     info = check["info"]
     assert info["method"] == "hdssl" and info["step"] == 400 and info["features"] == "scale_proj"
-    assert check["trained"] <= 0.85 * check["random"]  # >= 15 % lower; measured 38.1 vs 66.2 mm (0.58) for seed 0
+    # Measured 2026-12-06 (seed 0, CT cropped to the body): 39.6 vs 66.2 mm random init (0.60); identical coordinates
+    # 24.7 mm, not beaten at this budget (1.60 x). Asserted: the margins it has.
+    assert check["trained"] <= 0.7 * check["random"]
+    assert check["trained"] <= 1.8 * check["identity"]
 
 
 @pytest.mark.slow
