@@ -251,6 +251,47 @@ def test_backbone_initialises_the_finetuning_unet(tmp_path):
     assert net2d(torch.rand(1, 1, 3, 16, 32)).shape == (1, 4, 3, 16, 32)
 
 
+def test_finetuning_unet_decodes_to_full_resolution_and_segments_one_pixel_lines():
+    # Ribs and clavicles are among the paper's finetuning tasks: the U-Net must resolve one-pixel structures.
+    # With conv1 stride 2 and the max-pool (the paper's ResNet stem), the old decoder stopped at layer1 (1/4)
+    # and up-sampled x4 bilinearly: after the same 150 steps its Dice on 1-pixel lines was 0.00; decoded to full
+    # resolution with the stem and image skips it is 1.00 (measured 2026-12-06, ~5 s). Asserted: > 0.8.
+    from anatomical_embedding.methods.backbones import segmentation_network
+
+    torch.manual_seed(0)
+    method = AdamEveMethod(tiny_config(dims=2, input_size=(32, 32), conv1_stride=2))
+    net = segmentation_network(method, 2)
+    assert method.encoder.stage_strides[1] == 4
+    shapes = {}
+    net.up0.register_forward_hook(lambda mod, inp, out: shapes.update(stem=tuple(inp[1].shape[-2:])))
+    net.head.register_forward_hook(lambda mod, inp, out: shapes.update(head=tuple(inp[0].shape[-2:])))
+    rng = np.random.default_rng(0)
+
+    def sample():
+        x = torch.from_numpy(rng.normal(0, 0.1, (4, 1, 1, 32, 32)).astype(np.float32))
+        y = torch.zeros(4, 32, 32, dtype=torch.long)
+        for b in range(4):
+            for r in rng.choice(np.arange(2, 30), 3, replace=False):
+                x[b, 0, 0, r, :] += 1.0
+                y[b, r, :] = 1
+        return x, y
+
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    for _ in range(150):
+        x, y = sample()
+        loss = torch.nn.functional.cross_entropy(net(x)[:, :, 0], y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert shapes == {"stem": (16, 16), "head": (32, 32)}  # the stem is fused; the head sees full resolution
+    net.eval()
+    x, y = sample()
+    with torch.no_grad():
+        pred = net(x)[:, :, 0].argmax(1)
+    dice = 2 * float(((pred == 1) & (y == 1)).sum()) / float((pred == 1).sum() + (y == 1).sum())
+    assert dice > 0.8, dice
+
+
 # ---- engine: 2D data, staged runs ----------------------------------------------------------------------
 QUIET = ["train.num_workers=0", "train.progress_bar=false", "train.tensorboard=false", "train.threads=1",
          "train.log_every=1", "train.optimizer=sgd"]
@@ -353,7 +394,16 @@ def test_2d_adam_run_finetunes_a_2d_unet_through_the_cli(tmp_path, capsys):
     losses = [e["loss"] for e in events if e["event"] == "progress"]
     assert len(losses) == 6 and losses[-1] < losses[0]  # (b) the Dice-CE loss falls
     evals = [e for e in events if e["event"] == "eval"]
-    assert [e["step"] for e in evals] == [6] and 0.0 <= evals[0]["metrics"]["val_dice"] <= 1.0  # 2D windows ran
+    assert [e["step"] for e in evals] == [6]
+    # The logged validation Dice is the Dice of the held-out case segmented by the step-6 model (2D windows ran).
+    from anatomical_embedding.methods.finetune import mean_dice, segment_volume
+
+    (v,) = method.split(np.ones(4, dtype=bool))[1]
+    seg_v = segment_volume(method, read_image(images / f"cxr_{v}.nii.gz"))
+    ref_v = read_image(labels / f"cxr_{v}.nii.gz")
+    recomputed = mean_dice(torch.from_numpy(seg_v.array.astype(np.int64)),
+                           torch.from_numpy(ref_v.array.astype(np.int64)), 2)
+    assert evals[0]["metrics"]["val_dice"] == pytest.approx(recomputed, abs=1e-6)
     # (c) segment: a labelmap with the image's geometry, through the CLI.
     out = tmp_path / "cxr_0_seg.nii.gz"
     assert cli_main(["segment", "--run", str(run), "--image", str(images / "cxr_0.nii.gz"), "--out", str(out),
@@ -408,6 +458,10 @@ TINY_ADAM_OVERRIDES = [
     "method.dims=3", "method.depth=10", "method.widths=[8,16,32,64]", "method.conv1_stride=1",
     "method.input_size=[32,32,32]", "method.spacing=[8.0]", "method.bank_size=1024", "method.momentum=0.99",
     "method.levels=[0,2,4]", "method.epochs_per_level=13", "method.coarse_stride=4", "method.coarse_dim=32",
+    # One cosine over the three 26-step stages: restarting SGD at lr 0.1 for each of them (the paper's per-stage
+    # schedule, the default) destabilised this tiny run (2026-12-06: loss 2.9 -> 3.4, 28.4 mm vs 35.7 random,
+    # no key pruned at the end).
+    "method.stage_schedule=false",
     "method.fine_dim=32",
     "train.batch_size=4", "train.max_steps=80", "train.optimizer=sgd", "train.lr=0.1", "train.weight_decay=1e-4",
     "train.lr_schedule=cosine", "train.warmup_steps=5", "train.num_workers=0", "train.log_every=20",
@@ -433,4 +487,28 @@ def test_pretraining_beats_random_init(phantom_cohort, held_out_ids, tmp_path):
     # Stage n = 0 first (bank untouched), n = 4 at the end (the pruner removes some keys).
     assert float(rows[0]["level"]) == 0.0 and float(rows[0]["bank_kept"]) == 1.0
     assert float(rows[-1]["level"]) == 4.0 and float(rows[-1]["bank_kept"]) < 1.0
-    assert check["trained"] <= 0.85 * check["random"]  # measured 25.5 vs 35.7 mm (0.71) for seed 0 (2026-12-01)
+    # Measured 25.5 vs 35.7 mm random init (0.71) for seed 0 (2026-12-01); identical coordinates 24.7 mm, which
+    # this tiny run does not beat (1.03 x; the README's table says so too). Asserted: the margins it has.
+    assert check["trained"] <= 0.8 * check["random"]
+    assert check["trained"] <= 1.15 * check["identity"]
+
+
+def test_each_stage_has_its_own_cosine_schedule():
+    # Supplementary: 200 epochs per stage n, MoCo's cosine. One cosine over 600 epochs left stage n=4 at <= 25 %
+    # of the rate; per stage, every stage starts at the base rate.
+    from types import SimpleNamespace
+
+    from anatomical_embedding.training.engine import _lr_lambda
+
+    method = AdamEveMethod(tiny_config(levels=(0, 2, 4), epochs_per_level=200))
+    spe = 10
+    starts = method.stage_starts(spe, 6000)
+    assert starts == [0, 2000, 4000]
+    f = _lr_lambda(SimpleNamespace(warmup_steps=5, lr_schedule="cosine"), 6000, starts)
+    assert f(0) == pytest.approx(0.2)  # warm-up once, at the start
+    for s in starts[1:]:
+        assert f(s) == pytest.approx(1.0) and f(s - 1) < 1e-5  # each stage decays to ~0, the next restarts
+    assert f(5000) == pytest.approx(0.5)  # half-way through stage n=4
+    one = _lr_lambda(SimpleNamespace(warmup_steps=5, lr_schedule="cosine"), 6000,
+                     AdamEveMethod(tiny_config(stage_schedule=False)).stage_starts(spe, 6000))
+    assert one(4000) == pytest.approx(0.25, abs=1e-3)  # the single-cosine option: stage n=4 starts at 25 %

@@ -417,5 +417,7 @@ def test_engine_pretraining_beats_random_init(phantom_cohort, held_out_ids, tmp_
     print(f"AnatoMask held-out eq. (2): trained {rec_trained:.3f}, random init {rec_random:.3f}")
     # Measured (seed 0): eq. (2) 0.790 vs 1.000; landmarks 78.3 vs 182.5 mm (identical coordinate 24.7 mm; the
     # published teacher BatchNorm mode, teacher_bn="running", gave 0.782 and 101.9 mm).
-    assert rec_trained < 0.9 * rec_random
-    assert check["trained"] < 0.75 * check["random"]
+    # Re-measured 2026-12-06: eq. (2) 0.792 vs 1.000, landmarks 78.5 vs 182.5 mm (0.43), 3.2 x identical coordinates.
+    assert rec_trained < 0.85 * rec_random
+    assert check["trained"] < 0.55 * check["random"]
+    assert check["trained"] < 3.6 * check["identity"]  # a reconstruction model is no matcher at this budget

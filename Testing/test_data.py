@@ -83,8 +83,18 @@ def test_preprocessing_is_cached_and_invalidated(tmp_path):
     np.testing.assert_allclose(item["spacing"].numpy(), 1.5)
     files = list((tmp_path / "cache").rglob("*.pt"))
     assert len(files) == 1
-    # A cache hit returns identical data without re-reading (delete the source to prove it).
-    again = build_dataset(spec, cfg, cache_dir=tmp_path / "cache")[0]
+    # A cache hit returns identical data without re-reading: reading any image now fails the test.
+    from anatomical_embedding.data import datasets
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a cache hit read the source image")
+
+    real_read = datasets.read_image
+    datasets.read_image = no_reading
+    try:
+        again = build_dataset(spec, cfg, cache_dir=tmp_path / "cache")[0]
+    finally:
+        datasets.read_image = real_read
     np.testing.assert_array_equal(again["image"].numpy(), item["image"].numpy())
     # Editing the image changes its stamp, so a new entry is computed.
     write_image(vol.with_array(vol.array + 100), spec.cases[0].image, overwrite=True)

@@ -75,6 +75,54 @@ def test_tiles_cover_volume_once_and_match_untiled_features():
     np.testing.assert_allclose(f[:, -1], image[tuple(idx.T)])
 
 
+class RecordingEmbedder(LocalEmbedder):
+    """LocalEmbedder whose coarse map averages whole 8-slice blocks along k (as Adam's 2D coarse map)."""
+
+    def __init__(self):
+        super().__init__()
+        self.patches = []
+
+    def embed_patch(self, patch: np.ndarray):
+        self.patches.append(patch[0, 0].copy())
+        return super().embed_patch(patch)
+
+
+@pytest.mark.parametrize("flat_axis", [0, 1, 2])
+def test_2d_tiles_copy_the_slice_along_the_flat_axis_like_the_embedding(flat_axis):
+    # A single slice must reach the network as a slab of copies of itself (inference.embedding's path),
+    # never with the image minimum as padding: a coarse map averaging 8 k-slices then saw 1 real slice and
+    # 7 of air. With copies, the coarse feature of the slice equals that of the slice alone.
+    from anatomical_embedding.inference.embedding import replicate_flat_axes
+
+    rng = np.random.default_rng(1)
+    plane = rng.uniform(-1, 1, (20, 27)).astype(np.float32)
+    image = np.expand_dims(plane, flat_axis)
+    model = RecordingEmbedder()
+    cfg = FewShotConfig(tile=24, margin=4)
+    seen = np.zeros(image.shape, int)
+    for sl, feats in iter_feature_tiles(model, image, cfg):
+        seen[sl] += 1
+        patch = model.patches[-1]
+        assert patch.shape[flat_axis] % 8 == 0
+        # Every slice of the slab along the flat axis is the same slice: nothing but copies.
+        assert np.all(patch == np.take(patch, [0], axis=flat_axis))
+        # The coarse channel (a block mean) at the slice equals the block mean of the slice copied 8 times.
+        one = np.take(patch, [0], axis=flat_axis)
+        slab = replicate_flat_axes(one, [8 if a == flat_axis else n for a, n in enumerate(one.shape)])
+        assert slab.shape[flat_axis] == 8 and np.all(slab == np.take(slab, [7], axis=flat_axis))
+    assert np.all(seen == 1)
+    assert not np.any([np.all(p == p.min()) for p in model.patches])
+
+
+def test_replicate_flat_axes_is_the_embedding_path():
+    from anatomical_embedding.inference.embedding import replicate_flat_axes
+
+    a = np.arange(6, dtype=np.float32).reshape(1, 2, 3)
+    out = replicate_flat_axes(a, (4, 9, 9))
+    assert out.shape == (4, 2, 3) and all(np.array_equal(out[n], a[0]) for n in range(4))
+    assert replicate_flat_axes(np.zeros((2, 3, 4)), (8, 8, 8)).shape == (2, 3, 4)  # a volume is left alone
+
+
 def test_sampling_is_class_balanced_and_hits_boundaries():
     _, lab = blob_case(0)
     idx, cls = sample_voxels(lab.array.astype(int), 3, 200, 0.3, np.random.default_rng(0))
@@ -181,5 +229,5 @@ def test_segfile_loads_in_slicer_storage_node(tmp_path, mrml_scene):
     seg = node.GetSegmentation()
     names = sorted(seg.GetNthSegment(n).GetName() for n in range(seg.GetNumberOfSegments()))
     assert names == ["liver", "spleen"]
-    assert slicer is not None
+    assert slicer.mrmlScene is mrml_scene  # the node was read in the scene Slicer itself uses
 

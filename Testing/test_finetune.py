@@ -33,8 +33,11 @@ TINY = ["method.patch_size=[32,32,32]", "method.unet_channels=[8,16]", "method.u
 #: Held-out mean foreground Dice (15 organs at 8 mm), measured with exactly this test's settings (60 steps,
 #: lr 3e-3, seed 0): 0.153, 0.151 and 0.154 on the three held-out subjects; the same network untrained
 #: (random U-Net on the same frozen embedding): 0.016-0.020. Bounds leave room for platform differences.
-LEARNED_DICE_MIN = 0.10
-UNTRAINED_MARGIN = 0.08
+#: Asserted: the held-out Dice above 0.12 (0.8 x measured) and at least 5 x the untrained net's (measured 7.5-9.6 x);
+#: the validation Dice at step 60 above 0.10 (see the test for its measurement).
+LEARNED_DICE_MIN = 0.12
+UNTRAINED_RATIO = 5.0
+VAL_DICE_MIN = 0.10
 
 
 def sets(items: list[str]) -> list[str]:
@@ -143,7 +146,8 @@ def test_embedding_finetune_learns_and_beats_an_untrained_net(finetuned_run, pha
     losses = [e["loss"] for e in ev if e["event"] == "progress"]
     assert len(losses) == 6 and np.mean(losses[-2:]) < 0.7 * losses[0], losses  # measured 3.29 -> 1.91
     evals = [e for e in ev if e["event"] == "eval"]
-    assert [e["step"] for e in evals] == [60] and 0.05 < evals[-1]["metrics"]["val_dice"] <= 1.0
+    print(f"\nvalidation Dice at step 60: {evals[-1]['metrics']['val_dice']:.3f}")
+    assert [e["step"] for e in evals] == [60] and evals[-1]["metrics"]["val_dice"] > VAL_DICE_MIN
     assert (finetuned_run / "checkpoints" / "best.pt").is_file()
     method = load_finetuned(finetuned_run)
     assert method.config.mode == "embedding" and method.embedding is not None
@@ -154,7 +158,7 @@ def test_embedding_finetune_learns_and_beats_an_untrained_net(finetuned_run, pha
     baseline = _held_out_dice(untrained, phantom_cohort, held_out_ids)
     print(f"\nheld-out mean Dice: finetuned on the embedding {trained:.3f}, untrained {baseline:.3f}")
     assert trained > LEARNED_DICE_MIN, (trained, baseline)
-    assert trained > baseline + UNTRAINED_MARGIN, (trained, baseline)
+    assert trained > UNTRAINED_RATIO * baseline, (trained, baseline)
 
 
 def test_segment_writes_named_labelmap_and_frozen_embedding_is_unchanged(finetuned_run, phantom_cohort,
@@ -355,3 +359,108 @@ def test_hdssl_backbone_is_frozen_then_trained_by_the_engine(tmp_path, phantom_c
     assert any(not torch.equal(later[k], v) for k, v in head0.items())
     ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
     assert len(ckpt["optimizer"]["param_groups"]) == 2  # head group and backbone group
+
+
+#: Small pretraining configurations of every method with a finetune backbone (``--set`` overrides).
+TINY_BACKBONE_SOURCES = {
+    "aefm": ["method.widths=[4,8,16,32]", "method.feature_dim=4", "method.spacing=[8.0,8.0,8.0]"],
+    "hdssl": ["method.base_channels=4", "method.num_scales=3", "method.scale_proj_channels=4",
+              "method.coarse_level=2", "method.patch_size=[16,16,16]", "method.spacing=[8.0]"],
+    "adam": ["method.dims=3", "method.depth=10", "method.widths=[4,8,16,32]", "method.conv1_stride=1",
+             "method.input_size=[32,32,32]", "method.spacing=[8.0]", "method.bank_size=64"],
+    "anatomask": ["method.widths=[4,8,16,32,32,32]", "method.spacing=[8.0,8.0,8.0]", "method.patch_size=[32,32,32]"],
+}
+
+
+@pytest.mark.parametrize("method_name", sorted(TINY_BACKBONE_SOURCES))
+def test_backbone_schedule_finds_the_pretrained_parameters_of_every_method(tmp_path, method_name, caplog):
+    # The freeze-then-ramp schedule acts on the parameters taken over from the pretrained model. AnatoMask's
+    # STU-Net gets *copies* of the encoder weights, which object identity missed: its backbone group was empty
+    # and the whole network trained at the base rate from step 0, silently. Names find them for every method.
+    import logging
+
+    from anatomical_embedding.methods.finetune import _BackboneFactor
+
+    run, state = _fake_run(tmp_path, method_name, TINY_BACKBONE_SOURCES[method_name])
+    with caplog.at_level(logging.WARNING):
+        method = FinetuneMethod(FinetuneConfig(mode="backbone", init_from=str(run), num_classes=3,
+                                               patch_size=(32, 32, 32), head_hidden=8, backbone_freeze_steps=5,
+                                               backbone_ramp_steps=2))
+    assert "no pretrained parameters" not in caplog.text
+    groups = method.param_groups()
+    assert len(groups) == 2 and isinstance(groups[1]["lr_factor"], _BackboneFactor)
+    backbone = {id(p) for p in groups[1]["params"]}
+    named = dict(method.network.named_parameters())
+    names = {n for n, p in named.items() if id(p) in backbone}
+    assert names == method.pretrained_names and names
+    # Every parameter of the backbone group holds a pretrained tensor, and every pretrained tensor of the
+    # source's encoder is in it (values, not identities: copies count).
+    pretrained_values = [v for v in state.values() if v.is_floating_point()]
+    for n in names:
+        assert any(v.shape == named[n].shape and torch.equal(v, named[n].detach()) for v in pretrained_values), n
+    head = [n for n in named if n not in names]
+    assert head  # a freshly initialised part (head / decoder) trains from step 0
+    assert len(groups[0]["params"]) == len(head)
+
+
+def test_backbone_schedule_without_pretrained_parameters_warns(tmp_path, caplog, monkeypatch):
+    import logging
+
+    from anatomical_embedding.methods import finetune as ft
+
+    run, _ = _fake_run(tmp_path, "aefm", TINY_BACKBONE_SOURCES["aefm"])
+    monkeypatch.setattr(ft, "pretrained_parameter_names", lambda network, source: set())
+    with caplog.at_level(logging.WARNING):
+        method = FinetuneMethod(FinetuneConfig(mode="backbone", init_from=str(run), num_classes=3,
+                                               patch_size=(32, 32, 32), head_hidden=8, backbone_freeze_steps=5))
+    assert "no pretrained parameters" in caplog.text
+    assert len(method.param_groups()) == 1
+
+
+#: (optimizer, lr, schedule, batch size, weight decay) each paper states for finetuning its backbone.
+PAPER_FINETUNE_RECIPES = {
+    "aefm": ("adam", 1e-4, "constant", 2, 0.0),  # AEFM's downstream recipe (the project's defaults)
+    "hdssl": ("adam", 3e-4, "constant", 7, 0.0),  # HDSSL §4: Adam 3e-4, batch 7, 45K steps
+    "adam": ("adamw", 2e-4, "cosine", 8, 0.05),  # Adam/Eve F.2: AdamW 2e-4, cosine (batch: ours, see recipe)
+    "anatomask": ("sgd", 1e-2, "poly", 2, 3e-5),  # nnU-Net 2.2 defaults (AnatoMask §4)
+}
+
+
+@pytest.mark.parametrize("method_name", sorted(PAPER_FINETUNE_RECIPES))
+def test_backbone_finetuning_uses_each_methods_paper_recipe(tmp_path, method_name, caplog):
+    import logging
+
+    from anatomical_embedding.training.finetune_config import resolve_finetune_config
+
+    run, _ = _fake_run(tmp_path, method_name, TINY_BACKBONE_SOURCES[method_name])
+    data = str(tmp_path)
+    names = ['method.class_names=["background","organ"]']  # no label files to read them from
+    cfg = resolve_finetune_config(tmp_path / "out", None, names, "backbone", str(run), False, data, None)
+    t = cfg.train
+    assert (t.optimizer, t.lr, t.lr_schedule, t.batch_size, t.weight_decay) == PAPER_FINETUNE_RECIPES[method_name]
+    if method_name == "adam":  # augmentation on, 10 % validation (early stopping on 10 % of the training data)
+        assert cfg.method_config.aug_scale > 0 and cfg.method_config.val_fraction == 0.1
+    if method_name == "anatomask":
+        assert (t.sgd_momentum, t.sgd_nesterov) == (0.99, True)
+    if method_name == "hdssl":
+        assert t.max_steps == 45000
+    # --set wins over the recipe; a BatchNorm backbone at batch 2 is flagged as a deviation.
+    with caplog.at_level(logging.WARNING):
+        cfg = resolve_finetune_config(tmp_path / "out", None, names + ["train.batch_size=2", "train.lr=5e-4"], "backbone",
+                                      str(run), False, data, None)
+    assert (cfg.train.batch_size, cfg.train.lr) == (2, 5e-4)
+    assert ("uses BatchNorm" in caplog.text) == (method_name in ("adam", "hdssl"))
+    # The embedding mode is AEFM's downstream network: AEFM's recipe whatever the source.
+    cfg = resolve_finetune_config(tmp_path / "out", None, names, "embedding", str(run), False, data, None)
+    assert (cfg.train.optimizer, cfg.train.lr, cfg.train.batch_size) == ("adam", 1e-4, 2)
+
+
+def test_poly_schedule_and_sgd_settings_reach_the_optimizer():
+    from types import SimpleNamespace
+
+    from anatomical_embedding.training.engine import _lr_lambda
+
+    f = _lr_lambda(SimpleNamespace(warmup_steps=0, lr_schedule="poly"), 100)
+    assert f(0) == 1.0 and f(50) == pytest.approx(0.5 ** 0.9) and f(100) == 0.0
+    with pytest.raises(ValueError, match="lr_schedule"):
+        _lr_lambda(SimpleNamespace(warmup_steps=0, lr_schedule="step"), 100)(3)

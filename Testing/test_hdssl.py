@@ -3,6 +3,8 @@ configs, the dense embedder, and (slow) a short CPU pretraining that beats rando
 landmark matching, the ``train`` CLI end to end, and ONNX export parity of the trained embedder."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import math
 from pathlib import Path
 
@@ -105,6 +107,32 @@ def test_preprocessing_follows_the_modality():
     p = get_preset("ct_hdssl")
     np.testing.assert_allclose(p.apply(np.array([-2000.0, -1350.0, -175.0, 1000.0, 3000.0])),
                                [0.0, 0.0, 0.5, 1.0, 1.0])
+
+
+def test_ct_is_cropped_to_the_body_above_minus_500_hu():
+    # HDSSL §3.1: each CT is cropped to the box of its voxels above -500 HU before resampling.
+    from anatomical_embedding.data.datasets import preprocess_volume
+    from anatomical_embedding.io import Volume
+
+    assert HDSSLMethod.preprocess_config(HDSSLMethodConfig()).body_crop_hu == -500.0
+    assert HDSSLMethod.preprocess_config(HDSSLMethodConfig(modality="mri")).body_crop_hu is None
+    assert HDSSLMethod.preprocess_config(HDSSLMethodConfig(body_crop=False)).body_crop_hu is None
+    hu = np.full((20, 30, 40), -1000.0, np.float32)  # (k, j, i): air around a "body"
+    hu[5:12, 8:20, 10:31] = 40.0
+    hu[2, 2, 2] = -600.0  # the table / noise below the threshold does not count
+    label = np.zeros(hu.shape, np.int16)
+    label[6:8, 9:11, 12:14] = 1
+    vol = Volume(hu, spacing=(1.0, 1.0, 2.0), origin=(3.0, -4.0, 5.0))
+    cfg = replace(HDSSLMethod.preprocess_config(HDSSLMethodConfig()), min_size=(0, 0, 0))
+    out, lab = preprocess_volume(vol, cfg, vol.with_array(label))
+    assert out.array.shape == (7, 12, 21)  # the body's box, k j i
+    np.testing.assert_allclose(out.origin, vol.index_to_world(np.array([10.0, 8.0, 5.0])))  # world kept
+    assert int(lab.array.sum()) == 8 and lab.array.shape == out.array.shape
+    # Off: the whole field of view.
+    full, _ = preprocess_volume(vol, replace(cfg, body_crop_hu=None))
+    assert full.array.shape == hu.shape
+    # The crop is part of the cache key.
+    assert replace(cfg, body_crop_hu=None).key() != cfg.key()
 
 
 def test_toml_sets_the_paper_defaults():
@@ -317,7 +345,10 @@ def test_pretraining_beats_random_init(trained_hdssl_run, phantom_cohort, held_o
     check = trained_vs_random(trained_hdssl_run, subjects)
     info = check["info"]
     assert info["method"] == "hdssl" and info["step"] == 400 and info["features"] == "scale_proj"
-    assert check["trained"] <= 0.85 * check["random"]  # >= 15 % lower; measured 38.1 vs 66.2 mm (0.58) for seed 0
+    # Measured 2026-12-06 (seed 0, CT cropped to the body): 39.6 vs 66.2 mm random init (0.60); identical coordinates
+    # 24.7 mm, not beaten at this budget (1.60 x). Asserted: the margins it has.
+    assert check["trained"] <= 0.7 * check["random"]
+    assert check["trained"] <= 1.8 * check["identity"]
 
 
 @pytest.mark.slow

@@ -115,10 +115,37 @@ def test_aefm_published_size_matches_synthetic_reference():
         assert float(np.abs(local[:, :, ::2, ::2, ::2].numpy() - ref["local_out_sub2"]).max()) <= TOL
 
 
+REFERENCE_SETS = ("aefm", "vox2vec", "hdssl")
+
+
+def _recorded_hashes() -> dict:
+    return json.loads((DATA / "reference_sha256.json").read_text(encoding="utf-8"))
+
+
+def test_shipped_reference_vectors_match_their_recorded_hashes():
+    # Runs in a clean clone: every vector file of the three reference sets is listed with the sha256 recorded
+    # when it was copied from (or derived from) ../shared/reference-networks, and still has it.
+    recorded = _recorded_hashes()
+    shipped = {f"{s}/{f.name}" for s in REFERENCE_SETS for f in (DATA / s).iterdir() if f.name != "README.md"}
+    assert shipped == set(recorded)
+    assert {k.split("/")[0] for k in recorded} == set(REFERENCE_SETS)
+    for name, entry in recorded.items():
+        assert sha256_file(DATA / name) == entry["sha256"], name
+
+
 @pytest.mark.skipif(not (SHARED / "aefm").is_dir(), reason="../shared/reference-networks not present")
-def test_shipped_aefm_vectors_are_the_shared_reference():
-    for name in ("tiny_state.npz", "tiny_io.npz", "full_synthetic_io.npz", "keys_full.json"):
-        assert sha256_file(DATA / "aefm" / name) == sha256_file(SHARED / "aefm" / name), name
+def test_recorded_hashes_are_the_shared_reference():
+    # Where the shared reference is at hand: verbatim copies have its files' hashes; the small files hold its
+    # full outputs, level 0 subsampled by 2 (see each set's README).
+    for name, entry in _recorded_hashes().items():
+        if "copy_of" in entry:
+            assert sha256_file(SHARED / entry["copy_of"]) == entry["sha256"], name
+        else:
+            small, full = np.load(DATA / name), np.load(SHARED / entry["derived_from"])
+            assert set(small.files) == (set(full.files) - {"pyramid_0"}) | {"pyramid_0_sub2"}, name
+            for key in small.files:
+                ref = full["pyramid_0"][:, :, ::2, ::2, ::2] if key == "pyramid_0_sub2" else full[key]
+                np.testing.assert_array_equal(small[key], ref, err_msg=f"{name}:{key}")
 
 
 # ---- import of each container against the reference outputs -----------------------------------------------

@@ -163,6 +163,7 @@ def test_sigterm_saves_checkpoint_and_exits_130(small_data, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ddp
 def test_ddp_two_processes_equal_single_process(small_data, tmp_path):
     """Same global batch (2): one process with batch 2 vs two gloo ranks with 1 each.
 

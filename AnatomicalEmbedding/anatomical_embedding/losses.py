@@ -24,6 +24,13 @@ from anatomical_embedding.nets.spark import patchify
 _MASKED = -1e9
 
 
+def _fp32(tensor: torch.Tensor):
+    """Autocast off on ``tensor``'s device: similarities (logits) are computed in float32 whatever the AMP mode,
+    so a positive and its negatives are rounded alike (bf16 logits carry ~3 significant digits, and the
+    1/temperature scaling magnifies their error)."""
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
 def info_nce(logits: torch.Tensor, temperature: float, target: torch.Tensor | None = None) -> torch.Tensor:
     """Core InfoNCE: ``mean_r -log softmax(logits_r / t)[target_r]``, in float32.
 
@@ -41,10 +48,12 @@ def positive_first_logits(query: torch.Tensor, key: torch.Tensor, negatives: tor
 
     ``negatives`` ``None`` or empty: the positive column alone.
     """
-    pos = (query * key).sum(dim=1, keepdim=True)  # (B, 1)
-    if negatives is None or negatives.numel() == 0:
-        return pos
-    neg = query @ negatives.t()  # (B, K)
+    with _fp32(query):  # under bf16/fp16 autocast a matmul would round the negatives, not the positive
+        query = query.float()
+        pos = (query * key.float()).sum(dim=1, keepdim=True)  # (B, 1)
+        if negatives is None or negatives.numel() == 0:
+            return pos
+        neg = query @ negatives.float().t()  # (B, K)
     if keep is not None:
         neg = neg.masked_fill(~keep, float("-inf"))
     return torch.cat([pos, neg], dim=1)
@@ -74,9 +83,11 @@ def info_nce_in_image(query: torch.Tensor, key: torch.Tensor, queue: torch.Tenso
     ``loss = mean_{n,i} -log( exp(q_ni.k_ni/t) / (sum_j exp(q_ni.k_nj/t) + sum_d exp(q_ni.d/t)) )``.
     """
     n, p, _ = query.shape
-    logits = torch.einsum("npc,nqc->npq", query, key)  # (N, P, P), positives on the diagonal
-    if queue is not None and queue.numel() > 0:
-        logits = torch.cat([logits, query @ queue.t()], dim=2)  # (N, P, P + Q)
+    with _fp32(query):
+        query = query.float()
+        logits = torch.einsum("npc,nqc->npq", query, key.float())  # (N, P, P), positives on the diagonal
+        if queue is not None and queue.numel() > 0:
+            logits = torch.cat([logits, query @ queue.float().t()], dim=2)  # (N, P, P + Q)
     return info_nce(logits.flatten(0, 1), temperature, torch.arange(p, device=query.device).repeat(n))
 
 

@@ -25,7 +25,8 @@ Label maps (all with the same label values) are required; unlabelled cases are s
 labelled cases (method.val_fraction) is held out and evaluated with sliding windows every
 method.val_every steps (Dice; progress.jsonl "eval" events); checkpoints/best.pt is the best validated
 model. Without --config the engine settings are Adam, lr 1e-4, constant (Resources/configs/finetune.toml);
---set overrides any train.KEY or method.KEY (see `anatomical-embedding train --help` for the engine keys).
+--mode backbone adds the source method's paper recipe (training/finetune_config.py FINETUNE_RECIPES: HDSSL
+Adam 3e-4 batch 7; Adam/Eve AdamW 2e-4 cosine with augmentation; AnatoMask nnU-Net's SGD 1e-2 poly); --set overrides any train.KEY or method.KEY (see `anatomical-embedding train --help` for the engine keys).
 """
 
 

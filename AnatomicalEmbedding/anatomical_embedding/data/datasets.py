@@ -195,10 +195,29 @@ class PreprocessConfig:
     preset: str | dict = "ct_aefm"
     #: Pad (with the preset's value for air) up to at least this size in voxels (i, j, k); 0 = no padding.
     min_size: tuple[int, int, int] = field(default=(0, 0, 0))
+    #: Crop each image to the bounding box of its voxels above this value (raw units, HU for CT) before
+    #: resampling; ``None`` = no crop. HDSSL §3.1 crops CTs to the body, voxels above -500 HU.
+    body_crop_hu: float | None = None
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True, default=str).encode()
+        d = asdict(self)
+        if d["body_crop_hu"] is None:  # keys of configs without the crop stay as they were
+            del d["body_crop_hu"]
+        blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def body_crop(image: Volume, threshold: float, label: Volume | None = None) -> tuple[Volume, Volume | None]:
+    """``image`` (and ``label``) cropped to the bounding box of the voxels above ``threshold``; unchanged when
+    no voxel is above it (HDSSL §3.1: the body of a CT, voxels above -500 HU)."""
+    from anatomical_embedding.io import crop
+
+    inside = np.argwhere(np.asarray(image.array) > threshold)  # (k, j, i)
+    if len(inside) == 0:
+        return image, label
+    lo = inside.min(0)[::-1]
+    size = inside.max(0)[::-1] - lo + 1
+    return crop(image, lo, size), (crop(label, lo, size) if label is not None else None)
 
 
 def preprocess_volume(image: Volume, config: PreprocessConfig, label: Volume | None = None
@@ -212,6 +231,8 @@ def preprocess_volume(image: Volume, config: PreprocessConfig, label: Volume | N
 
     image = reorient_to_canonical(image)
     label = reorient_to_canonical(label) if label is not None else None
+    if config.body_crop_hu is not None:
+        image, label = body_crop(image, float(config.body_crop_hu), label)
 
     preset = get_preset(config.preset)
     spacing = np.asarray(config.spacing, dtype=np.float64)

@@ -69,21 +69,44 @@ def _grid(starts, extents, shape_in, size) -> torch.Tensor:
     return _edges_to_grid(_box_edges(starts, extents, size), shape_in)
 
 
+def _distinct_pairs(na: np.ndarray, nb: np.ndarray, n_pos: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``n_pos`` candidate pairs (in their random draw order) whose A voxel and B voxel each occur once.
+
+    Positives are drawn without replacement (as HDSSL's): a repeated point would be its own negative under
+    in-image negatives (a false negative). Only when the overlap holds fewer distinct pairs than ``n_pos`` are the
+    missing ones repeated (so every sample has ``n_pos`` points for collation).
+    """
+    keep = np.arange(len(na))
+    for pts in (na, nb):
+        _, first = np.unique(pts[keep], axis=0, return_index=True)
+        keep = keep[np.sort(first)]
+    if len(keep) >= n_pos:
+        return keep[:n_pos]
+    return np.concatenate([keep, keep[rng.integers(0, len(keep), size=n_pos - len(keep))]])
+
+
 def _box_points(a0, sa, b0, sb, size, n_pos: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Positives of two axis-aligned boxes: integer voxels of A inside the overlap, and the nearest voxel of B."""
-    pts_a, pts_b = [], []
+    """Positives of two axis-aligned boxes: distinct integer voxels of A inside the overlap, and the nearest voxel
+    of B (distinct too), drawn without replacement."""
+    lo_idx, dims = [], []
     for ax, p in enumerate(size):
         lo = max(a0[ax], b0[ax])
         hi = min(a0[ax] + sa[ax], b0[ax] + sb[ax])
         n_lo = int(np.ceil((lo - a0[ax]) * p / sa[ax] - 0.5))
         n_hi = int(np.floor((hi - a0[ax]) * p / sa[ax] - 0.5))
         n_lo, n_hi = max(n_lo, 0), min(max(n_hi, n_lo), p - 1)
-        na = rng.integers(n_lo, n_hi + 1, size=n_pos)
-        edge = a0[ax] + (na + 0.5) * sa[ax] / p
-        nb = np.clip(np.rint((edge - b0[ax]) * p / sb[ax] - 0.5), 0, p - 1).astype(np.int64)
-        pts_a.append(na)
-        pts_b.append(nb)
-    return np.stack(pts_a, axis=1).astype(np.int64), np.stack(pts_b, axis=1)
+        lo_idx.append(n_lo)
+        dims.append(n_hi - n_lo + 1)
+    total = int(np.prod(dims))
+    # Extra candidates: distinct A voxels can share their nearest B voxel when B's voxels are larger.
+    flat = rng.choice(total, size=min(total, 4 * n_pos), replace=False)
+    na = np.stack(np.unravel_index(flat, dims), axis=1).astype(np.int64) + np.asarray(lo_idx, dtype=np.int64)
+    nb = np.empty_like(na)
+    for ax, p in enumerate(size):
+        edge = a0[ax] + (na[:, ax] + 0.5) * sa[ax] / p
+        nb[:, ax] = np.clip(np.rint((edge - b0[ax]) * p / sb[ax] - 0.5), 0, p - 1).astype(np.int64)
+    pick = _distinct_pairs(na, nb, n_pos, rng)
+    return na[pick], nb[pick]
 
 
 def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
@@ -121,7 +144,7 @@ def _deformed_points(edges_b: torch.Tensor, a0, sa, size, n_pos: int, rng: np.ra
     if not ok.any():
         return None
     idx = np.flatnonzero(ok)
-    pick = rng.choice(idx, size=n_pos, replace=idx.size < n_pos)
+    pick = idx[_distinct_pairs(na[idx], cand[idx], n_pos, rng)]  # candidates come in random order
     return na[pick], cand[pick].astype(np.int64), src[pick]
 
 

@@ -19,6 +19,10 @@ def segmentation_metrics(pred: Volume, ref: Volume, names: Mapping[int, str], ns
 
     Empty-vs-empty gives Dice 1 and no distances; a structure missing in one map gives Dice 0 and
     an infinite HD95 (reported as ``inf``), which is what a reader should see.
+
+    Single-slice images (one axis of size 1) are evaluated in 2D, on the slice with its in-plane spacing in
+    mm: MONAI finds surfaces by erosion, and a (1, H, W) volume eroded in 3D has every pixel on its surface
+    (the flat axis has no inside), which made HD95 too small and NSD too high.
     """
     import torch
     from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
@@ -30,9 +34,14 @@ def segmentation_metrics(pred: Volume, ref: Volume, names: Mapping[int, str], ns
         raise ValueError("no labels to evaluate: give at least one named non-zero label")
     p = torch.from_numpy(np.asarray(pred.array).astype(np.int64))
     r = torch.from_numpy(np.asarray(ref.array).astype(np.int64))
+    spacing = [float(s) for s in ref.spacing[::-1]]  # array axes are (k, j, i)
+    flat = [a for a, n in enumerate(p.shape) if n == 1]
+    if flat and p.dim() - len(flat) >= 2:  # 2D image: metrics on the slice, in-plane spacing
+        keep = [a for a in range(p.dim()) if a not in flat]
+        p, r = p.reshape([p.shape[a] for a in keep]), r.reshape([r.shape[a] for a in keep])
+        spacing = [spacing[a] for a in keep]
     p1 = torch.stack([p == v for v in values])[None].float()
     r1 = torch.stack([r == v for v in values])[None].float()
-    spacing = [float(s) for s in ref.spacing[::-1]]  # array axes are (k, j, i)
     dice = compute_dice(p1, r1, include_background=True, ignore_empty=False)[0]
     hd = compute_hausdorff_distance(p1, r1, include_background=True, percentile=95, spacing=spacing)[0]
     nsd = compute_surface_dice(p1, r1, [nsd_tolerance_mm] * len(values), include_background=True,
@@ -62,14 +71,20 @@ def write_metrics_csv(rows: Sequence[dict], path: str | Path, columns: Sequence[
 
 
 def summarise(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
-    """Mean Dice, HD95 (finite values only) and NSD per organ name."""
+    """Mean Dice, HD95 (finite values only) and NSD per organ name.
+
+    ``hd95_inf`` counts the infinite HD95 values (an organ missed in the prediction or absent from the
+    reference) that the HD95 mean leaves out, so a good-looking mean over few cases is visible as such;
+    ``n`` is the number of rows.
+    """
     out: dict[str, dict[str, float]] = {}
     for name in sorted({r["name"] for r in rows}):
         sel = [r for r in rows if r["name"] == name]
         hd = [r["hd95_mm"] for r in sel if math.isfinite(r["hd95_mm"])]
         out[name] = {"dice": float(np.mean([r["dice"] for r in sel])),
                      "hd95_mm": float(np.mean(hd)) if hd else float("nan"),
-                     "nsd": float(np.mean([r["nsd"] for r in sel])), "n": len(sel)}
+                     "nsd": float(np.mean([r["nsd"] for r in sel])), "n": len(sel),
+                     "hd95_inf": sum(1 for r in sel if math.isinf(r["hd95_mm"]))}
     return out
 
 

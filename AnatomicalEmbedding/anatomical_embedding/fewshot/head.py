@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from anatomical_embedding.inference.embedding import replicate_flat_axes
 from anatomical_embedding.io import Volume, atomic_write, resample_like
 from anatomical_embedding.io.labelmaps import keep_largest_components
 
@@ -103,13 +104,16 @@ def iter_feature_tiles(model: PatchEmbedder, image: np.ndarray, config: FewShotC
 
     Each tile is embedded with ``margin`` voxels of context on every side (the outside of the
     volume is filled with the image minimum, i.e. air), and only its core is kept, so the tiles
-    cover the volume exactly once and edge effects stay in the discarded margin.
+    cover the volume exactly once and edge effects stay in the discarded margin. A single-slice image is
+    copied along its flat axis instead (``inference.embedding.replicate_flat_axes``, the path the embedding
+    uses): padding there would mix the slice with air wherever a 2D network averages slices (Adam's coarse map).
     """
     use_int = config.use_intensity if with_intensity is None else with_intensity
     use_coarse = config.use_coarse if with_coarse is None else with_coarse
     multiple = int(model.card.get("size_multiple", 16))
     fill = float(image.min())
     shape = np.asarray(image.shape)
+    flat = (shape == 1) & (shape.size == 3) & (np.sum(shape == 1) < 3)
     core = np.maximum(1, config.tile - 2 * config.margin)
     starts = [range(0, s, core) for s in shape]
     for k0 in starts[0]:
@@ -125,8 +129,13 @@ def iter_feature_tiles(model: PatchEmbedder, image: np.ndarray, config: FewShotC
                 src_hi = np.minimum(box_lo + box_size, shape)
                 dst_lo = src_lo - box_lo
                 dst_hi = dst_lo + (src_hi - src_lo)
-                patch[dst_lo[0]:dst_hi[0], dst_lo[1]:dst_hi[1], dst_lo[2]:dst_hi[2]] = \
-                    image[src_lo[0]:src_hi[0], src_lo[1]:src_hi[1], src_lo[2]:src_hi[2]]
+                if np.any(flat):  # 2D: the slab is copies of the slice (as embedding.py), never padding
+                    dst_lo, dst_hi = np.where(flat, 0, dst_lo), np.where(flat, box_size, dst_hi)
+                    src = replicate_flat_axes(image[src_lo[0]:src_hi[0], src_lo[1]:src_hi[1], src_lo[2]:src_hi[2]],
+                                              box_size)
+                else:
+                    src = image[src_lo[0]:src_hi[0], src_lo[1]:src_hi[1], src_lo[2]:src_hi[2]]
+                patch[dst_lo[0]:dst_hi[0], dst_lo[1]:dst_hi[1], dst_lo[2]:dst_hi[2]] = src
                 coarse, fine = model.embed_patch(patch[None, None])
                 m = config.margin
                 sel = tuple(slice(m, m + int(n)) for n in (hi - lo))

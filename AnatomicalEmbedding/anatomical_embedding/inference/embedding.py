@@ -547,6 +547,18 @@ class VolumeEmbedding:
 
 
 # ---- embedding a volume --------------------------------------------------------------------------
+def replicate_flat_axes(array: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """A single-slice array (any axis of length 1) copied along each flat axis to ``size`` on that axis.
+
+    The one 2D path of the engine: the embedding (here) and the few-shot tiles (``fewshot.head``) both give
+    the network a slab of copies of the slice, never padding, so a 2D network that averages k-slices (Adam's
+    coarse map) sees only the real slice. Axes of other lengths are left as they are.
+    """
+    array = np.asarray(array)
+    reps = [int(n) if s == 1 else 1 for s, n in zip(array.shape, size)]
+    return np.tile(array, reps) if any(r > 1 for r in reps) else array
+
+
 def prepare_volume(model: EmbeddingModel, volume: Volume, config: EmbedConfig) -> tuple[Volume, np.ndarray, np.ndarray]:
     """Reorient, resample to the model spacing, apply the intensity preset, pad.
 
@@ -575,8 +587,7 @@ def prepare_volume(model: EmbeddingModel, volume: Volume, config: EmbedConfig) -
     # 2D: replicate the single slice so the network sees a slab; the original sits at index m // 2.
     before = np.where(flat, m // 2, 0)
     if np.any(flat):
-        reps = [m if flat[2] else 1, m if flat[1] else 1, m if flat[0] else 1]
-        arr = np.tile(arr, reps)
+        arr = replicate_flat_axes(arr, [m, m, m])
     full = shape + np.where(flat, m - 1, 0)
     target = np.maximum(-(-full // m) * m, m)
     after = target - full

@@ -9,8 +9,11 @@ Per query (world LPS):
 3. **fine search**: in a box of +-``fine_radius`` voxels around each candidate, the score is
    ``cos_fine + cos_coarse`` (coarse similarity interpolated to voxels), the sum over both levels as in
    SAM/AEFM; the best voxel over all candidates wins;
-4. **sub-voxel**: a parabola per axis through the peak and its neighbours (offset clipped to half a voxel);
-5. **confidence** from forward-backward consistency: the match is matched back to the source, and with
+4. **sub-voxel**: a grid search of the score of the trilinearly interpolated embeddings within +-0.75 voxel
+   (steps 1/4, then 1/16; see :func:`refine_subvoxel`); the coarse peaks of step 2 use a parabola;
+5. **confidence** from forward-backward consistency: the match is matched back to the source by an
+   independent search (the whole source, not seeded at or restricted around the query, so a corrected
+   match cannot pass the check by construction), and with
    ``d`` the distance (mm) between the back-match and the query,
    ``confidence = exp(-d^2 / (2 sigma^2)) * max(similarity, 0)``, with ``similarity`` the mean of the
    two cosines at the match and ``sigma`` half a coarse cell in mm by default. Points with confidence
@@ -47,7 +50,7 @@ class MatchConfig:
     #: Forward-backward sigma in mm; ``None``: half a coarse cell (stride/2 x largest model spacing).
     fb_sigma_mm: float | None = None
     low_confidence: float = 0.5
-    #: Coarse candidates of the backward search (the query position is always added as a seed).
+    #: Coarse candidates of the backward search (over the whole source; the query is never a seed).
     fb_top_k: int = 1
     #: Coarse candidates inside the prior's search ball (its prediction is always added as a seed).
     prior_top_k: int = 1
@@ -204,13 +207,9 @@ class Matcher:
             back = self.reverse()
             bc = self.target.sample_coarse(res.ijk)[0]
             bf = self.target.sample_fine(res.ijk)[0]
-            bcentre = bradius = None
-            if prior is not None:
-                # Search back near the query itself (the prior's inverse at the match is the query).
-                bcentre, bradius = q_ijk, prior.search_radius_mm
-            # Backward: the best coarse peak plus the query itself as a seed (its fine tiles are cached).
-            bres = search(back.target, bc, bf, self.config, bcentre, bradius, seeds=[q_ijk],
-                          top_k=self.config.fb_top_k)
+            # Backward search independent of the query: no seed at it, no ball around it (either would make a
+            # corrected match look consistent by construction).
+            bres = search(back.target, bc, bf, self.config, top_k=self.config.fb_top_k)
             m.back_lps = self.source.index_to_world(bres.ijk)
             m.fb_distance_mm = float(np.linalg.norm(m.back_lps - p_lps))
             sigma = self._fb_sigma()

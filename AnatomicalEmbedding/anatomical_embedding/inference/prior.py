@@ -40,8 +40,12 @@ class PriorConfig:
     deformable: bool = True
     #: RBF smoothing (larger = smoother; scipy's ``smoothing``), in mm^2 per point.
     rbf_smoothing: float = 10.0
-    #: Search radius around the prior's prediction in mm; ``None``: max(1.5 cells, 3 x inlier RMS).
+    #: Search radius around the prior's prediction in mm; ``None``: max(1.5 cells, 3 x held-out RMS), the RMS
+    #: of each inlier's residual under a prior fitted without it (``cv_folds``-fold cross-validation).
     search_radius_mm: float | None = None
+    #: Folds of the held-out residuals (the fitting points' own residuals under-estimate the error, most of
+    #: all with the thin-plate spline, which bends towards them).
+    cv_folds: int = 5
     #: Foreground: coarse cells whose mean prepared intensity exceeds background by this fraction of the range.
     foreground_fraction: float = 0.05
     seed: int = 0
@@ -53,13 +57,14 @@ class RobustPrior:
 
     affine: np.ndarray
     rbf: object | None
-    inlier_rms_mm: float
+    inlier_rms_mm: float  # residual RMS of the inliers under the prior fitted on them (optimistic)
     search_radius_mm: float
     n_candidates: int
     n_stable: int
     n_inliers: int
     stable_source_lps: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 3)))
     stable_target_lps: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 3)))
+    heldout_rms_mm: float = float("nan")  # cross-validated residual RMS (sets the default search radius)
 
     def predict(self, points_lps: np.ndarray) -> np.ndarray:
         p = np.atleast_2d(np.asarray(points_lps, dtype=np.float64))
@@ -71,7 +76,8 @@ class RobustPrior:
     def summary(self) -> dict:
         return {
             "candidates": self.n_candidates, "stable": self.n_stable, "inliers": self.n_inliers,
-            "inlier_rms_mm": round(self.inlier_rms_mm, 3), "search_radius_mm": round(self.search_radius_mm, 3),
+            "inlier_rms_mm": round(self.inlier_rms_mm, 3), "heldout_rms_mm": round(self.heldout_rms_mm, 3),
+            "search_radius_mm": round(self.search_radius_mm, 3),
             "deformable": self.rbf is not None, "affine": np.round(self.affine, 5).tolist(),
         }
 
@@ -192,6 +198,39 @@ def stable_points(source: VolumeEmbedding, target: VolumeEmbedding, config: Prio
     return source.index_to_world(src_ijk), target.index_to_world(tgt_ijk), n_candidates
 
 
+def _fit_inliers(src: np.ndarray, dst: np.ndarray, config: PriorConfig, weights: np.ndarray | None = None):
+    """(affine, rbf or None) fitted on a fixed set of inliers."""
+    m = fit_affine(src, dst, weights)
+    rbf = None
+    if config.deformable and len(src) >= 12:
+        from scipy.interpolate import RBFInterpolator
+
+        resid = dst - (src @ m[:3, :3].T + m[:3, 3])
+        rbf = RBFInterpolator(src, resid, kernel="thin_plate_spline", smoothing=config.rbf_smoothing * len(src))
+    return m, rbf
+
+
+def _predict(m: np.ndarray, rbf, p: np.ndarray) -> np.ndarray:
+    out = p @ m[:3, :3].T + m[:3, 3]
+    return out + rbf(p) if rbf is not None else out
+
+
+def heldout_rms(src: np.ndarray, dst: np.ndarray, config: PriorConfig, rng: np.random.Generator) -> float:
+    """RMS (mm) of each point's residual under an affine (+ spline) fitted on the other folds (k-fold CV)."""
+    n = len(src)
+    folds = min(max(2, int(config.cv_folds)), n)
+    order = rng.permutation(n)
+    resid = np.empty((n, 3))
+    for f in range(folds):
+        test = order[f::folds]
+        train = np.setdiff1d(order, test)
+        if len(train) < 4:
+            return float("nan")
+        m, rbf = _fit_inliers(src[train], dst[train], config)
+        resid[test] = dst[test] - _predict(m, rbf, src[test])
+    return float(np.sqrt(np.mean(np.sum(resid ** 2, axis=1))))
+
+
 def fit_prior(source: VolumeEmbedding, target: VolumeEmbedding, config: PriorConfig | None = None) -> RobustPrior:
     """Fit the robust prior between two embedded volumes (raises ValueError when too few stable points)."""
     config = config or PriorConfig()
@@ -210,7 +249,9 @@ def fit_prior(source: VolumeEmbedding, target: VolumeEmbedding, config: PriorCon
                               smoothing=config.rbf_smoothing * inl.sum())
         resid = resid - rbf(src[inl])
     rms = float(np.sqrt(np.mean(np.sum(resid ** 2, axis=1))))
-    radius = config.search_radius_mm or max(1.5 * cell_mm, 3.0 * rms)
-    prior = RobustPrior(m, rbf, rms, radius, n_cand, len(src), int(inl.sum()), src, dst)
+    # Held out: the affine refitted (plain least squares) and the spline on the other folds of the inliers.
+    cv = heldout_rms(src[inl], dst[inl], config, np.random.default_rng([config.seed, 1]))
+    radius = config.search_radius_mm or max(1.5 * cell_mm, 3.0 * (cv if np.isfinite(cv) else rms))
+    prior = RobustPrior(m, rbf, rms, radius, n_cand, len(src), int(inl.sum()), src, dst, heldout_rms_mm=cv)
     log.info("robust prior: %s", prior.summary())
     return prior

@@ -89,6 +89,9 @@ class AdamEveConfig:
     gamma: float = 0.8
     levels: tuple[int, ...] = (0, 2, 4)  # granularity n of each stage (paper: even n up to 4)
     epochs_per_level: int = 200  # paper
+    # Paper (supplementary): each stage n trains 200 epochs with MoCo's cosine schedule, so every stage has its own
+    # cosine from the base rate; False = one cosine over all stages (stage n=4 then trains at <= 25 % of the rate).
+    stage_schedule: bool = True
     init_from: str = ""  # start from a previous (Adam) run folder's checkpoint: a stage run
     init_checkpoint: str = "last"
     # Data.
@@ -111,7 +114,7 @@ class AdamEveConfig:
     fine_dim: int = 128
     fine_stages: tuple[int, ...] = (1, 2, 3, 4)
     proj_seed: int = 0
-    # Finetuning U-Net decoder widths (() = half the skip widths).
+    # Finetuning U-Net decoder widths: layer3, layer2, layer1[, stem, full resolution] (() = half the skip widths).
     decoder_widths: tuple[int, ...] = ()
 
 
@@ -223,6 +226,12 @@ class AdamEveMethod(Method):
 
     def default_epochs(self) -> int:
         return self.config.epochs_per_level * len(self.config.levels)
+
+    def stage_starts(self, steps_per_epoch: int, total_steps: int) -> list[int]:
+        c = self.config
+        if not c.stage_schedule:
+            return [0]
+        return [n * c.epochs_per_level * steps_per_epoch for n in range(len(c.levels))]
 
     def level_for_epoch(self, epoch: int) -> int:
         """Granularity n of the stage that ``epoch`` belongs to (the last stage continues past its end)."""

@@ -10,7 +10,9 @@
   model has both and matching uses them coarse to fine. ``global_weight`` scales the global term.
 * Region stage (section 2.2), after ``epochs_ac`` epochs: a 2-layer 1x1x1 head M_S on the local map,
   trained with Dice+CE on the labelled cases; its momentum copy M_S' (on M_F' maps) gives the regions
-  for L_RC (eq. 2) from per-class mean embeddings on every sample.
+  for L_RC (eq. 2) from per-class mean embeddings on every sample, at the pair's positive points (E, E'
+  as in eq. 1; ``region_means_at = "patch"``: over every voxel of each patch). The stage restarts the
+  learning-rate schedule (``region_schedule``).
 
 Our additions, off by default: ``in_image_negatives`` adds the other points of the same patch pair to
 the negatives (with a queue of a few steps' keys, every negative comes from another image, so nothing
@@ -62,6 +64,14 @@ class AEFMConfig:
     seg_weight: float = 1.0
     region_weight: float = 1.0
     labelled_fraction: float = 0.5
+    # Our reading (the paper names no schedule): the region stage restarts the engine's schedule, as a
+    # fine-tuning stage of its own. False = one schedule over both stages; with the cosine over 500 + 200 epochs
+    # the region stage then runs at 19 % of the base rate or less (cos schedule at 500/700 = 0.188).
+    region_schedule: bool = True
+    # Where L_RC's region means come from: "points" (paper §2.2: E and E' are the features at the positive
+    # points of the pair, each point in the region M_S' assigns it in its own patch) or "patch" (every voxel of
+    # each patch; our earlier reading, kept as an option).
+    region_means_at: str = "points"
     # Intensity augmentation per patch (off: the paper names none).
     aug_scale: float = 0.0
     aug_shift: float = 0.0
@@ -87,6 +97,8 @@ class AEFMMethod(Method):
         self.queue_local = FeatureQueue(config.n_neg, config.feature_dim)
         self.queue_global = FeatureQueue(config.n_neg, config.feature_dim)
         self.seg_head = self.momentum_seg_head = None
+        if config.region_means_at not in ("points", "patch"):
+            raise ValueError(f"AEFM region_means_at must be 'points' or 'patch', got {config.region_means_at!r}")
         if config.num_classes > 0:
             self.seg_head = SegmentationHead(config.feature_dim, config.num_classes, config.seg_hidden)
             self.momentum_seg_head = make_momentum_copy(self.seg_head)
@@ -112,6 +124,11 @@ class AEFMMethod(Method):
 
     def default_epochs(self) -> int:
         return self.config.epochs_ac + (self.config.epochs_region if self.config.num_classes > 0 else 0)
+
+    def stage_starts(self, steps_per_epoch: int, total_steps: int) -> list[int]:
+        if self.seg_head is None or not self.config.region_schedule or self.config.epochs_region <= 0:
+            return [0]
+        return [0, self.config.epochs_ac * steps_per_epoch]
 
     def region_stage(self, epoch: int) -> bool:
         return self.seg_head is not None and epoch >= self.config.epochs_ac
@@ -194,10 +211,22 @@ class AEFMMethod(Method):
         with torch.no_grad():
             regions = self.momentum_seg_head(l_mo).argmax(1)  # L' from M_S' on M_F' maps
         rcs = []
+        at_points = self.config.region_means_at == "points"
+        if at_points:  # E, E' and their regions at the pair's positive points (A's points, then B's)
+            size = tuple(batch["patch_a"].shape[2:])
+            pts = torch.cat([batch["points_a"], batch["points_b"]])  # (2n, P, 3) k, j, i
+            e_on = gather_points(l_on, pts, size).float()  # (2n, P, C)
+            e_mo = gather_points(l_mo, pts, size).float()
+            idx = pts.long()
+            lab = torch.stack([regions[r][idx[r, :, 0], idx[r, :, 1], idx[r, :, 2]] for r in range(2 * n)])
         for i in range(n):
             for on, mo in ((i, n + i), (n + i, i)):  # E from one patch, E' from the other (both ways)
-                m_on, p_on = region_means(l_on[on].float(), regions[on], k)
-                m_mo, p_mo = region_means(l_mo[mo].float(), regions[mo], k)
+                if at_points:
+                    m_on, p_on = region_means(e_on[on].t(), lab[on], k)
+                    m_mo, p_mo = region_means(e_mo[mo].t(), lab[mo], k)
+                else:
+                    m_on, p_on = region_means(l_on[on].float(), regions[on], k)
+                    m_mo, p_mo = region_means(l_mo[mo].float(), regions[mo], k)
                 both = p_on & p_mo
                 rcs.append(region_contrastive_loss(m_on[both], m_mo[both]))
         return seg, torch.stack(rcs).mean()

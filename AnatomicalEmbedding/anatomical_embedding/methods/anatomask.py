@@ -351,7 +351,9 @@ class AnatoMaskMethod(Method):
         and the decoder freshly initialised (as the published fine-tuning loads SparK weights)."""
         c = self.config
         net = STUNet(n_classes, STUNetConfig(tuple(c.widths), tuple(c.depths), STUNET_STRIDES))
-        net.load_pretrained_encoder(self.encoder_state_dict())
+        loaded = set(net.load_pretrained_encoder(self.encoder_state_dict()))
+        # The copied weights are new tensors: name them, so finetuning's freeze-then-ramp schedule finds them.
+        net.pretrained_parameter_names = sorted(n for n, _ in net.named_parameters() if n in loaded)
         return net.to(next(self.student.parameters()).device)
 
     def model_extras(self) -> dict:

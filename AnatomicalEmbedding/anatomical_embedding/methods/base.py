@@ -154,6 +154,11 @@ class Method(nn.Module):
     def default_epochs(self) -> int:
         return 100
 
+    def stage_starts(self, steps_per_epoch: int, total_steps: int) -> list[int]:
+        """Steps at which the learning-rate schedule restarts (a training stage of its own); ``[0]``: one
+        schedule over the whole run. The engine's warm-up runs once, at the start."""
+        return [0]
+
     def case_weights(self, labelled: np.ndarray, epoch: int) -> np.ndarray | None:
         return None
 

@@ -164,6 +164,17 @@ def backbone_lr_factor(step: int, freeze: int, ramp: int, start: float) -> float
     return 1.0
 
 
+def pretrained_parameter_names(network: nn.Module, source: nn.Module) -> set[str]:
+    """Names (in ``network.named_parameters()``) of the parameters that come from the pretrained ``source``:
+    the network's own list when it keeps one (weights copied into new modules), else the parameters it shares
+    with ``source`` (modules taken over)."""
+    own = getattr(network, "pretrained_parameter_names", None)
+    if own is not None:
+        return set(own)
+    shared = {id(p) for p in source.parameters()}
+    return {n for n, p in network.named_parameters() if id(p) in shared}
+
+
 class _BackboneFactor:
     def __init__(self, freeze: int, ramp: int, start: float) -> None:
         self.freeze, self.ramp, self.start = freeze, ramp, start
@@ -216,9 +227,16 @@ class FinetuneMethod(Method):
             from anatomical_embedding.methods.backbones import segmentation_network
 
             self.network = segmentation_network(source, c.num_classes, c.head_hidden)
-            # Parameters taken over from the pretrained model (the schedule below freezes, then warms them up).
-            shared = {id(p) for p in source.parameters()}
-            self._pretrained_ids = {id(p) for p in self.network.parameters() if id(p) in shared}
+            # Parameters taken over from the pretrained model (the schedule below freezes, then warms them up),
+            # by name: a network that shares the source's modules (AEFM, HDSSL, Adam) names them through the
+            # shared parameters; one that copies weights into new modules (AnatoMask's STU-Net) says which of
+            # its parameters it loaded (``pretrained_parameter_names``). Object identity alone missed the copies.
+            self.pretrained_names = pretrained_parameter_names(self.network, source)
+            self._pretrained_ids = {id(p) for n, p in self.network.named_parameters() if n in self.pretrained_names}
+            freeze, ramp, _ = self.backbone_schedule()
+            if (freeze > 0 or ramp > 0) and not self._pretrained_ids:
+                log.warning("finetune: the backbone schedule (%d frozen, %d ramp steps) has no pretrained parameters "
+                            "to act on; every parameter trains at the base rate", freeze, ramp)
             self._pretrained_modules = [m for m in self.network.children() if any(True for _ in m.parameters())
                                         and all(id(p) in self._pretrained_ids for p in m.parameters())]
             # A backbone may keep layers the segmentation path does not use (AEFM's global map): DDP must know.

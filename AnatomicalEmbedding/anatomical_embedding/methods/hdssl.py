@@ -67,6 +67,10 @@ class HDSSLMethodConfig:
     modality: str = "ct"  # ct | mri: default spacing and intensity preset (paper Sec. 3.1)
     spacing: tuple[float, ...] = ()  # mm along (i, j, k); () = the modality's default
     preset: str = ""  # intensity preset name; "" = the modality's default
+    # §3.1: each CT is cropped to the box of its voxels above body_crop_hu (-500 HU: the body) before
+    # resampling. Applies to modality "ct" only (MR intensities have no absolute scale).
+    body_crop: bool = True
+    body_crop_hu: float = -500.0
     # Network (published: 32 channels, 5 scales = vox2vec's 16 x 6 one level shallower with doubled widths).
     base_channels: int = 32
     num_scales: int = 5
@@ -181,6 +185,13 @@ class HDSSLMethod(Method):
     @classmethod
     def preprocess_min_size(cls, config: HDSSLMethodConfig) -> tuple[int, ...]:
         return patch_min_size(config.patch_size, config.patch_scale)
+
+    @classmethod
+    def preprocess_config(cls, config: HDSSLMethodConfig):
+        from dataclasses import replace
+
+        crop = float(config.body_crop_hu) if config.body_crop and config.modality == "ct" else None
+        return replace(super().preprocess_config(config), body_crop_hu=crop)
 
     @classmethod
     def min_image_size(cls, config: HDSSLMethodConfig) -> tuple[int, int, int]:

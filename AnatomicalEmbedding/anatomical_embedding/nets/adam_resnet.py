@@ -9,7 +9,8 @@ embedder (Eve) and a ResNet-encoder U-Net for finetuning.
 * :class:`ProjectionHead`: MoCo v2's two-layer MLP ``Linear(C, H) - ReLU - Linear(H, 128)``.
 * :class:`AdamEveEmbedder`: the dense embedding, see its docstring.
 * :class:`ResNetUNet`: the U-Net with the pretrained ResNet as encoder (paper F.2: "U-Net network with a
-  ResNet-50 encoder, where the encoder is initialized with the pretrained backbone").
+  ResNet-50 encoder, where the encoder is initialized with the pretrained backbone"), decoded to full
+  resolution with the stem and the image as the last skips.
 
 2D networks take ``(N, 1, H, W)``; the embedder and the U-Net always take the project's ``(N, 1, k, j, i)`` and,
 in 2D, run the network on every k-slice (the slices are folded into the batch).
@@ -69,12 +70,13 @@ class ResNetBackbone(nn.Module):
     def total_stride(self) -> int:
         return self.stage_strides[4]
 
-    def stages(self, x: torch.Tensor, last: int = 4) -> dict[int, torch.Tensor]:
+    def stages(self, x: torch.Tensor, last: int = 4, with_stem: bool = False) -> dict[int, torch.Tensor]:
+        """Stage outputs ``{1: layer1, ..., last}``; ``with_stem`` adds ``0``: conv1's output before the max-pool."""
         n = self.net
         x = n.act(n.bn1(n.conv1(x)))
+        out = {0: x} if with_stem else {}
         if not n.no_max_pool:
             x = n.maxpool(x)
-        out = {}
         for s, layer in enumerate((n.layer1, n.layer2, n.layer3, n.layer4)[:last], 1):
             x = layer(x)
             out[s] = x
@@ -210,24 +212,34 @@ class AdamEveEmbedder(Embedder):
 
 
 class _DecoderBlock(nn.Module):
-    def __init__(self, in_ch: int, skip_ch: int, out_ch: int, dims: int) -> None:
+    """Up-sample ``x`` by ``factor`` (1: none), concatenate the skip, two conv-norm-ReLU layers."""
+
+    def __init__(self, in_ch: int, skip_ch: int, out_ch: int, dims: int, factor: int = 2) -> None:
         super().__init__()
         conv = nn.Conv2d if dims == 2 else nn.Conv3d
         norm = nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d
+        self.factor = int(factor)
         self.block = nn.Sequential(conv(in_ch + skip_ch, out_ch, 3, padding=1, bias=False), norm(out_ch),
                                    nn.ReLU(inplace=True), conv(out_ch, out_ch, 3, padding=1, bias=False),
                                    norm(out_ch), nn.ReLU(inplace=True))
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
-        x = _upsample(x, 2)
+        x = _upsample(x, self.factor)
         if skip is not None:
             x = torch.cat([x, skip], dim=1)
         return self.block(x)
 
 
 class ResNetUNet(nn.Module):
-    """U-Net with a (pretrained) ResNet encoder: decoder blocks upsample x2 and fuse layer3, layer2, layer1 (and
-    the stem when the max-pool is on), then upsample to the input and a 1x1 conv gives the class logits.
+    """U-Net with a (pretrained) ResNet encoder, decoded to full resolution.
+
+    Decoder blocks up-sample x2 and fuse layer3, layer2 and layer1; a fourth block fuses the stem (conv1's
+    output, before the max-pool; with the max-pool off it is at layer1's resolution and fused there without
+    up-sampling); a last block up-samples from the stem's stride to the input and fuses the image itself, then a
+    1x1 conv gives the class logits. Every layer of the path to the logits is learnt at full resolution, so thin
+    structures (ribs, clavicles: among the paper's tasks) are not limited by a bilinear x4 up-sampling.
+    ``decoder_widths``: 5 widths (layer3, layer2, layer1, stem, full-resolution blocks); 3 widths give the first
+    three and the last two default to half the stem's width (at least 8).
 
     Takes ``(N, 1, k, j, i)`` and returns ``(N, n_classes, k, j, i)``; 2D encoders run slice by slice.
     """
@@ -238,23 +250,32 @@ class ResNetUNet(nn.Module):
         self.dims = backbone.dims
         self.size_multiple = backbone.total_stride
         ch = backbone.stage_channels
+        stem_ch = int(backbone.net.bn1.num_features)
         widths = list(decoder_widths or [max(8, ch[3] // 2), max(8, ch[2] // 2), max(8, ch[1] // 2)])
+        if len(widths) == 3:
+            widths += [max(8, stem_ch // 2)] * 2
+        if len(widths) != 5:
+            raise ValueError(f"Adam/Eve decoder_widths needs 3 or 5 widths, got {list(widths)}")
         self.up3 = _DecoderBlock(ch[4], ch[3], widths[0], self.dims)
         self.up2 = _DecoderBlock(widths[0], ch[2], widths[1], self.dims)
         self.up1 = _DecoderBlock(widths[1], ch[1], widths[2], self.dims)
+        stem_stride = backbone.stage_strides[1] // (2 if not backbone.net.no_max_pool else 1)
+        self.up0 = _DecoderBlock(widths[2], stem_ch, widths[3], self.dims,
+                                 factor=backbone.stage_strides[1] // stem_stride)
+        self.full = _DecoderBlock(widths[3], 1, widths[4], self.dims, factor=stem_stride)
         conv = nn.Conv2d if self.dims == 2 else nn.Conv3d
-        self.head = conv(widths[2], n_classes, kernel_size=1)
-        self._final = backbone.stage_strides[1]
+        self.head = conv(widths[4], n_classes, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dims == 2:
             n, _, k, j, i = x.shape
             x = x.reshape(n * k, 1, j, i)
-        s = self.backbone.stages(x)
+        s = self.backbone.stages(x, with_stem=True)
         y = self.up3(s[4], s[3])
         y = self.up2(y, s[2])
         y = self.up1(y, s[1])
-        y = self.head(_upsample(y, self._final))
+        y = self.up0(y, s[0])
+        y = self.head(self.full(y, x))
         if self.dims == 2:
             y = y.reshape(n, k, y.shape[1], j, i).transpose(1, 2)
         return y

@@ -34,7 +34,9 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-5
     warmup_steps: int = 0
-    lr_schedule: str = "cosine"  # cosine | constant
+    lr_schedule: str = "cosine"  # cosine | constant | poly (nnU-Net: (1 - t) ** 0.9)
+    sgd_momentum: float = 0.9  # SGD only (nnU-Net, AnatoMask's finetuning: 0.99 with Nesterov)
+    sgd_nesterov: bool = False
     grad_clip: float = 0.0  # max grad norm; 0 = off
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | none
     compile: bool = False

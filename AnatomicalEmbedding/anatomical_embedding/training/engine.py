@@ -91,17 +91,40 @@ def _scan_labels(ds, spec) -> int:
     return best
 
 
-def _lr_lambda(cfg, total_steps: int):
+def _lr_lambda(cfg, total_steps: int, stage_starts=(0,)):
+    """The schedule factor per step: linear warm-up, then ``lr_schedule`` within each stage (a stage starts at
+    each of ``stage_starts``; the last runs to ``total_steps``), so every stage decays from the base rate."""
     warm, sched = cfg.warmup_steps, cfg.lr_schedule
+    if sched not in ("cosine", "constant", "poly"):
+        raise ValueError(f"train.lr_schedule must be cosine, constant or poly, got {sched!r}")
+    starts = sorted({0, *(int(s) for s in stage_starts if 0 < int(s) < total_steps)})
+    ends = starts[1:] + [max(total_steps, starts[-1] + 1)]
 
     def f(step: int) -> float:
         if warm > 0 and step < warm:
             return (step + 1) / warm
         if sched == "constant":
             return 1.0
-        t = (step - warm) / max(1, total_steps - warm)
+        n = max(i for i, s in enumerate(starts) if s <= step) if step >= 0 else 0
+        lo = max(starts[n], warm) if n == 0 else starts[n]
+        t = (step - lo) / max(1, ends[n] - lo)
+        if sched == "poly":
+            return (1.0 - min(1.0, t)) ** 0.9
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
     return f
+
+
+def optimizer_step(scaler, opt) -> bool:
+    """``scaler.step(opt)`` and ``scaler.update()``; False when the scaler skipped the step (fp16 gradients with
+    inf/NaN: it lowers its scale). Without fp16 the step is always applied."""
+    if not scaler.is_enabled():
+        scaler.step(opt)
+        scaler.update()
+        return True
+    before = scaler.get_scale()
+    scaler.step(opt)
+    scaler.update()
+    return not scaler.get_scale() < before
 
 
 def _scaled_lambda(schedule, factor):
@@ -209,10 +232,11 @@ class Trainer:
         elif tc.optimizer == "adam":
             opt = torch.optim.Adam(param_groups, lr=tc.lr, weight_decay=tc.weight_decay)
         elif tc.optimizer == "sgd":
-            opt = torch.optim.SGD(param_groups, lr=tc.lr, momentum=0.9, weight_decay=tc.weight_decay)
+            opt = torch.optim.SGD(param_groups, lr=tc.lr, momentum=tc.sgd_momentum, nesterov=tc.sgd_nesterov,
+                                  weight_decay=tc.weight_decay)
         else:
             raise ValueError(f"train.optimizer must be adamw, adam or sgd, got {tc.optimizer!r}")
-        schedule = _lr_lambda(tc, total)
+        schedule = _lr_lambda(tc, total, method.stage_starts(steps_per_epoch, total))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, [schedule if g.get("lr_factor") is None else _scaled_lambda(schedule, g["lr_factor"]) for g in groups])
         amp_dtype = self._amp(device)
@@ -317,10 +341,10 @@ class Trainer:
                 if tc.grad_clip > 0:
                     scaler.unscale_(opt)
                     torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-                scaler.step(opt)
-                scaler.update()
+                applied = optimizer_step(scaler, opt)
                 sched.step()
-                method.after_optimizer_step(ctx)
+                if applied:  # a step the fp16 scaler skipped (inf/NaN) moves neither EMA copies nor queues
+                    method.after_optimizer_step(ctx)
                 step += 1
                 samples += tc.batch_size
                 acc["loss"] = acc.get("loss", 0.0) + float(loss.detach())
