@@ -1,8 +1,8 @@
 """Bad input and faults, as a careless user drives the CLI (issue 21): each case gives one clear line and
 exit 2 (or a warning), writes nothing and loses nothing.
 
-The README's bad-input table is generated from the ``BAD_INPUT`` docstrings below: every test's first
-docstring line is "input -> what happens" (``python Testing/test_bad_input.py`` prints the table).
+The README's bad-input table is generated from these tests (``Testing/bad_input_table.py``): every test's
+first docstring line reads "input -> what happens".
 """
 from __future__ import annotations
 
@@ -271,6 +271,36 @@ def test_fewshot_warns_on_partial_label_overlap(images, tmp_path, caplog):
     assert check_label_map(image, image.with_array((image.array > 0).astype(np.int16)), "same") == 1.0
 
 
+# ---- 6. inputs far from what the model expects ------------------------------------------------------
+def test_8bit_image_for_a_ct_model_warns(caplog):
+    """uint8 0-255 image fed to a CT model -> a warning that it looks like an 8-bit image, not CT in HU."""
+    model = TorchModel(tiny_aefm(0), CARD)
+    vol = blob_volume((20, 40, 30))
+    arr = np.clip((vol.array - vol.array.min()) / np.ptp(vol.array) * 255, 0, 255).astype(np.uint8)
+    with caplog.at_level(logging.WARNING):
+        embed_volume(model, vol.with_array(arr))
+    assert "look like an 8-bit image, not CT in Hounsfield units" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        embed_volume(model, vol)  # HU: no warning
+    assert "8-bit" not in caplog.text
+
+
+def test_structureless_target_flags_every_match(caplog):
+    """All-zero target -> a warning, and every match is flagged low confidence."""
+    from anatomical_embedding.inference.matching import Matcher
+
+    model = TorchModel(tiny_aefm(0), CARD)
+    vol = blob_volume((20, 40, 30))
+    src = embed_volume(model, vol)
+    tgt = embed_volume(model, vol.with_array(np.zeros_like(vol.array)))
+    pts = vol.index_to_world(np.array([[10.0, 20.0, 10.0], [20.0, 30.0, 12.0]]))
+    with caplog.at_level(logging.WARNING):
+        res = Matcher(src, tgt, prior_config=None).match(pts)
+    assert all(r.final.low_confidence for r in res)
+    assert "constant" in caplog.text and "no structure" in caplog.text
+
+
 # ---- 7. package integrity without the sidecar ----------------------------------------------------------
 def test_edited_card_is_caught_without_sidecar(package, tmp_path):
     """Package whose card.json was edited, with no .sha256 sidecar -> refused: the member hashes inside the package do not match."""
@@ -308,19 +338,8 @@ def test_backend_has_one_spelling(package, images, tmp_path, caplog):
     assert "--backend onnx is spelled --backend onnxruntime" in caplog.text
 
 
-def bad_input_table() -> str:
-    """Markdown table (input | what happens) from the first docstring line of each test here."""
-    import inspect
-    import sys
+def test_readme_table_is_generated_from_the_tests():
+    """README's bad-input table equals the one generated from these tests' docstrings (python Testing/bad_input_table.py)."""
+    import bad_input_table
 
-    rows = []
-    for name, fn in inspect.getmembers(sys.modules[__name__], inspect.isfunction):
-        if name.startswith("test_") and fn.__doc__ and "->" in fn.__doc__.splitlines()[0]:
-            first = fn.__doc__.strip().splitlines()[0]
-            left, right = (t.strip() for t in first.split("->", 1))
-            rows.append((fn.__code__.co_firstlineno, f"| {left} | {right} |"))
-    return "\n".join(["| input | what happens |", "|---|---|", *[r for _, r in sorted(rows)]])
-
-
-if __name__ == "__main__":
-    print(bad_input_table())
+    assert bad_input_table.readme_block(bad_input_table.README.read_text(encoding="utf-8")) == bad_input_table.table()

@@ -103,3 +103,98 @@ def test_resumed_run_stores_the_same_global_rng_states(four_step_run, small_data
     assert torch.equal(a["torch"], b["torch"])
     assert a["python"] == b["python"]
     assert torch.equal(a["numpy"][1], b["numpy"][1]) and a["numpy"][2:] == b["numpy"][2:]
+
+
+# ---- fault injection: SIGKILL at random points, checkpoint writes included, then --resume ------------------
+#: Runs the train CLI; FAULT=save:N or FAULT=copy:N kills the process with SIGKILL half-way through the N-th
+#: checkpoint write (torch.save of step_*.pt) or the N-th copy to last.pt/best.pt, leaving a half-written file.
+_FAULTY_TRAIN = r"""
+import os, shutil, signal, sys
+import torch
+kind, _, at = os.environ.get("FAULT", "none:0").partition(":")
+calls = {"save": 0, "copy": 0}
+
+def _die_half_written(path):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def _wrap(name, real):
+    def f(*args, **kwargs):
+        out = real(*args, **kwargs)
+        dst = args[1] if len(args) > 1 else kwargs.get("f", kwargs.get("dst"))
+        if "checkpoints" in str(dst):  # not the preprocessing cache
+            calls[name] += 1
+            if kind == name and calls[name] == int(at):
+                _die_half_written(dst)
+        return out
+    return f
+
+torch.save = _wrap("save", torch.save)
+shutil.copyfile = _wrap("copy", shutil.copyfile)
+from anatomical_embedding.cli.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _train_proc(args: list[str], fault: str = "none:0"):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FAULT": fault}
+    return subprocess.Popen([sys.executable, "-c", _FAULTY_TRAIN, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace")
+
+
+def _finish(proc, timeout: float = 120) -> tuple[int, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+def _all_readable(run: Path) -> None:
+    ck = run / "checkpoints"
+    assert not list(ck.glob(".*")), "half-written temporaries left behind"
+    for p in ck.glob("*.pt"):
+        load_checkpoint(p)  # raises for an unreadable checkpoint
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_then_resume_is_bit_identical(small_data, tmp_path):
+    """SIGKILL during a checkpoint save, during the copy to last.pt, or at a random moment, then --resume -> weights bit-identical to the uninterrupted run, and every checkpoint readable."""
+    import random
+    import signal
+    import time
+
+    sets = []
+    for s in SMALL + ["train.max_steps=6", "train.ckpt_every=2", "train.keep_last=2", "train.deterministic=true"]:
+        sets += ["--set", s]
+    new = ["--method", "aefm", "--data", str(small_data)]
+    resume = ["--data", str(small_data), "--resume"]
+    rng = random.Random(21)
+    ref = tmp_path / "ref"
+    chain = tmp_path / "chain"
+    timed = tmp_path / "timed"
+    procs = {"ref": _train_proc([*new, "--out", str(ref), *sets]),
+             # Killed half-way through the 2nd or 3rd checkpoint save, then half-way through a later copy to last.pt.
+             "chain": _train_proc([*new, "--out", str(chain), *sets], f"save:{rng.randint(2, 3)}"),
+             "timed": _train_proc([*new, "--out", str(timed), *sets])}
+    # The timed run: SIGKILL at a random moment after its first checkpoint (before it, there is nothing to resume).
+    for line in procs["timed"].stdout:
+        if '"event": "checkpoint"' in line:
+            time.sleep(rng.uniform(0.0, 1.0))
+            procs["timed"].send_signal(signal.SIGKILL)
+            break
+    for name in ("ref", "chain", "timed"):
+        code, err = _finish(procs[name])
+        assert code == (0 if name == "ref" else -signal.SIGKILL) or (name == "timed" and code == 0), (name, err[-2000:])
+    code, err = _finish(_train_proc([*resume, "--out", str(chain)], f"copy:{rng.randint(1, 2)}"))
+    assert code == -signal.SIGKILL, err[-2000:]
+    for run in (chain, timed):
+        code, err = _finish(_train_proc([*resume, "--out", str(run)]))
+        assert code == 0, err[-2000:]
+    expected = load_checkpoint(ref / "checkpoints" / "last.pt")
+    for run in (chain, timed):
+        got = load_checkpoint(run / "checkpoints" / "last.pt")
+        assert got["step"] == 6 and _same_weights(got["model"], expected["model"]), run.name
+        _all_readable(run)

@@ -34,6 +34,7 @@ import numpy as np
 
 from anatomical_embedding.inference.backends import EmbeddingModel
 from anatomical_embedding.io import Volume, check_finite, reorient_to_canonical, resample_to_spacing
+from anatomical_embedding.io.intensity import intensity_warnings
 
 log = logging.getLogger(__name__)
 
@@ -563,6 +564,8 @@ def embed_volume(model: EmbeddingModel, volume: Volume, cache: EmbeddingCache | 
     """Embed ``volume``: coarse map for the whole volume (from the cache when possible), fine on demand."""
     config = config or EmbedConfig()
     check_finite(volume, "image")  # volumes handed over directly (viewer, API) skip read_image's check
+    for reason in intensity_warnings(volume.array, model.preset()):
+        log.warning("%s; matches and segmentations will be unreliable", reason)
     prepared, start, size = prepare_volume(model, volume, config)
     key = cache_key(image_hash(volume), model, config)
     coarse = cache.load_coarse(key) if cache is not None else None

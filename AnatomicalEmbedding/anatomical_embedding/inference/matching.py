@@ -179,6 +179,13 @@ class Matcher:
             if fallback:
                 raw.low_confidence, raw.method = True, "raw-fallback"
             out.append(PointMatch(raw, corrected, name))
+        if out and not has_structure(self.target):
+            # Cosines on a constant image are meaningless however high they are.
+            log.warning("the target image has no structure (constant intensities): every match is flagged low confidence")
+            for r in out:
+                for m in (r.raw, r.corrected):
+                    if m is not None:
+                        m.low_confidence = True
         return out
 
     def heatmap(self, point: np.ndarray, reference: Volume | None = None, frame: Frame = "LPS") -> Volume:
@@ -235,6 +242,13 @@ class Matcher:
             m.confidence = float(np.exp(-m.fb_distance_mm ** 2 / (2 * sigma ** 2)) * max(m.similarity, 0.0))
             m.low_confidence = m.confidence < self.config.low_confidence
         return m
+
+
+def has_structure(emb: VolumeEmbedding) -> bool:
+    """False when the image's valid region is constant after the intensity preset (e.g. all zeros)."""
+    a, b = emb.valid_start, emb.valid_start + emb.valid_size
+    region = emb.prepared.array[a[2]:b[2], a[1]:b[1], a[0]:b[0]]
+    return bool(region.size) and float(np.ptp(region)) > 1e-6
 
 
 def _ball_mask(emb: VolumeEmbedding, ijk: np.ndarray, centre: np.ndarray, radius_mm: float) -> np.ndarray:

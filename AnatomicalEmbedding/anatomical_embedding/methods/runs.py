@@ -147,6 +147,8 @@ def load_resume_checkpoint(folder: Path) -> tuple[Path, dict]:
 
     last = Path(folder) / "last.pt"
     try:
+        if not last.is_file():  # killed between the first step_*.pt and its copy to last.pt
+            raise CorruptCheckpoint(f"checkpoint {last} is missing")
         return last, _read_checkpoint(last)
     except CorruptCheckpoint as exc:
         intact = newest_intact_checkpoint(Path(folder), exclude=last)

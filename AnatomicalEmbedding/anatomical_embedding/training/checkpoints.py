@@ -83,7 +83,7 @@ class CheckpointManager:
         return n
 
     def has_checkpoint(self) -> bool:
-        return (self.dir / "last.pt").is_file()
+        return (self.dir / "last.pt").is_file() or any(STEP_RE.match(p.name) for p in self.dir.glob("step_*.pt"))
 
 
 def load_embedder_from_run(run_dir: str | Path, checkpoint: str = "last", device: str = "cpu"):
