@@ -126,9 +126,11 @@ def test_cache_refuses_non_finite_maps(tmp_path):
     ("train.max_steps=-5", "train.max_steps=-5 is out of range; valid: >= 0"),
     ("train.batch_size=0", "train.batch_size=0 is out of range; valid: >= 1"),
     ("train.ckpt_every=0", "train.ckpt_every=0 is out of range; valid: >= 1"),
+    ("method.n_pos=0", "method.n_pos=0 is out of range; valid: >= 1"),
+    ("method.patch_size=[64,0,64]", "method.patch_size=0 is out of range; valid: >= 16"),
 ])
 def test_invalid_train_settings_are_refused_before_training(setting, text, tmp_path, capsys):
-    """--set train.max_steps=-5, train.batch_size=0, train.ckpt_every=0 -> exit 2 naming the setting, its value and the valid range, before any step."""
+    """--set train.max_steps=-5, train.batch_size=0, train.ckpt_every=0, method.n_pos=0 -> exit 2 naming the setting, its value and the valid range, before any step."""
     out = tmp_path / "run"
     assert main(["train", "--method", "aefm", "--data", str(tmp_path / "nowhere"), "--out", str(out),
                  "--set", setting]) == 2
