@@ -48,7 +48,7 @@ class PriorConfig:
     # Sanity limits: a fit outside them is degenerate (e.g. a weak model's few look-alike matches), and a
     # search ball around its predictions can miss the target altogether; the matcher then matches raw.
     #: Fewest RANSAC inliers for an accepted fit.
-    min_inliers: int = 12
+    min_inliers: int = 8
     #: Smallest share of the stable points that must be inliers.
     min_inlier_fraction: float = 0.2
     #: Accepted range of the affine's singular values (scale per direction) and of its determinant.
