@@ -156,7 +156,7 @@ def write_matches(path: Path, names: list[str], matches, overwrite: bool = False
 
 def _match(args: argparse.Namespace) -> int:
     from anatomical_embedding.inference.embedding import embed_volume
-    from anatomical_embedding.io import convert_points, read_image, write_image
+    from anatomical_embedding.io import convert_points, read_image
     from anatomical_embedding.io.images import IMAGE_SUFFIXES
     from anatomical_embedding.io.markups import POINT_SUFFIXES
     from anatomical_embedding.io.outputs import OutputSet, check_outputs
