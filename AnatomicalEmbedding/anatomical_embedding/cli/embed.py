@@ -15,18 +15,22 @@ from pathlib import Path
 
 import numpy as np
 
+from anatomical_embedding.cli.options import add_backend_arg, backend_name
+
 log = logging.getLogger(__name__)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="a .aemodel package (ONNX Runtime) or a training run directory (torch); default: "
                    "the shipped default model for the image's modality (CT if it holds air in HU, else MR)")
-    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch"])
+    add_backend_arg(p)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--cache", default=None, help="embedding cache folder (default $ANATOMICAL_EMBEDDING_CACHE "
                    "or ~/.cache/anatomical-embedding)")
     p.add_argument("--cache-budget-gb", type=float, default=4.0, help="cache size budget (LRU eviction)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+    p.add_argument("--replace-nonfinite", action="store_true",
+                   help="set NaN/infinite voxels to the image minimum (default: refuse such images)")
 
 
 def register(subparsers) -> None:
@@ -63,12 +67,19 @@ def register(subparsers) -> None:
     x.set_defaults(func=_export)
 
 
+def _check_model_args(args) -> None:
+    """Numeric arguments, checked before any file is read."""
+    from anatomical_embedding.io.settings import in_range
+
+    in_range(args.cache_budget_gb, "--cache-budget-gb", 0.0)
+
+
 def _open(args, image):
     from anatomical_embedding.inference.backends import open_model
     from anatomical_embedding.inference.defaults import resolve_model
     from anatomical_embedding.inference.embedding import EmbeddingCache
 
-    model = open_model(resolve_model(args.model, image.array), backend=args.backend, device=args.device)
+    model = open_model(resolve_model(args.model, image.array), backend=backend_name(args.backend), device=args.device)
     cache = None if args.no_cache else EmbeddingCache(args.cache, int(args.cache_budget_gb * 2**30))
     return model, cache
 
@@ -76,8 +87,11 @@ def _open(args, image):
 def _embed(args: argparse.Namespace) -> int:
     from anatomical_embedding.inference.embedding import embed_volume
     from anatomical_embedding.io import atomic_write, read_image
+    from anatomical_embedding.io.outputs import check_outputs
 
-    vol = read_image(args.image)
+    _check_model_args(args)
+    check_outputs([(args.out, "--out", (".npz",))], args.overwrite)
+    vol = read_image(args.image, replace_nonfinite=args.replace_nonfinite)
     model, cache = _open(args, vol)
     t0 = time.perf_counter()
     emb = embed_volume(model, vol, cache)
@@ -87,8 +101,6 @@ def _embed(args: argparse.Namespace) -> int:
         print(f"cache entry {emb.key} in {cache.root} ({cache.size_bytes(emb.key) / 2**20:.1f} MB)")
     if args.out:
         out = Path(args.out)
-        if out.suffix != ".npz":
-            raise ValueError(f"--out must end in .npz, got {out.name}")
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
@@ -146,10 +158,18 @@ def write_matches(path: Path, names: list[str], matches, overwrite: bool = False
 
 def _match(args: argparse.Namespace) -> int:
     from anatomical_embedding.inference.embedding import embed_volume
-    from anatomical_embedding.io import convert_points, read_image, write_image
+    from anatomical_embedding.io import convert_points, read_image
+    from anatomical_embedding.io.images import IMAGE_SUFFIXES
+    from anatomical_embedding.io.markups import POINT_SUFFIXES
+    from anatomical_embedding.io.outputs import OutputSet, check_outputs
+    from anatomical_embedding.io.settings import in_range
     from anatomical_embedding.inference.matching import MatchConfig, Matcher
     from anatomical_embedding.inference.prior import PriorConfig
 
+    _check_model_args(args)
+    in_range(args.top_k, "--top-k", 1)
+    outputs = check_outputs([(args.out, "--out", POINT_SUFFIXES), (args.report, "--report", (".json",)),
+                             (args.heatmap, "--heatmap", IMAGE_SUFFIXES)], args.overwrite)
     if args.point:
         pts = np.array([_parse_point(p) for p in args.point])
         names = [f"P-{n + 1}" for n in range(len(pts))]
@@ -159,9 +179,8 @@ def _match(args: argparse.Namespace) -> int:
 
         pl = read_points(args.points)
         pts, names, frame = np.asarray(pl.points_lps), list(pl.names), "LPS"
-    if args.out and Path(args.out).exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out} exists; choose another --out or pass --overwrite")
-    source, target = read_image(args.source), read_image(args.target)
+    source = read_image(args.source, replace_nonfinite=args.replace_nonfinite)
+    target = read_image(args.target, replace_nonfinite=args.replace_nonfinite)
     model, cache = _open(args, source)
     t0 = time.perf_counter()
     src = embed_volume(model, source, cache)
@@ -180,6 +199,14 @@ def _match(args: argparse.Namespace) -> int:
         flag = "  LOW" if f.low_confidence else ""
         print(f"{r.name:<12} {np.array2string(p, precision=2, separator=', '):<34} {f.similarity:6.3f} "
               f"{(f.confidence or 0):6.3f} {(f.fb_distance_mm or 0):7.2f}  {f.method}{flag}")
+    with OutputSet(outputs):  # all outputs or none
+        _write_match_outputs(args, names, results, matcher, model, show)
+    return 0
+
+
+def _write_match_outputs(args: argparse.Namespace, names: list[str], results, matcher, model, show: str) -> None:
+    from anatomical_embedding.io import write_image
+
     if args.out:
         out = write_matches(Path(args.out), names, results, overwrite=args.overwrite)
         print(f"wrote {out}")
@@ -195,13 +222,15 @@ def _match(args: argparse.Namespace) -> int:
         hm = matcher.heatmap(results[0].raw.query_lps)
         write_image(hm, args.heatmap, overwrite=args.overwrite)
         print(f"wrote heatmap for {results[0].name} to {args.heatmap}")
-    return 0
 
 
 def _export(args: argparse.Namespace) -> int:
     from anatomical_embedding.inference.export import export_run, verify_parity
     from anatomical_embedding.training.checkpoints import load_embedder_from_run
 
+    from anatomical_embedding.io.outputs import check_outputs
+
+    check_outputs([(args.out, "--out", (".aemodel",))], args.overwrite)
     out = export_run(args.run, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite, opset=args.opset)
     embedder, _ = load_embedder_from_run(args.run, checkpoint=args.checkpoint, device="cpu")
     diff = verify_parity(out, embedder)

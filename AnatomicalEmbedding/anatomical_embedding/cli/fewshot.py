@@ -6,7 +6,13 @@ import json
 import sys
 from pathlib import Path
 
+from anatomical_embedding.cli.options import add_backend_arg, backend_name
 from anatomical_embedding.fewshot.head import FewShotConfig, FewShotHead, apply_head, train_head
+from anatomical_embedding.io.images import IMAGE_SUFFIXES
+from anatomical_embedding.io.outputs import check_outputs
+
+#: What ``fewshot apply --out`` can write (io.labelmaps.write_labelmap).
+LABELMAP_SUFFIXES = (".seg.nrrd", *IMAGE_SUFFIXES)
 
 
 def _progress_bar(desc: str):
@@ -25,21 +31,24 @@ def _progress_bar(desc: str):
 def _open(model_path: str, backend: str):
     from anatomical_embedding.inference.backends import open_model
 
-    return open_model(model_path, backend=backend)
+    return open_model(model_path, backend=backend_name(backend))
 
 
 def _train(args: argparse.Namespace) -> int:
-    from anatomical_embedding.io.labelmaps import read_labelmap
     from anatomical_embedding.io import read_image
+    from anatomical_embedding.io.labelmaps import check_label_map, read_labelmap
+    from anatomical_embedding.io.settings import in_range
 
+    in_range(args.hidden, "--hidden", 0)
+    in_range(args.voxels_per_class, "--voxels-per-class", 1)
     if len(args.images) != len(args.labels):
         raise ValueError(f"{len(args.images)} images but {len(args.labels)} label maps; give one label map per image")
-    if Path(args.out).exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out} exists; choose another --out or pass --overwrite")
+    check_outputs([(args.out, "--out", (".aehead",))], args.overwrite)
     images, labels, names = [], [], {}
     for img, lab in zip(args.images, args.labels):
-        images.append(read_image(img))
+        images.append(read_image(img, replace_nonfinite=args.replace_nonfinite))
         vol, lab_names = read_labelmap(lab)
+        check_label_map(images[-1], vol, lab)
         labels.append(vol)
         for v, n in lab_names.items():
             if names.setdefault(v, n) != n:
@@ -68,14 +77,16 @@ def _apply(args: argparse.Namespace) -> int:
     from anatomical_embedding.io import read_image
     from anatomical_embedding.io.labelmaps import write_labelmap
 
+    check_outputs([(args.out, "--out", LABELMAP_SUFFIXES)], args.overwrite)
     head = FewShotHead.load(args.head)
     model_path = args.model or head.history.get("model_path")
     if not model_path:
         raise ValueError("the head does not record its model; pass --model")
+    image = read_image(args.image, replace_nonfinite=args.replace_nonfinite)
     model = _open(model_path, args.backend)
     bar, update = _progress_bar("segmenting")
     try:
-        seg = apply_head(model, head, read_image(args.image), postprocess_components=not args.no_postprocess,
+        seg = apply_head(model, head, image, postprocess_components=not args.no_postprocess,
                          progress=update)
     finally:
         bar.close()
@@ -118,13 +129,14 @@ def register(subparsers) -> None:
     t.add_argument("--labels", nargs="+", required=True,
                    help="label maps in the same order (.seg.nrrd, or label images with a .labels.json names file)")
     t.add_argument("--out", required=True, help="head file to write (.aehead)")
-    t.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"])
+    add_backend_arg(t)
     t.add_argument("--hidden", type=int, default=FewShotConfig.hidden, help="hidden width; 0 = a single linear layer, the HDSSL paper's linear evaluation (default: %(default)s)")
     t.add_argument("--no-intensity", action="store_true", help="do not feed the image intensity to the head")
     t.add_argument("--no-coarse", action="store_true", help="do not feed the coarse embedding to the head")
     t.add_argument("--voxels-per-class", type=int, default=FewShotConfig.voxels_per_class,
                    help="class-balanced samples per class and case (default: %(default)s)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--replace-nonfinite", action="store_true", help="set NaN/infinite voxels to the image minimum")
     t.add_argument("--overwrite", action="store_true")
     t.set_defaults(func=_train)
     a = sub.add_parser("apply", help="segment an image with a trained head")
@@ -132,8 +144,9 @@ def register(subparsers) -> None:
     a.add_argument("--image", required=True)
     a.add_argument("--out", required=True, help="labelmap to write (.seg.nrrd keeps names and colours for Slicer)")
     a.add_argument("--model", help="model (default: the one recorded in the head; its hash must match)")
-    a.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"])
+    add_backend_arg(a)
     a.add_argument("--no-postprocess", action="store_true", help="skip largest-component and hole filling")
+    a.add_argument("--replace-nonfinite", action="store_true", help="set NaN/infinite voxels to the image minimum")
     a.add_argument("--overwrite", action="store_true")
     a.set_defaults(func=_apply)
 

@@ -19,7 +19,8 @@ import numpy as np
 
 from anatomical_embedding.inference.embedding import replicate_flat_axes
 from anatomical_embedding.io import Volume, atomic_write, resample_like
-from anatomical_embedding.io.labelmaps import keep_largest_components
+from anatomical_embedding.io.labelmaps import check_label_map, keep_largest_components
+from anatomical_embedding.io.settings import check_ranges, ranged
 
 log = logging.getLogger(__name__)
 
@@ -38,24 +39,27 @@ class PatchEmbedder(Protocol):
 
 @dataclass
 class FewShotConfig:
-    hidden: int = 64                 # width of M_S's first layer; 0 = one linear layer (HDSSL's linear evaluation)
+    hidden: int = ranged(64, 0)                # width of M_S's first layer; 0 = one linear layer (HDSSL's linear evaluation)
     use_intensity: bool = True       # append the preprocessed intensity to the embedding
     use_coarse: bool = True          # append the up-sampled coarse (global) embedding
-    voxels_per_class: int = 3000     # class-balanced samples per class and case
-    boundary_fraction: float = 0.3   # share of each class's samples taken at its border
-    val_fraction: float = 0.2        # held-out voxel split for early stopping
+    voxels_per_class: int = ranged(3000, 1)    # class-balanced samples per class and case
+    boundary_fraction: float = ranged(0.3, 0.0, 1.0)  # share of each class's samples taken at its border
+    val_fraction: float = ranged(0.2, 0.0, 0.9)       # held-out voxel split for early stopping
     # Measured on 5 phantom cases (bench_fewshot): 200 epochs with patience 15 never stopped early and took
     # 81 s for Dice 0.616; 100 epochs with patience 5 stopped at epoch 86 after 24 s with Dice 0.615.
-    epochs: int = 100
-    patience: int = 5
-    batch_size: int = 2048
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
+    epochs: int = ranged(100, 1)
+    patience: int = ranged(5, 1)
+    batch_size: int = ranged(2048, 1)
+    lr: float = ranged(3e-3, 0.0)
+    weight_decay: float = ranged(1e-4, 0.0)
     # Tile side (voxels, model grid) for walking a volume. Large enough that a whole phantom or a 5 mm
     # CT is one tile (each tile's margin is embedded twice), small enough to bound memory on a 1 mm CT.
-    tile: int = 96
-    margin: int = 8                  # context around each tile's core
-    seed: int = 0
+    tile: int = ranged(96, 8)
+    margin: int = ranged(8, 0)                 # context around each tile's core
+    seed: int = ranged(0, 0)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "")
 
 
 # ---- feature extraction in tiles --------------------------------------------------------------
@@ -391,6 +395,8 @@ def train_head(model: PatchEmbedder, images: Sequence[Volume], labels: Sequence[
     config = config or FewShotConfig()
     if len(images) != len(labels) or not images:
         raise ValueError(f"need the same positive number of images and label maps, got {len(images)} and {len(labels)}")
+    for n, (image, label) in enumerate(zip(images, labels)):  # all cases before any embedding work
+        check_label_map(image, label, f"#{n + 1}")
     t0 = time.perf_counter()
     samples = []
     for n, (image, label) in enumerate(zip(images, labels)):

@@ -32,6 +32,33 @@ PACKAGE_SUFFIX = ".aemodel"
 CARD_NAME = "card.json"
 ONNX_NAME = "model.onnx"
 COARSE_ONNX_NAME = "coarse.onnx"
+#: Member holding the sha256 of every other member, so an edited card is caught without the sidecar.
+INTEGRITY_NAME = "integrity.json"
+
+
+def integrity_record(members: dict[str, bytes]) -> bytes:
+    """The ``integrity.json`` bytes for a package's members (names -> sha256, plus one digest over all)."""
+    hashes = {n: sha256_bytes(d) for n, d in sorted(members.items()) if n != INTEGRITY_NAME}
+    overall = sha256_bytes(json.dumps(hashes, sort_keys=True).encode())
+    return json.dumps({"format": 1, "members": hashes, "sha256": overall}, indent=1, sort_keys=True).encode()
+
+
+def verify_integrity(path: Path, members: dict[str, bytes]) -> None:
+    """ValueError when the package's members differ from its ``integrity.json`` (older packages: a warning)."""
+    if INTEGRITY_NAME not in members:
+        log.warning("model package %s has no %s (exported by an older version): edits to its card cannot be "
+                    "detected without the .sha256 sidecar; re-export it", path, INTEGRITY_NAME)
+        return
+    try:
+        record = json.loads(members[INTEGRITY_NAME].decode("utf-8"))
+        expected = dict(record["members"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"model package {path} has an unreadable {INTEGRITY_NAME} ({exc}); re-export it") from None
+    actual = {n: sha256_bytes(d) for n, d in members.items() if n != INTEGRITY_NAME}
+    changed = sorted(n for n in set(expected) | set(actual) if expected.get(n) != actual.get(n))
+    if changed or record.get("sha256") != sha256_bytes(json.dumps(expected, sort_keys=True).encode()):
+        raise ValueError(f"model package {path}: member(s) {', '.join(changed) or INTEGRITY_NAME} do not match "
+                         f"the package's {INTEGRITY_NAME}; the package was modified or damaged: re-export it")
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -109,8 +136,9 @@ class EmbeddingModel:
 def read_package(path: str | os.PathLike) -> tuple[dict, dict[str, bytes]]:
     """Read and verify a ``.aemodel`` package; returns (card, {member name: ONNX bytes}).
 
-    Verification: the zip's CRCs (damage), the card's ``onnx_sha256`` against the ONNX bytes, and, when the
-    sidecar ``<package>.sha256`` exists, the sha256 of the whole package file (see :mod:`export`).
+    Verification: the zip's CRCs (damage), ``integrity.json`` (the sha256 of every member, card included),
+    the card's ``onnx_sha256`` against the ONNX bytes, and, when the sidecar ``<package>.sha256`` exists,
+    the sha256 of the whole package file (see :mod:`export`).
     """
     path = Path(path)
     if not path.is_file():
@@ -134,10 +162,12 @@ def read_package(path: str | os.PathLike) -> tuple[dict, dict[str, bytes]]:
             for needed in (CARD_NAME, ONNX_NAME):
                 if needed not in names:
                     raise ValueError(f"{path} is not an AnatomicalEmbedding model package (missing {needed})")
-            card = json.loads(zf.read(CARD_NAME).decode("utf-8"))
-            members = {ONNX_NAME: zf.read(ONNX_NAME)}
+            everything = {n: zf.read(n) for n in names}
+            verify_integrity(path, everything)
+            card = json.loads(everything[CARD_NAME].decode("utf-8"))
+            members = {ONNX_NAME: everything[ONNX_NAME]}
             if COARSE_ONNX_NAME in names:
-                members[COARSE_ONNX_NAME] = zf.read(COARSE_ONNX_NAME)
+                members[COARSE_ONNX_NAME] = everything[COARSE_ONNX_NAME]
     except zipfile.BadZipFile as exc:
         raise ValueError(f"{path} is not a valid model package (bad zip: {exc}); re-export it") from exc
     except json.JSONDecodeError as exc:

@@ -33,7 +33,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from anatomical_embedding.inference.backends import EmbeddingModel
-from anatomical_embedding.io import Volume, reorient_to_canonical, resample_to_spacing
+from anatomical_embedding.io import Volume, check_finite, reorient_to_canonical, resample_to_spacing
+from anatomical_embedding.io.intensity import intensity_warnings
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,9 @@ class EmbeddingCache:
         except (OSError, ValueError) as exc:  # a truncated file from a killed process: recompute
             log.warning("ignoring unreadable cache file %s (%s)", path, exc)
             return None
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():  # written by an older version
+            log.warning("ignoring non-finite cache file %s", path)
+            return None
         self._touch(path)
         return arr
 
@@ -127,6 +131,8 @@ class EmbeddingCache:
         return self._load(self.entry_dir(key) / "coarse.npy")
 
     def save_coarse(self, key: str, coarse: np.ndarray, meta: dict) -> None:
+        if not np.isfinite(coarse).all():  # a poisoned entry would be served to every later run
+            raise ValueError(f"refusing to cache a non-finite coarse map ({key[:12]})")
         d = self.entry_dir(key)
         d.mkdir(parents=True, exist_ok=True)
         (d / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
@@ -140,6 +146,9 @@ class EmbeddingCache:
         return (self.entry_dir(key) / "fine" / ("%d_%d_%d.npy" % tuple(tile))).is_file()
 
     def save_tile(self, key: str, tile: Sequence[int], block: np.ndarray) -> None:
+        if not np.isfinite(block).all():
+            log.warning("not caching a non-finite fine tile %s of %s", tuple(tile), key[:12])
+            return
         self._save(self.entry_dir(key) / "fine" / ("%d_%d_%d.npy" % tuple(tile)), block.astype(np.float16))
         if self._writes % 64 == 0:
             self.evict()
@@ -612,6 +621,9 @@ def embed_volume(model: EmbeddingModel, volume: Volume, cache: EmbeddingCache | 
                  config: EmbedConfig | None = None) -> VolumeEmbedding:
     """Embed ``volume``: coarse map for the whole volume (from the cache when possible), fine on demand."""
     config = config or EmbedConfig()
+    check_finite(volume, "image")  # volumes handed over directly (viewer, API) skip read_image's check
+    for reason in intensity_warnings(volume.array, model.preset()):
+        log.warning("%s; matches and segmentations will be unreliable", reason)
     prepared, start, size = prepare_volume(model, volume, config)
     key = cache_key(image_hash(volume), model, config)
     coarse = cache.load_coarse(key) if cache is not None else None
@@ -625,6 +637,9 @@ def embed_volume(model: EmbeddingModel, volume: Volume, cache: EmbeddingCache | 
         window = np.asarray(config.window or model.patch_size, dtype=int)
         window = -(-window // model.size_multiple) * model.size_multiple
         coarse = sliding_window_coarse(model, prepared.array, window[::-1], config.overlap, config.sigma_scale)
+        if not np.isfinite(coarse).all():
+            raise ValueError(f"the model produced {int((~np.isfinite(coarse)).sum())} non-finite embedding values "
+                             f"for a finite image; the model is broken (not cached)")
         if cache is not None:
             cache.save_coarse(key, coarse, {
                 "model_hash": model.model_hash, "backend": model.backend, "spacing": model.spacing.tolist(),

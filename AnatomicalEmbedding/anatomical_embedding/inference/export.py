@@ -8,12 +8,13 @@ Package layout (a zip, members stored uncompressed so they can be read quickly):
                          step, opset, onnx_sha256 (of model.onnx), coarse_onnx_sha256 (of coarse.onnx)
       model.onnx         input "image" (1, 1, k, j, i) float32 -> outputs "coarse", "fine"; dynamic k, j, i
       coarse.onnx        optional: the same network pruned to the coarse output (whole-volume pass is cheaper)
+      integrity.json     sha256 of every other member (card.json included) and one digest over them
     MODEL.aemodel.sha256 sidecar: "<sha256 of the whole .aemodel>  MODEL.aemodel" (sha256sum format)
 
 Verification (:func:`backends.read_package`): the card's hashes are checked against the ONNX members on every
-load (a damaged or swapped network is refused); the zip CRCs catch damage elsewhere; a package hash cannot sit
-inside the file it hashes, so it goes to the sidecar, checked whenever the sidecar is present (a card edited
-after export is then refused too). ``model_hash`` (the cache key) is the ONNX sha256.
+load (a damaged or swapped network is refused); the zip CRCs catch damage elsewhere; ``integrity.json``
+catches an edited card even without the sidecar; the hash of the whole file cannot sit inside the file it
+hashes, so it goes to the sidecar, checked whenever the sidecar is present. ``model_hash`` (the cache key) is the ONNX sha256.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from anatomical_embedding.inference.backends import CARD_NAME, ONNX_NAME, card_from_embedder, sha256_bytes, sha256_file
+from anatomical_embedding.inference.backends import (CARD_NAME, INTEGRITY_NAME, ONNX_NAME, card_from_embedder,
+                                                     integrity_record, sha256_bytes, sha256_file)
 from anatomical_embedding.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -106,10 +108,13 @@ def export_embedder(embedder: Any, info: dict | None, out: str | os.PathLike, ov
 def write_package(out: Path, card: dict, members: dict[str, bytes], overwrite: bool = False) -> str:
     """Write the package zip (card + ONNX members) atomically and its ``.sha256`` sidecar; returns the digest."""
 
+    contents = {CARD_NAME: json.dumps(card, indent=1, sort_keys=True).encode("utf-8"),
+                **{n: d for n, d in members.items() if n not in (CARD_NAME, INTEGRITY_NAME)}}
+    contents[INTEGRITY_NAME] = integrity_record(contents)
+
     def write(tmp: Path) -> None:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-            zf.writestr(CARD_NAME, json.dumps(card, indent=1, sort_keys=True))
-            for name, data in members.items():
+            for name, data in contents.items():
                 zf.writestr(name, data)
 
     atomic_write(out, write, overwrite=overwrite)

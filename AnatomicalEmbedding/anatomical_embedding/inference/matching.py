@@ -33,27 +33,37 @@ from scipy import ndimage
 
 from anatomical_embedding.inference.embedding import VolumeEmbedding, normalise, trilinear, upsample_linear
 from anatomical_embedding.io import Frame, Volume, convert_points, resample_like
+from anatomical_embedding.io.settings import check_ranges, in_range, ranged
 from anatomical_embedding.inference.prior import PriorConfig, RobustPrior, fit_prior, parabolic_peak
 
 log = logging.getLogger(__name__)
 
 
+class NoMatchInRegion(ValueError):
+    """The prior's search region holds no valid position (the matcher then falls back to the raw match)."""
+
+
 @dataclass(frozen=True)
 class MatchConfig:
-    top_k: int = 3
+    top_k: int = ranged(3, 1)
     #: Coarse similarity is evaluated on a grid this many times finer than the coarse map.
-    coarse_upsample: int = 2
+    coarse_upsample: int = ranged(2, 1)
     #: Half-size of the fine search box around each coarse candidate in voxels; ``None``: 3/4 of the coarse stride.
     fine_radius: int | None = None
     subvoxel: bool = True
     forward_backward: bool = True
     #: Forward-backward sigma in mm; ``None``: half a coarse cell (stride/2 x largest model spacing).
     fb_sigma_mm: float | None = None
-    low_confidence: float = 0.5
+    low_confidence: float = ranged(0.5, 0.0, 1.0)
     #: Coarse candidates of the backward search (over the whole source; the query is never a seed).
-    fb_top_k: int = 1
+    fb_top_k: int = ranged(1, 1)
     #: Coarse candidates inside the prior's search ball (its prediction is always added as a seed).
-    prior_top_k: int = 1
+    prior_top_k: int = ranged(1, 1)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "")
+        if self.fine_radius is not None:
+            in_range(self.fine_radius, "fine_radius", 1)
 
 
 @dataclass
@@ -158,12 +168,27 @@ class Matcher:
         prior = self.prior if use_prior else None
         out = []
         for n, (p, q) in enumerate(zip(pts, ijk)):
-            corrected = None
+            name = names[n] if names else f"P-{n + 1}"
+            corrected, fallback = None, False
             if prior is not None:
-                corrected = self._match_one(p, q, prior)
-                corrected.method = "prior"
+                try:
+                    corrected = self._match_one(p, q, prior)
+                    corrected.method = "prior"
+                except NoMatchInRegion as exc:
+                    # One hopeless point must not abort the batch: keep its raw match, flagged.
+                    log.warning("%s: %s; using its raw match (low confidence)", name, exc)
+                    fallback = True
             raw = self._match_one(p, q, None) if (with_raw or corrected is None) else corrected
-            out.append(PointMatch(raw, corrected, names[n] if names else f"P-{n + 1}"))
+            if fallback:
+                raw.low_confidence, raw.method = True, "raw-fallback"
+            out.append(PointMatch(raw, corrected, name))
+        if out and not has_structure(self.target):
+            # Cosines on a constant image are meaningless however high they are.
+            log.warning("the target image has no structure (constant intensities): every match is flagged low confidence")
+            for r in out:
+                for m in (r.raw, r.corrected):
+                    if m is not None:
+                        m.low_confidence = True
         return out
 
     def heatmap(self, point: np.ndarray, reference: Volume | None = None, frame: Frame = "LPS") -> Volume:
@@ -218,6 +243,13 @@ class Matcher:
         return m
 
 
+def has_structure(emb: VolumeEmbedding) -> bool:
+    """False when the image's valid region is constant after the intensity preset (e.g. all zeros)."""
+    a, b = emb.valid_start, emb.valid_start + emb.valid_size
+    region = emb.prepared.array[a[2]:b[2], a[1]:b[1], a[0]:b[0]]
+    return bool(region.size) and float(np.ptp(region)) > 1e-6
+
+
 def _ball_mask(emb: VolumeEmbedding, ijk: np.ndarray, centre: np.ndarray, radius_mm: float) -> np.ndarray:
     d = (ijk - centre) * emb.prepared.spacing
     return np.linalg.norm(d, axis=-1) <= radius_mm
@@ -238,7 +270,9 @@ def search(target: VolumeEmbedding, qc: np.ndarray, qf: np.ndarray, config: Matc
     candidates += [np.asarray(c, dtype=np.float64) for c in seeds]
     s = target.stride
     if not candidates:
-        raise ValueError("no valid search region in the target (is the prior outside the target image?)")
+        if centre_ijk is not None:
+            raise NoMatchInRegion("the prior's search region lies outside the target image")
+        raise ValueError("no valid search position in the image searched (its embedding has no valid cell)")
     r = config.fine_radius if config.fine_radius is not None else max(1, s // 2 + s // 4)
     best: _Search | None = None
     for cand in candidates:
@@ -260,7 +294,7 @@ def search(target: VolumeEmbedding, qc: np.ndarray, qf: np.ndarray, config: Matc
             continue
         best = _Search(vox[b].copy(), float(score[b]), float(sim_cv[b]), float(sim_f[b]))
     if best is None:
-        raise ValueError("no valid match found inside the search region")
+        raise NoMatchInRegion("no valid match found inside the search region")
     if config.subvoxel:
         best = refine_subvoxel(target, qc, qf, best)
     return best

@@ -49,6 +49,14 @@ class PriorConfig:
     #: Foreground: coarse cells whose mean prepared intensity exceeds background by this fraction of the range.
     foreground_fraction: float = 0.05
     seed: int = 0
+    # Sanity limits: a fit outside them is degenerate (e.g. a weak model's few look-alike matches), and a
+    # search ball around its predictions can miss the target altogether; the matcher then matches raw.
+    #: Fewest RANSAC inliers for an accepted fit.
+    min_inliers: int = 8
+    #: Smallest share of the stable points that must be inliers.
+    min_inlier_fraction: float = 0.2
+    #: Accepted range of the affine's singular values (scale per direction) and of its determinant.
+    scale_range: tuple[float, float] = (0.6, 1.6)
 
 
 @dataclass
@@ -231,6 +239,26 @@ def heldout_rms(src: np.ndarray, dst: np.ndarray, config: PriorConfig, rng: np.r
     return float(np.sqrt(np.mean(np.sum(resid ** 2, axis=1))))
 
 
+def check_fit(affine: np.ndarray, n_inliers: int, n_stable: int, config: PriorConfig) -> None:
+    """ValueError (the matcher then falls back to raw matching) for a fit that cannot be trusted."""
+    lo, hi = config.scale_range
+    scales = np.linalg.svd(affine[:3, :3], compute_uv=False)
+    det = float(np.linalg.det(affine[:3, :3]))
+    problems = []
+    if n_inliers < config.min_inliers:
+        problems.append(f"{n_inliers} inliers (need {config.min_inliers})")
+    if n_stable and n_inliers / n_stable < config.min_inlier_fraction:
+        problems.append(f"inlier fraction {n_inliers / n_stable:.2f} (need {config.min_inlier_fraction})")
+    if det <= 0:
+        problems.append(f"determinant {det:.3f} (a mirroring)")
+    elif not (lo ** 3 <= det <= hi ** 3):
+        problems.append(f"determinant {det:.3f} (need {lo ** 3:.3f} to {hi ** 3:.3f})")
+    if scales.min() < lo or scales.max() > hi:
+        problems.append(f"scales {np.round(scales, 2).tolist()} (need {lo} to {hi})")
+    if problems:
+        raise ValueError(f"robust prior: degenerate fit refused ({'; '.join(problems)})")
+
+
 def fit_prior(source: VolumeEmbedding, target: VolumeEmbedding, config: PriorConfig | None = None) -> RobustPrior:
     """Fit the robust prior between two embedded volumes (raises ValueError when too few stable points)."""
     config = config or PriorConfig()
@@ -240,6 +268,7 @@ def fit_prior(source: VolumeEmbedding, target: VolumeEmbedding, config: PriorCon
         raise ValueError(f"robust prior: only {len(src)} stable points (need 8); the images may not overlap")
     threshold = config.inlier_mm or cell_mm
     m, inl = ransac_affine(src, dst, threshold, config.ransac_iterations, np.random.default_rng(config.seed))
+    check_fit(m, int(inl.sum()), len(src), config)
     resid = dst[inl] - (src[inl] @ m[:3, :3].T + m[:3, 3])
     rbf = None
     if config.deformable and inl.sum() >= 12:

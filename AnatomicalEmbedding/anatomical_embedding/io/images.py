@@ -32,11 +32,31 @@ def dicom_series_ids(folder: Path) -> list[str]:
     return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or [])
 
 
-def read_image(path: str | os.PathLike, series_id: str | None = None) -> Volume:
+def check_finite(volume: Volume, name: str, replace: bool = False) -> Volume:
+    """Refuse a volume with NaN or infinite voxels (one NaN turns every embedding window into NaN), or,
+    with ``replace``, set them to the smallest finite value (the background) with a warning."""
+    arr = np.asarray(volume.array)
+    if not np.issubdtype(arr.dtype, np.floating):
+        return volume
+    bad = ~np.isfinite(arr)
+    n = int(bad.sum())
+    if n == 0:
+        return volume
+    if not replace:
+        raise ValueError(f"{name}: {n} of {arr.size} voxels are NaN or infinite; fix the image or pass "
+                         f"--replace-nonfinite to set them to the image minimum")
+    finite = arr[~bad]
+    fill = float(finite.min()) if finite.size else 0.0
+    log.warning("%s: replaced %d NaN/infinite voxel(s) of %d by %g (--replace-nonfinite)", name, n, arr.size, fill)
+    return volume.with_array(np.where(bad, fill, arr).astype(arr.dtype))
+
+
+def read_image(path: str | os.PathLike, series_id: str | None = None, replace_nonfinite: bool = False) -> Volume:
     """Read a file or a DICOM series folder into a :class:`Volume` (LPS world frame).
 
     2D images (PNG, a single X-ray DICOM) become single-slice volumes, as Slicer shows them.
-    RGB images are converted to luminance.
+    RGB images are converted to luminance. NaN/infinite voxels are refused (ValueError counting them)
+    unless ``replace_nonfinite`` (see :func:`check_finite`).
     """
     import SimpleITK as sitk
 
@@ -66,7 +86,7 @@ def read_image(path: str | os.PathLike, series_id: str | None = None) -> Volume:
         image = 0.299 * channels[0] + 0.587 * channels[1] + 0.114 * channels[2]
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
-    return Volume.from_sitk(image)
+    return check_finite(Volume.from_sitk(image), str(path), replace_nonfinite)
 
 
 def _suffix(path: Path) -> str:
@@ -84,7 +104,7 @@ def atomic_write(path: Path, write, overwrite: bool = False) -> Path:
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; choose another name or pass overwrite=True (CLI: --overwrite)")
+        raise FileExistsError(f"{path} exists; choose another name or pass --overwrite to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes) or ".tmp"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)

@@ -71,6 +71,34 @@ PRESETS: dict[str, IntensityPreset] = {
 }
 
 
+def intensity_warnings(array: np.ndarray, preset: IntensityPreset, max_samples: int = 1_000_000) -> list[str]:
+    """Reasons to believe ``array`` is not what a model with ``preset`` expects (empty list: plausible).
+
+    A CT model expects Hounsfield units (air near -1000, a span of hundreds of HU); an 8-bit 0..255 export,
+    for instance, is windowed into nonsense and matches land a hundred mm off without any error.
+    """
+    a = np.asarray(array).ravel()
+    if a.size > max_samples:  # an even subsample is enough for percentiles
+        a = a[:: a.size // max_samples]
+    a = a[np.isfinite(a)].astype(np.float64)
+    if a.size == 0:
+        return ["the image has no finite voxels"]
+    lo, p1, p99, hi = np.percentile(a, [0, 1, 99, 100])
+    out = []
+    if hi - lo <= 1e-6 * max(1.0, abs(hi)):
+        return [f"the image is constant ({lo:g}): it has no structure to match"]
+    if preset.kind == "window":  # HU presets
+        if lo >= 0 and hi <= 255:
+            out.append(f"intensities {lo:g}..{hi:g} look like an 8-bit image, not CT in Hounsfield units "
+                       f"(expected air near -1000 HU; the model's window is {preset.lower:g}..{preset.upper:g} HU)")
+        elif p99 < preset.lower or p1 > preset.upper:
+            out.append(f"intensities (1st-99th percentile {p1:g}..{p99:g}) lie outside the model's CT window "
+                       f"{preset.lower:g}..{preset.upper:g} HU; is this CT in Hounsfield units?")
+        elif p99 - p1 < 0.02 * (preset.upper - preset.lower):
+            out.append(f"intensities barely vary inside the model's CT window (1st-99th percentile {p1:g}..{p99:g} HU)")
+    return out
+
+
 def get_preset(name_or_dict: str | dict | IntensityPreset) -> IntensityPreset:
     """Look up a preset by name, or rebuild one from a model card dictionary."""
     if isinstance(name_or_dict, IntensityPreset):

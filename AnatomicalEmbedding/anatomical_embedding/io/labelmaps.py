@@ -129,3 +129,39 @@ def keep_largest_components(labels: np.ndarray, n_classes: int) -> np.ndarray:
             mask = comp == sizes.argmax()
         out[binary_fill_holes(mask) & (out == 0)] = c
     return out
+
+
+def labelled_fraction_inside(image: Volume, label: Volume, max_points: int = 200_000) -> float:
+    """Share of the label map's labelled (non-zero) voxels whose centres lie inside ``image`` (1.0 if none)."""
+    kji = np.argwhere(np.asarray(label.array) != 0)
+    if len(kji) == 0:
+        return 1.0
+    if len(kji) > max_points:  # an even subsample is plenty for a percentage
+        kji = kji[np.linspace(0, len(kji) - 1, max_points).astype(int)]
+    ijk = image.world_to_index(label.index_to_world(kji[:, ::-1].astype(np.float64)))
+    shape = np.asarray(image.shape_ijk)
+    inside = np.all((ijk >= -0.5) & (ijk <= shape - 0.5), axis=1)
+    return float(inside.mean())
+
+
+def check_label_map(image: Volume, label: Volume, name: str, warn_below: float = 0.99) -> float:
+    """Refuse label maps that are almost certainly wrong for their image; returns the overlap fraction.
+
+    Negative values (a signed-integer mix-up) and label maps whose labelled voxels all lie outside the
+    image (another case's, or a shifted origin) raise ValueError; a partial overlap logs a warning.
+    """
+    import logging
+
+    arr = np.asarray(label.array)
+    if arr.size and arr.min() < 0:
+        raise ValueError(f"label map {name} has negative values ({int((arr < 0).sum())} voxels, minimum "
+                         f"{arr.min()}); label values must be 0 (background) or positive integers")
+    fraction = labelled_fraction_inside(image, label)
+    if fraction == 0.0:
+        raise ValueError(f"label map {name} does not overlap its image (none of its labelled voxels lies inside "
+                         f"it); check that it belongs to this image and that its origin and direction are right")
+    if fraction < warn_below:
+        logging.getLogger(__name__).warning(
+            "label map %s overlaps its image only partly: %.0f%% of its labelled voxels lie inside the image; "
+            "the rest are ignored", name, 100 * fraction)
+    return fraction

@@ -35,35 +35,36 @@ import torch.nn.functional as F
 from anatomical_embedding.losses import info_nce_in_image, info_nce_queue, region_contrastive_loss, region_means
 from anatomical_embedding.nets.aefm_unet import AEFMUNet, SegmentationHead
 from anatomical_embedding.methods.momentum import FeatureQueue, make_momentum_copy, momentum_update
+from anatomical_embedding.io.settings import ranged
 from anatomical_embedding.data.patches import PatchPairConfig, gather_points, jitter_intensity, sample_patch_pair
 from anatomical_embedding.methods.base import DataInfo, Method, StepContext, patch_min_size
 
 
 @dataclass
 class AEFMConfig:
-    widths: tuple[int, int, int, int] = (64, 128, 256, 512)
-    feature_dim: int = 64
-    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # mm along (i, j, k) (paper: 1 mm)
+    widths: tuple[int, int, int, int] = ranged((64, 128, 256, 512), 1)
+    feature_dim: int = ranged(64, 1)
+    spacing: tuple[float, float, float] = ranged((1.0, 1.0, 1.0), 1e-3)  # mm along (i, j, k) (paper: 1 mm)
     preset: str = "ct_aefm"  # CT window [-500, 750] -> [-1, 1] (paper)
-    patch_size: tuple[int, int, int] = (96, 96, 96)  # voxels along (i, j, k); multiples of 16
-    patch_scale: tuple[float, float] = (0.9, 1.1)
-    overlap: tuple[float, float] = (0.5, 1.0)
-    n_pos: int = 1000
-    n_neg: int = 100000
-    temperature: float = 0.1  # not given in the paper; MoCo-style value
-    momentum: float = 0.999
+    patch_size: tuple[int, int, int] = ranged((96, 96, 96), 16)  # voxels along (i, j, k); multiples of 16
+    patch_scale: tuple[float, float] = ranged((0.9, 1.1), 0.1, 10.0)
+    overlap: tuple[float, float] = ranged((0.5, 1.0), 0.0, 1.0)
+    n_pos: int = ranged(1000, 1)
+    n_neg: int = ranged(100000, 1)
+    temperature: float = ranged(0.1, 1e-6)  # not given in the paper; MoCo-style value
+    momentum: float = ranged(0.999, 0.0, 1.0)
     global_weight: float = 1.0
     # Our addition (off = paper): also contrast each point against the other points of its own patch pair.
     in_image_negatives: bool = False
     # Region stage (section 2.2).
-    epochs_ac: int = 500
-    epochs_region: int = 200
-    num_classes: int = 0  # 0: from the labels (max label + 1); stays 0 without labels or with epochs_region = 0
-    seg_hidden: int = 64
-    seg_momentum: float = 0.999
+    epochs_ac: int = ranged(500, 0)
+    epochs_region: int = ranged(200, 0)
+    num_classes: int = ranged(0, 0)  # 0: from the labels (max label + 1); stays 0 without labels or with epochs_region = 0
+    seg_hidden: int = ranged(64, 1)
+    seg_momentum: float = ranged(0.999, 0.0, 1.0)
     seg_weight: float = 1.0
     region_weight: float = 1.0
-    labelled_fraction: float = 0.5
+    labelled_fraction: float = ranged(0.5, 0.0, 1.0)
     # Our reading (the paper names no schedule): the region stage restarts the engine's schedule, as a
     # fine-tuning stage of its own. False = one schedule over both stages; with the cosine over 500 + 200 epochs
     # the region stage then runs at 19 % of the base rate or less (cos schedule at 500/700 = 0.188).

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from anatomical_embedding.io.settings import check_ranges
 from anatomical_embedding.methods import get_method
 
 
@@ -61,7 +62,8 @@ def build_dataclass(cls: type, values: dict, section: str) -> Any:
     if unknown:
         raise ValueError(f"unknown setting(s) {', '.join(section + '.' + u for u in unknown)}; "
                          f"valid: {', '.join(sorted(known))}")
-    return cls(**{k: _convert(v, hints[k], f"{section}.{k}") for k, v in values.items()})
+    obj = cls(**{k: _convert(v, hints[k], f"{section}.{k}") for k, v in values.items()})
+    return check_ranges(obj, section)  # fields declared with io.settings.ranged
 
 
 def plain_config(config: Any) -> dict:
@@ -89,8 +91,73 @@ def resolve_checkpoint(run_dir: str | Path, checkpoint: str = "last") -> Path:
     return path
 
 
+class CorruptCheckpoint(ValueError):
+    """A checkpoint file that cannot be read (truncated by a kill or a full disk, or damaged)."""
+
+
+def _step_files(folder: Path) -> list[Path]:
+    """``step_*.pt`` in ``folder``, newest first."""
+    return sorted((p for p in folder.glob("step_*.pt") if p.name[5:-3].isdigit()), reverse=True)
+
+
+def _read_checkpoint(path: Path, map_location="cpu") -> dict:
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # zip/pickle/EOF errors: torch gives no single type for a damaged file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CorruptCheckpoint(f"checkpoint {path} is unreadable (truncated or damaged: {first[:120]})") from exc
+    if not isinstance(ck, dict) or "model" not in ck or "step" not in ck:
+        raise CorruptCheckpoint(f"checkpoint {path} is not a training checkpoint (no model/step)")
+    return ck
+
+
+def newest_intact_checkpoint(folder: Path, exclude: Path | None = None) -> tuple[Path, dict] | None:
+    """The newest readable ``step_*.pt`` (then ``last.pt``, ``best.pt``) in ``folder`` and its content."""
+    folder = Path(folder)
+    for p in [*_step_files(folder), folder / "last.pt", folder / "best.pt"]:
+        if not p.is_file() or (exclude is not None and p.resolve() == Path(exclude).resolve()):
+            continue
+        try:
+            return p, _read_checkpoint(p)
+        except CorruptCheckpoint:
+            continue
+    return None
+
+
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """A checkpoint's content; a damaged file raises CorruptCheckpoint (a ValueError: CLI exit 2) naming
+    the newest intact checkpoint of the same folder, so the message says what to use instead."""
+    path = Path(path)
+    try:
+        return _read_checkpoint(path, map_location)
+    except CorruptCheckpoint as exc:
+        intact = newest_intact_checkpoint(path.parent, exclude=path)
+        hint = (f"; the newest intact checkpoint is {intact[0]} (step {int(intact[1]['step'])}): "
+                f"pass --checkpoint {int(intact[1]['step'])}" if intact else "; no intact checkpoint is left")
+        raise CorruptCheckpoint(f"{exc}{hint}") from exc.__cause__
+
+
+def load_resume_checkpoint(folder: Path) -> tuple[Path, dict]:
+    """``(path, content)`` to resume from: ``last.pt``, or when it is damaged the newest intact checkpoint
+    with a warning naming both (resuming from an older step is still exact: the sample stream is
+    indexed by step)."""
+    import logging
+
+    last = Path(folder) / "last.pt"
+    try:
+        if not last.is_file():  # killed between the first step_*.pt and its copy to last.pt
+            raise CorruptCheckpoint(f"checkpoint {last} is missing")
+        return last, _read_checkpoint(last)
+    except CorruptCheckpoint as exc:
+        intact = newest_intact_checkpoint(Path(folder), exclude=last)
+        if intact is None:
+            raise CorruptCheckpoint(f"--resume: {exc}, and no intact checkpoint is left in {folder}; "
+                                    f"start a new run") from exc.__cause__
+        logging.getLogger(__name__).warning("%s; resuming from %s (step %d) instead", exc, intact[0],
+                                            int(intact[1]["step"]))
+        return intact
 
 
 def build_method(method_name: str, config_dict: dict):

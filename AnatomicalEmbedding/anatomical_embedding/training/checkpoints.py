@@ -20,7 +20,8 @@ import torch
 
 from anatomical_embedding.io import atomic_write
 from anatomical_embedding.methods.runs import (  # noqa: F401 (the run-folder API lives with the methods)
-    build_embedder, build_method, load_checkpoint, resolve_checkpoint)
+    CorruptCheckpoint, build_embedder, build_method, load_checkpoint, load_resume_checkpoint,
+    newest_intact_checkpoint, resolve_checkpoint)
 
 STEP_RE = re.compile(r"^step_(\d+)\.pt$")
 
@@ -73,8 +74,16 @@ class CheckpointManager:
             old.unlink(missing_ok=True)
         return path
 
+    def clean_temporaries(self) -> int:
+        """Remove half-written temporary files a killed save left behind (``.step_*.pt``, ``.last.*.pt``)."""
+        n = 0
+        for p in self.dir.glob(".*.pt") if self.dir.is_dir() else ():
+            p.unlink(missing_ok=True)
+            n += 1
+        return n
+
     def has_checkpoint(self) -> bool:
-        return (self.dir / "last.pt").is_file()
+        return (self.dir / "last.pt").is_file() or any(STEP_RE.match(p.name) for p in self.dir.glob("step_*.pt"))
 
 
 def load_embedder_from_run(run_dir: str | Path, checkpoint: str = "last", device: str = "cpu"):

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from anatomical_embedding.io.settings import ranged
 from anatomical_embedding.methods.runs import build_dataclass, plain_config
 
 ENGINE_VERSION = "0.1.0"
@@ -26,31 +27,31 @@ ENGINE_VERSION = "0.1.0"
 
 @dataclass
 class TrainConfig:
-    seed: int = 0
-    batch_size: int = 2  # global batch (patch pairs per step), split evenly over DDP ranks
-    epochs: int = 0  # 0: the method's default (AEFM: 500 + 200)
-    max_steps: int = 0  # > 0 overrides epochs
+    seed: int = ranged(0, 0)
+    batch_size: int = ranged(2, 1)  # global batch (patch pairs per step), split evenly over DDP ranks
+    epochs: int = ranged(0, 0)  # 0: the method's default (AEFM: 500 + 200)
+    max_steps: int = ranged(0, 0)  # > 0 overrides epochs; 0 = use epochs (negative is refused)
     optimizer: str = "adamw"  # adamw | adam | sgd
-    lr: float = 1e-4
-    weight_decay: float = 1e-5
-    warmup_steps: int = 0
+    lr: float = ranged(1e-4, 0.0)
+    weight_decay: float = ranged(1e-5, 0.0)
+    warmup_steps: int = ranged(0, 0)
     lr_schedule: str = "cosine"  # cosine | constant | poly (nnU-Net: (1 - t) ** 0.9)
-    sgd_momentum: float = 0.9  # SGD only (nnU-Net, AnatoMask's finetuning: 0.99 with Nesterov)
+    sgd_momentum: float = ranged(0.9, 0.0, 1.0)  # SGD only (nnU-Net, AnatoMask's finetuning: 0.99 with Nesterov)
     sgd_nesterov: bool = False
-    grad_clip: float = 0.0  # max grad norm; 0 = off
+    grad_clip: float = ranged(0.0, 0.0)  # max grad norm; 0 = off
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | none
     compile: bool = False
     channels_last: bool = False
     device: str = "auto"  # auto | cpu | cuda
-    num_workers: int = 2
+    num_workers: int = ranged(2, 0)
     cache_dir: str = ""  # preprocessed-data cache; "" = RUN_DIR/cache
-    memory_cache: int = 4  # preprocessed cases kept in memory per worker
-    log_every: int = 10
-    ckpt_every: int = 500
-    keep_last: int = 3
+    memory_cache: int = ranged(4, 0)  # preprocessed cases kept in memory per worker
+    log_every: int = ranged(10, 1)
+    ckpt_every: int = ranged(500, 1)
+    keep_last: int = ranged(3, 1)
     best_metric: str = "loss"  # a logged term (lower is better)
     deterministic: bool = False
-    threads: int = 0  # torch CPU threads per process; 0 = torch default
+    threads: int = ranged(0, 0)  # torch CPU threads per process; 0 = torch default
     tensorboard: bool = True
     progress_bar: bool = True
 

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from anatomical_embedding.methods.base import DataInfo, Method, StepContext
 from anatomical_embedding.training import distributed as D
-from anatomical_embedding.training.checkpoints import CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from anatomical_embedding.training.checkpoints import CheckpointManager, load_resume_checkpoint, rng_state, set_rng_state
 from anatomical_embedding.training.config import ENGINE_VERSION, RunConfig, save_run_config
 from anatomical_embedding.training.progress import ProgressWriter, stop_file
 
@@ -244,7 +244,9 @@ class Trainer:
 
         start_step, best = 0, None
         if self.resume:
-            ck = load_checkpoint(ckpts.dir / "last.pt")
+            if dist_info.is_main:
+                ckpts.clean_temporaries()
+            _, ck = load_resume_checkpoint(ckpts.dir)  # falls back past a damaged last.pt, with a warning
             method.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
             scaler.load_state_dict(ck["scaler"])
@@ -273,7 +275,10 @@ class Trainer:
             stream, batch_size=tc.batch_size // dist_info.world_size,
             sampler=StreamSampler(start_step, total, tc.batch_size, dist_info.rank, dist_info.world_size),
             num_workers=tc.num_workers, collate_fn=method.collate, pin_memory=device.type == "cuda",
-            persistent_workers=False, prefetch_factor=2 if tc.num_workers > 0 else None)
+            persistent_workers=False, prefetch_factor=2 if tc.num_workers > 0 else None,
+            # Its own generator: creating the loader's iterator draws a worker base seed, which from the global
+            # torch RNG would make a resumed run's global RNG states differ from an uninterrupted run's.
+            generator=torch.Generator().manual_seed(tc.seed))
 
         model_info = {**method.model_info(), "training_data": {"n_cases": len(spec.cases), "source": spec.source},
                       "engine_version": ENGINE_VERSION}
