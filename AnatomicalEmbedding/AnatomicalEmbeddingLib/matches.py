@@ -39,7 +39,8 @@ def storeMatch(targetMarkups, label: str, sourceId: str, sourceNodeId: str, matc
     from anatomical_embedding.io import convert_points
 
     ras = convert_points(match.point_lps, "LPS", "RAS")
-    low = bool(match.confidence is not None and match.confidence < lowConfidence)
+    # the engine may flag a match itself (a raw fallback, a target without structure), whatever its confidence
+    low = bool(getattr(match, "low_confidence", False) or (match.confidence is not None and match.confidence < lowConfidence))
     scores = {"source": sourceNodeId, "sourcePointID": sourceId, "target": targetVolume.GetID(),
               "similarity": round(float(match.similarity), 5),
               "confidence": None if match.confidence is None else round(float(match.confidence), 5),
