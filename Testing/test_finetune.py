@@ -33,10 +33,10 @@ TINY = ["method.patch_size=[32,32,32]", "method.unet_channels=[8,16]", "method.u
 #: Held-out mean foreground Dice (15 organs at 8 mm), measured with exactly this test's settings (60 steps,
 #: lr 3e-3, seed 0): 0.153, 0.151 and 0.154 on the three held-out subjects; the same network untrained
 #: (random U-Net on the same frozen embedding): 0.016-0.020. Bounds leave room for platform differences.
-#: Asserted: the held-out Dice above 0.12 (0.8 x measured) and at least 5 x the untrained net's (measured 7.5-9.6 x);
-#: the validation Dice at step 60 above 0.10 (see the test for its measurement).
+#: Re-measured 2026-12-06 (AEFM fixture with positives drawn without replacement): held-out 0.168 vs untrained
+#: 0.033 (5.1 x); validation Dice at step 60: 0.166. Asserted: held-out > 0.12, > 3.5 x untrained, validation > 0.10.
 LEARNED_DICE_MIN = 0.12
-UNTRAINED_RATIO = 5.0
+UNTRAINED_RATIO = 3.5
 VAL_DICE_MIN = 0.10
 
 
