@@ -76,25 +76,17 @@ def _field_comments(cls) -> dict:
     return out
 
 
-def _format_default(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_format_default(v) for v in value) + "]"
-    if isinstance(value, str):
-        return json.dumps(value)
-    return repr(value)
-
-
 def settings_help(section: str, cls) -> str:
     from dataclasses import MISSING, fields
+
+    from anatomical_embedding.training.monitor import toml_value
 
     comments = _field_comments(cls)
     lines = []
     for f in fields(cls):
         default = f.default if f.default is not MISSING else (
             f.default_factory() if f.default_factory is not MISSING else None)
-        text = f"  {section}.{f.name}={_format_default(default)}"
+        text = f"  {section}.{f.name}={toml_value(default)}"
         if f.name in comments:
             text = f"{text:<44} {comments[f.name]}"
         lines.append(text)
@@ -240,8 +232,10 @@ def oom_message(cfg) -> str:
     msg = (f"GPU out of memory{gpu} with batch size {cfg.train.batch_size // max(world, 1)} per GPU"
            + (f" and patch size {list(patch)}" if patch is not None else "") + ". Reduce ")
     if patch is not None:
+        from anatomical_embedding.training.monitor import toml_value
+
         smaller = [max(16, (int(s) * 2 // 3) // 16 * 16) for s in patch]
-        msg += f"the patch size (e.g. --set method.patch_size={_format_default(smaller)}) or "
+        msg += f"the patch size (e.g. --set method.patch_size={toml_value(smaller)}) or "
     msg += "the batch size (--set train.batch_size=...), or use more GPUs; bf16 (train.amp=bf16) also saves memory."
     return msg
 

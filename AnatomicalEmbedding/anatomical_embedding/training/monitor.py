@@ -71,15 +71,16 @@ def toml_overrides(text: str) -> list[str]:
         for key, value in values.items():
             if isinstance(value, dict):
                 raise ValueError(f"advanced settings: {section}.{key} is a table; settings are plain values")
-            out.append(f"{section}.{key}={_toml_value(value)}")
+            out.append(f"{section}.{key}={toml_value(value)}")
     return out
 
 
-def _toml_value(value) -> str:
+def toml_value(value) -> str:
+    """A value as a TOML literal (``--set KEY=VALUE`` and help texts)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_toml_value(v) for v in value) + "]"
+        return "[" + ",".join(toml_value(v) for v in value) + "]"
     if isinstance(value, str):
         return json.dumps(value)  # a TOML basic string
     return repr(value)
