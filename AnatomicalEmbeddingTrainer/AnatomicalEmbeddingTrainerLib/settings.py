@@ -71,7 +71,12 @@ def dataclassDefaultsFromSource(moduleName: str, className: str) -> dict:
             return True, ast.literal_eval(value)
         except ValueError:
             pass
-        if isinstance(value, ast.Call):  # field(default=...) / field(default_factory=lambda: ...)
+        if isinstance(value, ast.Call):  # field(default=...) / field(default_factory=lambda: ...) / ranged(default, lo, hi)
+            if isinstance(value.func, ast.Name) and value.func.id == "ranged" and value.args:
+                try:
+                    return True, ast.literal_eval(value.args[0])
+                except ValueError:
+                    return False, None
             for kw in value.keywords:
                 inner = kw.value.body if kw.arg == "default_factory" and isinstance(kw.value, ast.Lambda) else \
                     kw.value if kw.arg == "default" else None
