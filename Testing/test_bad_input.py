@@ -345,3 +345,29 @@ def test_readme_table_is_generated_from_the_tests():
     import bad_input_table
 
     assert bad_input_table.readme_block(bad_input_table.README.read_text(encoding="utf-8")) == bad_input_table.table()
+
+
+#: Numeric method settings that take any value: seeds, and HDSSL's body-crop threshold in HU.
+UNBOUNDED_SETTINGS = {"proj_seed", "split_seed", "seed", "body_crop_hu"}
+
+
+@pytest.mark.parametrize("method", ["adam", "aefm", "anatomask", "hdssl", "finetune"])
+def test_every_numeric_method_setting_declares_its_range(method):
+    """method.KEY=VALUE out of range for any method (e.g. hdssl temperature=0) -> refused at load, naming the range."""
+    import typing
+    from dataclasses import fields
+
+    from anatomical_embedding.methods import get_method
+    from anatomical_embedding.training.config import load_run_config
+
+    cls = get_method(method).Config
+    hints = typing.get_type_hints(cls)
+    numeric = [f.name for f in fields(cls) if any(t in str(hints[f.name]) for t in ("int", "float"))]
+    missing = [n for n in numeric if n not in UNBOUNDED_SETTINGS and not next(
+        f for f in fields(cls) if f.name == n).metadata.get("range")]
+    assert not missing, f"{method}: numeric settings without a declared range: {missing}"
+    ranged_field = next(f for f in fields(cls) if f.metadata.get("range") and f.metadata["range"][0] is not None
+                        and "tuple" not in str(hints[f.name]))
+    lo = ranged_field.metadata["range"][0]
+    with pytest.raises(ValueError, match=f"method.{ranged_field.name}=.* out of range"):
+        load_run_config(method, None, [f"method.{ranged_field.name}={lo - 1}"])

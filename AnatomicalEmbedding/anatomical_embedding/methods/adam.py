@@ -53,6 +53,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from anatomical_embedding.io.settings import ranged
 from anatomical_embedding.losses import pruned_info_nce
 from anatomical_embedding.nets.adam_resnet import AdamEveEmbedder, ProjectionHead, ResNetBackbone, ResNetUNet
 from anatomical_embedding.methods.momentum import FeatureQueue, make_momentum_copy, momentum_update
@@ -72,23 +73,23 @@ DIMS_DEFAULTS: dict[int, Preprocessing] = {2: ((1.0, 1.0, 1.0), "xray_minmax"), 
 
 @dataclass
 class AdamEveConfig:
-    dims: int = 2  # 2 (paper: radiographs) | 3 (our generalisation to volumes) | 0 = from the training images
+    dims: int = ranged(2, 0, 3)  # 2 (paper: radiographs) | 3 (our generalisation to volumes) | 0 = from the training images
     # Backbone (paper: ResNet-50) and MoCo v2 head.
-    depth: int = 50  # ResNet depth: 10, 18, 34 (basic blocks), 50, 101, 152 (bottlenecks)
-    widths: tuple[int, int, int, int] = (64, 128, 256, 512)  # stage widths (x4 for bottlenecks)
-    conv1_stride: int = 2
+    depth: int = ranged(50, 1)  # ResNet depth: 10, 18, 34 (basic blocks), 50, 101, 152 (bottlenecks)
+    widths: tuple[int, int, int, int] = ranged((64, 128, 256, 512), 1)  # stage widths (x4 for bottlenecks)
+    conv1_stride: int = ranged(2, 1)
     max_pool: bool = True
     norm: str = "batch"  # batch | instance
-    proj_hidden: int = 0  # MLP hidden width; 0 = the backbone's output channels (MoCo v2: 2048)
-    proj_dim: int = 128
+    proj_hidden: int = ranged(0, 0)  # MLP hidden width; 0 = the backbone's output channels (MoCo v2: 2048)
+    proj_dim: int = ranged(128, 1)
     # MoCo v2 (paper F.1).
-    bank_size: int = 65536
-    temperature: float = 0.2
-    momentum: float = 0.999
+    bank_size: int = ranged(65536, 1)
+    temperature: float = ranged(0.2, 1e-06)
+    momentum: float = ranged(0.999, 0.0, 1.0)
     # Purposive Pruner and Anatomy Decomposer.
-    gamma: float = 0.8
-    levels: tuple[int, ...] = (0, 2, 4)  # granularity n of each stage (paper: even n up to 4)
-    epochs_per_level: int = 200  # paper
+    gamma: float = ranged(0.8, -1.0, 1.0)
+    levels: tuple[int, ...] = ranged((0, 2, 4), 0)  # granularity n of each stage (paper: even n up to 4)
+    epochs_per_level: int = ranged(200, 0)  # paper
     # Paper (supplementary): each stage n trains 200 epochs with MoCo's cosine schedule, so every stage has its own
     # cosine from the base rate; False = one cosine over all stages (stage n=4 then trains at <= 25 % of the rate).
     stage_schedule: bool = True
@@ -96,26 +97,26 @@ class AdamEveConfig:
     init_checkpoint: str = "last"
     # Data.
     # Preprocessing is fixed before the data are read: dims = 0 uses the 2D defaults.
-    spacing: tuple[float, ...] = ()  # mm along (i, j, k); () = 1 mm (2D, 0) / 2 mm (3D)
+    spacing: tuple[float, ...] = ranged((), 1e-06)  # mm along (i, j, k); () = 1 mm (2D, 0) / 2 mm (3D)
     preset: str = ""  # intensity preset; "" = xray_minmax (2D, 0) / ct_hdssl (3D)
-    input_size: tuple[int, ...] = (224, 224)  # network input along (i, j[, k]); views are resized to it
+    input_size: tuple[int, ...] = ranged((224, 224), 1)  # network input along (i, j[, k]); views are resized to it
     # Augmentations (MoCo v2 magnitudes; paper: random crop, colour jitter, Gaussian blur, rotation).
-    crop_scale: tuple[float, float] = (0.2, 1.0)  # view area (volume) / anchor area
-    crop_ratio: tuple[float, float] = (0.75, 1.3333333)
-    jitter_prob: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    blur_prob: float = 0.5
-    blur_sigma: tuple[float, float] = (0.1, 2.0)  # voxels of the view
-    rotation_deg: float = 10.0
+    crop_scale: tuple[float, float] = ranged((0.2, 1.0), 1e-06, 1.0)  # view area (volume) / anchor area
+    crop_ratio: tuple[float, float] = ranged((0.75, 1.3333333), 1e-06)
+    jitter_prob: float = ranged(0.8, 0.0, 1.0)
+    brightness: float = ranged(0.4, 0)
+    contrast: float = ranged(0.4, 0)
+    blur_prob: float = ranged(0.5, 0.0, 1.0)
+    blur_sigma: tuple[float, float] = ranged((0.1, 2.0), 0)  # voxels of the view
+    rotation_deg: float = ranged(10.0, 0.0, 180.0)
     # Dense embedding (Eve).
-    coarse_stride: int = 8
-    coarse_dim: int = 128  # fixed orthonormal projections; 0 = no reduction
-    fine_dim: int = 128
-    fine_stages: tuple[int, ...] = (1, 2, 3, 4)
+    coarse_stride: int = ranged(8, 1)
+    coarse_dim: int = ranged(128, 0)  # fixed orthonormal projections; 0 = no reduction
+    fine_dim: int = ranged(128, 0)
+    fine_stages: tuple[int, ...] = ranged((1, 2, 3, 4), 1)
     proj_seed: int = 0
     # Finetuning U-Net decoder widths: layer3, layer2, layer1[, stem, full resolution] (() = half the skip widths).
-    decoder_widths: tuple[int, ...] = ()
+    decoder_widths: tuple[int, ...] = ranged((), 1)
 
 
 # ---------------------------------------------------------------------------------------------- decomposer

@@ -53,7 +53,7 @@ class AEFMConfig:
     n_neg: int = ranged(100000, 1)
     temperature: float = ranged(0.1, 1e-6)  # not given in the paper; MoCo-style value
     momentum: float = ranged(0.999, 0.0, 1.0)
-    global_weight: float = 1.0
+    global_weight: float = ranged(1.0, 0)
     # Our addition (off = paper): also contrast each point against the other points of its own patch pair.
     in_image_negatives: bool = False
     # Region stage (section 2.2).
@@ -62,8 +62,8 @@ class AEFMConfig:
     num_classes: int = ranged(0, 0)  # 0: from the labels (max label + 1); stays 0 without labels or with epochs_region = 0
     seg_hidden: int = ranged(64, 1)
     seg_momentum: float = ranged(0.999, 0.0, 1.0)
-    seg_weight: float = 1.0
-    region_weight: float = 1.0
+    seg_weight: float = ranged(1.0, 0)
+    region_weight: float = ranged(1.0, 0)
     labelled_fraction: float = ranged(0.5, 0.0, 1.0)
     # Our reading (the paper names no schedule): the region stage restarts the engine's schedule, as a
     # fine-tuning stage of its own. False = one schedule over both stages; with the cosine over 500 + 200 epochs
@@ -74,12 +74,12 @@ class AEFMConfig:
     # each patch; our earlier reading, kept as an option).
     region_means_at: str = "points"
     # Intensity augmentation per patch (off: the paper names none).
-    aug_scale: float = 0.0
-    aug_shift: float = 0.0
-    aug_noise: float = 0.0
+    aug_scale: float = ranged(0.0, 0)
+    aug_shift: float = ranged(0.0, 0)
+    aug_noise: float = ranged(0.0, 0)
     # Spatial deformation of the second patch (off: the paper's boxes are axis-aligned), see PatchPairConfig.
-    aug_rotation_deg: float = 0.0
-    aug_elastic_mm: float = 0.0
+    aug_rotation_deg: float = ranged(0.0, 0.0, 180.0)
+    aug_elastic_mm: float = ranged(0.0, 0)
 
 
 class AEFMMethod(Method):

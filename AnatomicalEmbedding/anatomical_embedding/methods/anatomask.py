@@ -63,6 +63,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from anatomical_embedding.io.settings import ranged
 from anatomical_embedding.nets.blocks import upsample_to
 from anatomical_embedding.losses import masked_patch_loss
 from anatomical_embedding.nets.spark import SparKSTUNet, patchify
@@ -75,28 +76,28 @@ from anatomical_embedding.nets.embedder import Embedder
 @dataclass
 class AnatoMaskConfig:
     # Network: STU-Net B (published widths); stages 0..4 are pretrained (published).
-    widths: tuple[int, ...] = STUNET_SIZES["B"][0]
-    depths: tuple[int, ...] = STUNET_SIZES["B"][1]
+    widths: tuple[int, ...] = ranged(STUNET_SIZES["B"][0], 1)
+    depths: tuple[int, ...] = ranged(STUNET_SIZES["B"][1], 1)
     # Data (paper Sec. 4.1).
-    spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)  # mm along (i, j, k)
+    spacing: tuple[float, float, float] = ranged((1.5, 1.5, 1.5), 1e-06)  # mm along (i, j, k)
     preset: str = "ct_zscore"
     # Voxels along (i, j, k), multiples of 16. The published (112, 112, 128) is in nnU-Net array order; we read
     # the 128 as the cranio-caudal k axis (ambiguous in the paper).
-    patch_size: tuple[int, int, int] = (112, 112, 128)
-    flip_prob: float = 0.5  # per axis (nnU-Net MirrorTransform)
+    patch_size: tuple[int, int, int] = ranged((112, 112, 128), 1)
+    flip_prob: float = ranged(0.5, 0.0, 1.0)  # per axis (nnU-Net MirrorTransform)
     # Masking (Sec. 3.2, 3.3).
-    mask_ratio: float = 0.6  # gamma
-    r0: float = 0.0
-    rT: float = 0.5
+    mask_ratio: float = ranged(0.6, 0.0, 1.0)  # gamma
+    r0: float = ranged(0.0, 0.0, 1.0)
+    rT: float = ranged(0.5, 0.0, 1.0)
     teacher_loss: str = "normalized"  # normalized (paper, eq. 2) | raw (published script)
     teacher_bn: str = "batch"  # batch: teacher BatchNorm on batch statistics | running: eval mode (published)
     # EMA teacher (published script: 0.999 -> 0.9999 over the first quarter of training).
-    ema_start: float = 0.999
-    ema_end: float = 0.9999
-    ema_ramp: float = 0.25
+    ema_start: float = ranged(0.999, 0.0, 1.0)
+    ema_end: float = ranged(0.9999, 0.0, 1.0)
+    ema_ramp: float = ranged(0.25, 0.0, 1.0)
     # Dense embedding (fixed random projections; 0 = plain concatenation).
-    coarse_dim: int = 128
-    fine_dim: int = 128
+    coarse_dim: int = ranged(128, 0)
+    fine_dim: int = ranged(128, 0)
     proj_seed: int = 0
 
 

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anatomical_embedding.io.settings import ranged
 from anatomical_embedding.methods.base import DataInfo, Method, StepContext
 
 log = logging.getLogger(__name__)
@@ -53,29 +54,29 @@ class FinetuneConfig:
     mode: str = "embedding"  # embedding (frozen embedding + U-Net) | backbone | scratch
     init_from: str = ""  # pretrained training run folder (embedding/backbone; scratch: optional, for preprocessing)
     init_checkpoint: str = "last"  # checkpoint of init_from: last | best | step number
-    spacing: tuple[float, ...] = ()  # mm along (i, j, k); () = the pretrained model's (scratch: 1 mm)
+    spacing: tuple[float, ...] = ranged((), 1e-06)  # mm along (i, j, k); () = the pretrained model's (scratch: 1 mm)
     preset: str = ""  # intensity preset name; "" = the pretrained model's (scratch: ct_aefm)
-    patch_size: tuple[int, int, int] = (96, 96, 96)  # voxels along (i, j, k); multiples of 16 (2D source: k = 1)
-    num_classes: int = 0  # 0 = max label value + 1
+    patch_size: tuple[int, int, int] = ranged((96, 96, 96), 1)  # voxels along (i, j, k); multiples of 16 (2D source: k = 1)
+    num_classes: int = ranged(0, 0)  # 0 = max label value + 1
     class_names: tuple[str, ...] = ()  # name of each label value (index 0 = background); set by the CLI
-    foreground_fraction: float = 0.67  # share of patches centred on a foreground class
-    unet_channels: tuple[int, ...] = (32, 64, 128, 256, 320)  # downstream U-Net widths (embedding, scratch)
-    unet_res_units: int = 2
-    head_hidden: int = 64  # hidden width of the backbone mode's segmentation head
-    val_fraction: float = 0.2  # share of labelled cases held out for validation (at least 1 if >= 2 cases)
-    val_every: int = 250  # steps between validations (and at the end); 0 = never
+    foreground_fraction: float = ranged(0.67, 0.0, 1.0)  # share of patches centred on a foreground class
+    unet_channels: tuple[int, ...] = ranged((32, 64, 128, 256, 320), 1)  # downstream U-Net widths (embedding, scratch)
+    unet_res_units: int = ranged(2, 0)
+    head_hidden: int = ranged(64, 1)  # hidden width of the backbone mode's segmentation head
+    val_fraction: float = ranged(0.2, 0.0, 1.0)  # share of labelled cases held out for validation (at least 1 if >= 2 cases)
+    val_every: int = ranged(250, 0)  # steps between validations (and at the end); 0 = never
     split_seed: int = 0
-    sw_overlap: float = 0.5  # sliding-window overlap (validation and segment)
-    sw_batch_size: int = 2
-    aug_scale: float = 0.0  # intensity jitter per patch (off by default)
-    aug_shift: float = 0.0
-    aug_noise: float = 0.0
+    sw_overlap: float = ranged(0.5, 0.0, 0.99)  # sliding-window overlap (validation and segment)
+    sw_batch_size: int = ranged(2, 1)
+    aug_scale: float = ranged(0.0, 0)  # intensity jitter per patch (off by default)
+    aug_shift: float = ranged(0.0, 0)
+    aug_noise: float = ranged(0.0, 0)
     # Backbone mode: the pretrained layers stay frozen for backbone_freeze_steps, then their learning rate rises
     # exponentially from backbone_ramp_start x lr to lr over backbone_ramp_steps (HDSSL's finetuning: 15K frozen
     # steps, then 3e-5 -> 3e-4 over 1,200 steps). -1 = the source method's paper schedule (HDSSL), else none.
-    backbone_freeze_steps: int = -1
-    backbone_ramp_steps: int = -1
-    backbone_ramp_start: float = 0.1
+    backbone_freeze_steps: int = ranged(-1, -1)
+    backbone_ramp_steps: int = ranged(-1, -1)
+    backbone_ramp_start: float = ranged(0.1, 0.0, 1.0)
     # Filled from init_from when the run starts, so the run is self-describing (apply needs no init_from).
     source_method: str = ""
     source_config: dict = field(default_factory=dict)

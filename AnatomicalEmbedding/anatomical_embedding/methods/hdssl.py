@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anatomical_embedding.io.settings import ranged
 from anatomical_embedding.data.augment_hdssl import GenesisConfig, genesis_augment
 from anatomical_embedding.nets.blocks import AxisLayout, layout_for_direction
 from anatomical_embedding.nets.hdssl import HDSSLConfig, HDSSLEmbedder, HDSSLNet
@@ -65,38 +66,38 @@ MODALITY_DEFAULTS: dict[str, Preprocessing] = {
 @dataclass
 class HDSSLMethodConfig:
     modality: str = "ct"  # ct | mri: default spacing and intensity preset (paper Sec. 3.1)
-    spacing: tuple[float, ...] = ()  # mm along (i, j, k); () = the modality's default
+    spacing: tuple[float, ...] = ranged((), 1e-06)  # mm along (i, j, k); () = the modality's default
     preset: str = ""  # intensity preset name; "" = the modality's default
     # §3.1: each CT is cropped to the box of its voxels above body_crop_hu (-500 HU: the body) before
     # resampling. Applies to modality "ct" only (MR intensities have no absolute scale).
     body_crop: bool = True
     body_crop_hu: float = -500.0
     # Network (published: 32 channels, 5 scales = vox2vec's 16 x 6 one level shallower with doubled widths).
-    base_channels: int = 32
-    num_scales: int = 5
-    scale_proj_channels: int = 32
-    proj_dim: int = 128
+    base_channels: int = ranged(32, 1)
+    num_scales: int = ranged(5, 1)
+    scale_proj_channels: int = ranged(32, 1)
+    proj_dim: int = ranged(128, 1)
     rest_head: str = "two_conv"  # two_conv (paper) | linear (published code)
-    coarse_level: int = 3  # coarse embedding = levels coarse_level.. at stride 2**coarse_level
+    coarse_level: int = ranged(3, 0)  # coarse embedding = levels coarse_level.. at stride 2**coarse_level
     # Sampling.
-    patch_size: tuple[int, int, int] = (128, 128, 32)  # voxels along (i, j, k) (published (x, y, z) patch)
-    patch_scale: tuple[float, float] = (1.0, 1.0)  # no rescaling (published crops)
-    overlap: tuple[float, float] = (0.2, 1.0)  # per-axis overlap / patch side
-    n_pos: int = 1000  # positive pairs per patch pair (paper)
-    body_threshold: float = 0.17  # prefer positives with clean intensity >= this ([0, 1]; CT ~ -950 HU)
+    patch_size: tuple[int, int, int] = ranged((128, 128, 32), 1)  # voxels along (i, j, k) (published (x, y, z) patch)
+    patch_scale: tuple[float, float] = ranged((1.0, 1.0), 1e-06)  # no rescaling (published crops)
+    overlap: tuple[float, float] = ranged((0.2, 1.0), 0.0, 1.0)  # per-axis overlap / patch side
+    n_pos: int = ranged(1000, 1)  # positive pairs per patch pair (paper)
+    body_threshold: float = ranged(0.17, 0.0, 1.0)  # prefer positives with clean intensity >= this ([0, 1]; CT ~ -950 HU)
     # Loss.
-    temperature: float = 0.1  # paper
-    rest_weight: float = 10.0  # lambda (paper)
+    temperature: float = ranged(0.1, 1e-06)  # paper
+    rest_weight: float = ranged(10.0, 0)  # lambda (paper)
     negatives: str = "pair"  # pair (eq. 1) | batch (published code)
     # Appearance augmentation (Models Genesis; probabilities as published, see data/augment_hdssl.py).
     augment: bool = True
-    shuffle_prob: float = 0.8
-    shuffle_block_fraction: float = 0.05
-    shuffle_coverage: float = 0.3
-    nonlinear_prob: float = 0.9
-    nonlinear_invert_prob: float = 0.0
-    paint_prob: float = 0.9
-    outpaint_share: float = 0.2
+    shuffle_prob: float = ranged(0.8, 0.0, 1.0)
+    shuffle_block_fraction: float = ranged(0.05, 0.0, 1.0)
+    shuffle_coverage: float = ranged(0.3, 0.0, 1.0)
+    nonlinear_prob: float = ranged(0.9, 0.0, 1.0)
+    nonlinear_invert_prob: float = ranged(0.0, 0.0, 1.0)
+    paint_prob: float = ranged(0.9, 0.0, 1.0)
+    outpaint_share: float = ranged(0.2, 0.0, 1.0)
 
 
 class ReconstructionHead(nn.Sequential):
