@@ -149,3 +149,17 @@ def trained_vs_random(run: Path, subjects, errors=None) -> dict:
     print(f"{info['method']} mean landmark error (mm): trained {out['trained']:.1f}, random init "
           f"{out['random']:.1f}, identical coordinate {out['identity']:.1f}")
     return {**out, "trained_embedder": trained, "random_embedder": random_init, "info": info}
+
+
+def copy_package_with_card(package: Path, out: Path, **card_fields) -> list[str]:
+    """Copy a ``.aemodel`` member by member with ``card_fields`` written into its card.json (no sidecar);
+    returns the member names. Tests use it to show that an edited card is caught."""
+    import zipfile
+
+    with zipfile.ZipFile(package) as zf, zipfile.ZipFile(out, "w") as dst:
+        for name in zf.namelist():
+            payload = zf.read(name)
+            if name == "card.json":
+                payload = json.dumps({**json.loads(payload), **card_fields}).encode()
+            dst.writestr(name, payload)
+        return zf.namelist()

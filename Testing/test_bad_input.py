@@ -306,20 +306,12 @@ def test_structureless_target_flags_every_match(caplog):
 # ---- 7. package integrity without the sidecar ----------------------------------------------------------
 def test_edited_card_is_caught_without_sidecar(package, tmp_path):
     """Package whose card.json was edited, with no .sha256 sidecar -> refused: the member hashes inside the package do not match."""
-    import zipfile
+    from fixtures_data import copy_package_with_card
 
     from anatomical_embedding.inference.backends import read_package
 
     edited = tmp_path / "edited.aemodel"
-    with zipfile.ZipFile(package) as zf, zipfile.ZipFile(edited, "w") as out:
-        assert "integrity.json" in zf.namelist()
-        for name in zf.namelist():
-            payload = zf.read(name)
-            if name == "card.json":
-                card = json.loads(payload)
-                card["spacing"] = [1.0, 1.0, 1.0]
-                payload = json.dumps(card).encode()
-            out.writestr(name, payload)
+    assert "integrity.json" in copy_package_with_card(package, edited, spacing=[1.0, 1.0, 1.0])
     assert not edited.with_name(edited.name + ".sha256").exists()
     with pytest.raises(ValueError, match="card.json do not match the package's integrity.json"):
         read_package(edited)

@@ -8,6 +8,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from fixtures_data import copy_package_with_card
 from test_embedding import CARD, blob_volume, tiny_aefm
 
 from anatomical_embedding.inference.backends import OnnxModel, TorchModel, open_model, read_package
@@ -86,14 +87,7 @@ def test_damaged_or_mismatched_packages_are_refused(package, tmp_path):
         read_package(swapped)
     # 3. A card edited after export (hashes intact): the sidecar of the whole package catches it.
     edited = tmp_path / "edited.aemodel"
-    with zipfile.ZipFile(package) as zf, zipfile.ZipFile(edited, "w") as out:
-        for name in zf.namelist():
-            payload = zf.read(name)
-            if name == "card.json":
-                card = json.loads(payload)
-                card["spacing"] = [1.0, 1.0, 1.0]
-                payload = json.dumps(card).encode()
-            out.writestr(name, payload)
+    copy_package_with_card(package, edited, spacing=[1.0, 1.0, 1.0])
     edited.with_name(edited.name + ".sha256").write_text(package.with_name(package.name + ".sha256").read_text(encoding="utf-8"))
     with pytest.raises(ValueError, match="checksum file"):
         OnnxModel(edited)

@@ -123,6 +123,17 @@ def test_state_records_terms_and_resume_drops_later_records():
 
 
 # ---- real subprocesses ---------------------------------------------------------------------------
+def _wait_for_progress(mon: TrainingMonitor, timeout_s: float = 120.0) -> None:
+    """Poll the monitor until the first progress line arrives (the child has imported and trained a step)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while mon.running and not mon.state.history and time.monotonic() < deadline:
+        mon.poll()
+        time.sleep(0.1)
+    assert mon.state.history, f"no progress before the deadline; log: {list(mon.state.log_lines)[-5:]}"
+
+
 @pytest.mark.slow  # two training processes (~10 s of imports each on a shared CPU)
 def test_stop_with_sigterm_then_resume(tiny_cohort, tmp_path):
     """The GUI's path: start, SIGTERM once progress arrives (checkpoint, exit 130), resume to the end."""
@@ -130,13 +141,7 @@ def test_stop_with_sigterm_then_resume(tiny_cohort, tmp_path):
     mon = TrainingMonitor(settings(run, tiny_cohort, overrides=TINY + ["train.max_steps=12", "train.ckpt_every=1000"]))
     mon.start()
     try:
-        import time
-
-        deadline = time.monotonic() + 120
-        while mon.running and not mon.state.history and time.monotonic() < deadline:
-            mon.poll()
-            time.sleep(0.1)
-        assert mon.state.history, f"no progress before the deadline; log: {list(mon.state.log_lines)[-5:]}"
+        _wait_for_progress(mon)
         mon.stop()
         st = mon.wait(timeout=120)
     finally:
@@ -166,7 +171,6 @@ def test_stop_file_checkpoints_without_any_signal(tiny_cohort, tmp_path, monkeyp
     folder's stop file. Here no signal is sent at all (os.killpg disabled, as on Windows); the engine still
     finishes the step, writes last.pt, reports the stop and exits 130, and the stop file is gone afterwards."""
     import signal
-    import time
 
     from anatomical_embedding.training import monitor as monitor_module
     from anatomical_embedding.training.progress import stop_file
@@ -177,11 +181,7 @@ def test_stop_file_checkpoints_without_any_signal(tiny_cohort, tmp_path, monkeyp
     sent = []
     monkeypatch.setattr(monitor_module.os, "killpg", lambda pid, sig: sent.append(sig), raising=False)
     try:
-        deadline = time.monotonic() + 120
-        while mon.running and not mon.state.history and time.monotonic() < deadline:
-            mon.poll()
-            time.sleep(0.1)
-        assert mon.state.history, f"no progress before the deadline; log: {list(mon.state.log_lines)[-5:]}"
+        _wait_for_progress(mon)
         mon.stop()
         assert stop_file(run).is_file()
         st = mon.wait(timeout=120)

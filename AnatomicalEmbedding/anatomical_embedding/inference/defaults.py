@@ -23,7 +23,8 @@ _CT_AIR_HU = -500.0
 
 def guess_modality(array: np.ndarray) -> str:
     """``"CT"`` when the image holds air in Hounsfield units, else ``"MR"`` (a heuristic; pass --model to choose)."""
-    sample = np.asarray(array).ravel()[:: max(1, np.asarray(array).size // 200_000)]
+    flat = np.asarray(array).ravel()
+    sample = flat[:: max(1, flat.size // 200_000)]
     finite = sample[np.isfinite(sample)]
     return "CT" if finite.size and float(np.percentile(finite, 1)) < _CT_AIR_HU else "MR"
 
