@@ -43,7 +43,7 @@ and restorative terms in ``terms``. None needs an engine special case.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -190,6 +190,17 @@ class Method(nn.Module):
     def evaluate(self, dataset: Any, labelled: np.ndarray, ctx: StepContext, device: torch.device) -> dict[str, float]:
         """Validation metrics; ``dataset[n]`` is preprocessed case ``n`` (see ``data.build_dataset``)."""
         return {}
+
+    @property
+    def calibration_samples(self) -> int:
+        """Training samples the engine passes to :meth:`calibrate_for_inference` before the final (or a stop)
+        checkpoint; 0 = the method needs no calibration."""
+        return 0
+
+    def calibrate_for_inference(self, images: Iterable[torch.Tensor]) -> None:
+        """Bring inference-only state (e.g. BatchNorm statistics) in line with the embedder's dense input.
+        ``images`` yields per-rank batches of ``make_sample(...)["image"]``; every rank calls this together."""
+        return None
 
     def embedder(self) -> Embedder:
         raise NotImplementedError

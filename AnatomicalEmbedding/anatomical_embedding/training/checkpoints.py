@@ -10,6 +10,7 @@ only, so it loads with ``torch.load(weights_only=True)``:
 """
 from __future__ import annotations
 
+import logging
 import random
 import re
 import shutil
@@ -23,6 +24,7 @@ from anatomical_embedding.methods.runs import (  # noqa: F401 (the run-folder AP
     CorruptCheckpoint, build_embedder, build_method, load_checkpoint, load_resume_checkpoint,
     newest_intact_checkpoint, resolve_checkpoint)
 
+log = logging.getLogger(__name__)
 STEP_RE = re.compile(r"^step_(\d+)\.pt$")
 
 
@@ -104,5 +106,9 @@ def load_embedder_from_run(run_dir: str | Path, checkpoint: str = "last", device
     method.load_state_dict(ckpt["model"])
     emb = method.embedder().to(device).eval()
     info = dict(ckpt.get("model_info") or {})
+    if method.calibration_samples > 0 and "calibration_samples" not in info:
+        log.warning("%s step %d was saved before the run's end, so it is not calibrated for dense inference "
+                    "(e.g. BatchNorm statistics from masked inputs); the final checkpoint is", run_dir,
+                    int(ckpt["step"]))
     info["step"] = int(ckpt["step"])
     return emb, info

@@ -382,6 +382,10 @@ class Trainer:
                 if stop.signal is None and stop_path.exists():  # the stop file (every platform)
                     stop.signal = "STOP_FILE"
                 stop_now = self._agree_stop(stop, dist_info)
+                if step == total and method.calibration_samples > 0:
+                    n_cal = self._calibrate(method, stream, total * tc.batch_size, tc.batch_size // dist_info.world_size,
+                                            dist_info, device)
+                    model_info["calibration_samples"] = n_cal
                 if step % tc.ckpt_every == 0 or step == total or stop_now:
                     path = checkpoint(step, step // steps_per_epoch, last_metric)
                 if stop_now:
@@ -410,6 +414,25 @@ class Trainer:
                 signal.signal(sig, h)
             D.cleanup(synchronise=finished)
         return exit_code
+
+    @staticmethod
+    def _calibrate(method: Method, stream: SampleStream, first: int, local_batch: int, dist_info,
+                   device: torch.device) -> int:
+        """Pass ``method.calibration_samples`` fresh samples (stream indices from ``first``, past the training
+        stream) to ``method.calibrate_for_inference``; every rank the same number of batches (SyncBatchNorm)."""
+        world = dist_info.world_size
+        n = math.ceil(method.calibration_samples / world) * world
+        idx = list(range(first + dist_info.rank, first + n, world))
+
+        def batches():
+            for a in range(0, len(idx), local_batch):
+                yield method.collate([stream[g] for g in idx[a: a + local_batch]])["image"].to(device)
+
+        t0 = time.perf_counter()
+        method.calibrate_for_inference(batches())
+        log.info("calibrated %s for dense inference on %d samples in %.1f s", type(method).__name__, n,
+                 time.perf_counter() - t0)
+        return n
 
     @staticmethod
     def _evaluate(method: Method, base, labelled: np.ndarray, step: int, steps_per_epoch: int, total: int,
