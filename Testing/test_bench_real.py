@@ -147,3 +147,19 @@ def test_missing_data_fails_with_one_line(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not found" in err[0]
+
+
+def test_parity_of_two_models_counts_points_within_one_voxel():
+    """``parity_real.py``: point-by-point comparison of two models' predictions (hand-made records)."""
+    import parity_real
+
+    truth = np.zeros((3, 3))
+    ref = np.array([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0], [0.0, 5.0, 0.0]])
+    cand = ref + np.array([[3.9, -3.9, 0.0], [4.5, 0.0, 0.0], [0.0, 0.0, -1.0]])  # 2nd is off by > 4 mm on i
+    records = [{"group": "intra CT", "pair": "p", "method": f"{m} raw", "predicted_lps": p.tolist(),
+                "errors_mm": np.linalg.norm(p - truth, axis=1).tolist()} for m, p in (("a", ref), ("b", cand))]
+    records.append({"group": "intra CT", "pair": "p", "method": "identical coordinates", "errors_mm": [1, 1, 1]})
+    (row,) = parity_real.parity(records, "a", "b", 4.0)
+    assert (row["group"], row["variant"], row["points"], row["within_one_voxel"]) == ("intra CT", "raw", 3, 2)
+    assert row["shift_max_mm"] == pytest.approx(np.hypot(3.9, 3.9)) and row["shift_median_mm"] == pytest.approx(4.5)
+    assert row["error_reference_mm"] == pytest.approx(np.mean([0, 10, 5]))

@@ -100,3 +100,22 @@ def test_summary_markdown_shows_the_json_numbers(quick_run):
     machine = {r[0]: r[1] for r in markdown_section_table(text, "## Machine")}
     assert machine["cpu_model"] == summary["machine"]["cpu_model"]
     assert machine["torch"] == summary["machine"]["torch"]
+
+
+def test_inference_options_smoke_compares_every_configuration(tmp_path):
+    """``bench_inference_options.py --smoke``: every backend, precision and session option gets a row; fp32 rows
+    agree with torch fp32, and the int8 package really differs (it was quantised) while staying close."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_inference_options.py"), "--smoke",
+                           "--threads", "1", "--out", str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=300, check=False, cwd=ROOT / "benchmarks")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "inference_options.json").read_text())
+    rows = {r["config"]: r for r in data["results"]}
+    assert len(rows) == 11 and data["meta"]["smoke"] is True
+    for name, r in rows.items():
+        assert r["coarse_window_s"] > 0 and r["fine_window_s"] > 0, name
+        if "fp32" in name or "fp16" in name:
+            assert r["cosine_to_torch_fp32"] > 0.9999, name
+    assert 0.9 < rows["onnxruntime int8"]["cosine_to_torch_fp32"] < 0.9999
+    assert (tmp_path / "inference_options.md").read_text().count("\n| ") == 12  # header + 11 rows

@@ -146,6 +146,12 @@ def test_cache_reuse_and_invalidation(cache):
     model._run = lambda x, want_fine: (calls.append(want_fine), orig(x, want_fine))[1]
     again = embed_volume(model, vol, cache)
     assert again.key == first.key and calls == []  # coarse map read from disk
+    # The stage timings (benchmarks/results/embedding.md's breakdown): a fresh run times the network and the
+    # blending, a cached one reads the map instead.
+    stages = {"checks_s", "prepare_s", "hash_s", "cache_read_s"}
+    assert set(first.timings) == stages | {"network_s", "blend_s", "windows", "cache_write_s"}
+    assert first.timings["windows"] >= 1 and first.timings["network_s"] > 0
+    assert set(again.timings) == stages and all(v >= 0 for v in again.timings.values())
     np.testing.assert_array_equal(again.coarse, first.coarse)
     np.testing.assert_array_equal(again.fine_block([10, 10, 10], [4, 4, 4]), first.fine_block([10, 10, 10], [4, 4, 4]))
     assert calls == [] and again.stats["tiles_from_disk"] > 0

@@ -849,7 +849,8 @@ def main(argv: list[str] | None = None) -> int:
                     skipped.append(f"{method.name} on {pair.name}: {exc}")
                     continue
                 records.append({"group": pair.group, "pair": pair.name, "method": method.name,
-                                "errors_mm": err, "seconds": seconds, "points_seconds": pts_s})
+                                "errors_mm": err, "seconds": seconds, "points_seconds": pts_s,
+                                "predicted_lps": np.asarray(pred, dtype=float)})  # for parity between models
                 line.append(f"{method.name} {np.mean(err):.1f}")
             log.info("%s (%d points): %s", pair.name, len(pair.points), "; ".join(line))
             for m in methods:  # the moved image's embedding is used by this pair only
@@ -877,7 +878,8 @@ def main(argv: list[str] | None = None) -> int:
         "pairs": [{"group": p.group, "name": p.name, "n_points": len(p.points), "names": p.names, **p.info,
                    "points_lps": np.round(p.points, 3).tolist(), "truth_lps": np.round(p.truth, 3).tolist()}
                   for p in pairs],
-        "records": [{**r, "errors_mm": np.round(r["errors_mm"], 3).tolist()} for r in records],
+        "records": [{**r, "errors_mm": np.round(r["errors_mm"], 3).tolist(),
+                     "predicted_lps": np.round(r["predicted_lps"], 2).tolist()} for r in records],
         "skipped": skipped,
     }
     args.out.mkdir(parents=True, exist_ok=True)

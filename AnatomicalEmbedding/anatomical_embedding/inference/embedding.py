@@ -215,11 +215,13 @@ def window_starts(size: int, window: int, overlap: float, multiple: int) -> list
 
 
 def sliding_window_coarse(model: EmbeddingModel, array: np.ndarray, window_kji: Sequence[int],
-                          overlap: float = 0.25, sigma_scale: float = 0.125) -> np.ndarray:
+                          overlap: float = 0.25, sigma_scale: float = 0.125,
+                          timings: dict[str, float] | None = None) -> np.ndarray:
     """Coarse map (C, K/s, J/s, I/s) of ``array`` (K, J, I), sizes multiples of ``size_multiple``.
 
     Window outputs are blended with Gaussian weights at coarse resolution and re-normalised to unit
     length (a weighted mean of unit vectors is shorter than 1). Fine outputs are never requested.
+    ``timings`` (when given) receives ``network_s`` (the model calls) and ``blend_s`` (everything else).
     """
     s, m = model.coarse_stride, model.size_multiple
     shape = np.asarray(array.shape)
@@ -233,18 +235,25 @@ def sliding_window_coarse(model: EmbeddingModel, array: np.ndarray, window_kji: 
     starts = [window_starts(int(shape[a]), int(win[a]), overlap, m) for a in range(3)]
     n = len(starts[0]) * len(starts[1]) * len(starts[2])
     t0 = time.perf_counter()
+    network = 0.0
     for count, (k0, j0, i0) in enumerate(
         (k, j, i) for k in starts[0] for j in starts[1] for i in starts[2]
     ):
         patch = array[k0:k0 + win[0], j0:j0 + win[1], i0:i0 + win[2]][None, None]
+        t_net = time.perf_counter()
         coarse, _ = model.embed_patch(patch, want_fine=False)
+        network += time.perf_counter() - t_net
         ck, cj, ci = k0 // s, j0 // s, i0 // s
         sl = (slice(ck, ck + win[0] // s), slice(cj, cj + win[1] // s), slice(ci, ci + win[2] // s))
         acc[(slice(None),) + sl] += coarse[0] * wmap
         wsum[sl] += wmap
         log.debug("window %d/%d", count + 1, n)
     acc /= np.maximum(np.linalg.norm(acc, axis=0, keepdims=True), 1e-12)
-    log.info("coarse map %s from %d windows of %s in %.2f s", tuple(cshape), n, tuple(win), time.perf_counter() - t0)
+    total = time.perf_counter() - t0
+    if timings is not None:
+        timings.update(network_s=network, blend_s=total - network, windows=n)
+    log.info("coarse map %s from %d windows of %s in %.2f s (network %.2f s)", tuple(cshape), n, tuple(win), total,
+             network)
     return acc
 
 
@@ -326,6 +335,8 @@ class VolumeEmbedding:
         budget = TILE_BUDGET_BYTES if tile_budget_bytes is None else int(tile_budget_bytes)
         self._max_tiles = max(MIN_TILES_IN_MEMORY, min(int(max_tiles_in_memory), budget // max(self.tile_bytes, 1)))
         self.stats = {"tiles_computed": 0, "tiles_from_disk": 0, "fine_forwards": 0}
+        #: Seconds per stage of ``embed_volume`` (checks, prepare, hash, cache read/write, network, blend).
+        self.timings: dict[str, float] = {}
         self._pad_value = float(prepared.array.min())
 
     # ---- geometry -----------------------------------------------------------------------
@@ -621,12 +632,21 @@ def embed_volume(model: EmbeddingModel, volume: Volume, cache: EmbeddingCache | 
                  config: EmbedConfig | None = None) -> VolumeEmbedding:
     """Embed ``volume``: coarse map for the whole volume (from the cache when possible), fine on demand."""
     config = config or EmbedConfig()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
     check_finite(volume, "image")  # volumes handed over directly (viewer, API) skip read_image's check
     for reason in intensity_warnings(volume.array, model.preset()):
         log.warning("%s; matches and segmentations will be unreliable", reason)
+    timings["checks_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     prepared, start, size = prepare_volume(model, volume, config)
+    timings["prepare_s"] = time.perf_counter() - t0  # reorientation, resampling, intensity preset, padding
+    t0 = time.perf_counter()
     key = cache_key(image_hash(volume), model, config)
+    timings["hash_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     coarse = cache.load_coarse(key) if cache is not None else None
+    timings["cache_read_s"] = time.perf_counter() - t0
     if coarse is not None:
         log.info("coarse map from cache %s", key[:12])
         coarse = coarse.astype(np.float32)
@@ -636,10 +656,12 @@ def embed_volume(model: EmbeddingModel, volume: Volume, cache: EmbeddingCache | 
     if coarse is None:
         window = np.asarray(config.window or model.patch_size, dtype=int)
         window = -(-window // model.size_multiple) * model.size_multiple
-        coarse = sliding_window_coarse(model, prepared.array, window[::-1], config.overlap, config.sigma_scale)
+        coarse = sliding_window_coarse(model, prepared.array, window[::-1], config.overlap, config.sigma_scale,
+                                       timings)
         if not np.isfinite(coarse).all():
             raise ValueError(f"the model produced {int((~np.isfinite(coarse)).sum())} non-finite embedding values "
                              f"for a finite image; the model is broken (not cached)")
+        t0 = time.perf_counter()
         if cache is not None:
             cache.save_coarse(key, coarse, {
                 "model_hash": model.model_hash, "backend": model.backend, "spacing": model.spacing.tolist(),
@@ -648,4 +670,7 @@ def embed_volume(model: EmbeddingModel, volume: Volume, cache: EmbeddingCache | 
             })
         # Always float16 precision (what the cache stores), so cached and fresh runs agree exactly.
         coarse = coarse.astype(np.float16).astype(np.float32)
-    return VolumeEmbedding(model, prepared, start, size, coarse, key, config, cache, source=volume)
+        timings["cache_write_s"] = time.perf_counter() - t0
+    emb = VolumeEmbedding(model, prepared, start, size, coarse, key, config, cache, source=volume)
+    emb.timings = timings
+    return emb

@@ -22,19 +22,19 @@ import io as _io
 import json
 import logging
 import os
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from anatomical_embedding.inference.backends import (CARD_NAME, INTEGRITY_NAME, ONNX_NAME, card_from_embedder,
-                                                     integrity_record, sha256_bytes, sha256_file)
+from anatomical_embedding.inference.backends import (CARD_NAME, COARSE_ONNX_NAME, INTEGRITY_NAME, ONNX_NAME,
+                                                     card_from_embedder, integrity_record, sha256_bytes, sha256_file)
 from anatomical_embedding.io import atomic_write
 
 log = logging.getLogger(__name__)
 
-COARSE_ONNX_NAME = "coarse.onnx"
 OPSET = 17
 
 
@@ -125,18 +125,27 @@ def write_package(out: Path, card: dict, members: dict[str, bytes], overwrite: b
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, checkpoint: str = "last",
-               overwrite: bool = False, opset: int = OPSET, coarse_graph: bool = True) -> Path:
+               overwrite: bool = False, opset: int = OPSET, coarse_graph: bool = True, precision: str = "fp32",
+               calibration_images: list[str] | None = None) -> Path:
     """Export a training run directory (torch checkpoint) to a ``.aemodel`` package.
 
     ``coarse_graph=False`` leaves out the coarse-only graph: the package is about half the size (the coarse
-    graph repeats the encoder's weights), and whole-volume embedding then runs the full network."""
+    graph repeats the encoder's weights), and whole-volume embedding then runs the full network.
+    ``precision`` fp16/int8 exports fp32 first, then converts it (``inference.precision``)."""
+    from anatomical_embedding.inference.precision import check_precision, convert_package
     from anatomical_embedding.training.checkpoints import load_embedder_from_run
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory not found: {run_dir}")
+    check_precision(precision, calibration_images)
     embedder, info = load_embedder_from_run(run_dir, checkpoint=checkpoint, device="cpu")
-    return export_embedder(embedder, info, out, overwrite=overwrite, opset=opset, coarse_graph=coarse_graph)
+    if precision == "fp32":
+        return export_embedder(embedder, info, out, overwrite=overwrite, opset=opset, coarse_graph=coarse_graph)
+    out = Path(out)
+    with tempfile.TemporaryDirectory(prefix="ae_export_", dir=out.parent if out.parent.is_dir() else None) as tmp:
+        fp32 = export_embedder(embedder, info, Path(tmp) / "fp32.aemodel", opset=opset, coarse_graph=coarse_graph)
+        return convert_package(fp32, out, precision, calibration_images, overwrite=overwrite)
 
 
 def verify_parity(package: str | os.PathLike, embedder: Any, size_kji=(32, 48, 64), seed: int = 0) -> float:
