@@ -109,3 +109,23 @@ def test_bad_precision_arguments_are_refused_before_work(packages, tmp_path, cap
                  "--calibration-images", str(tmp_path / "missing.nii.gz")]) == 2
     assert "not found" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_torch_bf16_autocast_on_cpu_stays_close_to_fp32_and_has_its_own_cache_key():
+    from test_embedding import CARD, blob_volume, tiny_aefm
+
+    from anatomical_embedding.inference.backends import TorchModel
+    from anatomical_embedding.inference.embedding import embed_volume
+
+    net = tiny_aefm(0)
+    fp32, bf16 = TorchModel(net, CARD, device="cpu"), TorchModel(net, CARD, device="cpu", precision="bf16")
+    assert bf16.model_hash != fp32.model_hash  # cached fp32 maps are never served for bf16, nor the reverse
+    vol = blob_volume()
+    a, b = embed_volume(fp32, vol), embed_volume(bf16, vol)
+    assert not np.array_equal(a.coarse, b.coarse)  # autocast really ran
+    cos = _cos(a.coarse[None], b.coarse[None])
+    fine = _cos(a.fine_block([4, 8, 12], [20, 20, 20])[None], b.fine_block([4, 8, 12], [20, 20, 20])[None])
+    print(f"bf16 vs fp32 cosine: coarse mean {cos.mean():.5f} min {cos.min():.5f}; fine mean {fine.mean():.5f}")
+    assert cos.mean() > 0.999 and fine.mean() > 0.995
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        TorchModel(net, CARD, device="cpu", precision="fp16")

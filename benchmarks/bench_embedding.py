@@ -63,22 +63,24 @@ def one(cfg: dict) -> dict:
     torch.manual_seed(0)
     net = AEFMUNet(cfg["net"]["widths"], cfg["net"]["feature_dim"])
     card = dict(CARD, patch_size=[cfg["window"]] * 3)
+    precision = cfg.get("precision", "fp32")
     if cfg["backend"] == "onnxruntime":
-        model = OnnxModel(cfg["package"], device=cfg["device"], threads=threads)
+        model = OnnxModel(cfg["packages"][precision], device=cfg["device"], threads=threads)
     else:
-        model = TorchModel(net, card, device=cfg["device"])
+        model = TorchModel(net, card, device=cfg["device"], precision=precision)
     shape = cfg["shape_kji"]
     arr = ct_like(shape)
     src = Volume(arr, spacing=(1.0, 1.0, 1.0))
     tgt = Volume(arr, spacing=(1.0, 1.0, 1.0), origin=(7.0, -5.0, 3.0))
     ecfg = EmbedConfig(window=(cfg["window"],) * 3)
-    out = {"backend": model.backend, "device": model.device, "shape_kji": shape, "threads": threads,
-           "window": cfg["window"]}
+    out = {"backend": model.backend, "device": model.device, "precision": precision, "shape_kji": shape,
+           "threads": threads, "window": cfg["window"]}
     with tempfile.TemporaryDirectory() as tmp:
         cache = EmbeddingCache(tmp)
         t0 = time.perf_counter()
         s = embed_volume(model, src, cache, ecfg)
         out["embed_s"] = time.perf_counter() - t0
+        out["stages_s"] = {k: round(v, 3) for k, v in s.timings.items()}  # where the time went
         from anatomical_embedding.inference.embedding import window_starts
 
         out["windows"] = int(np.prod([len(window_starts(-(-n // 16) * 16, min(cfg["window"], -(-n // 16) * 16), 0.25, 16))
@@ -123,6 +125,11 @@ def one(cfg: dict) -> dict:
     return out
 
 
+def _label(r: dict) -> str:
+    p = r.get("precision", "fp32")
+    return r["backend"] if p == "fp32" else f"{r['backend']} {p}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     size = ap.add_mutually_exclusive_group()
@@ -137,6 +144,10 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", nargs="+", metavar="K,J,I",
                     help="volumes to embed instead of the mode's (e.g. 300,512,512 for one CT-sized volume)")
     ap.add_argument("--clicks", type=int, default=10)
+    ap.add_argument("--precisions", nargs="+", choices=("fp32", "bf16", "int8"), default=["fp32"],
+                    help="bf16: torch autocast on the CPU; int8: an ONNX Runtime package quantised on CT-like "
+                         "windows (export --precision int8). Each applies to the backend that has it")
+    ap.add_argument("--name", default="embedding", help="results file name (default embedding: OUT/embedding.md)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -167,6 +178,16 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     pkg = export_embedder(AEFMUNet(net["widths"], net["feature_dim"]), dict(CARD, patch_size=[window] * 3),
                           tmp / "aefm.aemodel")
+    packages = {"fp32": str(pkg)}
+    if "int8" in args.precisions:
+        from anatomical_embedding.inference.precision import convert_package
+        from anatomical_embedding.io import Volume, write_image
+
+        calib = []
+        for seed in (11, 12):
+            calib.append(tmp / f"calib{seed}.nii.gz")
+            write_image(Volume(ct_like([2 * window] * 3, seed=seed), spacing=(1.0, 1.0, 1.0)), calib[-1])
+        packages["int8"] = str(convert_package(pkg, tmp / "aefm_int8.aemodel", "int8", calib))
     configs = [] if args.device == "cuda" else [(b, "cpu") for b in args.backends]
     if gpu:
         import onnxruntime
@@ -177,10 +198,13 @@ def main(argv=None) -> int:
     results = []
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     for shape in shapes:
-        for backend, device in configs:
-            cfg = {"backend": backend, "device": device, "package": str(pkg), "net": net, "threads": args.threads,
-                   "shape_kji": shape, "window": window, "clicks": clicks if shape == shapes[0] else 0}
-            print(f"running {backend} on {device}, {shape} ...", flush=True)
+        runs = [(b, d, p) for b, d in configs for p in args.precisions
+                if p == "fp32" or (p == "bf16" and b == "torch" and d == "cpu") or (p == "int8" and b == "onnxruntime")]
+        for backend, device, precision in runs:
+            cfg = {"backend": backend, "device": device, "packages": packages, "net": net, "threads": args.threads,
+                   "shape_kji": shape, "window": window, "clicks": clicks if shape == shapes[0] else 0,
+                   "precision": precision}
+            print(f"running {backend} {precision} on {device}, {shape} ...", flush=True)
             t0 = time.perf_counter()
             if args.smoke:  # one process for all: saves a torch import per configuration (peak RSS is shared)
                 res = one(cfg)
@@ -211,24 +235,30 @@ def main(argv=None) -> int:
             for big in ([256, 256, 256], [300, 512, 512]):
                 n = int(np.prod([len(window_starts(-(-s // 16) * 16, 96, 0.25, 16)) for s in big]))
                 w96 = per_window * (96 / window) ** 3
-                extrap.append({"backend": r["backend"], "device": r["device"], "shape_kji": big, "windows_96": n,
+                extrap.append({"backend": _label(r), "device": r["device"], "shape_kji": big, "windows_96": n,
                                "embed_s_extrapolated": round(n * w96, 1)})
     mode = " --smoke" if args.smoke else " --quick" if args.quick else ""
     if args.backends != ["torch", "onnxruntime"]:
         mode += " --backends " + " ".join(args.backends)
     if args.shapes:
         mode += " --shapes " + " ".join(args.shapes)
+    if args.precisions != ["fp32"]:
+        mode += " --precisions " + " ".join(args.precisions)
+    if args.clicks != 10:
+        mode += f" --clicks {args.clicks}"
+    if args.name != "embedding":
+        mode += f" --name {args.name}"
     meta = machine_description(args.threads)
     meta.update(quick=args.quick, smoke=args.smoke, net=net, command=f"python benchmarks/bench_embedding.py{mode}")
     failed = [r for r in results if "error" in r]
     rows = []
     for r in results:
         if "error" in r:
-            rows.append([r["backend"], r["device"], r["shape_kji"], "error"] + [""] * 9)
+            rows.append([_label(r), r["device"], r["shape_kji"], "error"] + [""] * 9)
             continue
         nan = float("nan")
         rows.append([
-            r["backend"], r["device"], r["shape_kji"], r["window"], r["windows"], f"{r['embed_s']:.1f}",
+            _label(r), r["device"], r["shape_kji"], r["window"], r["windows"], f"{r['embed_s']:.1f}",
             f"{r['embed_cached_s']:.2f}",
             f"{r.get('cache_mb_per_volume_with_tiles', r['cache_mb_per_volume_coarse']):.1f}",
             f"{r['peak_rss_mb']:.0f}", f"{r.get('prior_fit_s', nan):.2f}",
@@ -251,7 +281,15 @@ def main(argv=None) -> int:
                  "peak RSS: the configuration's own process. ")
               + "Cold clicks compute fine tiles, warm clicks reuse them.",
               "", "SAM reports 0.23 s per match on a GPU; the goal here is < 50 ms per click on a 2-core CPU."]
-    write_results(args.out, "embedding", {"meta": meta, "results": results, "extrapolated": extrap}, lines)
+    staged = [r for r in results if "stages_s" in r]
+    if staged:
+        keys = ("prepare_s", "hash_s", "network_s", "blend_s", "cache_write_s")
+        lines += ["", "Where the embedding time went (seconds; prepare = reorientation, resampling, intensity preset "
+                  "and padding; blend = window extraction, Gaussian blending and normalisation):", "",
+                  *md_table(["backend", "volume (k,j,i)", *[k[:-2] for k in keys], "embed s"],
+                            [[_label(r), r["shape_kji"], *[f"{r['stages_s'].get(k, 0.0):.2f}" for k in keys],
+                              f"{r['embed_s']:.1f}"] for r in staged])]
+    write_results(args.out, args.name, {"meta": meta, "results": results, "extrapolated": extrap}, lines)
     print("\n".join(lines))
     return 1 if failed else 0
 
