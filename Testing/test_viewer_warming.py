@@ -55,8 +55,8 @@ def stored(markups) -> list:
     return list(zip(names, lps.tolist(), [json.dumps(s, sort_keys=True) for s in scores]))
 
 
-def test_warming_follows_preparation_yields_to_new_jobs_and_keeps_clicks_exact(viewer, package, mrml_scene,  # noqa: F811
-                                                                               pair, tmp_path):  # noqa: F811
+def test_warming_follows_preparation_yields_to_new_jobs_and_keeps_clicks_exact(  # noqa: F811 - fixtures
+        viewer, package, mrml_scene, pair, tmp_path):
     source, target = load_pair(mrml_scene, pair)
     src, dst = source["volume"], target["volume"]
     names, src_lps = mrml.markups_node_to_points(source["landmarks"])

@@ -231,7 +231,8 @@ class Matcher:
             return []
         pts = pts[self.source.inside(self.source.world_to_index(pts))]
         prior = self.prior if use_prior else None
-        src_reach = fine_reach_mm(self.source, self.config) + self.source.stride * float(np.max(self.source.prepared.spacing))
+        cell_mm = self.source.stride * float(np.max(self.source.prepared.spacing))
+        src_reach = fine_reach_mm(self.source, self.config) + cell_mm
         out: list[tuple[VolumeEmbedding, list[tuple[int, int, int]]]] = []
         for p in pts:
             q = self.source.world_to_index(p)[0]
