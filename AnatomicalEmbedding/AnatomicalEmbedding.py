@@ -218,6 +218,7 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def cleanup(self) -> None:
         if self._job is not None:
             self._job.cancel()
+        self.logic.cancelWarming()
         if self._timer is not None:
             self._timer.stop()
         self.logic.stopClickToCorrespond()
@@ -325,11 +326,14 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def onPollJob(self) -> None:
         self.logic.pollClickJobs()  # click matches run in the worker; their results are written here
-        if self.logic.clickJobsPending():
+        warming = self.logic.warmingJob()
+        if self._job is None and (self.logic.clickJobsPending() or warming is not None):
             self.logic.yieldToWorker()
+        if warming is not None:  # quiet: the main window's status bar, no progress bar or Cancel
+            slicer.util.showStatusMessage(warming.message, 1000)
         job = self._job
         if job is None:
-            if not self.logic.clickToCorrespondActive() and not self.logic.clickJobsPending():
+            if not (self.logic.clickToCorrespondActive() or self.logic.clickJobsPending() or warming is not None):
                 self._timer.stop()
             return
         self.ui.progressBar.setValue(int(100 * job.progress))
@@ -337,9 +341,7 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if not job.done():
             self.logic.yieldToWorker()  # PythonQt holds the interpreter lock while idle: let the worker run
             return
-        if not self.logic.clickToCorrespondActive():
-            self._timer.stop()  # (click mode keeps it: it polls the click matches)
-        self._job = None
+        self._job = None  # (the next tick stops the timer unless click mode or tile warming still needs it)
         self.ui.progressBar.setVisible(False)
         self.ui.cancelButton.setEnabled(False)
         try:
@@ -373,7 +375,8 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if self.logic.isPrepared(p.sourceVolume, targets, bothWays):
             after()
             return
-        self._runJob(self.logic.prepareCorrespondenceAsync(p.sourceVolume, targets, bothWays), after)
+        self._runJob(self.logic.prepareCorrespondenceAsync(p.sourceVolume, targets, bothWays, p.sourceLandmarks),
+                     after)
 
     def onEmbed(self) -> None:
         self._embedThen(lambda: self.ui.statusLabel.setText("Source and target are embedded."))

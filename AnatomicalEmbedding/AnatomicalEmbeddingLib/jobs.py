@@ -52,11 +52,16 @@ class BackgroundJob:
 
 
 class JobWorker:
-    """The single worker thread that runs :class:`BackgroundJob` functions in submission order."""
+    """The single worker thread that runs :class:`BackgroundJob` functions in submission order.
+
+    At most one *background* job (low priority: warming fine tiles) is known at a time; submitting any other
+    job cancels it first, so it never delays work the user asked for (it stops before its next tile).
+    """
 
     def __init__(self, threadNamePrefix: str) -> None:
         self.threadNamePrefix = threadNamePrefix
         self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._background: Optional[BackgroundJob] = None
 
     def executor(self) -> concurrent.futures.ThreadPoolExecutor:
         # One worker: jobs run in order, and the network is never run twice at once. Started on first use.
@@ -64,7 +69,13 @@ class JobWorker:
             self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=self.threadNamePrefix)
         return self._executor
 
-    def submit(self, job: BackgroundJob, fn: Callable) -> BackgroundJob:
+    def submit(self, job: BackgroundJob, fn: Callable, background: bool = False) -> BackgroundJob:
+        """Queue ``fn`` for ``job``; a user job (``background=False``) preempts the background job (see
+        :meth:`preemptBackground`), and a background job replaces the previous one (cancelled)."""
+        self.preemptBackground()
+        if background:
+            self._background = job
+
         def run():
             t0 = time.perf_counter()
             job.report(0.0, "started")
@@ -75,6 +86,19 @@ class JobWorker:
                 job.seconds = time.perf_counter() - t0
         job.future = self.executor().submit(run)
         return job
+
+    def preemptBackground(self) -> Optional[BackgroundJob]:
+        """Cancel the background job if it is queued or running; returns it then (None otherwise)."""
+        job, self._background = self._background, None
+        if job is None or job.done():
+            return None
+        job.cancel()
+        return job
+
+    def backgroundJob(self) -> Optional[BackgroundJob]:
+        """The background job while it is queued or running, else None."""
+        job = self._background
+        return job if job is not None and not job.done() else None
 
     #: Seconds the poll timer's slot gives the worker thread per tick (kept well under the 50 ms GUI budget).
     YIELD_SECONDS = 0.02

@@ -17,6 +17,11 @@ from AnatomicalEmbeddingLib.engine_model import _EngineModel
 from AnatomicalEmbeddingLib.jobs import BackgroundJob, JobWorker
 from AnatomicalEmbeddingLib.views import HEATMAP_ATTRIBUTE
 
+#: Volumes with at most this many fine tiles get every tile warmed in the background (after the tiles around the
+#: likely clicks); bigger ones only around the likely clicks. 512 tiles of 32^3 voxels are a 256^3 volume at the
+#: model spacing: minutes of background work for a big network on a CPU, and within the disk cache's budget.
+DEFAULT_MAX_PRECOMPUTED_TILES = 512
+
 #: GUI backend names (the parameter node's ``backend`` choices) -> engine backend names (``backends.open_model``).
 ENGINE_BACKEND = {"ONNX Runtime": "onnxruntime", "torch": "torch"}
 
@@ -44,9 +49,10 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         self.usePrior = True
         #: Sliding-window and fine-tile settings (engine defaults; part of the cache key).
         self.embedConfig = self._defaultEmbedConfig()
-        #: Volumes with at most this many fine tiles get all of them computed in the background, so that no click
-        #: runs the network on the GUI thread. None (default): every volume; tiles are computed one by one within the tile budget and read back from the disk cache.
-        self.maxPrecomputedTiles: Optional[int] = None
+        #: After an embedding job, a low-priority warming job computes the fine tiles around the source points and
+        #: their predicted matches, then every tile of volumes with at most this many (None: every volume). Tiles go
+        #: one by one within the memory budget and to the disk cache; any other job preempts the warming.
+        self.maxPrecomputedTiles: Optional[int] = DEFAULT_MAX_PRECOMPUTED_TILES
         self._cache = None
         self._embeddings: dict = {}   # volume node ID -> (geometry/content stamp, VolumeEmbedding)
         self._matchers: dict = {}     # (source ID, target ID) -> Matcher
@@ -57,6 +63,8 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         #: blocking default). The GUI thread then only reads the point, and later writes the result.
         self.matchInBackground = False
         self._clickJobs: list = []
+        #: Submits the warming job again (after a user job preempted it; tiles already warmed are skipped).
+        self._warmResume: Optional[Callable[[], BackgroundJob]] = None
 
     def getParameterNode(self):
         if self.parameterNodeClass is None:
@@ -138,6 +146,7 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
             raise ValueError(f"unknown backend {backend!r}; choose one of {list(ENGINE_BACKEND)}")
         model = open_model(path, backend=ENGINE_BACKEND[backend], device=device)
         if self.model is None or self.model.model_hash != model.model_hash:
+            self.cancelWarming()
             self._embeddings.clear()
             self._matchers.clear()
         self.model = _EngineModel(model)
@@ -185,7 +194,12 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         return self._jobs.executor()
 
     def _submit(self, job: BackgroundJob, fn: Callable) -> BackgroundJob:
-        return self._jobs.submit(job, fn)
+        """Queue a user job: it preempts tile warming, which resumes behind it (so warming never delays it)."""
+        preempted = self._jobs.preemptBackground()
+        self._jobs.submit(job, fn)
+        if preempted is not None and self._warmResume is not None:
+            self._warmResume()
+        return job
 
     def yieldToWorker(self, seconds: Optional[float] = None) -> None:
         """Poll timer slot: give the worker thread the interpreter lock for a moment (see JobWorker)."""
@@ -197,6 +211,7 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
 
     def forgetScene(self) -> None:
         """Drop in-memory embeddings and matchers (scene closed); the disk cache stays."""
+        self.cancelWarming()
         self._embeddings.clear()
         self._matchers.clear()
 
@@ -231,9 +246,9 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
     def _embedWork(self, volumeNode, job: BackgroundJob) -> tuple:
         """Read the node (main thread); return (worker function, store function) for one volume.
 
-        The worker embeds the coarse map and, for volumes of at most ``maxPrecomputedTiles`` fine tiles,
-        every fine tile too, so that later clicks are pure numpy (well under a second). Larger volumes get
-        their fine tiles on demand around each click (both are cached on disk).
+        The worker embeds the coarse map only, so the user can click as soon as it is done; fine tiles come from
+        the warming job started after it (:meth:`warmTilesAsync`) or on demand around a click (both are cached
+        on disk).
         """
         from anatomical_embedding import mrml
         from anatomical_embedding.inference.embedding import embed_volume, window_starts
@@ -249,26 +264,17 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         window = -(-np.asarray(config.window or model.patch_size) // m) * m
         nCoarse = int(np.prod([len(window_starts(int(s), int(min(w, s)), config.overlap, m))
                                for s, w in zip(shape, window)]))
-        nTiles = int(np.prod(-(-shape // config.fine_tile)))
-        precompute = self.maxPrecomputedTiles is None or nTiles <= self.maxPrecomputedTiles
-        total = nCoarse + (nTiles if precompute else 0)
         count = [0]
 
         def hook():
             job.check()
             count[0] += 1
-            stage = "coarse window" if count[0] <= nCoarse else "fine tile"
-            job.report(min(0.99, count[0] / max(total, 1)), f"embedding {name}: {stage} {count[0]}/{total}")
+            job.report(min(0.99, count[0] / max(nCoarse, 1)), f"embedding {name}: coarse window {count[0]}/{nCoarse}")
 
         def work():
             model.set_hook(hook)
             try:
-                emb = embed_volume(model, volume, self.cache, config)
-                if precompute and (emb.cache is not None or nTiles <= emb.max_tiles_in_memory):
-                    # Tile by tile, within the tile budget (never channels x every voxel at once: a 1000-channel
-                    # imported model would need 8 GB for a 200x200x50 region); tiles go to the disk cache.
-                    emb.precompute_fine_tiles(check=job.check)
-                return emb
+                return embed_volume(model, volume, self.cache, config)
             finally:
                 model.set_hook(None)
 
@@ -300,16 +306,27 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         return emb
 
     def embedVolumeAsync(self, volumeNode) -> BackgroundJob:
-        """Embed a volume node in the worker thread; poll ``job.done()`` and call :meth:`finishJob`."""
+        """Embed a volume node in the worker thread; poll ``job.done()`` and call :meth:`finishJob`, which starts
+        warming its fine tiles (:meth:`warmTilesAsync`)."""
         job = BackgroundJob(f"Embedding {volumeNode.GetName()}")
-        return self._submit(job, self._embedJob(volumeNode, job))
+        work, store = self._embedWork(volumeNode, job)
 
-    def prepareCorrespondenceAsync(self, sourceVolume, targetVolumes: Sequence, bothWays: bool = False
-                                   ) -> BackgroundJob:
-        """One background job that embeds what is missing and fits the robust prior of each pair.
+        def finish(emb):
+            store(emb)
+            self.warmTilesAsync(volumeNode, [])
+            return emb
 
-        After :meth:`finishJob`, clicks between these volumes only search (no network, no prior fit).
-        ``bothWays`` also prepares target -> source (click mode: a click in a target view matches back).
+        job.finish = finish
+        return self._submit(job, work)
+
+    def prepareCorrespondenceAsync(self, sourceVolume, targetVolumes: Sequence, bothWays: bool = False,
+                                   sourceMarkups=None) -> BackgroundJob:
+        """One background job that embeds what is missing (coarse maps) and fits the robust prior of each pair.
+
+        After :meth:`finishJob`, clicks between these volumes run no prior fit and no coarse embedding; the
+        finish step starts warming the fine tiles a click will need, around ``sourceMarkups``'s points first
+        (:meth:`warmTilesAsync`). ``bothWays`` also prepares target -> source (click mode: a click in a target
+        view matches back).
         """
         job = BackgroundJob("Preparing correspondence")
         volumes = [sourceVolume] + [t for t in targetVolumes if t is not sourceVolume]
@@ -345,10 +362,85 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
             for volume, (_, store) in zip(pending, parts):
                 store(embs[volume.GetID()])
             self._matchers.update(matchers)
+            self.warmTilesAsync(sourceVolume, volumes[1:], sourceMarkups)
             return matchers
 
         job.finish = finish
         return self._submit(job, work)
+
+    # ---- warming fine tiles -----------------------------------------------------------------------
+    def warmTilesAsync(self, sourceVolume, targetVolumes: Sequence = (), sourceMarkups=None) -> BackgroundJob:
+        """Start the low-priority job that computes fine tiles before the clicks need them; returns it.
+
+        Order: for each prepared (source, target) pair, the tiles around each point of ``sourceMarkups`` and
+        around its predicted match (:meth:`Matcher.likely_tiles`, the same regions a click searches); then every
+        tile of each volume with at most ``maxPrecomputedTiles`` of them. It replaces an earlier warming job, any
+        other job preempts it (it resumes behind that job), and a click during it stays exact: tiles are locked
+        one by one, and a tile is the same whoever computes it. Progress goes to ``job.message`` only (quiet).
+        """
+        from anatomical_embedding import mrml
+
+        volumes = [sourceVolume] + [t for t in targetVolumes if t is not sourceVolume]
+        embs = [self._embeddings[v.GetID()][1] for v in volumes if self.isEmbedded(v)]
+        matchers = [self._matchers[key] for key in ((sourceVolume.GetID(), t.GetID()) for t in volumes[1:])
+                    if key in self._matchers]
+        points = np.zeros((0, 3))
+        if sourceMarkups is not None and sourceMarkups.GetNumberOfControlPoints():
+            points = mrml.markups_node_to_points(sourceMarkups)[1]
+        plan = (embs, matchers, points, self.usePrior, self.maxPrecomputedTiles)
+
+        def start() -> BackgroundJob:
+            job = BackgroundJob("Warming fine tiles")
+            self._jobs.submit(job, self._warmWork(job, *plan), background=True)
+            job.future.add_done_callback(lambda future: self._logWarmOutcome(job))
+            return job
+
+        self._warmResume = start
+        return start()
+
+    @staticmethod
+    def _warmWork(job: BackgroundJob, embs: list, matchers: list, points: np.ndarray, usePrior: bool,
+                  maxTiles: Optional[int]) -> Callable[[], int]:
+        """The warming job's worker function: likely tiles first, then whole volumes within ``maxTiles``."""
+
+        def chunks() -> list:
+            out = [c for m in matchers for c in (m.likely_tiles(points, use_prior=usePrior) if len(points) else [])]
+            for emb in embs:
+                tiles = emb.all_tiles()
+                if maxTiles is None or len(tiles) <= maxTiles:
+                    out.append((emb, tiles))
+            return out
+
+        def work() -> int:
+            plan = chunks()
+            computed = 0
+            for n, (emb, tiles) in enumerate(plan):
+                job.report(n / max(len(plan), 1), f"warming fine tiles: {computed} computed")
+                computed += emb.warm_tiles(tiles, check=job.check)
+            job.report(1.0, f"fine tiles warm: {computed} computed")
+            return computed
+
+        return work
+
+    @staticmethod
+    def _logWarmOutcome(job: BackgroundJob) -> None:
+        """Worker thread, when the warming job ends: nobody collects it, so its errors are logged here."""
+        error = job.future.exception()
+        if error is None:
+            logging.info("%s: %s in %.1f s", job.description, job.message, job.seconds)
+        elif isinstance(error, InterruptedError):
+            logging.debug("%s: preempted after %.1f s", job.description, job.seconds)
+        else:
+            logging.warning("%s failed (clicks compute their tiles on demand): %s", job.description, error)
+
+    def warmingJob(self) -> Optional[BackgroundJob]:
+        """The warming job while it is queued or running, else None."""
+        return self._jobs.backgroundJob()
+
+    def cancelWarming(self) -> None:
+        """Stop warming for good (scene closed, another model): it will not resume."""
+        self._warmResume = None
+        self._jobs.preemptBackground()
 
     # ---- matching ---------------------------------------------------------------------------------
     def matcher(self, sourceVolume, targetVolume):

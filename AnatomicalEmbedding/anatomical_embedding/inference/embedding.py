@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -316,6 +317,10 @@ class VolumeEmbedding:
 
     Fine tiles in memory are bounded by ``max_tiles_in_memory`` and by ``tile_budget_bytes`` (least recently
     used tiles are dropped; the disk cache keeps them).
+
+    Thread safety: the tile dict and tile computation are guarded by one re-entrant lock, taken per tile, so a
+    warming thread (:meth:`warm_tiles`) and a click (:meth:`fine_block`) never compute the same tile twice and a
+    click waits at most for the one tile being computed.
     """
 
     def __init__(self, model: EmbeddingModel, prepared: Volume, valid_start: np.ndarray, valid_size: np.ndarray,
@@ -337,6 +342,8 @@ class VolumeEmbedding:
         self.stats = {"tiles_computed": 0, "tiles_from_disk": 0, "fine_forwards": 0}
         #: Seconds per stage of ``embed_volume`` (checks, prepare, hash, cache read/write, network, blend).
         self.timings: dict[str, float] = {}
+        # Re-entrant: fine_block holds it around a tile while _get_tile / _compute_tiles take it again.
+        self._lock = threading.RLock()
         self._pad_value = float(prepared.array.min())
 
     # ---- geometry -----------------------------------------------------------------------
@@ -441,16 +448,17 @@ class VolumeEmbedding:
                 for a in range(a0[0], a1[0] + 1)]
 
     def _get_tile(self, t: tuple[int, int, int]) -> np.ndarray | None:
-        if t in self._tiles:
-            self._tiles.move_to_end(t)
-            return self._tiles[t]
-        if self.cache is not None:
-            block = self.cache.load_tile(self.key, t)
-            if block is not None:
-                self.stats["tiles_from_disk"] += 1
-                self._remember(t, block)
-                return block
-        return None
+        with self._lock:
+            if t in self._tiles:
+                self._tiles.move_to_end(t)
+                return self._tiles[t]
+            if self.cache is not None:
+                block = self.cache.load_tile(self.key, t)
+                if block is not None:
+                    self.stats["tiles_from_disk"] += 1
+                    self._remember(t, block)
+                    return block
+            return None
 
     @property
     def tile_bytes(self) -> int:
@@ -461,37 +469,81 @@ class VolumeEmbedding:
     def max_tiles_in_memory(self) -> int:
         return self._max_tiles
 
+    def tiles_in_memory(self) -> list[tuple[int, int, int]]:
+        """The fine tiles held in memory now, least recently used first (a snapshot)."""
+        with self._lock:
+            return list(self._tiles)
+
     def all_tiles(self) -> list[tuple[int, int, int]]:
         """Every fine tile that touches the valid (image) box."""
         return self._tile_range(self.valid_start, self.valid_size)
 
-    def precompute_fine_tiles(self, check: Callable[[], None] | None = None) -> int:
-        """Compute every fine tile of the image (each one written to the disk cache when there is one).
+    def tiles_near(self, points_lps: np.ndarray, radius_mm: float) -> list[tuple[int, int, int]]:
+        """Fine tiles of the image whose voxel box lies within ``radius_mm`` of any of the world (LPS) points,
+        nearest first (ties in tile order), for :meth:`warm_tiles`.
 
-        Unlike ``fine_block`` over the whole image, nothing of size channels x voxels is allocated: memory stays
-        within the tile budget (least recently used tiles drop out; they are read back from disk when needed).
-        ``check`` is called between tiles (cancel). Returns the number of tiles computed (not found in a cache).
+        The distance is from the point to the nearest voxel centre of the tile (0 inside it), in mm on the
+        prepared grid, so ``radius_mm`` = the reach of a search around a point gives every tile it can read.
         """
-        before = self.stats["tiles_computed"]
-        for t in self.all_tiles():
+        pts = np.atleast_2d(np.asarray(points_lps, dtype=np.float64))
+        tiles = self.__dict__.get("_all_tiles_array")
+        if tiles is None:  # the geometry never changes; a CT has thousands of tiles and this runs per point
+            tiles = self.__dict__["_all_tiles_array"] = np.asarray(self.all_tiles(), dtype=int).reshape(-1, 3)
+        if not len(pts) or not len(tiles):
+            return []
+        T = self.config.fine_tile
+        ijk = self.world_to_index(pts)                                 # (P, 3)
+        lo, hi = tiles * T, tiles * T + T - 1                          # (N, 3) voxel boxes
+        gap = np.maximum(lo[:, None] - ijk[None], 0) + np.maximum(ijk[None] - hi[:, None], 0)  # (N, P, 3)
+        dist = np.linalg.norm(gap * self.prepared.spacing, axis=-1).min(axis=1)
+        keep = np.flatnonzero(dist <= radius_mm)
+        order = keep[np.argsort(dist[keep], kind="stable")]
+        return [tuple(int(v) for v in tiles[n]) for n in order]
+
+    def warm_tiles(self, tiles: Iterable[tuple[int, int, int]], check: Callable[[], None] | None = None) -> int:
+        """Compute the given tiles in order (most wanted first) unless memory or the disk cache holds them.
+
+        Safe to run in a background thread while clicks read tiles: the lock is taken per tile, never for the
+        whole loop, so a click waits at most for one tile and then computes only what is still missing. A
+        warmed tile never evicts one from memory (those are the ones clicks read, or more wanted ones warmed
+        earlier): once memory is full the rest go to the disk cache only, or, without a disk cache, warming
+        stops. ``check`` is called before each tile (raise to cancel). Returns the number of tiles computed here.
+        """
+        computed = 0
+        for t in dict.fromkeys(tuple(int(v) for v in t) for t in tiles):
             if check is not None:
                 check()
-            if t in self._tiles:
-                continue
-            if self.cache is not None and self.cache.has_tile(self.key, t):
-                continue
-            self._compute_tiles([t])
-        return self.stats["tiles_computed"] - before
+            with self._lock:
+                if t in self._tiles or (self.cache is not None and self.cache.has_tile(self.key, t)):
+                    continue
+                room = len(self._tiles) < self._max_tiles
+                if not room and self.cache is None:
+                    break
+                self._compute_tiles([t], remember=room)
+                computed += 1
+        return computed
+
+    def precompute_fine_tiles(self, check: Callable[[], None] | None = None) -> int:
+        """Compute every fine tile of the image (each one written to the disk cache when there is one; without
+        one, only as many as memory holds).
+
+        :meth:`warm_tiles` over :meth:`all_tiles`: unlike ``fine_block`` over the whole image, nothing of size
+        channels x voxels is allocated, and memory stays within the tile budget. ``check`` is called between
+        tiles (cancel). Returns the number of tiles computed (not found in a cache).
+        """
+        return self.warm_tiles(self.all_tiles(), check)
 
     def clear_fine_tiles(self) -> None:
         """Forget the fine tiles held in memory (the disk cache is untouched), e.g. to time a second matching
         run as if the volume had just been embedded."""
-        self._tiles.clear()
+        with self._lock:
+            self._tiles.clear()
 
     def _remember(self, t: tuple[int, int, int], block: np.ndarray) -> None:
-        self._tiles[t] = block.astype(np.float16, copy=False)
-        while len(self._tiles) > self._max_tiles:
-            self._tiles.popitem(last=False)
+        with self._lock:
+            self._tiles[t] = block.astype(np.float16, copy=False)
+            while len(self._tiles) > self._max_tiles:
+                self._tiles.popitem(last=False)
 
     def ensure_tiles(self, tiles: Iterable[tuple[int, int, int]]) -> None:
         """Compute the missing tiles, each from its own canonical window.
@@ -502,10 +554,19 @@ class VolumeEmbedding:
         in the source and the target.
         """
         for t in dict.fromkeys(tiles):
-            if self._get_tile(t) is None:
-                self._compute_tiles([t])
+            with self._lock:  # per tile: a warming thread gets the lock between two tiles
+                if self._get_tile(t) is None:
+                    self._compute_tiles([t])
 
-    def _compute_tiles(self, tiles: list[tuple[int, int, int]]) -> None:
+    def _compute_tiles(self, tiles: list[tuple[int, int, int]], remember: bool = True) -> dict:
+        """Run the network on the window of ``tiles`` (callers pass one tile: its canonical window).
+
+        Returns the blocks by tile; ``remember=False`` writes them to the disk cache only (warming a full memory).
+        """
+        with self._lock:
+            return self._compute_tiles_locked(tiles, remember)
+
+    def _compute_tiles_locked(self, tiles: list[tuple[int, int, int]], remember: bool) -> dict:
         T, M, m = self.config.fine_tile, self.config.fine_margin, self.model.size_multiple
         arr = np.asarray(tiles)
         lo = arr.min(0) * T - M                          # (i, j, k) voxel start of the window
@@ -515,13 +576,17 @@ class VolumeEmbedding:
         _, fine = self.model.embed_patch(window[None, None], want_fine=True)
         self.stats["fine_forwards"] += 1
         fine = fine[0]
+        out = {}
         for t in tiles:
             o = np.asarray(t) * T - lo
             block = fine[:, o[2]:o[2] + T, o[1]:o[1] + T, o[0]:o[0] + T]
             self.stats["tiles_computed"] += 1
-            self._remember(tuple(t), block)
+            out[tuple(t)] = block = block.astype(np.float16)  # what memory and the disk cache hold
+            if remember:
+                self._remember(tuple(t), block)
             if self.cache is not None:
                 self.cache.save_tile(self.key, t, block)
+        return out
 
     def _extract(self, start_ijk: np.ndarray, size_ijk: np.ndarray) -> np.ndarray:
         """(k, j, i) block of the prepared array; outside is background (the pad value)."""
@@ -548,10 +613,10 @@ class VolumeEmbedding:
         self.ensure_tiles(tiles)
         out = np.empty((self.model.fine_channels, size[2], size[1], size[0]), dtype=np.float32)
         for t in tiles:
-            block = self._get_tile(t)
-            if block is None:  # evicted from memory between ensure and here: recompute this one
-                self._compute_tiles([t])
-                block = self._tiles[t]
+            with self._lock:
+                block = self._get_tile(t)
+                if block is None:  # evicted from memory between ensure and here: recompute this one
+                    block = self._compute_tiles([t])[t]
             t0 = np.asarray(t) * T
             a = np.maximum(start, t0)
             b = np.minimum(end, t0 + T)

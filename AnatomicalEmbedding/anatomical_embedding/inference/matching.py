@@ -211,6 +211,68 @@ class Matcher:
             raise ValueError("heatmap needs a reference volume")
         return resample_like(self.target.coarse_volume(sim, u), ref, default_value=-1.0)
 
+    def likely_tiles(self, points: np.ndarray, frame: Frame = "LPS", use_prior: bool = True,
+                     with_raw: bool = False) -> list[tuple[VolumeEmbedding, list[tuple[int, int, int]]]]:
+        """The fine tiles that matching ``points`` (source, e.g. its landmarks) will read, for warming.
+
+        Returns (embedding, tiles) chunks in priority order, two per point (its source tiles, then its target
+        tiles), nearest first within each; points outside the source are skipped. Only coarse maps and the prior
+        are used (no network), and every radius is the one :func:`search` uses:
+
+        * target, with the prior: the prior's search ball around its prediction (plus the coarse slack of
+          :func:`coarse_candidates`), widened by the fine reach (fine box and sub-voxel block around a candidate);
+          without it (or ``with_raw``): the fine reach around the raw search's coarse candidates;
+        * source: the fine reach plus one coarse cell around the point (its own fine vector, and the backward
+          search of a consistent match), and around the backward search's coarse candidates from the predicted
+          match. A click near a point reads the same tiles; an inconsistent match may read a few more.
+        """
+        pts = np.atleast_2d(convert_points(points, frame, "LPS"))
+        if not len(pts):
+            return []
+        pts = pts[self.source.inside(self.source.world_to_index(pts))]
+        prior = self.prior if use_prior else None
+        cell_mm = self.source.stride * float(np.max(self.source.prepared.spacing))
+        src_reach = fine_reach_mm(self.source, self.config) + cell_mm
+        out: list[tuple[VolumeEmbedding, list[tuple[int, int, int]]]] = []
+        for p in pts:
+            q = self.source.world_to_index(p)[0]
+            qc = self.source.sample_coarse(q)[0]
+            centres, target_tiles = self._likely_target(p, qc, prior, with_raw)
+            back = [self.source.index_to_world(c) for c in self._backward_candidates(centres)]
+            out.append((self.source, self.source.tiles_near(np.vstack([p[None]] + back), src_reach)))
+            out.append((self.target, target_tiles))
+        return out
+
+    def _likely_target(self, p_lps: np.ndarray, qc: np.ndarray, prior: RobustPrior | None,
+                       with_raw: bool) -> tuple[list[np.ndarray], list[tuple[int, int, int]]]:
+        """(search centres ijk, target tiles nearest first) of one query (see :meth:`likely_tiles`)."""
+        t, cfg = self.target, self.config
+        reach = fine_reach_mm(t, cfg)
+        centres: list[np.ndarray] = []
+        tiles: list[tuple[int, int, int]] = []
+        if prior is not None:
+            centre = t.world_to_index(prior.predict(p_lps))[0]
+            slack = 0.5 * t.stride / max(1, int(cfg.coarse_upsample)) * float(np.max(t.prepared.spacing))
+            # The prediction may lie outside the image: search clamps its seed to the valid box.
+            ball = t.index_to_world(np.vstack([centre, t.clamp_to_valid(centre)]))
+            tiles += t.tiles_near(ball, prior.search_radius_mm + slack + reach)
+            centres.append(centre)
+        if prior is None or with_raw:
+            raw = coarse_candidates(t, qc, cfg.coarse_upsample, cfg.top_k)
+            if raw:
+                tiles += t.tiles_near(t.index_to_world(np.vstack([t.clamp_to_valid(c) for c in raw])), reach)
+            centres += raw
+        return centres, list(dict.fromkeys(tiles))
+
+    def _backward_candidates(self, centres: list[np.ndarray]) -> list[np.ndarray]:
+        """Coarse candidates of the backward search from the target's search centres (voxel ijk in the source)."""
+        out = []
+        for c in centres:
+            bc = self.target.sample_coarse(self.target.clamp_to_valid(c))[0]
+            out += [self.source.clamp_to_valid(b) for b in
+                    coarse_candidates(self.source, bc, self.config.coarse_upsample, self.config.fb_top_k)]
+        return out
+
     # ---- internals ----------------------------------------------------------------------------
     def _fb_sigma(self) -> float:
         if self.config.fb_sigma_mm is not None:
@@ -250,6 +312,19 @@ def has_structure(emb: VolumeEmbedding) -> bool:
     return bool(region.size) and float(np.ptp(region)) > 1e-6
 
 
+def fine_radius(target: VolumeEmbedding, config: MatchConfig) -> int:
+    """Half-size in voxels of the fine search box around each coarse candidate."""
+    s = target.stride
+    return config.fine_radius if config.fine_radius is not None else max(1, s // 2 + s // 4)
+
+
+def fine_reach_mm(target: VolumeEmbedding, config: MatchConfig) -> float:
+    """How far (mm) from a search centre the fine search reads voxels: half a voxel of rounding to the box
+    centre, the corner of the +-r box, and the sub-voxel block (two voxels past the best voxel); tiles within
+    this distance cover all three."""
+    return float(np.sqrt(3.0) * (fine_radius(target, config) + 3) * np.max(target.prepared.spacing))
+
+
 def _ball_mask(emb: VolumeEmbedding, ijk: np.ndarray, centre: np.ndarray, radius_mm: float) -> np.ndarray:
     d = (ijk - centre) * emb.prepared.spacing
     return np.linalg.norm(d, axis=-1) <= radius_mm
@@ -268,12 +343,11 @@ def search(target: VolumeEmbedding, qc: np.ndarray, qf: np.ndarray, config: Matc
     if centre_ijk is not None:
         candidates.append(np.asarray(centre_ijk, dtype=np.float64))  # re-seed at the prior's prediction
     candidates += [np.asarray(c, dtype=np.float64) for c in seeds]
-    s = target.stride
     if not candidates:
         if centre_ijk is not None:
             raise NoMatchInRegion("the prior's search region lies outside the target image")
         raise ValueError("no valid search position in the image searched (its embedding has no valid cell)")
-    r = config.fine_radius if config.fine_radius is not None else max(1, s // 2 + s // 4)
+    r = fine_radius(target, config)
     best: _Search | None = None
     for cand in candidates:
         v = np.round(target.clamp_to_valid(cand)).astype(int)
