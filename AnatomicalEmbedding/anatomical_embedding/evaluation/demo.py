@@ -362,11 +362,28 @@ def _heatmap_figure(state: DemoState, matcher, src_img, target, point_lps: np.nd
     return save_figure(fig, path)
 
 
-def _write_report(state: DemoState, records, seg_rows, seg_timing, figures: dict[str, Path]) -> tuple[Path, Path]:
+def _real_ct_pair(state: DemoState, seed: int) -> list | None:
+    """Stage 4b: the real CT pair with the shipped default CT model (skipped, with the reason, without a real CT)."""
+    from anatomical_embedding.evaluation.real_pair import find_real_ct, real_ct_transfer
+
+    path = find_real_ct()
+    if path is None:
+        state.summary["real_ct"] = {"available": False, "reason": "no real CT found (../shared/data or Testing/data)"}
+        print("      real CT pair: skipped (no real CT on this machine)", flush=True)
+        return None
+    print(f"      real CT pair: {path.name} under a known deformation, default CT model", flush=True)
+    records, info = real_ct_transfer(path, seed)
+    state.summary["real_ct"] = info
+    return records
+
+
+def _write_report(state: DemoState, records, seg_rows, seg_timing, figures: dict[str, Path],
+                  real_records: list | None = None) -> tuple[Path, Path]:
     from anatomical_embedding.evaluation.segmentation import plot_dice
     from anatomical_embedding.evaluation.landmarks import plot_error_cdf, write_records_csv
     from anatomical_embedding.evaluation.report import Report
-    from anatomical_embedding.evaluation.report_tables import add_fewshot_results, add_landmark_results, write_fewshot_csv
+    from anatomical_embedding.evaluation.report_tables import (add_fewshot_results, add_landmark_results,
+                                                                add_real_pair_results, write_fewshot_csv)
 
     out = state.out
     # The tables are computed from the CSV files written here, so they agree with them to the last digit.
@@ -382,6 +399,11 @@ def _write_report(state: DemoState, records, seg_rows, seg_timing, figures: dict
                 "ONNX Runtime. All numbers below were measured by this run.")
     r.image(figures["preview"], "Phantom cohort: orthogonal slices with labels and landmarks")
     lm = add_landmark_results(r, landmark_csv, cdf)
+    if real_records:
+        real = add_real_pair_results(r, write_records_csv(real_records, out / "real_ct_errors.csv"),
+                                     state.summary["real_ct"])
+        state.summary["real_ct"]["landmarks"] = {m: {k: v for k, v in d.items() if k != "per_landmark_mean_mm"}
+                                                 for m, d in real.items()}
     for key, png in figures.items():
         if key.startswith("heatmap "):
             r.image(png, f"Click to correspond, {key.split(' ', 1)[1]}: query, match and coarse similarity heatmap")
@@ -491,6 +513,8 @@ def run_demo(out: Path, quick: bool = False, full: bool = False, seed: int = 0, 
     state.stage(4, total, f"transferring landmarks from {train_ids[0]} to {len(held_out)} held-out subjects")
     records, matchers, src_img, targets = _landmarks(state, cohort, train_ids[0], held_out, packages)
 
+    real = _real_ct_pair(state, seed)
+
     state.stage(5, total, f"few-shot segmentation with {', '.join(map(str, settings.shots))} labelled cases")
     labelled = train_ids[: max(settings.shots)]
     seg_rows, seg_timing, examples = _fewshot(state, cohort, labelled, held_out, packages)
@@ -520,7 +544,7 @@ def run_demo(out: Path, quick: bool = False, full: bool = False, seed: int = 0, 
             state, read_image(first.image_path), read_labelmap(first.label_path)[0],
             {f"{m} {k}-shot": seg for m, seg in examples.items()},
             {v: tuple(c / 255 for c in rgb) for v, rgb in LABEL_COLORS.items()})
-    md, html = _write_report(state, records, seg_rows, seg_timing, figures)
+    md, html = _write_report(state, records, seg_rows, seg_timing, figures, real)
     state.summary.update({"report_html": str(html), "report_md": str(md),
                           "fewshot": seg_timing, "seconds": round(time.perf_counter() - t_start, 1)})
     state.summary["fewshot_mean_dice"] = {

@@ -133,6 +133,26 @@ class EmbeddingModel:
 
 
 # ---- ONNX Runtime ----------------------------------------------------------------------------
+def write_package(out: Path, card: dict, members: dict[str, bytes], overwrite: bool = False) -> str:
+    """Write the package zip (card + ONNX members) atomically and its ``.sha256`` sidecar; returns the digest."""
+    from anatomical_embedding.io import atomic_write
+
+    contents = {CARD_NAME: json.dumps(card, indent=1, sort_keys=True).encode("utf-8"),
+                **{n: d for n, d in members.items() if n not in (CARD_NAME, INTEGRITY_NAME)}}
+    contents[INTEGRITY_NAME] = integrity_record(contents)
+
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            for name, data in contents.items():
+                zf.writestr(name, data)
+
+    atomic_write(out, write, overwrite=overwrite)
+    digest = sha256_file(out)
+    atomic_write(out.with_name(out.name + ".sha256"), lambda p: p.write_text(f"{digest}  {out.name}\n", encoding="utf-8"),
+                 overwrite=True)
+    return digest
+
+
 def read_package(path: str | os.PathLike) -> tuple[dict, dict[str, bytes]]:
     """Read and verify a ``.aemodel`` package; returns (card, {member name: ONNX bytes}).
 

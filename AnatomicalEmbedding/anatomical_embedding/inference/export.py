@@ -19,19 +19,16 @@ hashes, so it goes to the sidecar, checked whenever the sidecar is present. ``mo
 from __future__ import annotations
 
 import io as _io
-import json
 import logging
 import os
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from anatomical_embedding.inference.backends import (CARD_NAME, COARSE_ONNX_NAME, INTEGRITY_NAME, ONNX_NAME,
-                                                     card_from_embedder, integrity_record, sha256_bytes, sha256_file)
-from anatomical_embedding.io import atomic_write
+from anatomical_embedding.inference.backends import (COARSE_ONNX_NAME, ONNX_NAME,  # noqa: F401 (re-exported)
+                                                     card_from_embedder, sha256_bytes, write_package)
 
 log = logging.getLogger(__name__)
 
@@ -103,25 +100,6 @@ def export_embedder(embedder: Any, info: dict | None, out: str | os.PathLike, ov
     digest = write_package(out, card, members, overwrite)
     log.info("exported %s (%.1f MB, sha256 %s)", out, out.stat().st_size / 2**20, digest[:16])
     return out
-
-
-def write_package(out: Path, card: dict, members: dict[str, bytes], overwrite: bool = False) -> str:
-    """Write the package zip (card + ONNX members) atomically and its ``.sha256`` sidecar; returns the digest."""
-
-    contents = {CARD_NAME: json.dumps(card, indent=1, sort_keys=True).encode("utf-8"),
-                **{n: d for n, d in members.items() if n not in (CARD_NAME, INTEGRITY_NAME)}}
-    contents[INTEGRITY_NAME] = integrity_record(contents)
-
-    def write(tmp: Path) -> None:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-            for name, data in contents.items():
-                zf.writestr(name, data)
-
-    atomic_write(out, write, overwrite=overwrite)
-    digest = sha256_file(out)
-    atomic_write(out.with_name(out.name + ".sha256"), lambda p: p.write_text(f"{digest}  {out.name}\n", encoding="utf-8"),
-                 overwrite=True)
-    return digest
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, checkpoint: str = "last",

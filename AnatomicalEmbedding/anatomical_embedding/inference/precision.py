@@ -151,7 +151,7 @@ def convert_package(package: str | os.PathLike, out: str | os.PathLike, precisio
 
     Windows from ``calibration_images`` are split in two: even ones calibrate int8, odd ones measure parity.
     """
-    from anatomical_embedding.inference.export import write_package
+    from anatomical_embedding.inference.backends import write_package
 
     check_precision(precision, calibration_images)
     card, members = read_package(package)
