@@ -786,4 +786,31 @@ def test_click_matches_in_the_worker_thread(viewer, logic, mrml_scene, pair):
     assert len(errors) == 1 and "outside" in errors[0]
     print(f"\nGUI-thread time per click event or poll: max {1000 * max(gui):.1f} ms")
     assert max(gui) < 0.05
+
+    # A click in a target view is matched back in the worker too: nothing moves until the poll, then the source
+    # point sits at the reverse match (the engine's own answer) and the target list keeps the clicked position.
+    _, dst_lps = mrml.markups_node_to_points(target["landmarks"])
+    clicked = convert_points(dst_lps[6], "LPS", "RAS")
+    modify = clicks.StartModify()  # as Slicer's displayable manager: placed on the target volume
+    n = clicks.AddControlPoint(vtk.vtkVector3d(*clicked), "back")
+    clicks.SetNthControlPointAssociatedNodeID(n, target["volume"].GetID())
+    clicks.EndModify(modify)
+    logic._click["last"].pop(clicks.GetNthControlPointID(n), None)
+    t0 = time.perf_counter()
+    job = logic.onSourcePointEvent(clicks, clicks.PointPositionDefinedEvent, n)
+    gui_back = time.perf_counter() - t0
+    assert job is not None and logic.clickJobsPending() and len(seen) == 5
+    assert job.wait(timeout=120)
+    logic.pollClickJobs()
+    assert len(seen) == 6 and seen[-1]["direction"] == "target to source" and seen[-1]["label"] == "back"
+    expected = logic.matcher(target["volume"], source["volume"]).match(dst_lps[6], "LPS", use_prior=logic.usePrior,
+                                                                         with_raw=False)[0].final.point_lps
+    moved = np.zeros(3)
+    clicks.GetNthControlPointPositionWorld(n, moved)
+    np.testing.assert_allclose(moved, convert_points(expected, "LPS", "RAS"), atol=1e-4)
+    assert clicks.GetNthControlPointAssociatedNodeID(n) == source["volume"].GetID()
+    world = np.zeros(3)
+    out.GetNthControlPointPositionWorld(seen[-1]["index"], world)
+    np.testing.assert_allclose(world, clicked, atol=1e-4)
+    assert not logic.clickJobsPending() and gui_back < 0.05
     logic.stopClickToCorrespond()

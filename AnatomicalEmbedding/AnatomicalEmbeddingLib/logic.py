@@ -660,6 +660,9 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         inTarget = node.GetNthControlPointAssociatedNodeID(index) == state["targetVolume"].GetID()
         self._busy = True  # writing the point lists must not re-enter through our own events
         try:
+            if inTarget and self.matchInBackground:
+                state["last"][pid] = (ras.copy(), label)
+                return self._submitClickMatchBack(node, index, state)
             if inTarget:
                 result = self.matchBackControlPoint(node, index, state["sourceVolume"], state["targetVolume"],
                                                     state["target"])
@@ -746,17 +749,38 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         point moves to the matched source position. Returns the result dict of :meth:`matchControlPoint`, whose
         ``query_ras`` is the new source position (the heatmap query).
         """
+        label, pid, work = self._matchBackWork(sourceMarkups, index, sourceVolume, targetVolume)
+        result, seconds = work()
+        return self._applyMatchBack(sourceMarkups, pid, label, result, seconds, sourceVolume, targetVolume,
+                                    targetMarkups)
+
+    def _matchBackWork(self, sourceMarkups, index: int, sourceVolume, targetVolume) -> tuple:
+        """Read the clicked point (main thread); return ``(label, id, work)``, ``work`` the reverse match (no MRML,
+        so it may run in the worker thread)."""
         from anatomical_embedding.io import convert_points
 
         ras = np.zeros(3)
         sourceMarkups.GetNthControlPointPositionWorld(index, ras)
         label = sourceMarkups.GetNthControlPointLabel(index)
         pid = sourceMarkups.GetNthControlPointID(index)
-        back = self.matcher(targetVolume, sourceVolume)
-        t0 = time.perf_counter()
-        result = back.match(convert_points(ras, "RAS", "LPS"), "LPS", use_prior=self.usePrior, with_raw=False,
-                            names=[label])[0].final
-        seconds = time.perf_counter() - t0
+        back, usePrior = self.matcher(targetVolume, sourceVolume), self.usePrior
+        lps = convert_points(ras, "RAS", "LPS")
+
+        def work():
+            t0 = time.perf_counter()
+            result = back.match(lps, "LPS", use_prior=usePrior, with_raw=False, names=[label])[0].final
+            return result, time.perf_counter() - t0
+
+        return label, pid, work
+
+    def _applyMatchBack(self, sourceMarkups, pid: str, label: str, result, seconds: float, sourceVolume,
+                        targetVolume, targetMarkups) -> dict:
+        """Main thread: move the source point to its match and write the clicked position into the target list."""
+        from anatomical_embedding.io import convert_points
+
+        index = sourceMarkups.GetNthControlPointIndexByID(pid)
+        if index < 0:
+            raise ValueError("the point was deleted before its match arrived")
         sourceRas = convert_points(result.point_lps, "LPS", "RAS")
         sourceMarkups.SetNthControlPointPositionWorld(index, *sourceRas)
         sourceMarkups.SetNthControlPointAssociatedNodeID(index, sourceVolume.GetID())
@@ -767,6 +791,25 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         out = self._storeMatch(targetMarkups, label, pid, sourceMarkups.GetID(), clicked, seconds, targetVolume)
         out["direction"] = "target to source"
         return out
+
+    def _submitClickMatchBack(self, node, index: int, state: dict) -> BackgroundJob:
+        """A click in a target view as a background job, like :meth:`_submitClickMatch`: the reverse match runs in
+        the worker; :meth:`pollClickJobs` moves the source point and writes the target point (main thread)."""
+        label, pid, work = self._matchBackWork(node, index, state["sourceVolume"], state["targetVolume"])
+        job = BackgroundJob(f"Matching {label}")
+
+        def finish(output):
+            result, seconds = output
+            out = self._applyMatchBack(node, pid, label, result, seconds, state["sourceVolume"],
+                                       state["targetVolume"], state["target"])
+            moved = np.zeros(3)  # the moved source point is not a new source click
+            node.GetNthControlPointPositionWorld(node.GetNthControlPointIndexByID(pid), moved)
+            state["last"][pid] = (moved, label)
+            return out
+
+        job.finish = finish
+        self._clickJobs.append((job, state))
+        return self._submit(job, work)
 
     # ---- few-shot labelling -----------------------------------------------------------------------
     # The cases live in a table node (see AnatomicalEmbeddingLib.cases); these keep the logic's API.
