@@ -19,7 +19,7 @@ LAYERS: tuple[str, ...] = ("io", "phantoms", "data", "nets", "losses", "methods"
 
 #: What Slicer's viewer and `fewshot apply`/`match` on an .aemodel import: never torch or MONAI.
 TORCH_FREE = ("inference.backends", "inference.embedding", "inference.matching", "inference.prior",
-              "inference.registry", "fewshot.head", "mrml", "cli.app")
+              "inference.precision", "inference.registry", "fewshot.head", "mrml", "cli.app")
 
 
 def _module_name(path: Path) -> str:
