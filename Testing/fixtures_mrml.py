@@ -117,6 +117,29 @@ def bootstrap_headless_slicer(cache_dir: str) -> HeadlessSlicer:
     return HeadlessSlicer(scene, app_logic, logics, output_window, saved)
 
 
+
+def gui_stand_ins() -> dict:
+    """Bare stand-ins for the GUI-side Slicer Python that slicer-core lacks, by module name: the parameter node
+    wrapper decorator (and its annotations) and the ``ScriptedLoadableModule`` base classes. Only these imports are
+    replaced; a module's Logic then runs unchanged on the real MRML scene."""
+    import types
+
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    wrapper.parameterNodeWrapper = lambda cls: cls
+    wrapper.Choice = lambda choices: ("Choice", tuple(choices))
+    wrapper.WithinRange = lambda low, high: ("WithinRange", low, high)
+    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class Base:
+        def __init__(self, *args, **kwargs):
+            pass
+
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
+                 "ScriptedLoadableModuleTest"):
+        setattr(scripted, name, type(name, (Base,), {}))
+    return {"slicer.parameterNodeWrapper": wrapper, "slicer.ScriptedLoadableModule": scripted}
+
+
 def teardown_headless_slicer(app: HeadlessSlicer) -> None:
     import slicer
     import vtk

@@ -154,28 +154,16 @@ def test_onnx_path_imports_without_torch_or_monai(module):
 
 _MODULE_LOAD = r'''
 import importlib.abc, importlib.util, sys, tempfile, time, types
-t0 = time.perf_counter()
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name.split(".")[0] in ("torch", "monai"):
             raise ImportError(f"{name} is blocked in this test")
 sys.meta_path.insert(0, Block())
 sys.path.insert(0, "Testing")
-from fixtures_mrml import bootstrap_headless_slicer
+from fixtures_mrml import bootstrap_headless_slicer, gui_stand_ins
 app = bootstrap_headless_slicer(tempfile.mkdtemp())
 import slicer
-wrapper = types.ModuleType("slicer.parameterNodeWrapper")
-wrapper.parameterNodeWrapper = lambda cls: cls
-wrapper.Choice = lambda choices: ("Choice", tuple(choices))
-wrapper.WithinRange = lambda low, high: ("WithinRange", low, high)
-scripted = types.ModuleType("slicer.ScriptedLoadableModule")
-class Base:
-    def __init__(self, *args, **kwargs):
-        pass
-for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest"):
-    setattr(scripted, name, type(name, (Base,), {}))
-sys.modules["slicer.parameterNodeWrapper"] = wrapper
-sys.modules["slicer.ScriptedLoadableModule"] = scripted
+sys.modules.update(gui_stand_ins())
 slicer.app = types.SimpleNamespace(temporaryPath=tempfile.mkdtemp())
 t1 = time.perf_counter()
 for module in ("AnatomicalEmbedding", "AnatomicalEmbeddingTrainer"):

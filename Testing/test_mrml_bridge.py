@@ -387,21 +387,10 @@ def load_slicer_module(monkeypatch, mrml_app, tmp_path):
 
     import slicer
 
-    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
-    wrapper.parameterNodeWrapper = lambda cls: cls
-    wrapper.Choice = lambda choices: ("Choice", tuple(choices))
-    wrapper.WithinRange = lambda low, high: ("WithinRange", low, high)
-    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
+    from fixtures_mrml import gui_stand_ins
 
-    class Base:
-        def __init__(self, *args, **kwargs):
-            pass
-
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
-                 "ScriptedLoadableModuleTest"):
-        setattr(scripted, name, type(name, (Base,), {}))
-    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", wrapper)
-    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", scripted)
+    for name, stand_in in gui_stand_ins().items():
+        monkeypatch.setitem(sys.modules, name, stand_in)
     monkeypatch.setattr(slicer, "app", types.SimpleNamespace(temporaryPath=str(tmp_path)), raising=False)
 
     def load(module: str):

@@ -39,21 +39,10 @@ def trainer(monkeypatch, mrml_app, tmp_path):
     """The module imported with bare stand-ins for the GUI-side Slicer Python (as in test_mrml_bridge.py)."""
     import slicer
 
-    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
-    wrapper.parameterNodeWrapper = lambda cls: cls
-    wrapper.Choice = lambda choices: ("Choice", tuple(choices))
-    wrapper.WithinRange = lambda low, high: ("WithinRange", low, high)
-    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
+    from fixtures_mrml import gui_stand_ins
 
-    class Base:
-        def __init__(self, *args, **kwargs):
-            pass
-
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
-                 "ScriptedLoadableModuleTest"):
-        setattr(scripted, name, type(name, (Base,), {}))
-    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", wrapper)
-    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", scripted)
+    for name, stand_in in gui_stand_ins().items():
+        monkeypatch.setitem(sys.modules, name, stand_in)
     monkeypatch.setattr(slicer, "app", types.SimpleNamespace(temporaryPath=str(tmp_path)), raising=False)
     # As in Slicer, the module's folder is on sys.path (its AnatomicalEmbeddingTrainerLib); a Lib imported by an
     # earlier test holds that test's stand-ins, so it is imported afresh.
