@@ -163,3 +163,16 @@ def test_parity_of_two_models_counts_points_within_one_voxel():
     assert (row["group"], row["variant"], row["points"], row["within_one_voxel"]) == ("intra CT", "raw", 3, 2)
     assert row["shift_max_mm"] == pytest.approx(np.hypot(3.9, 3.9)) and row["shift_median_mm"] == pytest.approx(4.5)
     assert row["error_reference_mm"] == pytest.approx(np.mean([0, 10, 5]))
+
+
+def test_fewshot_real_labels_and_rotating_splits():
+    """``bench_fewshot_real.py``: BraTS labels become brain (mask without tumour) and tumour (labels 1-4); each
+    rotation labels consecutive cases and tests on all the others."""
+    import bench_fewshot_real as bf
+
+    ot = np.array([0, 1, 2, 3, 4, 0, 0])
+    mask = np.array([0, 1, 1, 1, 1, 1, 0])
+    assert bf.label_map(ot, mask).tolist() == [0, 2, 2, 2, 2, 1, 0]
+    assert bf.splits(6, 3, 2) == [([0, 1, 2], [3, 4, 5]), ([1, 2, 3], [0, 4, 5])]
+    assert bf.splits(6, 5, 3)[2] == ([2, 3, 4, 5, 0], [1])
+    assert all(set(a).isdisjoint(b) and len(a) + len(b) == 6 for a, b in bf.splits(6, 1, 6))
