@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from anatomical_embedding.evaluation.known_pairs import grid_points_above, map_points
 from anatomical_embedding.inference import registry
 from anatomical_embedding.inference.backends import open_model, read_package
 from anatomical_embedding.inference.defaults import (DEFAULT_MODELS, default_model_path, guess_modality,
@@ -71,11 +72,8 @@ def test_default_ct_model_beats_identical_coordinates_on_a_real_pair(tmp_path):
     transform, source, target = _known_pair(tmp_path)
     model = open_model(default_model_path("CT"), backend="onnxruntime")
     src, tgt = embed_volume(model, source), embed_volume(model, target)
-    arr = target.array
-    kk, jj, ii = np.meshgrid(*[np.arange(6, n - 6, 8) for n in arr.shape], indexing="ij")
-    body = arr[kk, jj, ii] > -300
-    queries = target.index_to_world(np.stack([ii[body], jj[body], kk[body]], 1).astype(float))
-    truth = np.array([transform.TransformPoint(p.tolist()) for p in queries])
+    queries = grid_points_above(target, -300.0, margin=6, step=8)  # inside the body
+    truth = map_points(transform, queries)
     keep = src.inside(src.world_to_index(truth), margin=3.0)
     queries, truth = queries[keep], truth[keep]
     assert len(queries) >= 40

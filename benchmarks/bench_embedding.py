@@ -83,8 +83,6 @@ def one(cfg: dict) -> dict:
         s = embed_volume(model, src, cache, ecfg)
         out["embed_s"] = time.perf_counter() - t0
         out["stages_s"] = {k: round(v, 3) for k, v in s.timings.items()}  # where the time went
-        from anatomical_embedding.inference.embedding import window_starts
-
         out["windows"] = int(s.timings.get("windows", 0))
         t0 = time.perf_counter()
         s_again = embed_volume(model, src, cache, ecfg)
@@ -117,22 +115,24 @@ def one(cfg: dict) -> dict:
             # once a pair is prepared; then each point's first click.
             for emb in (s, t):
                 emb.clear_fine_tiles()
-            forwards0 = s.stats["fine_forwards"] + t.stats["fine_forwards"]
+
+            def forwards() -> int:
+                return s.stats["fine_forwards"] + t.stats["fine_forwards"]
+
+            before = forwards()
             t0 = time.perf_counter()
             for emb, tiles in m.likely_tiles(pts):
                 emb.warm_tiles(tiles)
             out["warm_likely_tiles_s"] = time.perf_counter() - t0
-            out["warm_tiles_computed"] = s.stats["fine_forwards"] + t.stats["fine_forwards"] - forwards0
-            first, computed = [], []
+            out["warm_tiles_computed"] = forwards() - before
+            first, before = [], forwards()
             for p in pts:
-                f0 = s.stats["fine_forwards"] + t.stats["fine_forwards"]
                 t0 = time.perf_counter()
                 m.match(p, with_raw=False)
                 first.append(time.perf_counter() - t0)
-                computed.append(s.stats["fine_forwards"] + t.stats["fine_forwards"] - f0)
             out.update({"click_after_warming_ms_median": 1000 * float(np.median(first)),
                         "click_after_warming_ms_p90": 1000 * float(np.percentile(first, 90)),
-                        "tiles_computed_by_clicks_after_warming": int(sum(computed))})
+                        "tiles_computed_by_clicks_after_warming": forwards() - before})
             out.update({"click_cold_ms_median": 1000 * float(np.median(cold)),
                         "click_cold_ms_p90": 1000 * float(np.percentile(cold, 90)),
                         "click_warm_ms_median": 1000 * float(np.median(warm)),

@@ -28,11 +28,6 @@ from _common import machine_description, machine_line, md_table, write_results
 from bench_embedding import CARD, PUBLISHED, ct_like
 
 
-def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    c = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-    return float(c.mean())
-
-
 def _time(fn, repeats: int) -> float:
     fn()  # warm-up (session initialisation, oneDNN primitive creation)
     t0 = time.perf_counter()
@@ -55,7 +50,7 @@ def main(argv=None) -> int:
 
     from anatomical_embedding.inference.backends import COARSE_ONNX_NAME, ONNX_NAME, read_package
     from anatomical_embedding.inference.export import export_embedder
-    from anatomical_embedding.inference.precision import convert_package
+    from anatomical_embedding.inference.precision import convert_package, voxel_cosines
     from anatomical_embedding.io import Volume, write_image
     from anatomical_embedding.nets.aefm_unet import AEFMUNet
 
@@ -90,7 +85,7 @@ def main(argv=None) -> int:
         def add(name: str, coarse_fn, fine_fn, coarse_out) -> None:
             t_c = _time(coarse_fn, repeats)
             t_f = _time(fine_fn, repeats)
-            cos = _cos(ref, coarse_out())
+            cos = float(voxel_cosines(ref, coarse_out()).mean())
             results.append({"config": name, "coarse_window_s": t_c, "fine_window_s": t_f, "cosine_to_torch_fp32": cos})
             rows.append([name, f"{t_c:.3f}", f"{t_f:.3f}", f"{cos:.5f}"])
             print(rows[-1], flush=True)

@@ -51,6 +51,7 @@ def main(argv=None) -> int:
         print(f"error: no CT at {args.ct}; pass --ct PATH to a CT volume", file=sys.stderr)
         return 2
     import SimpleITK as sitk
+    from anatomical_embedding.evaluation.known_pairs import grid_points_above, map_points
     from anatomical_embedding.inference.backends import open_model
     from anatomical_embedding.inference.embedding import embed_volume
     from anatomical_embedding.io import read_image
@@ -76,11 +77,8 @@ def main(argv=None) -> int:
     model = open_model(run)
     source, target = read_image(args.ct), read_image(args.out / "target.nii.gz")
     src_emb, tgt_emb = embed_volume(model, source), embed_volume(model, target)
-    arr = target.array
-    kk, jj, ii = np.meshgrid(*[np.arange(10, n - 10, 9) for n in arr.shape], indexing="ij")
-    body = arr[kk, jj, ii] > -300
-    queries = target.index_to_world(np.stack([ii[body], jj[body], kk[body]], 1).astype(float))
-    truth = np.array([transform.TransformPoint(p.tolist()) for p in queries])
+    queries = grid_points_above(target, -300.0, margin=10, step=9)  # inside the body
+    truth = map_points(transform, queries)
     keep = src_emb.inside(src_emb.world_to_index(truth), margin=3.0)  # the truth must lie inside the source
     queries, truth = queries[keep], truth[keep]
     matches = Matcher(tgt_emb, src_emb).match(queries)

@@ -699,7 +699,6 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         label, pid = node.GetNthControlPointLabel(index), node.GetNthControlPointID(index)
         sourceVolume, targetVolume, targetMarkups = state["sourceVolume"], state["targetVolume"], state["target"]
         matcher, usePrior = self.matcher(sourceVolume, targetVolume), self.usePrior
-        job = BackgroundJob(f"Matching {label}")
         lps = convert_points(ras, "RAS", "LPS")
 
         def work():
@@ -711,6 +710,11 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
             match, seconds = output
             return self._storeMatch(targetMarkups, label, pid, node.GetID(), match.final, seconds, targetVolume)
 
+        return self._queueClickJob(label, work, finish, state)
+
+    def _queueClickJob(self, label: str, work: Callable, finish: Callable, state: dict) -> BackgroundJob:
+        """Submit one click's match; :meth:`pollClickJobs` applies ``finish`` on the main thread, in click order."""
+        job = BackgroundJob(f"Matching {label}")
         job.finish = finish
         self._clickJobs.append((job, state))
         return self._submit(job, work)
@@ -796,7 +800,6 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         """A click in a target view as a background job, like :meth:`_submitClickMatch`: the reverse match runs in
         the worker; :meth:`pollClickJobs` moves the source point and writes the target point (main thread)."""
         label, pid, work = self._matchBackWork(node, index, state["sourceVolume"], state["targetVolume"])
-        job = BackgroundJob(f"Matching {label}")
 
         def finish(output):
             result, seconds = output
@@ -807,9 +810,7 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
             state["last"][pid] = (moved, label)
             return out
 
-        job.finish = finish
-        self._clickJobs.append((job, state))
-        return self._submit(job, work)
+        return self._queueClickJob(label, work, finish, state)
 
     # ---- few-shot labelling -----------------------------------------------------------------------
     # The cases live in a table node (see AnatomicalEmbeddingLib.cases); these keep the logic's API.

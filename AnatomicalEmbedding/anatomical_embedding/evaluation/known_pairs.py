@@ -158,6 +158,15 @@ def select_structure_points(volume, n: int = 40, min_distance_mm: float = 20.0,
     return np.asarray(chosen).reshape(-1, 3)
 
 
+def grid_points_above(volume, threshold: float, margin: int, step: int) -> np.ndarray:
+    """World points (LPS) on a voxel grid, every ``step`` voxels and ``margin`` from each face, where the image is
+    above ``threshold`` (e.g. -300 HU: inside the body of a CT). A denser, simpler alternative to the
+    structure points, for quick checks."""
+    arr = volume.array
+    kk, jj, ii = np.meshgrid(*[np.arange(margin, n - margin, step) for n in arr.shape], indexing="ij")
+    above = arr[kk, jj, ii] > threshold
+    return volume.index_to_world(np.stack([ii[above], jj[above], kk[above]], 1).astype(float))
+
 def inside_fov(volume, points: np.ndarray, margin_mm: float = 10.0) -> np.ndarray:
     """True for world points at least ``margin_mm`` inside the volume's voxel-centre box."""
     ijk = volume.world_to_index(np.atleast_2d(points))

@@ -20,6 +20,7 @@ thin slab, and every search is restricted to that slice (the *valid box*).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -27,9 +28,10 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -478,6 +480,12 @@ class VolumeEmbedding:
         """Every fine tile that touches the valid (image) box."""
         return self._tile_range(self.valid_start, self.valid_size)
 
+    @functools.cached_property
+    def _tile_grid(self) -> np.ndarray:
+        """(N, 3) :meth:`all_tiles`: the geometry never changes, a CT has thousands of tiles, and
+        :meth:`tiles_near` runs per point."""
+        return np.asarray(self.all_tiles(), dtype=int).reshape(-1, 3)
+
     def tiles_near(self, points_lps: np.ndarray, radius_mm: float) -> list[tuple[int, int, int]]:
         """Fine tiles of the image whose voxel box lies within ``radius_mm`` of any of the world (LPS) points,
         nearest first (ties in tile order), for :meth:`warm_tiles`.
@@ -486,9 +494,7 @@ class VolumeEmbedding:
         prepared grid, so ``radius_mm`` = the reach of a search around a point gives every tile it can read.
         """
         pts = np.atleast_2d(np.asarray(points_lps, dtype=np.float64))
-        tiles = self.__dict__.get("_all_tiles_array")
-        if tiles is None:  # the geometry never changes; a CT has thousands of tiles and this runs per point
-            tiles = self.__dict__["_all_tiles_array"] = np.asarray(self.all_tiles(), dtype=int).reshape(-1, 3)
+        tiles = self._tile_grid
         if not len(pts) or not len(tiles):
             return []
         T = self.config.fine_tile
@@ -563,29 +569,26 @@ class VolumeEmbedding:
 
         Returns the blocks by tile; ``remember=False`` writes them to the disk cache only (warming a full memory).
         """
-        with self._lock:
-            return self._compute_tiles_locked(tiles, remember)
-
-    def _compute_tiles_locked(self, tiles: list[tuple[int, int, int]], remember: bool) -> dict:
         T, M, m = self.config.fine_tile, self.config.fine_margin, self.model.size_multiple
         arr = np.asarray(tiles)
         lo = arr.min(0) * T - M                          # (i, j, k) voxel start of the window
         hi = (arr.max(0) + 1) * T + M
         size = -(-(hi - lo) // m) * m
-        window = self._extract(lo, size)
-        _, fine = self.model.embed_patch(window[None, None], want_fine=True)
-        self.stats["fine_forwards"] += 1
-        fine = fine[0]
         out = {}
-        for t in tiles:
-            o = np.asarray(t) * T - lo
-            block = fine[:, o[2]:o[2] + T, o[1]:o[1] + T, o[0]:o[0] + T]
-            self.stats["tiles_computed"] += 1
-            out[tuple(t)] = block = block.astype(np.float16)  # what memory and the disk cache hold
-            if remember:
-                self._remember(tuple(t), block)
-            if self.cache is not None:
-                self.cache.save_tile(self.key, t, block)
+        with self._lock:
+            window = self._extract(lo, size)
+            _, fine = self.model.embed_patch(window[None, None], want_fine=True)
+            self.stats["fine_forwards"] += 1
+            fine = fine[0]
+            for t in tiles:
+                o = np.asarray(t) * T - lo
+                block = fine[:, o[2]:o[2] + T, o[1]:o[1] + T, o[0]:o[0] + T]
+                self.stats["tiles_computed"] += 1
+                out[tuple(t)] = block = block.astype(np.float16)  # what memory and the disk cache hold
+                if remember:
+                    self._remember(tuple(t), block)
+                if self.cache is not None:
+                    self.cache.save_tile(self.key, t, block)
         return out
 
     def _extract(self, start_ijk: np.ndarray, size_ijk: np.ndarray) -> np.ndarray:
@@ -693,25 +696,29 @@ def cache_key(image_digest: str, model: EmbeddingModel, config: EmbedConfig) -> 
     return hashlib.sha256(payload.encode()).hexdigest()[:40]
 
 
+@contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """``timings[key]`` = seconds the block took (``VolumeEmbedding.timings``)."""
+    t0 = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - t0
+
+
 def embed_volume(model: EmbeddingModel, volume: Volume, cache: EmbeddingCache | None = None,
                  config: EmbedConfig | None = None) -> VolumeEmbedding:
     """Embed ``volume``: coarse map for the whole volume (from the cache when possible), fine on demand."""
     config = config or EmbedConfig()
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    check_finite(volume, "image")  # volumes handed over directly (viewer, API) skip read_image's check
-    for reason in intensity_warnings(volume.array, model.preset()):
-        log.warning("%s; matches and segmentations will be unreliable", reason)
-    timings["checks_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    prepared, start, size = prepare_volume(model, volume, config)
-    timings["prepare_s"] = time.perf_counter() - t0  # reorientation, resampling, intensity preset, padding
-    t0 = time.perf_counter()
-    key = cache_key(image_hash(volume), model, config)
-    timings["hash_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    coarse = cache.load_coarse(key) if cache is not None else None
-    timings["cache_read_s"] = time.perf_counter() - t0
+    with _timed(timings, "checks_s"):
+        check_finite(volume, "image")  # volumes handed over directly (viewer, API) skip read_image's check
+        for reason in intensity_warnings(volume.array, model.preset()):
+            log.warning("%s; matches and segmentations will be unreliable", reason)
+    with _timed(timings, "prepare_s"):  # reorientation, resampling, intensity preset, padding
+        prepared, start, size = prepare_volume(model, volume, config)
+    with _timed(timings, "hash_s"):
+        key = cache_key(image_hash(volume), model, config)
+    with _timed(timings, "cache_read_s"):
+        coarse = cache.load_coarse(key) if cache is not None else None
     if coarse is not None:
         log.info("coarse map from cache %s", key[:12])
         coarse = coarse.astype(np.float32)
@@ -726,16 +733,15 @@ def embed_volume(model: EmbeddingModel, volume: Volume, cache: EmbeddingCache | 
         if not np.isfinite(coarse).all():
             raise ValueError(f"the model produced {int((~np.isfinite(coarse)).sum())} non-finite embedding values "
                              f"for a finite image; the model is broken (not cached)")
-        t0 = time.perf_counter()
-        if cache is not None:
-            cache.save_coarse(key, coarse, {
-                "model_hash": model.model_hash, "backend": model.backend, "spacing": model.spacing.tolist(),
-                "prepared_shape_kji": list(prepared.array.shape), "config": config.key(),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            })
-        # Always float16 precision (what the cache stores), so cached and fresh runs agree exactly.
-        coarse = coarse.astype(np.float16).astype(np.float32)
-        timings["cache_write_s"] = time.perf_counter() - t0
+        with _timed(timings, "cache_write_s"):
+            if cache is not None:
+                cache.save_coarse(key, coarse, {
+                    "model_hash": model.model_hash, "backend": model.backend, "spacing": model.spacing.tolist(),
+                    "prepared_shape_kji": list(prepared.array.shape), "config": config.key(),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                })
+            # Always float16 precision (what the cache stores), so cached and fresh runs agree exactly.
+            coarse = coarse.astype(np.float16).astype(np.float32)
     emb = VolumeEmbedding(model, prepared, start, size, coarse, key, config, cache, source=volume)
     emb.timings = timings
     return emb

@@ -44,6 +44,12 @@ def check_precision(precision: str, calibration_images: Sequence[str | os.PathLi
             raise FileNotFoundError(f"calibration image not found: {p}")
 
 
+def _window_kji(model) -> tuple[int, int, int]:
+    """The model's sliding window along (k, j, i): its patch size rounded up to the size multiple."""
+    m = model.size_multiple
+    return tuple(int(v) for v in -(-np.asarray(model.patch_size[::-1], dtype=int) // m) * m)
+
+
 def image_windows(package: str | os.PathLike, images: Sequence[str | os.PathLike], n_per_image: int = 6,
                   seed: int = 0) -> list[np.ndarray]:
     """(1, 1, k, j, i) windows of the model's patch size, drawn (seeded) from ``images`` prepared exactly as
@@ -54,7 +60,7 @@ def image_windows(package: str | os.PathLike, images: Sequence[str | os.PathLike
 
     model = OnnxModel(package, device="cpu")
     m = model.size_multiple
-    win = -(-np.asarray(model.patch_size[::-1], dtype=int) // m) * m  # (k, j, i)
+    win = np.asarray(_window_kji(model))
     rng = np.random.default_rng(seed)
     out = []
     for path in images:
@@ -74,9 +80,7 @@ def smooth_windows(package: str | os.PathLike, n: int = 6, seed: int = 0) -> lis
 
     from anatomical_embedding.inference.backends import OnnxModel
 
-    model = OnnxModel(package, device="cpu")
-    m = model.size_multiple
-    win = tuple(int(v) for v in -(-np.asarray(model.patch_size[::-1], dtype=int) // m) * m)
+    win = _window_kji(OnnxModel(package, device="cpu"))
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
@@ -93,8 +97,11 @@ def _to_fp16(onnx_bytes: bytes) -> bytes:
     return model.SerializeToString()
 
 
-def _to_int8(onnx_bytes: bytes, calibration: list[np.ndarray], input_name: str) -> bytes:
+def _to_int8(onnx_bytes: bytes, calibration: list[np.ndarray]) -> bytes:
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    input_name = onnx.load_from_string(onnx_bytes).graph.input[0].name
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class _Reader(CalibrationDataReader):
@@ -128,7 +135,8 @@ def _session(onnx_bytes: bytes):
     return ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def voxel_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity per voxel of two (N, C, ...) maps, flattened."""
     num = (a * b).sum(1)
     return (num / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)).ravel()
 
@@ -141,7 +149,7 @@ def parity(reference: bytes, candidate: bytes, windows: list[np.ndarray]) -> dic
     cos: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
     for x in windows:
         for o, r, c in zip(outputs, ref.run(outputs, {name: x}), cand.run(outputs, {name: x})):
-            cos[o].append(_cosines(r.astype(np.float32), c.astype(np.float32)))
+            cos[o].append(voxel_cosines(r.astype(np.float32), c.astype(np.float32)))
     out = {}
     for o, parts in cos.items():
         v = np.concatenate(parts)
@@ -179,7 +187,7 @@ def convert_package(package: str | os.PathLike, out: str | os.PathLike, precisio
         if precision == "fp16":
             data = _to_fp16(members[name])
         else:
-            data = _to_int8(members[name], calib, _session(members[name]).get_inputs()[0].name)
+            data = _to_int8(members[name], calib)
         converted[name] = data
         card[_HASH_KEYS[name]] = sha256_bytes(data)
         if name == ONNX_NAME:
@@ -194,4 +202,5 @@ def convert_package(package: str | os.PathLike, out: str | os.PathLike, precisio
     return out
 
 
-__all__ = ["PRECISIONS", "check_precision", "convert_package", "image_windows", "parity", "smooth_windows"]
+__all__ = ["PRECISIONS", "check_precision", "convert_package", "image_windows", "parity", "smooth_windows",
+           "voxel_cosines"]

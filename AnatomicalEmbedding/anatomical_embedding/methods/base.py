@@ -193,8 +193,8 @@ class Method(nn.Module):
 
     @property
     def calibration_samples(self) -> int:
-        """Training samples the engine passes to :meth:`calibrate_for_inference` before the final (or a stop)
-        checkpoint; 0 = the method needs no calibration."""
+        """Training samples the engine passes to :meth:`calibrate_for_inference` before the final checkpoint (a
+        stop skips it, to stay fast); 0 = the method needs no calibration."""
         return 0
 
     def calibrate_for_inference(self, images: Iterable[torch.Tensor]) -> None:

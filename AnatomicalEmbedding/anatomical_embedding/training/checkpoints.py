@@ -108,7 +108,7 @@ def load_embedder_from_run(run_dir: str | Path, checkpoint: str = "last", device
     info = dict(ckpt.get("model_info") or {})
     if method.calibration_samples > 0 and "calibration_samples" not in info:
         log.warning("%s step %d was saved before the run's end, so it is not calibrated for dense inference "
-                    "(e.g. BatchNorm statistics from masked inputs); the final checkpoint is", run_dir,
+                    "(e.g. BatchNorm statistics from masked inputs); a finished run's last checkpoint is", run_dir,
                     int(ckpt["step"]))
     info["step"] = int(ckpt["step"])
     return emb, info
