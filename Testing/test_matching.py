@@ -241,7 +241,8 @@ def test_box_coarse_cosine_equals_trilinear_sampling():
     np.testing.assert_allclose(fast, slow, atol=1e-12)
 
 
-def test_backward_search_is_independent_of_the_query(model, monkeypatch):
+@pytest.mark.parametrize("refined", [False, True])
+def test_backward_search_is_independent_of_the_query(model, monkeypatch, refined):
     # Forward-backward confidence checks the match by searching back from it. Seeded at the query (or restricted
     # to a ball around it, which re-seeds there too), the corrected match's back-match could be the query by
     # construction. The backward search must cover the source freely: no seed, no centre.
@@ -258,15 +259,21 @@ def test_backward_search_is_independent_of_the_query(model, monkeypatch):
     tgt = src.with_array(src.array)
     tgt.origin = src.origin + np.array([5.0, -3.0, 2.0])
     es, et = embed_volume(model, src), embed_volume(model, tgt)
-    matcher = Matcher(es, et)
-    matcher.prior  # fit it before spying
+    matcher = Matcher(es, et, prior_config=PriorConfig() if refined else PriorConfig(refine=None))
+    assert (matcher.prior.refined is not None) == refined  # fit it before spying
     monkeypatch.setattr(matching, "search", spy)
-    matcher.match(interior_points(src, n=2))
+    out = matcher.match(interior_points(src, n=2))
     backward = [c for c in calls if c[0] is es]
     forward = [c for c in calls if c[0] is et]
-    assert len(backward) == len(forward) == 4  # raw and corrected, two points
+    assert len(backward) == 4  # raw and corrected, two points
     assert all(centre is None and not seeds for _, centre, seeds in backward)
-    assert any(centre is not None for _, centre, _ in forward)  # the corrected forward search uses the prior
+    if refined:  # the refined transform's prediction is the corrected match: only the raw matches search forward
+        assert len(forward) == 2 and all(centre is None for _, centre, _ in forward)
+        np.testing.assert_allclose([r.corrected.point_lps for r in out],
+                                   matcher.prior.predict(interior_points(src, n=2)))
+    else:
+        assert len(forward) == 4
+        assert any(centre is not None for _, centre, _ in forward)  # the corrected forward search uses the prior
 
 
 def test_prior_search_radius_comes_from_held_out_residuals():

@@ -286,18 +286,21 @@ class Registration(Method):
 
 
 class ModelMethod(Method):
-    """One model, raw or with the robust prior.
+    """One model: ``raw`` matching, the coarse ``prior`` with its fine search, or the ``refined`` prior.
 
     The coarse maps are computed once per image and every pair is charged the coarse embedding time of both its
     images (as for a new scan). Fine tiles are cleared before the raw variant, which computes them cold; the prior
     variant (run next) reuses them and is charged its own matching time plus the raw variant's fine-tile time (a
-    cold-equivalent time that avoids computing every tile twice on a shared CPU).
+    cold-equivalent time that avoids computing every tile twice on a shared CPU). The refined variant clears the
+    tiles again and is charged everything it computes (the dense fine maps of both images included).
     """
 
-    def __init__(self, label: str, model, use_prior: bool, shared: dict, embed_config=None,
+    VARIANTS = {"raw": "raw", "prior": "robust prior", "refined": "refined prior"}
+
+    def __init__(self, label: str, model, variant: str, shared: dict, embed_config=None,
                  modality: str | None = None) -> None:
-        self.model, self.use_prior, self.shared, self.embed_config = model, use_prior, shared, embed_config
-        self.name = f"{label} {'robust prior' if use_prior else 'raw'}"
+        self.model, self.variant, self.shared, self.embed_config = model, variant, shared, embed_config
+        self.name = f"{label} {self.VARIANTS[variant]}"
         #: "CT" or "MR": the model runs on pairs of that modality only; None: on every pair.
         self.modality = modality
 
@@ -323,19 +326,22 @@ class ModelMethod(Method):
 
     def run(self, pair):
         from anatomical_embedding.inference.matching import Matcher
+        from anatomical_embedding.inference.prior import PriorConfig
 
         src, s_src, tim_src = self._embedding(pair.source_key, pair.source)
         tgt, s_tgt, tim_tgt = self._embedding(pair.target_key, pair.target)
-        if not self.use_prior:
+        if self.variant != "prior":
             src.clear_fine_tiles()
             tgt.clear_fine_tiles()
             tim_src["s"] = tim_tgt["s"] = 0.0
+        prior = {"raw": None, "prior": PriorConfig(refine=None), "refined": PriorConfig()}[self.variant]
         t0 = time.perf_counter()
-        matches = Matcher(src, tgt).match(pair.points, use_prior=self.use_prior, with_raw=False)
+        matches = Matcher(src, tgt, prior_config=prior).match(pair.points, use_prior=prior is not None,
+                                                              with_raw=False)
         pts_s = time.perf_counter() - t0
-        if not self.use_prior:
+        if self.variant == "raw":
             self.shared[("tiles", pair.name)] = tim_src["s"] + tim_tgt["s"]
-        else:
+        elif self.variant == "prior":
             pts_s += self.shared.pop(("tiles", pair.name), 0.0)
         return np.array([m.final.point_lps for m in matches]), s_src + s_tgt + pts_s, pts_s
 
@@ -668,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
         # at 4 mm; prepare_volume pads them to the size multiple.
         cfg = EmbedConfig(fine_tile=args.fine_tile, min_size=8)
         only = None if (args.all_modalities or label == "quick-aefm") else model.card.get("modality")
-        methods += [ModelMethod(label, model, False, shared, cfg, only), ModelMethod(label, model, True, shared, cfg, only)]
+        methods += [ModelMethod(label, model, v, shared, cfg, only) for v in ModelMethod.VARIANTS]
         models.append({"label": label, "path": str(path), "method": model.card.get("method"),
                        "spacing": model.card.get("spacing"), "backend": model.backend,
                        "preset": (model.card.get("intensity_preset") or {}).get("name"),

@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 CACHE_ENV = "ANATOMICAL_EMBEDDING_CACHE"
 CACHE_VERSION = 1
+#: Smallest window (voxels per axis) of the dense fine pass: more context per voxel, fewer windows.
+DENSE_FINE_WINDOW = 64
 
 
 @dataclass(frozen=True)
@@ -226,6 +228,18 @@ def sliding_window_coarse(model: EmbeddingModel, array: np.ndarray, window_kji: 
     length (a weighted mean of unit vectors is shorter than 1). Fine outputs are never requested.
     ``timings`` (when given) receives ``network_s`` (the model calls) and ``blend_s`` (everything else).
     """
+    return sliding_window(model, array, window_kji, overlap, sigma_scale, False, timings)[0]
+
+
+def sliding_window(model: EmbeddingModel, array: np.ndarray, window_kji: Sequence[int], overlap: float = 0.25,
+                   sigma_scale: float = 0.125, want_fine: bool = False, timings: dict[str, float] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(coarse map, dense fine map or None) of ``array``, blended as described in :func:`sliding_window_coarse`.
+
+    With ``want_fine`` the fine outputs (C_f, K, J, I) are blended the same way at full resolution: a dense
+    fine map for the price of one pass, used by the dense refinement (the fine tiles of clicks come from their
+    own canonical windows instead, see :meth:`VolumeEmbedding.ensure_tiles`).
+    """
     s, m = model.coarse_stride, model.size_multiple
     shape = np.asarray(array.shape)
     win = np.minimum(np.asarray(window_kji, dtype=int), shape)
@@ -235,6 +249,8 @@ def sliding_window_coarse(model: EmbeddingModel, array: np.ndarray, window_kji: 
     acc = np.zeros((model.coarse_channels, *cshape), dtype=np.float32)
     wsum = np.zeros(tuple(cshape), dtype=np.float32)
     wmap = gaussian_weights(win // s, sigma_scale)
+    facc = np.zeros((model.fine_channels, *shape), dtype=np.float32) if want_fine else None
+    fmap = gaussian_weights(win, sigma_scale) if want_fine else None
     starts = [window_starts(int(shape[a]), int(win[a]), overlap, m) for a in range(3)]
     n = len(starts[0]) * len(starts[1]) * len(starts[2])
     t0 = time.perf_counter()
@@ -244,20 +260,24 @@ def sliding_window_coarse(model: EmbeddingModel, array: np.ndarray, window_kji: 
     ):
         patch = array[k0:k0 + win[0], j0:j0 + win[1], i0:i0 + win[2]][None, None]
         t_net = time.perf_counter()
-        coarse, _ = model.embed_patch(patch, want_fine=False)
+        coarse, fine = model.embed_patch(patch, want_fine=want_fine)
         network += time.perf_counter() - t_net
         ck, cj, ci = k0 // s, j0 // s, i0 // s
         sl = (slice(ck, ck + win[0] // s), slice(cj, cj + win[1] // s), slice(ci, ci + win[2] // s))
         acc[(slice(None),) + sl] += coarse[0] * wmap
         wsum[sl] += wmap
+        if want_fine:
+            facc[:, k0:k0 + win[0], j0:j0 + win[1], i0:i0 + win[2]] += fine[0] * fmap
         log.debug("window %d/%d", count + 1, n)
     acc /= np.maximum(np.linalg.norm(acc, axis=0, keepdims=True), 1e-12)
+    if want_fine:
+        facc /= np.maximum(np.linalg.norm(facc, axis=0, keepdims=True), 1e-12)
     total = time.perf_counter() - t0
     if timings is not None:
         timings.update(network_s=network, blend_s=total - network, windows=n)
-    log.info("coarse map %s from %d windows of %s in %.2f s (network %.2f s)", tuple(cshape), n, tuple(win), total,
-             network)
-    return acc
+    log.info("%s map %s from %d windows of %s in %.2f s (network %.2f s)", "coarse and fine" if want_fine else
+             "coarse", tuple(cshape), n, tuple(win), total, network)
+    return acc, facc
 
 
 # ---- interpolation helpers ---------------------------------------------------------------------
@@ -347,6 +367,7 @@ class VolumeEmbedding:
         # Re-entrant: fine_block holds it around a tile while _get_tile / _compute_tiles take it again.
         self._lock = threading.RLock()
         self._pad_value = float(prepared.array.min())
+        self._dense_fine: np.ndarray | None = None
 
     # ---- geometry -----------------------------------------------------------------------
     @property
@@ -627,6 +648,22 @@ class VolumeEmbedding:
                 block[:, a[2] - t0[2]:b[2] - t0[2], a[1] - t0[1]:b[1] - t0[1], a[0] - t0[0]:b[0] - t0[0]]
         return out
 
+    def dense_fine(self) -> np.ndarray:
+        """Fine map (C, K, J, I) float32 of the whole prepared grid from one sliding-window pass (memoised).
+
+        For the dense refinement, which reads every voxel: one pass of the embedding windows costs a fraction of
+        computing every canonical tile (each a window of the tile plus its margins). Its values differ slightly
+        from the tiles' (other windows), so one comparison must use one kind for both images.
+        """
+        with self._lock:
+            if self._dense_fine is None:
+                t0 = time.perf_counter()
+                window = np.maximum(window_kji(self.model, self.config), DENSE_FINE_WINDOW)
+                _, self._dense_fine = sliding_window(self.model, self.prepared.array, window, self.config.overlap,
+                                                     self.config.sigma_scale, want_fine=True)
+                self.timings["dense_fine_s"] = time.perf_counter() - t0
+            return self._dense_fine
+
     def coarse_volume(self, values: np.ndarray, upsample: int = 1) -> Volume:
         """Wrap an array on the coarse grid (or its ``upsample``-times finer version) as a Volume (heatmaps)."""
         s = self.stride
@@ -704,6 +741,12 @@ def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
     timings[key] = time.perf_counter() - t0
 
 
+def window_kji(model: EmbeddingModel, config: EmbedConfig) -> np.ndarray:
+    """The sliding window (k, j, i): ``config.window`` or the model's patch size, rounded up to the size multiple."""
+    window = np.asarray(config.window or model.patch_size, dtype=int)
+    return (-(-window // model.size_multiple) * model.size_multiple)[::-1]
+
+
 def embed_volume(model: EmbeddingModel, volume: Volume, cache: EmbeddingCache | None = None,
                  config: EmbedConfig | None = None) -> VolumeEmbedding:
     """Embed ``volume``: coarse map for the whole volume (from the cache when possible), fine on demand."""
@@ -726,10 +769,8 @@ def embed_volume(model: EmbeddingModel, volume: Volume, cache: EmbeddingCache | 
         if tuple(coarse.shape[1:]) != tuple(expect):
             coarse = None
     if coarse is None:
-        window = np.asarray(config.window or model.patch_size, dtype=int)
-        window = -(-window // model.size_multiple) * model.size_multiple
-        coarse = sliding_window_coarse(model, prepared.array, window[::-1], config.overlap, config.sigma_scale,
-                                       timings)
+        coarse = sliding_window_coarse(model, prepared.array, window_kji(model, config), config.overlap,
+                                       config.sigma_scale, timings)
         if not np.isfinite(coarse).all():
             raise ValueError(f"the model produced {int((~np.isfinite(coarse)).sum())} non-finite embedding values "
                              f"for a finite image; the model is broken (not cached)")

@@ -19,8 +19,10 @@ Per query (world LPS):
    two cosines at the match and ``sigma`` half a coarse cell in mm by default. Points with confidence
    below ``low_confidence`` are flagged.
 
-The robust prior (:mod:`robust`) restricts steps 2-3 to a ball around the prior's prediction and adds
-the predicted position as an extra candidate (re-seeding); both the raw and corrected matches are kept.
+The robust prior (:mod:`prior`) restricts steps 2-3 to a ball around the prior's prediction and adds
+the predicted position as an extra candidate (re-seeding); both the raw and corrected matches are kept. When the
+prior was refined densely (``PriorConfig.refine``, the default), the refined transform's prediction *is* the
+corrected match (steps 2-4 are skipped; step 5 still checks it against an independent backward search).
 """
 from __future__ import annotations
 
@@ -282,12 +284,15 @@ class Matcher:
     def _match_one(self, p_lps: np.ndarray, q_ijk: np.ndarray, prior: RobustPrior | None) -> Match:
         qc = self.source.sample_coarse(q_ijk)[0]
         qf = self.source.sample_fine(q_ijk)[0]
-        centre = radius = None
-        if prior is not None:
-            centre = self.target.world_to_index(prior.predict(p_lps))[0]
-            radius = prior.search_radius_mm
-        res = search(self.target, qc, qf, self.config, centre, radius,
-                     top_k=self.config.prior_top_k if prior is not None else None)
+        if prior is not None and prior.refined is not None:
+            res = _at(self.target, qc, qf, self.target.world_to_index(prior.predict(p_lps))[0])
+        else:
+            centre = radius = None
+            if prior is not None:
+                centre = self.target.world_to_index(prior.predict(p_lps))[0]
+                radius = prior.search_radius_mm
+            res = search(self.target, qc, qf, self.config, centre, radius,
+                         top_k=self.config.prior_top_k if prior is not None else None)
         point = self.target.index_to_world(res.ijk)
         m = Match(p_lps.copy(), point, 0.5 * (res.coarse + res.fine), res.coarse, res.fine)
         if self.config.forward_backward:
@@ -303,6 +308,15 @@ class Matcher:
             m.confidence = float(np.exp(-m.fb_distance_mm ** 2 / (2 * sigma ** 2)) * max(m.similarity, 0.0))
             m.low_confidence = m.confidence < self.config.low_confidence
         return m
+
+
+def _at(target: VolumeEmbedding, qc: np.ndarray, qf: np.ndarray, ijk: np.ndarray) -> _Search:
+    """The dense transform's prediction as the match, with its similarities (no search)."""
+    if not target.inside(ijk)[0]:
+        raise NoMatchInRegion("the refined prior maps the point outside the target image")
+    c = float(target.sample_coarse(ijk)[0] @ qc)
+    f = float(target.sample_fine(ijk)[0] @ qf)
+    return _Search(np.asarray(ijk, dtype=np.float64), c + f, c, f)
 
 
 def has_structure(emb: VolumeEmbedding) -> bool:

@@ -9,7 +9,9 @@ point, where it should land in the target; :mod:`matching` uses it to restrict a
 
 Differences from SAM-v2: their stable points come from full coarse+fine matching; ours are matched on
 the coarse map only (with sub-cell parabolic refinement) because that is cheap for a few hundred points
-on a CPU; the fine search around each query then recovers the detail.
+on a CPU. By default the fitted affine is then refined densely in embedding space
+(:mod:`feature_registration`: every foreground voxel votes, then a smooth deformation), and that transform
+predicts the match; with ``PriorConfig(refine=None)`` the fine search around each query recovers the detail.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from anatomical_embedding.inference.embedding import VolumeEmbedding
+from anatomical_embedding.inference.feature_registration import FeatureTransform, RefineConfig, refine_transform
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,10 @@ class PriorConfig:
     min_inlier_fraction: float = 0.2
     #: Accepted range of the affine's singular values (scale per direction) and of its determinant.
     scale_range: tuple[float, float] = (0.6, 1.6)
+    #: Dense refinement of the fitted affine in embedding space (:mod:`feature_registration`, SAME-style); the
+    #: matcher then answers with the refined transform's prediction. ``None``: the coarse prior only, whose
+    #: search ball the fine search explores (this project's earlier behaviour).
+    refine: RefineConfig | None = field(default_factory=RefineConfig)
 
 
 @dataclass
@@ -73,8 +80,16 @@ class RobustPrior:
     stable_source_lps: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 3)))
     stable_target_lps: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 3)))
     heldout_rms_mm: float = float("nan")  # cross-validated residual RMS (sets the default search radius)
+    #: The dense refinement (``PriorConfig.refine``); when present it makes the predictions.
+    refined: FeatureTransform | None = None
 
     def predict(self, points_lps: np.ndarray) -> np.ndarray:
+        if self.refined is not None:
+            return self.refined.predict(points_lps)
+        return self.coarse_predict(points_lps)
+
+    def coarse_predict(self, points_lps: np.ndarray) -> np.ndarray:
+        """The prediction of the affine (+ spline) fitted on the coarse stable points."""
         p = np.atleast_2d(np.asarray(points_lps, dtype=np.float64))
         out = p @ self.affine[:3, :3].T + self.affine[:3, 3]
         if self.rbf is not None:
@@ -87,6 +102,7 @@ class RobustPrior:
             "inlier_rms_mm": round(self.inlier_rms_mm, 3), "heldout_rms_mm": round(self.heldout_rms_mm, 3),
             "search_radius_mm": round(self.search_radius_mm, 3),
             "deformable": self.rbf is not None, "affine": np.round(self.affine, 5).tolist(),
+            "refined": None if self.refined is None else self.refined.summary(),
         }
 
 
@@ -282,5 +298,10 @@ def fit_prior(source: VolumeEmbedding, target: VolumeEmbedding, config: PriorCon
     cv = heldout_rms(src[inl], dst[inl], config, np.random.default_rng([config.seed, 1]))
     radius = config.search_radius_mm or max(1.5 * cell_mm, 3.0 * (cv if np.isfinite(cv) else rms))
     prior = RobustPrior(m, rbf, rms, radius, n_cand, len(src), int(inl.sum()), src, dst, heldout_rms_mm=cv)
+    if config.refine is not None:
+        try:
+            prior.refined = refine_transform(source, target, m, config.refine)
+        except ValueError as exc:  # e.g. too wide a model for dense fine maps: the coarse prior still serves
+            log.warning("%s; using the coarse prior", exc)
     log.info("robust prior: %s", prior.summary())
     return prior
