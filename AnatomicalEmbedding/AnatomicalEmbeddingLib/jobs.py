@@ -23,6 +23,9 @@ class BackgroundJob:
         self.finish: Optional[Callable] = None
         self._cancel = threading.Event()
         self.future: Optional[concurrent.futures.Future] = None
+        #: The child process the job's function is waiting on, if any (``subprocess_job.EmbeddingProcess``):
+        #: :meth:`cancel` stops it at once, from the main thread, instead of at its next progress report.
+        self.process = None
 
     def report(self, fraction: float, message: str = "") -> bool:
         """Progress callback (engine convention): returns False once cancelled."""
@@ -37,6 +40,9 @@ class BackgroundJob:
 
     def cancel(self) -> None:
         self._cancel.set()
+        process = self.process  # read after setting the flag: the worker checks the flag after assigning it
+        if process is not None:
+            process.stop()
 
     @property
     def cancelled(self) -> bool:
@@ -109,7 +115,8 @@ class JobWorker:
         Slicer's PythonQt keeps the lock while the Qt loop idles, so a Python worker thread only runs when the
         main thread gives it up (the engine's heavy parts - onnxruntime, numpy - release it themselves once
         entered). Sleeping here, in the timer's slot, hands the worker the lock every tick without blocking the
-        GUI for more than ``YIELD_SECONDS``.
+        GUI for more than ``YIELD_SECONDS``. (Coarse embeddings do not depend on it: they run in a child process,
+        see ``subprocess_job``; the worker then only relays their progress.)
         """
         if self._executor is not None:
             time.sleep(self.YIELD_SECONDS if seconds is None else seconds)

@@ -15,6 +15,7 @@ from AnatomicalEmbeddingLib import cases as fewShotCasesTable
 from AnatomicalEmbeddingLib import dependencies, matches, views
 from AnatomicalEmbeddingLib.engine_model import _EngineModel
 from AnatomicalEmbeddingLib.jobs import BackgroundJob, JobWorker
+from AnatomicalEmbeddingLib.subprocess_job import EmbeddingProcess
 from AnatomicalEmbeddingLib.views import HEATMAP_ATTRIBUTE
 
 #: Volumes with at most this many fine tiles get every tile warmed in the background (after the tiles around the
@@ -53,6 +54,10 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         #: their predicted matches, then every tile of volumes with at most this many (None: every volume). Tiles go
         #: one by one within the memory budget and to the disk cache; any other job preempts the warming.
         self.maxPrecomputedTiles: Optional[int] = DEFAULT_MAX_PRECOMPUTED_TILES
+        #: Compute coarse maps in a child process (:mod:`AnatomicalEmbeddingLib.subprocess_job`): it progresses
+        #: while Slicer's Qt loop holds the interpreter lock, which starves the worker thread. On inside
+        #: Slicer; scripts and tests embed in the worker thread unless they set it.
+        self.embedInSubprocess = hasattr(getattr(slicer, "app", None), "slicerHome")
         self._cache = None
         self._embeddings: dict = {}   # volume node ID -> (geometry/content stamp, VolumeEmbedding)
         self._matchers: dict = {}     # (source ID, target ID) -> Matcher
@@ -251,20 +256,19 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         on disk).
         """
         from anatomical_embedding import mrml
-        from anatomical_embedding.inference.embedding import embed_volume, window_starts
+        from anatomical_embedding.inference.embedding import coarse_window_count, embed_volume
 
         model = self._requireModel()
         volume = mrml.node_to_volume(volumeNode)
         nodeId, stamp, name = volumeNode.GetID(), self._stamp(volumeNode), volumeNode.GetName()
-        config = self.embedConfig
-        # Expected network runs (progress bar): the volume at the model spacing, padded to the size multiple.
-        m = model.size_multiple
-        shape = np.ceil(np.asarray(volume.shape_ijk) * volume.spacing / model.spacing).astype(int)
-        shape = np.maximum(-(-shape // m) * m, m)
-        window = -(-np.asarray(config.window or model.patch_size) // m) * m
-        nCoarse = int(np.prod([len(window_starts(int(s), int(min(w, s)), config.overlap, m))
-                               for s, w in zip(shape, window)]))
+        config, cache = self.embedConfig, self.cache
+        nCoarse = coarse_window_count(model, volume, config)  # expected network runs (progress bar)
         count = [0]
+        child = None
+        if self.embedInSubprocess and self.modelPath is not None:
+            device = getattr(model.model, "device", "cpu")
+            tempDir = getattr(getattr(slicer, "app", None), "temporaryPath", None)
+            child = EmbeddingProcess(volume, self.modelPath, model.backend, device, cache, config, tempDir=tempDir)
 
         def hook():
             job.check()
@@ -272,11 +276,19 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
             job.report(min(0.99, count[0] / max(nCoarse, 1)), f"embedding {name}: coarse window {count[0]}/{nCoarse}")
 
         def work():
+            if child is not None:  # it writes the coarse map to the cache, read below (no network run here)
+                job.process = child
+                job.check()
+                key = child.run(lambda fraction, message: job.report(fraction, f"embedding {name}: {message}"))
             model.set_hook(hook)
             try:
-                return embed_volume(model, volume, self.cache, config)
+                emb = embed_volume(model, volume, cache, config)
             finally:
                 model.set_hook(None)
+            if child is not None and emb.key != key:
+                logging.warning("embedding %s: the separate process wrote cache entry %s, this process read %s "
+                                "(the coarse map was computed again here)", name, key[:12], emb.key[:12])
+            return emb
 
         def store(emb):
             self._embeddings[nodeId] = (stamp, emb)

@@ -219,6 +219,20 @@ def window_starts(size: int, window: int, overlap: float, multiple: int) -> list
     return sorted(set(starts))
 
 
+def coarse_window_count(model: EmbeddingModel, volume: Volume, config: EmbedConfig) -> int:
+    """About how many network runs :func:`embed_volume` makes for ``volume``'s coarse map (progress bars).
+
+    The volume at the model spacing, padded to the size multiple, in windows of ``config.window`` (or the model's
+    patch size); reorientation is ignored, so it is exact for axis-aligned windows of equal sides.
+    """
+    m = model.size_multiple
+    shape = np.ceil(np.asarray(volume.shape_ijk) * volume.spacing / model.spacing).astype(int)
+    shape = np.maximum(-(-shape // m) * m, m)
+    window = -(-np.asarray(config.window or model.patch_size) // m) * m
+    return int(np.prod([len(window_starts(int(s), int(min(w, s)), config.overlap, m))
+                        for s, w in zip(shape, window)]))
+
+
 def sliding_window_coarse(model: EmbeddingModel, array: np.ndarray, window_kji: Sequence[int],
                           overlap: float = 0.25, sigma_scale: float = 0.125,
                           timings: dict[str, float] | None = None) -> np.ndarray:
