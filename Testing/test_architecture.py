@@ -18,7 +18,8 @@ LAYERS: tuple[str, ...] = ("io", "phantoms", "data", "nets", "losses", "methods"
                            "fewshot", "evaluation", "cli", "mrml")
 
 #: What Slicer's viewer and `fewshot apply`/`match` on an .aemodel import: never torch or MONAI.
-TORCH_FREE = ("inference.backends", "inference.embedding", "inference.matching", "inference.prior",
+TORCH_FREE = ("inference.backends", "inference.embedding", "inference.feature_registration", "inference.matching",
+              "inference.prior",
               "inference.precision", "inference.registry", "fewshot.head", "mrml", "cli.app")
 
 

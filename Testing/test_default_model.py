@@ -17,6 +17,7 @@ from anatomical_embedding.inference.defaults import (DEFAULT_MODELS, default_mod
                                                      resolve_model)
 from anatomical_embedding.inference.embedding import embed_volume
 from anatomical_embedding.inference.matching import Matcher
+from anatomical_embedding.inference.prior import PriorConfig
 from anatomical_embedding.io import read_image
 
 CROP = Path(__file__).parent / "data" / "real_ct" / "example_ct_crop.nii.gz"
@@ -93,3 +94,24 @@ def test_embed_without_model_uses_the_shipped_default(tmp_path, caplog, capsys):
     assert "shipped default CT model default_ct.aemodel" in caplog.text
     card = json.loads(str(np.load(tmp_path / "e.npz")["card"]))
     assert card["modality"] == "CT" and card["training_data"]["sources"]
+
+
+def test_dense_refinement_beats_the_coarse_prior_on_the_real_pair(tmp_path):
+    # The robust prior's dense refinement (feature_registration) against the coarse prior and its fine search, on
+    # the same real pair. Measured 2026-12-06 on 416 points: coarse prior mean 6.6 mm (median 4.2), refined 1.9 mm
+    # (median 1.7); identical coordinates 17.7 mm. The model's voxel is 4 mm.
+    transform, source, target = _known_pair(tmp_path)
+    model = open_model(default_model_path("CT"), backend="onnxruntime")
+    src, tgt = embed_volume(model, source), embed_volume(model, target)
+    queries = grid_points_above(target, -300.0, margin=6, step=8)
+    truth = map_points(transform, queries)
+    keep = np.flatnonzero(src.inside(src.world_to_index(truth), margin=3.0))[::4]  # every 4th: 104 points
+    queries, truth = queries[keep], truth[keep]
+    err = {}
+    for name, config in (("coarse", PriorConfig(refine=None)), ("refined", PriorConfig())):
+        matcher = Matcher(tgt, src, prior_config=config)
+        assert (matcher.prior.refined is not None) == (name == "refined")
+        out = matcher.match(queries, with_raw=False)
+        err[name] = np.linalg.norm(np.array([m.final.point_lps for m in out]) - truth, axis=1)
+    assert np.mean(err["refined"]) < 0.5 * np.mean(err["coarse"]), {k: v.mean() for k, v in err.items()}
+    assert np.mean(err["refined"]) < 3.0 and np.percentile(err["refined"], 90) < 5.0, err["refined"].mean()

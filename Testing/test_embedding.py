@@ -100,6 +100,35 @@ def test_fine_block_assembles_tiles_exactly():
     assert model.calls["fine"] == n
 
 
+def test_dense_fine_mode_reads_one_map_cached_on_disk_and_computes_no_tile(cache, monkeypatch):
+    from anatomical_embedding.inference import embedding
+
+    model = PoolModel()
+    vol = blob_volume()
+    emb = embed_volume(model, vol, cache, EmbedConfig(dense_fine=True))
+    assert emb.reads_dense and emb.dense_fine().dtype == np.float16
+    start, size = np.array([5, 13, 20]), np.array([30, 21, 9])
+    block = emb.fine_block(start, size)
+    a = emb.prepared.array[start[2]:start[2] + size[2], start[1]:start[1] + size[1], start[0]:start[0] + size[0]]
+    # Exactly local features: the blended windows agree with the voxel's own feature (float16 storage).
+    np.testing.assert_allclose(block, model._features(a), atol=2e-3)
+    tiles = embed_volume(model, vol, None).fine_block(start, size)  # the tile path: same vectors for this model
+    np.testing.assert_allclose(block, tiles, atol=2e-3)
+    assert emb.stats["tiles_computed"] == 0 and emb.warm_tiles(emb.all_tiles()) == 0
+    # Same cache entry as the tile mode (dense_fine is not part of the key); a second embedding reads the map.
+    assert emb.key == embed_volume(model, vol, None, EmbedConfig()).key
+    calls = dict(model.calls)
+    again = embed_volume(model, vol, cache, EmbedConfig(dense_fine=True))
+    assert model.calls == calls and "dense_fine_s" in again.timings
+    np.testing.assert_array_equal(again.dense_fine(), emb.dense_fine())
+    # Over its memory budget the dense map is skipped and fine vectors come from tiles.
+    monkeypatch.setattr(embedding, "DENSE_FINE_MAX_BYTES", emb.dense_fine_bytes - 1)
+    big = embed_volume(model, vol, None, EmbedConfig(dense_fine=True))
+    assert not big.reads_dense and big._dense_fine is None
+    big.fine_block(start, size)
+    assert big.stats["tiles_computed"] > 0
+
+
 def test_prepare_resamples_to_model_spacing_and_keeps_world_positions():
     model = PoolModel(spacing=(2.0, 2.0, 2.0))
     theta = np.deg2rad(30)

@@ -113,7 +113,7 @@ def test_child_writes_the_cache_entry_the_viewer_reads(viewer, package, mrml_sce
     emb = logic.finishJob(job)
     assert logic.isEmbedded(node)
     assert [p.parent.name for p in coarse_files(tmp_path / "child")] == [emb.key]
-    assert "coarse window" in job.message and "separate process" in job.message
+    assert "window" in job.message and "separate process" in job.message
 
     # The same volume embedded in this process (another cache): the same key and the same map, exactly.
     reference = new_logic(viewer, package, tmp_path / "thread", subprocess=False)
@@ -170,7 +170,7 @@ def test_embedding_progresses_while_this_thread_holds_the_interpreter_lock(viewe
         child = wait_for_child(job)
     else:
         t_end = time.monotonic() + 60
-        while "coarse window" not in job.message:  # the worker is embedding
+        while "window " not in job.message:  # the worker is embedding
             assert not job.done() and time.monotonic() < t_end
             time.sleep(0.001)
     t_hold, wall_hold = time.perf_counter(), time.time()
@@ -208,7 +208,7 @@ def test_cancel_terminates_the_child_and_leaves_nothing(viewer, package, mrml_sc
     job = logic.embedVolumeAsync(node)
     child = wait_for_child(job)
     t_end = time.monotonic() + 60
-    while "coarse window" not in job.message:  # the child has started computing
+    while "window " not in job.message:  # the child has started computing
         assert not job.done() and time.monotonic() < t_end
         time.sleep(0.002)
     assert child.workDir is not None and (child.workDir / "volume.npz").is_file()

@@ -74,7 +74,8 @@ def one(cfg: dict) -> dict:
     src = Volume(arr, spacing=spacing)
     tgt = Volume(arr, spacing=spacing, origin=(7.0, -5.0, 3.0))
     # --model: the package's own window (its card's patch size), as the CLI and the viewer use it.
-    ecfg = EmbedConfig(window=None if cfg.get("model_window") else (cfg["window"],) * 3)
+    ecfg = EmbedConfig(window=None if cfg.get("model_window") else (cfg["window"],) * 3,
+                       dense_fine=bool(cfg.get("dense_fine")))
     out = {"backend": model.backend, "device": model.device, "precision": precision, "shape_kji": shape,
            "threads": threads, "window": int(model.patch_size[0]) if cfg.get("model_window") else cfg["window"]}
     with tempfile.TemporaryDirectory() as tmp:
@@ -198,6 +199,9 @@ def main(argv=None) -> int:
                          "windows (export --precision int8). Each applies to the backend that has it")
     ap.add_argument("--model", help="time this .aemodel package (ONNX Runtime only) on a CT of 0.75 x 0.75 x 1.5 mm "
                                     "voxels instead of the untrained published-size AEFM on 1 mm voxels")
+    ap.add_argument("--dense-fine", action="store_true",
+                    help="embed with EmbedConfig(dense_fine=True), as the viewer and `match` do: the embedding "
+                         "includes each volume's dense fine map and clicks compute no fine tile")
     ap.add_argument("--name", default="embedding", help="results file name (default embedding: OUT/embedding.md)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -255,7 +259,7 @@ def main(argv=None) -> int:
         for backend, device, precision in runs:
             cfg = {"backend": backend, "device": device, "packages": packages, "net": net, "threads": args.threads,
                    "shape_kji": shape, "window": window, "clicks": clicks if shape == shapes[0] else 0,
-                   "precision": precision, **({"model_window": True, "volume_spacing": [0.75, 0.75, 1.5]}
+                   "precision": precision, "dense_fine": args.dense_fine, **({"model_window": True, "volume_spacing": [0.75, 0.75, 1.5]}
                                               if args.model else {})}
             print(f"running {backend} {precision} on {device}, {shape} ...", flush=True)
             t0 = time.perf_counter()
@@ -301,6 +305,8 @@ def main(argv=None) -> int:
         mode += f" --clicks {args.clicks}"
     if args.model:
         mode += f" --model {args.model}"
+    if args.dense_fine:
+        mode += " --dense-fine"
     if args.name != "embedding":
         mode += f" --name {args.name}"
     meta = machine_description(args.threads)
@@ -337,6 +343,9 @@ def main(argv=None) -> int:
     lines += ["", "Cache MB: the embedding cache of one volume (coarse map plus the fine tiles the clicks computed); "
               + ("peak RSS: the process so far (--smoke runs every configuration in one process). " if args.smoke else
                  "peak RSS: the configuration's own process. ")
+              + ("Embedding with `EmbedConfig(dense_fine=True)`: embed s includes the dense fine map (one "
+                 "sliding-window pass), prior fit s the robust prior's dense refinement, and no click computes a "
+                 "fine tile (cold = the first click at a point). " if args.dense_fine else "")
               + "Cold clicks compute fine tiles, warm clicks reuse them. Warming: the background computation of "
               "the clicked points' likely tiles (`Matcher.likely_tiles`), as the viewer runs it after preparing a "
               "pair; then each point's first click is timed.",
@@ -344,8 +353,11 @@ def main(argv=None) -> int:
     staged = [r for r in results if "stages_s" in r]
     if staged:
         keys = ("prepare_s", "hash_s", "network_s", "blend_s", "cache_write_s")
+        if any("dense_fine_s" in r["stages_s"] for r in staged):
+            keys += ("dense_fine_s",)
         lines += ["", "Where the embedding time went (seconds; prepare = reorientation, resampling, intensity preset "
-                  "and padding; blend = window extraction, Gaussian blending and normalisation):", "",
+                  "and padding; blend = window extraction, Gaussian blending and normalisation; dense_fine = the "
+                  "dense fine map's own pass, network and blending):", "",
                   *md_table(["backend", "volume (k,j,i)", *[k[:-2] for k in keys], "embed s"],
                             [[_label(r), r["shape_kji"], *[f"{r['stages_s'].get(k, 0.0):.2f}" for k in keys],
                               f"{r['embed_s']:.1f}"] for r in staged])]

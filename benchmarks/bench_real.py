@@ -27,8 +27,9 @@ Pair types
   posterior, left, right, superior) of the brain mask, case ``n`` to case ``n + 1`` in a cycle.
 
 Methods, side by side: identical coordinates; SimpleITK affine, and affine + B-spline (``evaluation.registration``,
-both at 4 mm with a reduced iteration budget so that a pair takes seconds); every ``--model`` raw and with the
-robust prior. ``--train-quick-aefm SECONDS`` first trains a small AEFM (the tests' recipe, widths 8-64, at 4 mm, preset
+both at 4 mm with a reduced iteration budget so that a pair takes seconds); every ``--model`` raw, with the coarse
+prior (``PriorConfig(refine=None)``: the prior's fine search), and with the robust prior as the product uses it
+(refined densely in embedding space, :mod:`anatomical_embedding.inference.feature_registration`). ``--train-quick-aefm SECONDS`` first trains a small AEFM (the tests' recipe, widths 8-64, at 4 mm, preset
 ``mri_percentile`` so that CT and MR share it) on the benchmark's original (untransformed) volumes for at most
 SECONDS, and adds it as a model: self-supervised and transductive (it never sees a point or a label, but has seen
 the target images), so it is a check that the pipeline works on real data, not a generalisation result.
@@ -286,16 +287,18 @@ class Registration(Method):
 
 
 class ModelMethod(Method):
-    """One model: ``raw`` matching, the coarse ``prior`` with its fine search, or the ``refined`` prior.
+    """One model: ``raw`` matching, the ``coarse`` prior with its fine search (``PriorConfig(refine=None)``), or the
+    robust prior as the product uses it, ``refined`` densely in embedding space (the default ``PriorConfig``).
 
     The coarse maps are computed once per image and every pair is charged the coarse embedding time of both its
     images (as for a new scan). Fine tiles are cleared before the raw variant, which computes them cold; the prior
     variant (run next) reuses them and is charged its own matching time plus the raw variant's fine-tile time (a
     cold-equivalent time that avoids computing every tile twice on a shared CPU). The refined variant clears the
-    tiles again and is charged everything it computes (the dense fine maps of both images included).
+    tiles again and is charged everything it computes, and the dense fine maps of both images even when kept from
+    an earlier pair.
     """
 
-    VARIANTS = {"raw": "raw", "prior": "robust prior", "refined": "refined prior"}
+    VARIANTS = {"raw": "raw", "coarse": "coarse prior", "refined": "robust prior"}
 
     def __init__(self, label: str, model, variant: str, shared: dict, embed_config=None,
                  modality: str | None = None) -> None:
@@ -330,19 +333,25 @@ class ModelMethod(Method):
 
         src, s_src, tim_src = self._embedding(pair.source_key, pair.source)
         tgt, s_tgt, tim_tgt = self._embedding(pair.target_key, pair.target)
-        if self.variant != "prior":
+        if self.variant != "coarse":
             src.clear_fine_tiles()
             tgt.clear_fine_tiles()
             tim_src["s"] = tim_tgt["s"] = 0.0
-        prior = {"raw": None, "prior": PriorConfig(refine=None), "refined": PriorConfig()}[self.variant]
+        prior = {"raw": None, "coarse": PriorConfig(refine=None), "refined": PriorConfig()}[self.variant]
+        # A dense fine map kept from an earlier pair of the same image is charged again, like its coarse map (with
+        # EmbedConfig.dense_fine it is part of the embedding, already charged).
+        reused = sum(e.timings.get("dense_fine_s", 0.0) for e in (src, tgt)
+                     if e._dense_fine is not None and not e.config.dense_fine)
         t0 = time.perf_counter()
         matches = Matcher(src, tgt, prior_config=prior).match(pair.points, use_prior=prior is not None,
                                                               with_raw=False)
         pts_s = time.perf_counter() - t0
         if self.variant == "raw":
             self.shared[("tiles", pair.name)] = tim_src["s"] + tim_tgt["s"]
-        elif self.variant == "prior":
+        elif self.variant == "coarse":
             pts_s += self.shared.pop(("tiles", pair.name), 0.0)
+        else:
+            pts_s += reused
         return np.array([m.final.point_lps for m in matches]), s_src + s_tgt + pts_s, pts_s
 
 
@@ -549,13 +558,21 @@ def write_report(result: dict, out: Path) -> None:
                        "CT images), so it checks that the pipeline works on real data; it is not a generalisation "
                        "result.")]
     if result["models"]:
-        lines += ["", (f"Embedding: `EmbedConfig(fine_tile={result['config'].get('fine_tile', 32)}, min_size=8)` "
-                       "(larger fine tiles than the engine's 16, so that 40 scattered points need fewer forward "
-                       "passes; min_size 8 so that the 40 mm DICOM slab and the 60 mm abdominal MR, 10 and 15 voxels "
-                       "thick at 4 mm, are accepted and padded). Timing of the model rows: the coarse maps of both "
-                       "images are charged to every pair; the raw variant computes its fine tiles cold, and the "
-                       "robust-prior variant reuses them but is charged the raw variant's fine-tile time on top of "
-                       "its own matching and prior fit (cold-equivalent).")]
+        dense = result["config"].get("dense_fine", False)
+        lines += ["", (f"Embedding: `EmbedConfig(fine_tile={result['config'].get('fine_tile', 32)}, min_size=8, "
+                       f"dense_fine={dense})` (min_size 8 so that the 40 mm DICOM slab and the 60 mm abdominal MR, "
+                       "10 and 15 voxels thick at 4 mm, are accepted and padded). "
+                       + ("Each image's embedding is its coarse map and its dense fine map (one sliding-window pass "
+                          "each, as the viewer and `match` embed); both are charged to every pair that uses the "
+                          "image, and no variant computes fine tiles. " if dense else
+                          "Fine tiles are computed on demand (32 voxels, fewer forward passes than the engine's 16 "
+                          "when every point needs its own tiles); the raw variant computes them cold, and the "
+                          "coarse-prior variant reuses them but is charged the raw variant's fine-tile time on top "
+                          "of its own matching and prior fit (cold-equivalent); the robust prior computes the dense "
+                          "fine maps it needs, charged to every pair like the coarse maps. ")
+                       + "The coarse maps of both images are charged to every pair. The robust prior (the product's "
+                         "default) refines the coarse prior densely in embedding space; its prediction is the "
+                         "match.")]
     lines += ["", (f"Registration baselines (SimpleITK, `evaluation.registration`, fixed = source): "
                    f"{result['config']['registration']}.")]
     if result.get("skipped"):
@@ -579,6 +596,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fine-tile", type=int, default=32,
                     help="fine-tile size in voxels of the model spacing (EmbedConfig.fine_tile; default 32: fewer, "
                          "larger forward passes than the engine's 16 when every point needs its own tiles)")
+    ap.add_argument("--no-dense-fine", action="store_true",
+                    help="fine vectors from canonical tiles on demand (EmbedConfig.dense_fine off); by default, as in "
+                         "the viewer and `match`, each image's dense fine map is part of its embedding")
     ap.add_argument("--transforms", type=int, default=3, help="known transforms per volume (default 3)")
     ap.add_argument("--points", type=int, default=40, help="structure points per volume and transform (default 40)")
     ap.add_argument("--only", nargs="+", help="only these volumes (names as in real.md; cross pairs need theirs)")
@@ -672,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
         shared: dict = {}
         # min_size 8 (engine default 16): the 40 mm DICOM slab and the 60 mm abdominal MR are 10 and 15 voxels thick
         # at 4 mm; prepare_volume pads them to the size multiple.
-        cfg = EmbedConfig(fine_tile=args.fine_tile, min_size=8)
+        cfg = EmbedConfig(fine_tile=args.fine_tile, min_size=8, dense_fine=not args.no_dense_fine)
         only = None if (args.all_modalities or label == "quick-aefm") else model.card.get("modality")
         methods += [ModelMethod(label, model, v, shared, cfg, only) for v in ModelMethod.VARIANTS]
         models.append({"label": label, "path": str(path), "method": model.card.get("method"),
@@ -715,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"spacing_mm": SPACING, "transforms": args.transforms, "points": args.points, "seed": args.seed,
                    "min_distance_mm": 20.0, "fov_margin_mm": 10.0, "body_erosion_mm": 6.0,
                    "contrast_sigma_mm": 4.0, "registration": REG_CONFIG, "fine_tile": args.fine_tile,
-                   "embed_min_size": 8},
+                   "embed_min_size": 8, "dense_fine": not args.no_dense_fine},
         "methods": names, "models": models, "quick_aefm": quick,
         "summary": summarise(records, names),
         "volumes": [{"name": c.name, "modality": c.modality, "path": c.path, "shape_ijk": list(c.volume.shape_ijk),

@@ -80,9 +80,11 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
     def _defaultEmbedConfig():
         from anatomical_embedding.inference.embedding import EmbedConfig
 
-        # Fine tiles of 32 voxels (engine default 16) with the same 16-voxel context: precomputing a whole
-        # volume then runs ~3x fewer voxels through the network (32^3 of every 64^3 window are kept).
-        return EmbedConfig(fine_tile=32)
+        # A dense fine map per volume (one sliding-window pass): the robust prior's refinement reads it anyway, and
+        # clicks then compute no fine tile. Volumes whose map exceeds its budget (a wide imported model) use fine
+        # tiles of 32 voxels (engine default 16) with the same 16-voxel context: precomputing a whole volume then
+        # runs ~3x fewer voxels through the network (32^3 of every 64^3 window are kept).
+        return EmbedConfig(fine_tile=32, dense_fine=True)
 
     # ---- dependencies -----------------------------------------------------------------------------
     _importable = staticmethod(dependencies.importable)
@@ -251,18 +253,18 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
     def _embedWork(self, volumeNode, job: BackgroundJob) -> tuple:
         """Read the node (main thread); return (worker function, store function) for one volume.
 
-        The worker embeds the coarse map only, so the user can click as soon as it is done; fine tiles come from
-        the warming job started after it (:meth:`warmTilesAsync`) or on demand around a click (both are cached
-        on disk).
+        The worker embeds the coarse map and, with ``embedConfig.dense_fine`` (the default), the dense fine map,
+        so clicks compute nothing afterwards; otherwise fine tiles come from the warming job started after it
+        (:meth:`warmTilesAsync`) or on demand around a click (all of it is cached on disk).
         """
         from anatomical_embedding import mrml
-        from anatomical_embedding.inference.embedding import coarse_window_count, embed_volume
+        from anatomical_embedding.inference.embedding import embedding_window_count, embed_volume
 
         model = self._requireModel()
         volume = mrml.node_to_volume(volumeNode)
         nodeId, stamp, name = volumeNode.GetID(), self._stamp(volumeNode), volumeNode.GetName()
         config, cache = self.embedConfig, self.cache
-        nCoarse = coarse_window_count(model, volume, config)  # expected network runs (progress bar)
+        nWindows = embedding_window_count(model, volume, config)  # expected network runs (progress bar)
         count = [0]
         child = None
         if self.embedInSubprocess and self.modelPath is not None:
@@ -273,7 +275,7 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         def hook():
             job.check()
             count[0] += 1
-            job.report(min(0.99, count[0] / max(nCoarse, 1)), f"embedding {name}: coarse window {count[0]}/{nCoarse}")
+            job.report(min(0.99, count[0] / max(nWindows, 1)), f"embedding {name}: window {count[0]}/{nWindows}")
 
         def work():
             if child is not None:  # it writes the coarse map to the cache, read below (no network run here)

@@ -9,7 +9,7 @@ Parent side: :class:`EmbeddingProcess` writes the volume to a temporary ``.npz``
 geometry bit for bit, so the child computes the same cache key), starts ``python -m
 AnatomicalEmbeddingLib.subprocess_job`` (PythonSlicer inside Slicer) and relays its progress; :meth:`stop` (any
 thread) terminates it. Child side: :func:`main` prints one JSON object per line on stdout: ``started`` (its pid),
-``progress`` (coarse windows done of expected), ``done`` (the cache key) or ``error`` (one line), and exits 0 or 1.
+``progress`` (network windows done of expected), ``done`` (the cache key) or ``error`` (one line), and exits 0 or 1.
 
 Nothing here imports slicer or torch at module level: the child loads only the engine.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import logging
 import os
@@ -36,18 +37,13 @@ MODULE_DIR = pathlib.Path(__file__).resolve().parents[1]
 
 def pythonExecutable() -> str:
     """Slicer's own Python (PythonSlicer: the same packages) inside Slicer; this interpreter elsewhere."""
+    from anatomical_embedding.mrml import slicer_python
+
     try:
         import slicer
     except ImportError:
         slicer = None
-    home = getattr(getattr(slicer, "app", None), "slicerHome", None)
-    if home:
-        for name in ("PythonSlicer.exe", "PythonSlicer"):
-            candidate = pathlib.Path(home) / "bin" / name
-            if candidate.is_file():
-                return str(candidate)
-        return shutil.which("PythonSlicer") or sys.executable
-    return sys.executable
+    return slicer_python(getattr(getattr(slicer, "app", None), "slicerHome", None))
 
 
 class EmbeddingProcess:
@@ -63,7 +59,7 @@ class EmbeddingProcess:
         self.volume = volume
         self.argsTail = ["--model", str(modelPath), "--backend", backend, "--device", device,
                          "--cache", str(cache.root), "--cache-budget", str(int(cache.budget_bytes)),
-                         "--config", json.dumps(config.key())]
+                         "--config", json.dumps(dataclasses.asdict(config))]
         self.cacheRoot = pathlib.Path(cache.root)
         self.python = python or pythonExecutable()
         self.tempDir = tempDir
@@ -144,7 +140,7 @@ class EmbeddingProcess:
                     self.childPid = int(event.get("pid", 0)) or None
                 elif kind == "progress":
                     done, total = int(event["window"]), max(int(event["windows"]), 1)
-                    if not report(min(0.99, done / total), f"coarse window {done}/{total} (separate process)"):
+                    if not report(min(0.99, done / total), f"window {done}/{total} (separate process)"):
                         self.stop()
                 elif kind == "done":
                     key = str(event["key"])
@@ -193,7 +189,7 @@ def _event(line: str) -> Optional[dict]:
 
 # ---- child ------------------------------------------------------------------------------------------
 class _CountingModel:
-    """The engine model, printing a progress line before each coarse window."""
+    """The engine model, printing a progress line before each network window."""
 
     def __init__(self, model, windows: int, emit: Callable[..., None]) -> None:
         self._model, self._windows, self._emit, self._count = model, windows, emit, 0
@@ -225,7 +221,7 @@ def main(argv: Optional[list] = None) -> int:
         import numpy as np
 
         from anatomical_embedding.inference.backends import open_model
-        from anatomical_embedding.inference.embedding import (EmbedConfig, EmbeddingCache, coarse_window_count,
+        from anatomical_embedding.inference.embedding import (EmbedConfig, EmbeddingCache, embedding_window_count,
                                                               embed_volume)
         from anatomical_embedding.io import Volume
 
@@ -235,7 +231,7 @@ def main(argv: Optional[list] = None) -> int:
         config = EmbedConfig(**{**fields, "window": tuple(fields["window"]) if fields.get("window") else None})
         model = open_model(args.model, backend=args.backend, device=args.device)
         cache = EmbeddingCache(args.cache, args.cache_budget)
-        counting = _CountingModel(model, coarse_window_count(model, volume, config), _emit)
+        counting = _CountingModel(model, embedding_window_count(model, volume, config), _emit)
         emb = embed_volume(counting, volume, cache, config)
     except Exception as exc:  # noqa: BLE001 - one line for the parent, the traceback on stderr
         traceback.print_exc()  # stderr: the parent logs it

@@ -335,3 +335,19 @@ def load_case(scene, image: Volume, name: str, label: Volume | None = None,
         nodes["landmarks"] = points_to_markups_node(keys, np.stack([np.asarray(landmarks[k], float) for k in keys]),
                                                     scene, f"{name} landmarks")
     return nodes
+
+
+def slicer_python(slicer_home: str | None) -> str:
+    """The interpreter for a child process: Slicer's PythonSlicer (a launcher that sets up Slicer's environment,
+    so the child sees the same packages) when running inside Slicer (``slicer_home`` set), else this one."""
+    import pathlib
+    import shutil
+    import sys
+
+    if slicer_home:
+        for name in ("PythonSlicer.exe", "PythonSlicer"):
+            candidate = pathlib.Path(slicer_home) / "bin" / name
+            if candidate.is_file():
+                return str(candidate)
+        return shutil.which("PythonSlicer") or sys.executable
+    return sys.executable

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import pathlib
-import shutil
-import sys
 from dataclasses import fields
 
 import slicer
@@ -194,15 +192,10 @@ def exportPath(runDir) -> pathlib.Path:
 
 
 def pythonExecutable() -> str:
-    # Inside Slicer the child must run Slicer's own Python (same packages): PythonSlicer, a launcher that sets
-    # up its environment. Outside Slicer (tests, scripts) this interpreter.
-    home = getattr(getattr(slicer, "app", None), "slicerHome", None)
-    if home:
-        for name in ("PythonSlicer.exe", "PythonSlicer"):
-            candidate = pathlib.Path(home) / "bin" / name
-            if candidate.is_file():
-                return str(candidate)
-    return shutil.which("PythonSlicer") or sys.executable
+    # Inside Slicer the child must run Slicer's own Python (same packages); outside Slicer this interpreter.
+    from anatomical_embedding.mrml import slicer_python
+
+    return slicer_python(getattr(getattr(slicer, "app", None), "slicerHome", None))
 
 
 def trainSettings(p, resume: bool = False):

@@ -54,6 +54,9 @@ def register(subparsers) -> None:
     m.add_argument("--report", default=None, help="optional JSON with raw and corrected matches and the prior")
     m.add_argument("--heatmap", default=None, help="similarity to the first point as an image on the target grid")
     m.add_argument("--no-prior", action="store_true", help="raw matching only (no robust affine/TPS prior)")
+    m.add_argument("--no-refine", action="store_true",
+                   help="keep the coarse robust prior and its fine search (skip the dense refinement in embedding "
+                        "space; faster, less precise)")
     m.add_argument("--top-k", type=int, default=3)
     m.add_argument("--overwrite", action="store_true")
     m.set_defaults(func=_match)
@@ -165,7 +168,7 @@ def write_matches(path: Path, names: list[str], matches, overwrite: bool = False
 
 
 def _match(args: argparse.Namespace) -> int:
-    from anatomical_embedding.inference.embedding import embed_volume
+    from anatomical_embedding.inference.embedding import EmbedConfig, embed_volume
     from anatomical_embedding.io import convert_points, read_image
     from anatomical_embedding.io.images import IMAGE_SUFFIXES
     from anatomical_embedding.io.markups import POINT_SUFFIXES
@@ -190,11 +193,14 @@ def _match(args: argparse.Namespace) -> int:
     source = read_image(args.source, replace_nonfinite=args.replace_nonfinite)
     target = read_image(args.target, replace_nonfinite=args.replace_nonfinite)
     model, cache = _open(args, source)
+    prior = None if args.no_prior else PriorConfig(refine=None) if args.no_refine else PriorConfig()
+    # The refinement reads dense fine maps of both images: matching then reads them too (no fine tiles).
+    config = EmbedConfig(dense_fine=prior is not None and prior.refine is not None)
     t0 = time.perf_counter()
-    src = embed_volume(model, source, cache)
-    tgt = embed_volume(model, target, cache)
+    src = embed_volume(model, source, cache, config)
+    tgt = embed_volume(model, target, cache, config)
     t1 = time.perf_counter()
-    matcher = Matcher(src, tgt, MatchConfig(top_k=args.top_k), None if args.no_prior else PriorConfig())
+    matcher = Matcher(src, tgt, MatchConfig(top_k=args.top_k), prior)
     results = matcher.match(pts, frame=frame, names=names)
     t2 = time.perf_counter()
     print(f"embedding {t1 - t0:.2f} s, matching {len(results)} point(s) {t2 - t1:.2f} s "

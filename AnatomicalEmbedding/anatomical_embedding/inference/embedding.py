@@ -45,6 +45,8 @@ CACHE_ENV = "ANATOMICAL_EMBEDDING_CACHE"
 CACHE_VERSION = 1
 #: Smallest window (voxels per axis) of the dense fine pass: more context per voxel, fewer windows.
 DENSE_FINE_WINDOW = 64
+#: Largest dense fine map (float16 bytes) that ``EmbedConfig.dense_fine`` keeps; larger images use tiles.
+DENSE_FINE_MAX_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -63,9 +65,17 @@ class EmbedConfig:
     fine_margin: int = 16
     #: Smallest size in voxels, at the model spacing, of a non-flat axis.
     min_size: int = 16
+    #: Compute a dense fine map of the whole image when embedding (one sliding-window pass, see
+    #: :meth:`VolumeEmbedding.dense_fine`) and read every fine vector from it instead of from canonical tiles: a
+    #: click then computes nothing, and the robust prior's refinement needs it anyway. Images whose map would
+    #: exceed ``DENSE_FINE_MAX_BYTES`` (float16) fall back to tiles.
+    dense_fine: bool = False
 
     def key(self) -> dict:
-        return asdict(self)
+        # dense_fine changes where fine vectors are read from, not what is cached (coarse map, tiles, dense map).
+        d = asdict(self)
+        d.pop("dense_fine")
+        return d
 
 
 # ---- cache --------------------------------------------------------------------------------------
@@ -144,6 +154,15 @@ class EmbeddingCache:
         self._save(d / "coarse.npy", coarse.astype(np.float16))
         self.evict()
 
+    def load_dense_fine(self, key: str) -> np.ndarray | None:
+        return self._load(self.entry_dir(key) / "fine_dense.npy")
+
+    def save_dense_fine(self, key: str, fine: np.ndarray) -> None:
+        if not np.isfinite(fine).all():
+            raise ValueError(f"refusing to cache a non-finite fine map ({key[:12]})")
+        self._save(self.entry_dir(key) / "fine_dense.npy", fine.astype(np.float16))
+        self.evict()
+
     def load_tile(self, key: str, tile: Sequence[int]) -> np.ndarray | None:
         return self._load(self.entry_dir(key) / "fine" / ("%d_%d_%d.npy" % tuple(tile)))
 
@@ -219,8 +238,9 @@ def window_starts(size: int, window: int, overlap: float, multiple: int) -> list
     return sorted(set(starts))
 
 
-def coarse_window_count(model: EmbeddingModel, volume: Volume, config: EmbedConfig) -> int:
-    """About how many network runs :func:`embed_volume` makes for ``volume``'s coarse map (progress bars).
+def embedding_window_count(model: EmbeddingModel, volume: Volume, config: EmbedConfig) -> int:
+    """About how many network runs :func:`embed_volume` makes for ``volume`` (progress bars): its coarse map's
+    windows, plus the dense fine pass's with ``config.dense_fine``.
 
     The volume at the model spacing, padded to the size multiple, in windows of ``config.window`` (or the model's
     patch size); reorientation is ignored, so it is exact for axis-aligned windows of equal sides.
@@ -229,8 +249,9 @@ def coarse_window_count(model: EmbeddingModel, volume: Volume, config: EmbedConf
     shape = np.ceil(np.asarray(volume.shape_ijk) * volume.spacing / model.spacing).astype(int)
     shape = np.maximum(-(-shape // m) * m, m)
     window = -(-np.asarray(config.window or model.patch_size) // m) * m
-    return int(np.prod([len(window_starts(int(s), int(min(w, s)), config.overlap, m))
-                        for s, w in zip(shape, window)]))
+    windows = [window] + ([np.maximum(window, DENSE_FINE_WINDOW)] if config.dense_fine else [])
+    return sum(int(np.prod([len(window_starts(int(s), int(min(w, s)), config.overlap, m)) for s, w in zip(shape, win)]))
+               for win in windows)
 
 
 def sliding_window_coarse(model: EmbeddingModel, array: np.ndarray, window_kji: Sequence[int],
@@ -548,8 +569,11 @@ class VolumeEmbedding:
         whole loop, so a click waits at most for one tile and then computes only what is still missing. A
         warmed tile never evicts one from memory (those are the ones clicks read, or more wanted ones warmed
         earlier): once memory is full the rest go to the disk cache only, or, without a disk cache, warming
-        stops. ``check`` is called before each tile (raise to cancel). Returns the number of tiles computed here.
+        stops. ``check`` is called before each tile (raise to cancel). Returns the number of tiles computed here;
+        none when fine vectors come from the dense map (:attr:`reads_dense`).
         """
+        if self.reads_dense:
+            return 0
         computed = 0
         for t in dict.fromkeys(tuple(int(v) for v in t) for t in tiles):
             if check is not None:
@@ -647,6 +671,8 @@ class VolumeEmbedding:
         start = np.clip(np.asarray(start_ijk, dtype=int), 0, shape - 1)
         end = np.clip(np.asarray(start_ijk, dtype=int) + np.asarray(size_ijk, dtype=int), start + 1, shape)
         size = end - start
+        if self.reads_dense:
+            return self.dense_fine()[:, start[2]:end[2], start[1]:end[1], start[0]:end[0]].astype(np.float32)
         tiles = self._tile_range(start, size)
         self.ensure_tiles(tiles)
         out = np.empty((self.model.fine_channels, size[2], size[1], size[0]), dtype=np.float32)
@@ -662,19 +688,37 @@ class VolumeEmbedding:
                 block[:, a[2] - t0[2]:b[2] - t0[2], a[1] - t0[1]:b[1] - t0[1], a[0] - t0[0]:b[0] - t0[0]]
         return out
 
-    def dense_fine(self) -> np.ndarray:
-        """Fine map (C, K, J, I) float32 of the whole prepared grid from one sliding-window pass (memoised).
+    @property
+    def dense_fine_bytes(self) -> int:
+        """Bytes of this image's dense fine map (float16)."""
+        return 2 * int(self.model.fine_channels) * int(self.prepared.array.size)
 
-        For the dense refinement, which reads every voxel: one pass of the embedding windows costs a fraction of
-        computing every canonical tile (each a window of the tile plus its margins). Its values differ slightly
-        from the tiles' (other windows), so one comparison must use one kind for both images.
+    @property
+    def reads_dense(self) -> bool:
+        """Fine vectors come from the dense map (``EmbedConfig.dense_fine`` and the map within its budget)."""
+        return bool(self.config.dense_fine) and self.dense_fine_bytes <= DENSE_FINE_MAX_BYTES
+
+    def dense_fine(self) -> np.ndarray:
+        """Fine map (C, K, J, I) float16 of the whole prepared grid from one sliding-window pass (memoised, and
+        kept in the disk cache).
+
+        One pass of windows of at least ``DENSE_FINE_WINDOW`` voxels costs a fraction of computing every canonical
+        tile (each a window of the tile plus its margins). Its values differ slightly from the tiles' (other
+        windows): with ``EmbedConfig.dense_fine`` every fine read uses it, otherwise only the prior's refinement,
+        which reads it for both images.
         """
         with self._lock:
             if self._dense_fine is None:
                 t0 = time.perf_counter()
-                window = np.maximum(window_kji(self.model, self.config), DENSE_FINE_WINDOW)
-                _, self._dense_fine = sliding_window(self.model, self.prepared.array, window, self.config.overlap,
-                                                     self.config.sigma_scale, want_fine=True)
+                fine = self.cache.load_dense_fine(self.key) if self.cache is not None else None
+                if fine is None or fine.shape[1:] != self.prepared.array.shape:
+                    window = np.maximum(window_kji(self.model, self.config), DENSE_FINE_WINDOW)
+                    _, fine = sliding_window(self.model, self.prepared.array, window, self.config.overlap,
+                                             self.config.sigma_scale, want_fine=True)
+                    fine = fine.astype(np.float16)
+                    if self.cache is not None:
+                        self.cache.save_dense_fine(self.key, fine)
+                self._dense_fine = fine
                 self.timings["dense_fine_s"] = time.perf_counter() - t0
             return self._dense_fine
 
@@ -799,4 +843,10 @@ def embed_volume(model: EmbeddingModel, volume: Volume, cache: EmbeddingCache | 
             coarse = coarse.astype(np.float16).astype(np.float32)
     emb = VolumeEmbedding(model, prepared, start, size, coarse, key, config, cache, source=volume)
     emb.timings = timings
+    if config.dense_fine:
+        if emb.reads_dense:
+            emb.dense_fine()
+        else:
+            log.info("dense fine map of %.0f MB over its budget (%d MB): fine tiles on demand instead",
+                     emb.dense_fine_bytes / 2 ** 20, DENSE_FINE_MAX_BYTES >> 20)
     return emb

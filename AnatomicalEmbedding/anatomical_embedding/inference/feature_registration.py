@@ -138,6 +138,11 @@ def sample_points(source: VolumeEmbedding, config: RefineConfig) -> np.ndarray:
     return kji[:, ::-1].astype(np.float64) + a
 
 
+def foreground_centroid(emb: VolumeEmbedding, config: RefineConfig) -> np.ndarray:
+    """LPS centre of mass of the foreground voxels that :func:`sample_points` draws from."""
+    return emb.index_to_world(sample_points(emb, config)).mean(axis=0)
+
+
 def _similarity(levels: list[_Features], yw: np.ndarray) -> tuple[float, np.ndarray]:
     """Mean weighted similarity at target world points yw (N, 3) and its gradient wrt yw."""
     total = 0.0

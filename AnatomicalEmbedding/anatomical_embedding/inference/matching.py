@@ -257,7 +257,9 @@ class Matcher:
             slack = 0.5 * t.stride / max(1, int(cfg.coarse_upsample)) * float(np.max(t.prepared.spacing))
             # The prediction may lie outside the image: search clamps its seed to the valid box.
             ball = t.index_to_world(np.vstack([centre, t.clamp_to_valid(centre)]))
-            tiles += t.tiles_near(ball, prior.search_radius_mm + slack + reach)
+            # A refined prior's prediction is the match (read at that point, no search ball).
+            radius = 0.0 if prior.refined is not None else prior.search_radius_mm + slack
+            tiles += t.tiles_near(ball, radius + reach)
             centres.append(centre)
         if prior is None or with_raw:
             raw = coarse_candidates(t, qc, cfg.coarse_upsample, cfg.top_k)

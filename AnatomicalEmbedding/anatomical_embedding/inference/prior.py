@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from anatomical_embedding.inference.embedding import VolumeEmbedding
-from anatomical_embedding.inference.feature_registration import FeatureTransform, RefineConfig, refine_transform
+from anatomical_embedding.inference.feature_registration import (
+    FeatureTransform, RefineConfig, foreground_centroid, refine_transform)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ class RobustPrior:
     heldout_rms_mm: float = float("nan")  # cross-validated residual RMS (sets the default search radius)
     #: The dense refinement (``PriorConfig.refine``); when present it makes the predictions.
     refined: FeatureTransform | None = None
+    #: Where the refinement started: the stable points' affine, or the centres of mass when that was refused.
+    initialisation: str = "stable points"
 
     def predict(self, points_lps: np.ndarray) -> np.ndarray:
         if self.refined is not None:
@@ -103,6 +106,7 @@ class RobustPrior:
             "search_radius_mm": round(self.search_radius_mm, 3),
             "deformable": self.rbf is not None, "affine": np.round(self.affine, 5).tolist(),
             "refined": None if self.refined is None else self.refined.summary(),
+            "initialisation": self.initialisation,
         }
 
 
@@ -255,29 +259,35 @@ def heldout_rms(src: np.ndarray, dst: np.ndarray, config: PriorConfig, rng: np.r
     return float(np.sqrt(np.mean(np.sum(resid ** 2, axis=1))))
 
 
-def check_fit(affine: np.ndarray, n_inliers: int, n_stable: int, config: PriorConfig) -> None:
-    """ValueError (the matcher then falls back to raw matching) for a fit that cannot be trusted."""
+def affine_problems(affine: np.ndarray, config: PriorConfig) -> list[str]:
+    """Why an affine is implausible between two scans (a mirroring, or scales outside ``config.scale_range``)."""
     lo, hi = config.scale_range
     scales = np.linalg.svd(affine[:3, :3], compute_uv=False)
     det = float(np.linalg.det(affine[:3, :3]))
     problems = []
-    if n_inliers < config.min_inliers:
-        problems.append(f"{n_inliers} inliers (need {config.min_inliers})")
-    if n_stable and n_inliers / n_stable < config.min_inlier_fraction:
-        problems.append(f"inlier fraction {n_inliers / n_stable:.2f} (need {config.min_inlier_fraction})")
     if det <= 0:
         problems.append(f"determinant {det:.3f} (a mirroring)")
     elif not (lo ** 3 <= det <= hi ** 3):
         problems.append(f"determinant {det:.3f} (need {lo ** 3:.3f} to {hi ** 3:.3f})")
     if scales.min() < lo or scales.max() > hi:
         problems.append(f"scales {np.round(scales, 2).tolist()} (need {lo} to {hi})")
+    return problems
+
+
+def check_fit(affine: np.ndarray, n_inliers: int, n_stable: int, config: PriorConfig) -> None:
+    """ValueError (the matcher then falls back to raw matching) for a fit that cannot be trusted."""
+    problems = []
+    if n_inliers < config.min_inliers:
+        problems.append(f"{n_inliers} inliers (need {config.min_inliers})")
+    if n_stable and n_inliers / n_stable < config.min_inlier_fraction:
+        problems.append(f"inlier fraction {n_inliers / n_stable:.2f} (need {config.min_inlier_fraction})")
+    problems += affine_problems(affine, config)
     if problems:
         raise ValueError(f"robust prior: degenerate fit refused ({'; '.join(problems)})")
 
 
-def fit_prior(source: VolumeEmbedding, target: VolumeEmbedding, config: PriorConfig | None = None) -> RobustPrior:
-    """Fit the robust prior between two embedded volumes (raises ValueError when too few stable points)."""
-    config = config or PriorConfig()
+def _fit_stable(source: VolumeEmbedding, target: VolumeEmbedding, config: PriorConfig) -> RobustPrior:
+    """The coarse prior: RANSAC affine (+ spline) on the stable points (ValueError when it cannot be trusted)."""
     src, dst, n_cand = stable_points(source, target, config)
     cell_mm = float(np.max(target.prepared.spacing)) * target.stride
     if len(src) < 8:
@@ -297,11 +307,47 @@ def fit_prior(source: VolumeEmbedding, target: VolumeEmbedding, config: PriorCon
     # Held out: the affine refitted (plain least squares) and the spline on the other folds of the inliers.
     cv = heldout_rms(src[inl], dst[inl], config, np.random.default_rng([config.seed, 1]))
     radius = config.search_radius_mm or max(1.5 * cell_mm, 3.0 * (cv if np.isfinite(cv) else rms))
-    prior = RobustPrior(m, rbf, rms, radius, n_cand, len(src), int(inl.sum()), src, dst, heldout_rms_mm=cv)
-    if config.refine is not None:
+    return RobustPrior(m, rbf, rms, radius, n_cand, len(src), int(inl.sum()), src, dst, heldout_rms_mm=cv)
+
+
+def _refine(source: VolumeEmbedding, target: VolumeEmbedding, initial: np.ndarray, config: PriorConfig
+            ) -> FeatureTransform:
+    """The dense refinement from ``initial``; ValueError when it cannot run or ends implausible."""
+    refined = refine_transform(source, target, initial, config.refine)
+    problems = affine_problems(refined.affine, config)
+    if problems:
+        raise ValueError(f"feature registration: implausible result refused ({'; '.join(problems)})")
+    return refined
+
+
+def fit_prior(source: VolumeEmbedding, target: VolumeEmbedding, config: PriorConfig | None = None) -> RobustPrior:
+    """Fit the robust prior between two embedded volumes (ValueError when no trustworthy prior exists).
+
+    With ``config.refine``, the coarse prior is refined densely; when the coarse prior itself is refused (too few
+    or inconsistent stable points, e.g. a thin slab), the refinement starts from the translation that aligns the
+    images' foreground centres of mass (as registration's moments initialiser does) instead of giving up.
+    """
+    config = config or PriorConfig()
+    try:
+        prior = _fit_stable(source, target, config)
+    except ValueError as exc:
+        if config.refine is None:
+            raise
+        init = np.eye(4)
+        init[:3, 3] = foreground_centroid(target, config.refine) - foreground_centroid(source, config.refine)
         try:
-            prior.refined = refine_transform(source, target, m, config.refine)
-        except ValueError as exc:  # e.g. too wide a model for dense fine maps: the coarse prior still serves
-            log.warning("%s; using the coarse prior", exc)
+            refined = _refine(source, target, init, config)
+        except ValueError as exc2:
+            raise ValueError(f"{exc}; refining from the centres of mass failed too ({exc2})") from exc
+        log.warning("%s; refined from the images' centres of mass instead", exc)
+        cell_mm = float(np.max(target.prepared.spacing)) * target.stride
+        prior = RobustPrior(refined.affine, None, float("nan"), 1.5 * cell_mm, 0, 0, 0, refined=refined,
+                            initialisation="centres of mass")
+    else:
+        if config.refine is not None:
+            try:
+                prior.refined = _refine(source, target, prior.affine, config)
+            except ValueError as exc:  # e.g. too wide a model for dense fine maps: the coarse prior still serves
+                log.warning("%s; using the coarse prior", exc)
     log.info("robust prior: %s", prior.summary())
     return prior
