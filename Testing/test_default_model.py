@@ -34,6 +34,11 @@ def test_default_package_loads_verifies_and_names_its_data(modality):
     assert path.stat().st_size < 20 * 2**20
     model = open_model(path, backend="onnxruntime")
     assert model.backend == "onnxruntime"
+    # The card quotes the real-data benchmark next to its baselines (build_default_models.py --card-benchmark).
+    bench = card["benchmark"]["groups"][f"intra {modality}"]
+    assert {"identical coordinates", "registration affine", "this model robust prior"} <= set(bench)
+    assert all(r["pairs"] > 0 and r["mean_mm"] > 0 for r in bench.values())
+    assert card["benchmark"]["source"] == "benchmarks/results/real.md" and card["benchmark"]["date"]
 
 
 def test_shipped_models_come_first_in_the_model_list(tmp_path):

@@ -28,7 +28,8 @@ class RegistrationConfig:
     bspline_iterations: int = 60
     shrink_factors: tuple[int, ...] = (4, 2, 1)
     smoothing_sigmas: tuple[float, ...] = (2.0, 1.0, 0.0)
-    seed: int = 0
+    #: Metric sampling seed. Not 0: SimpleITK reads 0 as ``sitkWallClock`` (a new random sample every run).
+    seed: int = 1
 
 
 @dataclass
@@ -58,6 +59,8 @@ def _method(config: RegistrationConfig):
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(config.histogram_bins)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
+    if config.seed == sitk.sitkWallClock:
+        raise ValueError("RegistrationConfig.seed 0 means a new random sample every run in SimpleITK; use a seed >= 1")
     reg.SetMetricSamplingPercentage(config.sampling_fraction, config.seed)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetShrinkFactorsPerLevel(list(config.shrink_factors))
