@@ -311,7 +311,7 @@ def sliding_window(model: EmbeddingModel, array: np.ndarray, window_kji: Sequenc
     if timings is not None:
         timings.update(network_s=network, blend_s=total - network, windows=n)
     log.info("%s map %s from %d windows of %s in %.2f s (network %.2f s)", "coarse and fine" if want_fine else
-             "coarse", tuple(cshape), n, tuple(win), total, network)
+             "coarse", cshape.tolist(), n, win.tolist(), total, network)
     return acc, facc
 
 
