@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import minimize
 
-from anatomical_embedding.inference.embedding import VolumeEmbedding
+from anatomical_embedding.inference.embedding import VolumeEmbedding, normalise, trilinear
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,6 @@ class _Features:
 
 
 def _coarse_level(source: VolumeEmbedding, target: VolumeEmbedding, src_ijk: np.ndarray, weight: float) -> _Features:
-    from anatomical_embedding.inference.embedding import normalise, trilinear
-
     s = target.stride
     to_vox = world_to_index_matrix(target)
     to_cells = np.eye(4)
@@ -121,8 +119,6 @@ def _coarse_level(source: VolumeEmbedding, target: VolumeEmbedding, src_ijk: np.
 
 
 def _fine_level(source: VolumeEmbedding, target: VolumeEmbedding, src_ijk: np.ndarray, weight: float) -> _Features:
-    from anatomical_embedding.inference.embedding import normalise, trilinear
-
     q = normalise(trilinear(source.dense_fine(), src_ijk))
     return _Features(channels_last(target.dense_fine()), world_to_index_matrix(target), q.astype(np.float32), weight)
 
