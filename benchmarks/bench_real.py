@@ -340,8 +340,7 @@ class ModelMethod(Method):
         prior = {"raw": None, "coarse": PriorConfig(refine=None), "refined": PriorConfig()}[self.variant]
         # A dense fine map kept from an earlier pair of the same image is charged again, like its coarse map (with
         # EmbedConfig.dense_fine it is part of the embedding, already charged).
-        reused = sum(e.timings.get("dense_fine_s", 0.0) for e in (src, tgt)
-                     if e._dense_fine is not None and not e.config.dense_fine)
+        reused = sum(e.timings.get("dense_fine_s", 0.0) for e in (src, tgt) if not e.config.dense_fine)
         t0 = time.perf_counter()
         matches = Matcher(src, tgt, prior_config=prior).match(pair.points, use_prior=prior is not None,
                                                               with_raw=False)

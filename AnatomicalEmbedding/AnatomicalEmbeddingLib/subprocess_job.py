@@ -170,9 +170,10 @@ class EmbeddingProcess:
                 shutil.rmtree(self.workDir, ignore_errors=True)
 
     def _removeStrayCacheFiles(self) -> None:
-        """A child killed while saving leaves its temporary file (EmbeddingCache._save names it with its pid)."""
+        """A child killed while saving leaves its temporary file (EmbeddingCache._save names every one, coarse or
+        dense fine map, ``.<name>.<pid>.tmp``)."""
         for pid in {self.childPid, self.process.pid} - {None}:
-            for path in self.cacheRoot.glob(f"*/.coarse.npy.{pid}.tmp"):
+            for path in self.cacheRoot.glob(f"*/.*.{pid}.tmp"):
                 path.unlink(missing_ok=True)
 
 

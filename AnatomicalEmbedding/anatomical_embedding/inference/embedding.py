@@ -248,9 +248,9 @@ def embedding_window_count(model: EmbeddingModel, volume: Volume, config: EmbedC
     m = model.size_multiple
     shape = np.ceil(np.asarray(volume.shape_ijk) * volume.spacing / model.spacing).astype(int)
     shape = np.maximum(-(-shape // m) * m, m)
-    window = -(-np.asarray(config.window or model.patch_size) // m) * m
-    windows = [window] + ([np.maximum(window, DENSE_FINE_WINDOW)] if config.dense_fine else [])
-    return sum(int(np.prod([len(window_starts(int(s), int(min(w, s)), config.overlap, m)) for s, w in zip(shape, win)]))
+    windows = [window_kji(model, config)] + ([dense_window_kji(model, config)] if config.dense_fine else [])
+    return sum(int(np.prod([len(window_starts(int(s), int(min(w, s)), config.overlap, m))
+                            for s, w in zip(shape, win[::-1])]))
                for win in windows)
 
 
@@ -712,7 +712,7 @@ class VolumeEmbedding:
                 t0 = time.perf_counter()
                 fine = self.cache.load_dense_fine(self.key) if self.cache is not None else None
                 if fine is None or fine.shape[1:] != self.prepared.array.shape:
-                    window = np.maximum(window_kji(self.model, self.config), DENSE_FINE_WINDOW)
+                    window = dense_window_kji(self.model, self.config)
                     _, fine = sliding_window(self.model, self.prepared.array, window, self.config.overlap,
                                              self.config.sigma_scale, want_fine=True)
                     fine = fine.astype(np.float16)
@@ -803,6 +803,11 @@ def window_kji(model: EmbeddingModel, config: EmbedConfig) -> np.ndarray:
     """The sliding window (k, j, i): ``config.window`` or the model's patch size, rounded up to the size multiple."""
     window = np.asarray(config.window or model.patch_size, dtype=int)
     return (-(-window // model.size_multiple) * model.size_multiple)[::-1]
+
+
+def dense_window_kji(model: EmbeddingModel, config: EmbedConfig) -> np.ndarray:
+    """The dense fine pass's window (k, j, i): :func:`window_kji`, at least ``DENSE_FINE_WINDOW`` per axis."""
+    return np.maximum(window_kji(model, config), DENSE_FINE_WINDOW)
 
 
 def embed_volume(model: EmbeddingModel, volume: Volume, cache: EmbeddingCache | None = None,

@@ -175,26 +175,35 @@ class FeatureTransform:
         p = np.atleast_2d(np.asarray(points_lps, dtype=np.float64))
         out = p @ self.affine[:3, :3].T + self.affine[:3, 3]
         if self.displacement is not None:
-            out = out + _interp_displacement(self.displacement, (p - self.grid_origin) / self.grid_step)[0]
+            d = self.displacement
+            out = out + _gather(d, _grid_corners(d.shape[:3], (p - self.grid_origin) / self.grid_step))
         return out
 
 
-def _interp_displacement(disp: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, tuple]:
-    """Trilinear displacement (N, 3) at grid coordinates c (N, 3), and (corner indices, weights) for scatter."""
-    shape = np.asarray(disp.shape[:3])
+def _grid_corners(shape: tuple[int, ...], c: np.ndarray) -> tuple:
+    """The 8 (corner indices (N, 3), weights (N,)) of trilinear interpolation at grid coordinates c (N, 3) on a
+    grid of ``shape`` (clamped to it): shared by :meth:`FeatureTransform.predict` and the deformable fit's
+    gather and scatter."""
+    shape = np.asarray(shape)
     c = np.clip(c, 0, shape - 1)
     i0 = np.minimum(np.floor(c).astype(int), np.maximum(shape - 2, 0))
     f = c - i0
-    out = np.zeros((len(c), 3))
     corners = []
     for dx in (0, 1):
         for dy in (0, 1):
             for dz in (0, 1):
                 idx = np.minimum(i0 + [dx, dy, dz], shape - 1)
                 w = (f[:, 0] if dx else 1 - f[:, 0]) * (f[:, 1] if dy else 1 - f[:, 1]) * (f[:, 2] if dz else 1 - f[:, 2])
-                out += w[:, None] * disp[idx[:, 0], idx[:, 1], idx[:, 2]]
                 corners.append((idx, w))
-    return out, tuple(corners)
+    return tuple(corners)
+
+
+def _gather(disp: np.ndarray, corners: tuple) -> np.ndarray:
+    """Trilinear displacement (N, 3) of the grid ``disp`` (Nx, Ny, Nz, 3) at the points of ``corners``."""
+    out = np.zeros((len(corners[0][1]), 3))
+    for idx, w in corners:
+        out += w[:, None] * disp[idx[:, 0], idx[:, 1], idx[:, 2]]
+    return out
 
 
 def _membrane(disp: np.ndarray) -> tuple[float, np.ndarray]:
@@ -257,14 +266,11 @@ def _fit_deformable(levels: list[_Features], x: np.ndarray, y_affine: np.ndarray
     lo, hi = x.min(axis=0), x.max(axis=0)
     step = float(config.grid_mm)
     shape = tuple(int(n) for n in np.maximum(np.ceil((hi - lo) / step).astype(int) + 1, 2))
-    _, corners = _interp_displacement(np.zeros((*shape, 3)), (x - lo) / step)
+    corners = _grid_corners(shape, (x - lo) / step)
 
     def objective(p):
         disp = p.reshape(*shape, 3)
-        u = np.zeros_like(x)
-        for idx, w in corners:
-            u += w[:, None] * disp[idx[:, 0], idx[:, 1], idx[:, 2]]
-        sim, g = _similarity(levels, y_affine + u)
+        sim, g = _similarity(levels, y_affine + _gather(disp, corners))
         e, ge = _membrane(disp)
         gd = np.zeros_like(disp)
         for idx, w in corners:

@@ -44,23 +44,17 @@ def check_precision(precision: str, calibration_images: Sequence[str | os.PathLi
             raise FileNotFoundError(f"calibration image not found: {p}")
 
 
-def _window_kji(model) -> tuple[int, int, int]:
-    """The model's sliding window along (k, j, i): its patch size rounded up to the size multiple."""
-    m = model.size_multiple
-    return tuple(int(v) for v in -(-np.asarray(model.patch_size[::-1], dtype=int) // m) * m)
-
-
 def image_windows(package: str | os.PathLike, images: Sequence[str | os.PathLike], n_per_image: int = 6,
                   seed: int = 0) -> list[np.ndarray]:
     """(1, 1, k, j, i) windows of the model's patch size, drawn (seeded) from ``images`` prepared exactly as
     embedding prepares them (reorientation, spacing, intensity preset, padding)."""
     from anatomical_embedding.inference.backends import OnnxModel
-    from anatomical_embedding.inference.embedding import EmbedConfig, prepare_volume
+    from anatomical_embedding.inference.embedding import EmbedConfig, prepare_volume, window_kji
     from anatomical_embedding.io import read_image
 
     model = OnnxModel(package, device="cpu")
     m = model.size_multiple
-    win = np.asarray(_window_kji(model))
+    win = window_kji(model, EmbedConfig())
     rng = np.random.default_rng(seed)
     out = []
     for path in images:
@@ -79,8 +73,9 @@ def smooth_windows(package: str | os.PathLike, n: int = 6, seed: int = 0) -> lis
     from scipy.ndimage import gaussian_filter
 
     from anatomical_embedding.inference.backends import OnnxModel
+    from anatomical_embedding.inference.embedding import EmbedConfig, window_kji
 
-    win = _window_kji(OnnxModel(package, device="cpu"))
+    win = tuple(int(v) for v in window_kji(OnnxModel(package, device="cpu"), EmbedConfig()))
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
