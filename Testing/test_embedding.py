@@ -129,6 +129,47 @@ def test_dense_fine_mode_reads_one_map_cached_on_disk_and_computes_no_tile(cache
     assert big.stats["tiles_computed"] > 0
 
 
+def _counting(model) -> list:
+    """Record ``want_fine`` of every network run of ``model``."""
+    calls, run = [], model._run
+
+    def counted(x, want_fine):
+        calls.append(want_fine)
+        return run(x, want_fine)
+    model._run = counted
+    return calls
+
+
+def test_coarse_from_dense_makes_both_maps_in_one_pass_of_the_dense_windows(cache):
+    from anatomical_embedding.inference.embedding import (
+        dense_window_kji, embedding_window_count, sliding_window, sliding_window_coarse, window_kji)
+
+    model = TorchModel(tiny_aefm(), CARD)  # a real network: its coarse map depends on the window
+    vol = blob_volume((40, 96, 80), seed=5)
+    config = EmbedConfig(dense_fine=True, coarse_from_dense=True)
+    calls = _counting(model)
+    emb = embed_volume(model, vol, cache, config)
+    win = dense_window_kji(model, config)
+    n = len(calls)
+    coarse, fine = sliding_window(model, emb.prepared.array, win, want_fine=True)
+    del calls[n:]
+    # One pass: as many network runs as dense windows (and as the progress count says), no separate fine pass.
+    assert all(calls) and len(calls) == emb.timings["windows"] == embedding_window_count(model, vol, config)
+    assert "dense_fine_s" not in emb.timings and emb.reads_dense
+    np.testing.assert_allclose(emb.coarse, coarse.astype(np.float16), atol=1e-3)
+    np.testing.assert_allclose(emb.dense_fine(), fine.astype(np.float16), atol=1e-3)
+    # The usual coarse map comes from the model's patch-size windows: another map, hence another cache entry.
+    usual = sliding_window_coarse(model, emb.prepared.array, window_kji(model, EmbedConfig()))
+    assert np.abs(usual - coarse).max() > 0.05
+    assert emb.key != embed_volume(model, vol, None, EmbedConfig(dense_fine=True)).key
+    # A second embedding reads both maps from the disk cache.
+    calls.clear()
+    again = embed_volume(model, vol, cache, config)
+    assert not calls
+    np.testing.assert_array_equal(again.coarse, emb.coarse)
+    np.testing.assert_array_equal(again.dense_fine(), emb.dense_fine())
+
+
 def test_prepare_resamples_to_model_spacing_and_keeps_world_positions():
     model = PoolModel(spacing=(2.0, 2.0, 2.0))
     theta = np.deg2rad(30)

@@ -5,14 +5,15 @@ import logging
 
 import numpy as np
 import pytest
+from scipy.ndimage import map_coordinates
 from test_embedding import CARD, blob_volume, tiny_aefm
 
 from anatomical_embedding.inference.backends import TorchModel
 from anatomical_embedding.inference.embedding import EmbedConfig, embed_volume, trilinear
 from anatomical_embedding.inference.feature_registration import (
-    RefineConfig, _Features, _membrane, _similarity, channels_last, foreground_centroid, refine_transform,
-    trilinear_grad,
-    world_to_index_matrix)
+    RefineConfig, _Features, _membrane, _similarity, channels_last, deformable_objective, foreground_centroid,
+    projected_trilinear,
+    refine_transform, world_to_index_matrix)
 from anatomical_embedding.inference.matching import Matcher
 from anatomical_embedding.io import Volume
 from anatomical_embedding.inference.prior import PriorConfig, fit_prior
@@ -28,19 +29,22 @@ def _numeric_grad(f, x: np.ndarray, eps: float = 1e-4) -> np.ndarray:
     return np.moveaxis(np.array(cols), 0, -1).reshape(np.shape(f(x)) + x.shape)
 
 
-def test_trilinear_grad_equals_trilinear_and_its_finite_differences():
+def test_projected_trilinear_equals_trilinear_and_its_finite_differences():
     rng = np.random.default_rng(0)
     grid = rng.normal(size=(3, 5, 6, 7))  # (C, K, J, I)
     # Interior points away from cell faces (the trilinear derivative jumps there).
     coords = rng.integers(0, [6, 5, 4], size=(20, 3)) + rng.uniform(0.1, 0.9, size=(20, 3))
-    val, grad = trilinear_grad(channels_last(grid), coords)
-    np.testing.assert_allclose(val, trilinear(grid, coords), atol=1e-5)
+    q = rng.normal(size=(20, 3))
+    val, grad = projected_trilinear(channels_last(grid), coords, q)
+    np.testing.assert_allclose(val, np.sum(trilinear(grid, coords) * q, axis=1), atol=1e-5)
     for n in range(len(coords)):
-        num = _numeric_grad(lambda c: trilinear(grid, c[None])[0], coords[n])  # (C, 3) by columns
+        num = _numeric_grad(lambda c: trilinear(grid, c[None])[0] @ q[n], coords[n])  # (3,)
         np.testing.assert_allclose(grad[n], num, atol=1e-3)
     # Outside the grid the value is clamped and the derivative is zero (no pull towards nowhere).
-    v, g = trilinear_grad(channels_last(grid), np.array([[-2.0, 1.5, 1.5], [6.5, 1.5, 10.0]]))
+    v, g = projected_trilinear(channels_last(grid), np.array([[-2.0, 1.5, 1.5], [6.5, 1.5, 10.0]]), q[:2])
     assert np.all(g == 0) and np.isfinite(v).all()
+    np.testing.assert_allclose(v, np.sum(trilinear(grid, np.array([[0, 1.5, 1.5], [6, 1.5, 4]])) * q[:2], axis=1),
+                               atol=1e-5)
 
 
 def test_similarity_gradient_equals_finite_differences():
@@ -63,6 +67,28 @@ def test_similarity_gradient_equals_finite_differences():
     assert sim == pytest.approx(by_hand, abs=1e-5)
     num = _numeric_grad(lambda y: _similarity(levels, y)[0], yw, eps=1e-3)
     np.testing.assert_allclose(grad, num, atol=1e-4)
+
+
+def test_deformable_objective_gradient_equals_finite_differences():
+    rng = np.random.default_rng(4)
+    grid = rng.normal(size=(4, 8, 9, 10))
+    q = rng.normal(size=(30, 4))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    levels = [_Features(channels_last(grid), np.eye(4), q.astype(np.float32), 1.0)]
+    x = rng.uniform([1, 1, 1], [8, 7, 6], size=(30, 3))       # world = grid index here
+    y = x + rng.normal(scale=0.3, size=x.shape)
+    lo, shape, objective = deformable_objective(levels, x, y, RefineConfig(grid_mm=3.0, smoothness=0.2))
+    assert shape == tuple(int(v) for v in np.ceil((x.max(0) - lo) / 3.0) + 1)
+    p = rng.normal(scale=0.2, size=int(np.prod(shape)) * 3)
+    value, grad = objective(p)
+    num = _numeric_grad(lambda v: objective(v)[0], p, eps=1e-4)
+    np.testing.assert_allclose(grad, num, atol=1e-4)
+    # The value by hand: mean projected similarity at the displaced points, plus the membrane penalty.
+    disp = p.reshape(*shape, 3)
+    c = ((x - lo) / 3.0).T
+    moved = y + np.stack([map_coordinates(disp[..., a], c, order=1) for a in range(3)], axis=1)
+    sim = np.mean(np.sum(trilinear(grid, moved) * q, axis=1))
+    assert value == pytest.approx(-sim + 0.2 * _membrane(disp)[0], abs=1e-5)
 
 
 def test_membrane_energy_and_gradient():

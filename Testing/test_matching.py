@@ -44,8 +44,9 @@ def test_translated_copy_recovers_translation_exactly(model):
     matcher = Matcher(embed_volume(model, src), embed_volume(model, tgt))
     pts = interior_points(src)
     for r in matcher.match(pts):
-        for m in (r.raw, r.corrected):
-            np.testing.assert_allclose(m.point_lps - m.query_lps, shift, atol=1e-6)
+        # The refined prior's L-BFGS stops at RefineConfig.tolerance (1e-6 relative): within 1e-4 mm, not 1e-6.
+        for m, atol in ((r.raw, 1e-6), (r.corrected, 1e-4)):
+            np.testing.assert_allclose(m.point_lps - m.query_lps, shift, atol=atol)
             assert m.similarity == pytest.approx(1.0, abs=1e-5)
             assert m.fb_distance_mm == pytest.approx(0.0, abs=1e-6) and m.confidence > 0.99
     prior = matcher.prior

@@ -75,7 +75,7 @@ def one(cfg: dict) -> dict:
     tgt = Volume(arr, spacing=spacing, origin=(7.0, -5.0, 3.0))
     # --model: the package's own window (its card's patch size), as the CLI and the viewer use it.
     ecfg = EmbedConfig(window=None if cfg.get("model_window") else (cfg["window"],) * 3,
-                       dense_fine=bool(cfg.get("dense_fine")))
+                       dense_fine=bool(cfg.get("dense_fine")), coarse_from_dense=bool(cfg.get("dense_fine")))
     out = {"backend": model.backend, "device": model.device, "precision": precision, "shape_kji": shape,
            "threads": threads, "window": int(model.patch_size[0]) if cfg.get("model_window") else cfg["window"]}
     with tempfile.TemporaryDirectory() as tmp:
@@ -200,7 +200,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="time this .aemodel package (ONNX Runtime only) on a CT of 0.75 x 0.75 x 1.5 mm "
                                     "voxels instead of the untrained published-size AEFM on 1 mm voxels")
     ap.add_argument("--dense-fine", action="store_true",
-                    help="embed with EmbedConfig(dense_fine=True), as the viewer and `match` do: the embedding "
+                    help="embed with EmbedConfig(dense_fine=True, coarse_from_dense=True), as the viewer and `match` "
+                         "do (one pass makes the coarse and the dense fine map): the embedding "
                          "includes each volume's dense fine map and clicks compute no fine tile")
     ap.add_argument("--name", default="embedding", help="results file name (default embedding: OUT/embedding.md)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -343,8 +344,8 @@ def main(argv=None) -> int:
     lines += ["", "Cache MB: the embedding cache of one volume (coarse map plus the fine tiles the clicks computed); "
               + ("peak RSS: the process so far (--smoke runs every configuration in one process). " if args.smoke else
                  "peak RSS: the configuration's own process. ")
-              + ("Embedding with `EmbedConfig(dense_fine=True)`: embed s includes the dense fine map (one "
-                 "sliding-window pass), prior fit s the robust prior's dense refinement, and no click computes a "
+              + ("Embedding with `EmbedConfig(dense_fine=True, coarse_from_dense=True)`: embed s includes the dense "
+                 "fine map (one sliding-window pass of 64^3 windows makes both maps), prior fit s the robust prior's dense refinement, and no click computes a "
                  "fine tile (cold = the first click at a point). " if args.dense_fine else "")
               + "Cold clicks compute fine tiles, warm clicks reuse them. Warming: the background computation of "
               "the clicked points' likely tiles (`Matcher.likely_tiles`), as the viewer runs it after preparing a "

@@ -558,12 +558,15 @@ def write_report(result: dict, out: Path) -> None:
                        "result.")]
     if result["models"]:
         dense = result["config"].get("dense_fine", False)
+        one_pass = result["config"].get("coarse_from_dense", False)
         lines += ["", (f"Embedding: `EmbedConfig(fine_tile={result['config'].get('fine_tile', 32)}, min_size=8, "
-                       f"dense_fine={dense})` (min_size 8 so that the 40 mm DICOM slab and the 60 mm abdominal MR, "
-                       "10 and 15 voxels thick at 4 mm, are accepted and padded). "
-                       + ("Each image's embedding is its coarse map and its dense fine map (one sliding-window pass "
-                          "each, as the viewer and `match` embed); both are charged to every pair that uses the "
-                          "image, and no variant computes fine tiles. " if dense else
+                       f"dense_fine={dense}, coarse_from_dense={one_pass})` (min_size 8 so that the 40 mm DICOM "
+                       "slab and the 60 mm abdominal MR, 10 and 15 voxels thick at 4 mm, are accepted and padded). "
+                       + (("Each image's embedding is its coarse map and its dense fine map, "
+                           + ("both from one sliding-window pass of 64^3 windows (the coarse map is the dense pass's "
+                              "coarse output)" if one_pass else "one sliding-window pass each")
+                           + ", as the viewer and `match` embed; both are charged to every pair that uses the "
+                           "image, and no variant computes fine tiles. ") if dense else
                           "Fine tiles are computed on demand (32 voxels, fewer forward passes than the engine's 16 "
                           "when every point needs its own tiles); the raw variant computes them cold, and the "
                           "coarse-prior variant reuses them but is charged the raw variant's fine-tile time on top "
@@ -598,6 +601,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-dense-fine", action="store_true",
                     help="fine vectors from canonical tiles on demand (EmbedConfig.dense_fine off); by default, as in "
                          "the viewer and `match`, each image's dense fine map is part of its embedding")
+    ap.add_argument("--no-coarse-from-dense", action="store_true",
+                    help="coarse maps from their own pass at the model's patch size (EmbedConfig.coarse_from_dense off); "
+                         "by default, as in the viewer and `match`, the dense pass's coarse outputs are the coarse map")
     ap.add_argument("--transforms", type=int, default=3, help="known transforms per volume (default 3)")
     ap.add_argument("--points", type=int, default=40, help="structure points per volume and transform (default 40)")
     ap.add_argument("--only", nargs="+", help="only these volumes (names as in real.md; cross pairs need theirs)")
@@ -691,7 +697,8 @@ def main(argv: list[str] | None = None) -> int:
         shared: dict = {}
         # min_size 8 (engine default 16): the 40 mm DICOM slab and the 60 mm abdominal MR are 10 and 15 voxels thick
         # at 4 mm; prepare_volume pads them to the size multiple.
-        cfg = EmbedConfig(fine_tile=args.fine_tile, min_size=8, dense_fine=not args.no_dense_fine)
+        cfg = EmbedConfig(fine_tile=args.fine_tile, min_size=8, dense_fine=not args.no_dense_fine,
+                          coarse_from_dense=not (args.no_dense_fine or args.no_coarse_from_dense))
         only = None if (args.all_modalities or label == "quick-aefm") else model.card.get("modality")
         methods += [ModelMethod(label, model, v, shared, cfg, only) for v in ModelMethod.VARIANTS]
         models.append({"label": label, "path": str(path), "method": model.card.get("method"),
@@ -734,7 +741,8 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"spacing_mm": SPACING, "transforms": args.transforms, "points": args.points, "seed": args.seed,
                    "min_distance_mm": 20.0, "fov_margin_mm": 10.0, "body_erosion_mm": 6.0,
                    "contrast_sigma_mm": 4.0, "registration": REG_CONFIG, "fine_tile": args.fine_tile,
-                   "embed_min_size": 8, "dense_fine": not args.no_dense_fine},
+                   "embed_min_size": 8, "dense_fine": not args.no_dense_fine,
+                   "coarse_from_dense": not (args.no_dense_fine or args.no_coarse_from_dense)},
         "methods": names, "models": models, "quick_aefm": quick,
         "summary": summarise(records, names),
         "volumes": [{"name": c.name, "modality": c.modality, "path": c.path, "shape_ijk": list(c.volume.shape_ijk),

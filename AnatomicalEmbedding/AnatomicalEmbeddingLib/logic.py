@@ -80,11 +80,11 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
     def _defaultEmbedConfig():
         from anatomical_embedding.inference.embedding import EmbedConfig
 
-        # A dense fine map per volume (one sliding-window pass): the robust prior's refinement reads it anyway, and
-        # clicks then compute no fine tile. Volumes whose map exceeds its budget (a wide imported model) use fine
-        # tiles of 32 voxels (engine default 16) with the same 16-voxel context: precomputing a whole volume then
-        # runs ~3x fewer voxels through the network (32^3 of every 64^3 window are kept).
-        return EmbedConfig(fine_tile=32, dense_fine=True)
+        # A dense fine map per volume, from the coarse map's own sliding-window pass: the robust prior's refinement
+        # reads it anyway, and clicks then compute no fine tile. Volumes whose map exceeds its budget (a wide
+        # imported model) use fine tiles of 32 voxels (engine default 16) with the same 16-voxel context:
+        # precomputing a whole volume then runs ~3x fewer voxels through the network (32^3 of every 64^3 window).
+        return EmbedConfig.dense(fine_tile=32)
 
     # ---- dependencies -----------------------------------------------------------------------------
     _importable = staticmethod(dependencies.importable)

@@ -195,7 +195,7 @@ def _match(args: argparse.Namespace) -> int:
     model, cache = _open(args, source)
     prior = None if args.no_prior else PriorConfig(refine=None) if args.no_refine else PriorConfig()
     # The refinement reads dense fine maps of both images: matching then reads them too (no fine tiles).
-    config = EmbedConfig(dense_fine=prior is not None and prior.refine is not None)
+    config = EmbedConfig.dense() if prior is not None and prior.refine is not None else EmbedConfig()
     t0 = time.perf_counter()
     src = embed_volume(model, source, cache, config)
     tgt = embed_volume(model, target, cache, config)

@@ -61,14 +61,14 @@ def real_ct_transfer(path: Path, seed: int = 0, n_points: int = 40) -> tuple[lis
                                  points, targets, "moved")
     model_path = default_model_path("CT")
     model = open_model(model_path, backend="onnxruntime")
-    config = EmbedConfig(min_size=8)  # a 4 mm model on a crop: thin axes are padded, as in the benchmark
+    config = EmbedConfig.dense(min_size=8)  # as the viewer embeds; a 4 mm model on a crop: thin axes are padded
     t0 = time.perf_counter()
     src, dst = embed_volume(model, pair.moved, config=config), embed_volume(model, volume, config=config)
     embed_s = time.perf_counter() - t0
     log.info("default CT model: both scans embedded in %.1f s", embed_s)
     for variant in ("raw", "robust prior"):
         def transfer(source, target, pts, _variant=variant):
-            src.clear_fine_tiles()  # each variant computes its fine tiles afresh, as for a new pair
+            src.clear_fine_tiles()  # tiles (over the dense map's budget) are computed afresh per variant
             dst.clear_fine_tiles()
             matcher = Matcher(src, dst)
             return np.array([m.final.point_lps for m in matcher.match(pts, use_prior=_variant != "raw",

@@ -70,6 +70,17 @@ class EmbedConfig:
     #: click then computes nothing, and the robust prior's refinement needs it anyway. Images whose map would
     #: exceed ``DENSE_FINE_MAX_BYTES`` (float16) fall back to tiles.
     dense_fine: bool = False
+    #: Take the coarse map from windows of the dense fine pass (at least ``DENSE_FINE_WINDOW`` voxels) instead of
+    #: the model's training patch size. Not in the papers (AEFM embeds at its patch size): more context per window
+    #: and, with ``dense_fine``, one network pass per image instead of two (the dense pass's coarse outputs are the
+    #: coarse map). On the real-data benchmark it kept the robust prior's errors (``benchmarks/results/real.md``).
+    coarse_from_dense: bool = False
+
+    @classmethod
+    def dense(cls, **changes) -> "EmbedConfig":
+        """How the product embeds for matching (viewer, ``match``, demo, benchmarks): a dense fine map, and the
+        coarse map from the same pass."""
+        return cls(**{"dense_fine": True, "coarse_from_dense": True, **changes})
 
     def key(self) -> dict:
         # dense_fine changes where fine vectors are read from, not what is cached (coarse map, tiles, dense map).
@@ -248,7 +259,9 @@ def embedding_window_count(model: EmbeddingModel, volume: Volume, config: EmbedC
     m = model.size_multiple
     shape = np.ceil(np.asarray(volume.shape_ijk) * volume.spacing / model.spacing).astype(int)
     shape = np.maximum(-(-shape // m) * m, m)
-    windows = [window_kji(model, config)] + ([dense_window_kji(model, config)] if config.dense_fine else [])
+    windows = [coarse_window_kji(model, config)]
+    if config.dense_fine and not _one_pass(model, config, shape):
+        windows.append(dense_window_kji(model, config))
     return sum(int(np.prod([len(window_starts(int(s), int(min(w, s)), config.overlap, m))
                             for s, w in zip(shape, win[::-1])]))
                for win in windows)
@@ -691,7 +704,7 @@ class VolumeEmbedding:
     @property
     def dense_fine_bytes(self) -> int:
         """Bytes of this image's dense fine map (float16)."""
-        return 2 * int(self.model.fine_channels) * int(self.prepared.array.size)
+        return dense_fine_bytes(self.model, self.prepared.array.shape)
 
     @property
     def reads_dense(self) -> bool:
@@ -715,12 +728,17 @@ class VolumeEmbedding:
                     window = dense_window_kji(self.model, self.config)
                     _, fine = sliding_window(self.model, self.prepared.array, window, self.config.overlap,
                                              self.config.sigma_scale, want_fine=True)
-                    fine = fine.astype(np.float16)
-                    if self.cache is not None:
-                        self.cache.save_dense_fine(self.key, fine)
-                self._dense_fine = fine
+                    self._keep_dense_fine(fine)
+                else:
+                    self._dense_fine = fine
                 self.timings["dense_fine_s"] = time.perf_counter() - t0
             return self._dense_fine
+
+    def _keep_dense_fine(self, fine: np.ndarray) -> None:
+        """Keep a freshly computed dense fine map (float16, as the disk cache holds it) and cache it."""
+        self._dense_fine = fine.astype(np.float16)
+        if self.cache is not None:
+            self.cache.save_dense_fine(self.key, self._dense_fine)
 
     def coarse_volume(self, values: np.ndarray, upsample: int = 1) -> Volume:
         """Wrap an array on the coarse grid (or its ``upsample``-times finer version) as a Volume (heatmaps)."""
@@ -810,6 +828,23 @@ def dense_window_kji(model: EmbeddingModel, config: EmbedConfig) -> np.ndarray:
     return np.maximum(window_kji(model, config), DENSE_FINE_WINDOW)
 
 
+def coarse_window_kji(model: EmbeddingModel, config: EmbedConfig) -> np.ndarray:
+    """The coarse map's window (k, j, i): the dense pass's with ``config.coarse_from_dense``, else :func:`window_kji`."""
+    return dense_window_kji(model, config) if config.coarse_from_dense else window_kji(model, config)
+
+
+def dense_fine_bytes(model: EmbeddingModel, shape_kji: Sequence[int]) -> int:
+    """Bytes of the dense fine map (float16) of a prepared grid of ``shape_kji``."""
+    return 2 * int(model.fine_channels) * int(np.prod(shape_kji))
+
+
+def _one_pass(model: EmbeddingModel, config: EmbedConfig, shape_kji: Sequence[int]) -> bool:
+    """Coarse and dense fine maps from one sliding-window pass: the dense map is wanted and within its budget, and
+    the coarse map uses the same windows."""
+    return bool(config.dense_fine and config.coarse_from_dense) \
+        and dense_fine_bytes(model, shape_kji) <= DENSE_FINE_MAX_BYTES
+
+
 def embed_volume(model: EmbeddingModel, volume: Volume, cache: EmbeddingCache | None = None,
                  config: EmbedConfig | None = None) -> VolumeEmbedding:
     """Embed ``volume``: coarse map for the whole volume (from the cache when possible), fine on demand."""
@@ -831,9 +866,14 @@ def embed_volume(model: EmbeddingModel, volume: Volume, cache: EmbeddingCache | 
         expect = np.asarray(prepared.array.shape) // model.coarse_stride
         if tuple(coarse.shape[1:]) != tuple(expect):
             coarse = None
+    fine = None
     if coarse is None:
-        coarse = sliding_window_coarse(model, prepared.array, window_kji(model, config), config.overlap,
-                                       config.sigma_scale, timings)
+        if _one_pass(model, config, prepared.array.shape):
+            coarse, fine = sliding_window(model, prepared.array, coarse_window_kji(model, config), config.overlap,
+                                          config.sigma_scale, want_fine=True, timings=timings)
+        else:
+            coarse = sliding_window_coarse(model, prepared.array, coarse_window_kji(model, config), config.overlap,
+                                           config.sigma_scale, timings)
         if not np.isfinite(coarse).all():
             raise ValueError(f"the model produced {int((~np.isfinite(coarse)).sum())} non-finite embedding values "
                              f"for a finite image; the model is broken (not cached)")
@@ -848,6 +888,10 @@ def embed_volume(model: EmbeddingModel, volume: Volume, cache: EmbeddingCache | 
             coarse = coarse.astype(np.float16).astype(np.float32)
     emb = VolumeEmbedding(model, prepared, start, size, coarse, key, config, cache, source=volume)
     emb.timings = timings
+    if fine is not None:  # the coarse map's own pass made it (counted in network_s and blend_s)
+        t0 = time.perf_counter()
+        emb._keep_dense_fine(fine)
+        timings["cache_write_s"] = timings.get("cache_write_s", 0.0) + time.perf_counter() - t0
     if config.dense_fine:
         if emb.reads_dense:
             emb.dense_fine()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from scipy.optimize import minimize
@@ -42,6 +43,9 @@ class RefineConfig:
     #: Membrane energy weight: lambda x mean squared displacement difference between grid neighbours (mm^2).
     smoothness: float = 0.05
     deformable_iterations: int = 100
+    #: L-BFGS-B stops when the objective (a mean cosine similarity, ~1) improves by less than this fraction. SciPy's
+    #: default (2.2e-9) cost 30 % more time on 21 real pairs for a 0.01 mm lower mean error (1.013 vs 1.024 mm).
+    tolerance: float = 1e-6
     #: Foreground: voxels whose prepared intensity exceeds background by this fraction of the range.
     foreground_fraction: float = 0.05
     #: Dense fine maps of both images must fit in this many bytes (float32); wider models skip the refinement.
@@ -64,38 +68,43 @@ def channels_last(grid: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(grid, 0, -1), dtype=np.float32)
 
 
-def trilinear_grad(grid: np.ndarray, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Trilinear values (N, C) and their derivatives (N, C, 3) along (i, j, k) of ``grid`` (K, J, I, C).
+#: Offsets (i, j, k) of the 8 trilinear corners, in the order :func:`projected_trilinear` combines them.
+_CORNERS = np.array([(di, dj, dk) for dk in (0, 1) for dj in (0, 1) for di in (0, 1)], dtype=np.intp)
 
-    ``grid`` is channels-last (:func:`channels_last`). ``coords`` (N, 3) in (i, j, k) order are clamped to the
-    grid; outside it the derivative is zero.
+
+def projected_trilinear(grid: np.ndarray, coords: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``q . v(c)`` (N,) and its derivative (N, 3) along (i, j, k), where ``v`` is the trilinear value of ``grid``
+    (K, J, I, C) at ``coords`` (N, 3) and ``q`` the matching row of ``query`` (N, C).
+
+    Trilinear interpolation is linear in the corner vectors, so each point's 8 corners are projected on its
+    query first and the interpolation and its derivatives run on scalars: the (N, C) work is one gather and one
+    dot product per corner (a dense refinement's cost), not the value and gradient of every channel.
+    ``grid`` is channels-last (:func:`channels_last`); coordinates are clamped to the grid and outside it the
+    derivative is zero.
     """
     K, J, I, C = grid.shape
     hi = np.array([I - 1, J - 1, K - 1], dtype=np.float64)
     c = np.clip(coords, 0, hi)
     inside = np.all((coords >= 0) & (coords <= hi), axis=1)
     i0 = np.minimum(np.floor(c).astype(np.intp), np.maximum(hi.astype(np.intp) - 1, 0))
-    f = (c - i0).astype(np.float32)
+    f = c - i0
     step = np.array([1 if I > 1 else 0, I if J > 1 else 0, I * J if K > 1 else 0], dtype=np.intp)
-    flat = grid.reshape(-1, C)
     base = i0[:, 0] + I * i0[:, 1] + I * J * i0[:, 2]
-    c000, c100 = flat[base], flat[base + step[0]]
-    c010, c110 = flat[base + step[1]], flat[base + step[0] + step[1]]
-    c001, c101 = flat[base + step[2]], flat[base + step[0] + step[2]]
-    c011, c111 = flat[base + step[1] + step[2]], flat[base + step[0] + step[1] + step[2]]
-    fx, fy, fz = f[:, 0:1], f[:, 1:2], f[:, 2:3]
-    c00 = c000 + (c100 - c000) * fx
-    c10 = c010 + (c110 - c010) * fx
-    c01 = c001 + (c101 - c001) * fx
-    c11 = c011 + (c111 - c011) * fx
-    c0 = c00 + (c10 - c00) * fy
-    c1 = c01 + (c11 - c01) * fy
-    val = c0 + (c1 - c0) * fz
-    dx = ((c100 - c000) * (1 - fy) + (c110 - c010) * fy) * (1 - fz) + ((c101 - c001) * (1 - fy) + (c111 - c011) * fy) * fz
-    dy = (c10 - c00) * (1 - fz) + (c11 - c01) * fz
-    dz = c1 - c0
-    grad = np.stack([dx, dy, dz], axis=-1) * inside[:, None, None]
-    return val, grad
+    flat = grid.reshape(-1, C)
+    q = np.asarray(query, dtype=grid.dtype)
+    # (8, N): corner (di, dj, dk) at row di + 2 dj + 4 dk. One np.take of all corners and a batched matmul: ~3x
+    # faster than a fancy-index gather and an einsum per corner.
+    corners = np.take(flat, (base[:, None] + _CORNERS @ step).ravel(), axis=0).reshape(len(base), 8, C)
+    p = np.matmul(corners, q[:, :, None])[..., 0].T.astype(np.float64)
+    fx, fy, fz = f[:, 0], f[:, 1], f[:, 2]
+    p00, p10 = p[0] + (p[1] - p[0]) * fx, p[2] + (p[3] - p[2]) * fx   # along i, at (j, k) = (0, 0), (1, 0)
+    p01, p11 = p[4] + (p[5] - p[4]) * fx, p[6] + (p[7] - p[6]) * fx   # (0, 1), (1, 1)
+    p0, p1 = p00 + (p10 - p00) * fy, p01 + (p11 - p01) * fy
+    val = p0 + (p1 - p0) * fz
+    dx = ((p[1] - p[0]) * (1 - fy) + (p[3] - p[2]) * fy) * (1 - fz) + ((p[5] - p[4]) * (1 - fy) + (p[7] - p[6]) * fy) * fz
+    dy = (p10 - p00) * (1 - fz) + (p11 - p01) * fz
+    dz = p1 - p0
+    return val, np.stack([dx, dy, dz], axis=1) * inside[:, None]
 
 
 @dataclass
@@ -146,9 +155,8 @@ def _similarity(levels: list[_Features], yw: np.ndarray) -> tuple[float, np.ndar
     norm = sum(f.weight for f in levels)
     for f in levels:
         g = yw @ f.to_grid[:3, :3].T + f.to_grid[:3, 3]
-        val, d = trilinear_grad(f.grid, g)
-        total += f.weight * float(np.mean(np.sum(val * f.query, axis=1)))
-        dg = np.einsum("nc,nca->na", f.query, d)  # d sim / d grid index
+        val, dg = projected_trilinear(f.grid, g, f.query)  # d sim / d grid index
+        total += f.weight * float(np.mean(val))
         grad += f.weight * dg @ f.to_grid[:3, :3]
     n = len(yw)
     return total / norm, grad / (norm * n)
@@ -239,8 +247,8 @@ def _levels(source: VolumeEmbedding, target: VolumeEmbedding, src_ijk: np.ndarra
     return out
 
 
-def _fit_affine_stage(levels: list[_Features], x: np.ndarray, affine: np.ndarray, iterations: int
-                      ) -> tuple[np.ndarray, float, int]:
+def _fit_affine_stage(levels: list[_Features], x: np.ndarray, affine: np.ndarray, iterations: int,
+                      tolerance: float) -> tuple[np.ndarray, float, int]:
     """L-BFGS of the 12 affine parameters from ``affine``: (affine, similarity, iterations)."""
     centre = x.mean(axis=0)
     xc = x - centre
@@ -252,7 +260,7 @@ def _fit_affine_stage(levels: list[_Features], x: np.ndarray, affine: np.ndarray
         sim, g = _similarity(levels, xc @ A.T + t)
         return -sim, -np.concatenate([(g.T @ xc / scale).ravel(), g.sum(axis=0)])
 
-    r = minimize(objective, p0, jac=True, method="L-BFGS-B", options={"maxiter": iterations})
+    r = minimize(objective, p0, jac=True, method="L-BFGS-B", options={"maxiter": iterations, "ftol": tolerance})
     A, t = r.x[:9].reshape(3, 3) / scale, r.x[9:]
     out = np.eye(4)
     out[:3, :3] = A
@@ -260,25 +268,38 @@ def _fit_affine_stage(levels: list[_Features], x: np.ndarray, affine: np.ndarray
     return out, -float(r.fun), int(r.nit)
 
 
-def _fit_deformable(levels: list[_Features], x: np.ndarray, y_affine: np.ndarray, config: RefineConfig
-                    ) -> tuple[np.ndarray, np.ndarray, float, int]:
-    """L-BFGS of a trilinear displacement grid over x's box: (grid origin, displacement, objective, iterations)."""
+def deformable_objective(levels: list[_Features], x: np.ndarray, y_affine: np.ndarray, config: RefineConfig
+                         ) -> tuple[np.ndarray, tuple[int, int, int], Callable[[np.ndarray], tuple[float, np.ndarray]]]:
+    """(grid origin, grid shape, objective) of the deformable stage: a trilinear displacement grid of
+    ``config.grid_mm`` over x's box; ``objective(p)`` = (-similarity + smoothness x membrane, gradient) for the
+    flattened displacements p (mm)."""
     lo, hi = x.min(axis=0), x.max(axis=0)
     step = float(config.grid_mm)
     shape = tuple(int(n) for n in np.maximum(np.ceil((hi - lo) / step).astype(int) + 1, 2))
     corners = _grid_corners(shape, (x - lo) / step)
+    # The gradient's scatter onto the grid nodes: one weighted bincount per component (np.add.at is ~10x slower).
+    nodes = np.concatenate([np.ravel_multi_index(idx.T, shape) for idx, _ in corners])
+    weights = np.concatenate([w for _, w in corners])
+    n_nodes = int(np.prod(shape))
 
-    def objective(p):
+    def objective(p: np.ndarray) -> tuple[float, np.ndarray]:
         disp = p.reshape(*shape, 3)
         sim, g = _similarity(levels, y_affine + _gather(disp, corners))
         e, ge = _membrane(disp)
-        gd = np.zeros_like(disp)
-        for idx, w in corners:
-            np.add.at(gd, (idx[:, 0], idx[:, 1], idx[:, 2]), w[:, None] * g)
+        wg = weights[:, None] * np.tile(g, (len(corners), 1))
+        gd = np.stack([np.bincount(nodes, wg[:, a], n_nodes) for a in range(3)], axis=1).reshape(*shape, 3)
         return -sim + config.smoothness * e, (-gd + config.smoothness * ge).ravel()
 
+    return lo, shape, objective
+
+
+def _fit_deformable(levels: list[_Features], x: np.ndarray, y_affine: np.ndarray, config: RefineConfig
+                    ) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """L-BFGS of the displacement grid (:func:`deformable_objective`): (grid origin, displacement, objective,
+    iterations)."""
+    lo, shape, objective = deformable_objective(levels, x, y_affine, config)
     r = minimize(objective, np.zeros(int(np.prod(shape)) * 3), jac=True, method="L-BFGS-B",
-                 options={"maxiter": config.deformable_iterations})
+                 options={"maxiter": config.deformable_iterations, "ftol": config.tolerance})
     return lo, r.x.reshape(*shape, 3), -float(r.fun), int(r.nit)
 
 
@@ -300,7 +321,7 @@ def refine_transform(source: VolumeEmbedding, target: VolumeEmbedding, initial_a
     sim = float("nan")
     for weights in config.affine_stages:
         affine, sim, nit = _fit_affine_stage(_levels(source, target, src_ijk, weights, cache), x, affine,
-                                             config.affine_iterations)
+                                             config.affine_iterations, config.tolerance)
         log.info("feature registration: affine stage %s: similarity %.4f (%d iterations)", weights, sim, nit)
     out = FeatureTransform(affine, similarity=sim, affine_similarity=sim)
     if config.deformable:
