@@ -280,7 +280,7 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         child = make(volumes, names, priors)
         job.process = child
         job.check()  # cancelled before job.process was set: cancel() could not stop this child
-        return child.run(job.report)
+        return child.run(lambda fraction, message: job.report(fraction, message))  # job.report as it is then
 
     def _embedWork(self, volumeNode, job: BackgroundJob, volume=None, inChild: Optional[bool] = None) -> tuple:
         """Read the node (main thread); return (worker function, store function) for one volume.
