@@ -1,10 +1,12 @@
-"""The viewer's coarse embedding in a child process (issue 19, defect 3): Slicer's PythonQt holds the interpreter
-lock while the Qt loop idles, which starves a worker *thread*; a child process has its own interpreter.
+"""The viewer's embeddings and robust priors in a child process (issue 19, defect 3): Slicer's PythonQt holds the
+interpreter lock while the Qt loop idles, which starves a worker *thread*; a child process has its own interpreter.
 
 On the headless MRML scene with a tiny exported model: the child writes the same cache entry the viewer reads (the
 viewer then runs no network window), it finishes while this thread holds the interpreter lock in one long C call
-(during which a Python thread, the job worker included, makes no progress at all), Cancel terminates it and leaves
-no cache entry and no temporary file, and a child that fails gives the job a one-line error.
+(during which a Python thread, the job worker included, makes no progress at all), Cancel terminates it (while it
+embeds or fits a prior) and leaves no cache entry and no temporary file, a child that fails gives the job its
+one-line error (ValueError for bad input), the prior it fits (or refuses) is the one this process would, a cached
+volume starts no child, and a child with many windows never blocks on a parent that does not read.
 """
 from __future__ import annotations
 
@@ -482,3 +484,34 @@ def test_many_windows_never_block_the_child_on_a_full_pipe(viewer, package, tmp_
     assert blocked["exited"], "the child blocked on its output pipe"
     assert child.process.returncode == 0 and len(result.keys) == 1
     assert child.progressLines <= subprocess_job.PROGRESS_STEPS + 2
+
+
+def test_prior_round_trip_through_plain_arrays(tmp_path):
+    """save_prior / load_prior (np.savez, no pickle) give a prior that predicts bit for bit what the original does,
+    with and without its spline, refinement and displacement grid."""
+    from scipy.interpolate import RBFInterpolator
+
+    from anatomical_embedding.inference.feature_registration import FeatureTransform
+    from anatomical_embedding.inference.prior import RobustPrior, load_prior, save_prior
+
+    rng = np.random.default_rng(0)
+    src = rng.uniform(0, 100, (40, 3))
+    affine = np.eye(4)
+    affine[:3] += rng.normal(0, 0.02, (3, 4))
+    rbf = RBFInterpolator(src, rng.normal(0, 2, (40, 3)), kernel="thin_plate_spline", smoothing=400.0)
+    grid = FeatureTransform(affine, rng.normal(0, 5, 3), 32.0, rng.normal(0, 3, (4, 5, 6, 3)), 0.8, 0.7)
+    priors = [RobustPrior(affine, rbf, 1.5, 12.0, 100, 40, 30, src, src + 1, 2.5, grid),
+              RobustPrior(affine, None, float("nan"), 12.0, 0, 0, 0, refined=FeatureTransform(affine),
+                          initialisation="centres of mass"),
+              RobustPrior(affine, None, 1.0, 8.0, 10, 9, 8)]
+    points = rng.uniform(-20, 120, (100, 3))
+    for n, prior in enumerate(priors):
+        save_prior(tmp_path / f"{n}.npz", prior)
+        with np.load(tmp_path / f"{n}.npz", allow_pickle=False) as f:
+            assert all(f[k].dtype != object for k in f.files)
+        back = load_prior(tmp_path / f"{n}.npz")
+        assert np.array_equal(back.predict(points), prior.predict(points))
+        assert np.array_equal(back.coarse_predict(points), prior.coarse_predict(points))
+        assert back.initialisation == prior.initialisation and back.n_inliers == prior.n_inliers
+        assert np.array_equal(back.stable_source_lps, prior.stable_source_lps)
+        assert (back.rbf is None) == (prior.rbf is None) and (back.refined is None) == (prior.refined is None)

@@ -15,7 +15,7 @@ from AnatomicalEmbeddingLib import cases as fewShotCasesTable
 from AnatomicalEmbeddingLib import dependencies, matches, views
 from AnatomicalEmbeddingLib.engine_model import _EngineModel
 from AnatomicalEmbeddingLib.jobs import BackgroundJob, JobWorker
-from AnatomicalEmbeddingLib.subprocess_job import ChildResult, EmbeddingProcess, cachedKey
+from AnatomicalEmbeddingLib.subprocess_job import ChildResult, EmbeddingProcess, cachedKey, pythonExecutable
 from AnatomicalEmbeddingLib.views import HEATMAP_ATTRIBUTE
 
 #: Volumes with at most this many fine tiles get every tile warmed in the background (after the tiles around the
@@ -54,9 +54,10 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         #: their predicted matches, then every tile of volumes with at most this many (None: every volume). Tiles go
         #: one by one within the memory budget and to the disk cache; any other job preempts the warming.
         self.maxPrecomputedTiles: Optional[int] = DEFAULT_MAX_PRECOMPUTED_TILES
-        #: Compute coarse maps in a child process (:mod:`AnatomicalEmbeddingLib.subprocess_job`): it progresses
-        #: while Slicer's Qt loop holds the interpreter lock, which starves the worker thread. On inside
-        #: Slicer; scripts and tests embed in the worker thread unless they set it.
+        #: Compute embeddings, and the robust priors of prepared pairs, in a child process
+        #: (:mod:`AnatomicalEmbeddingLib.subprocess_job`): it progresses while Slicer's Qt loop holds the
+        #: interpreter lock, which starves the worker thread. On inside Slicer; scripts and tests embed and fit in
+        #: the worker thread unless they set it.
         self.embedInSubprocess = hasattr(getattr(slicer, "app", None), "slicerHome")
         self._cache = None
         self._embeddings: dict = {}   # volume node ID -> (geometry/content stamp, VolumeEmbedding)
@@ -258,11 +259,13 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
             return None
         model, modelPath, cache, config = self._requireModel(), self.modelPath, self.cache, self.embedConfig
         device = getattr(model.model, "device", "cpu")
+        # Read slicer.app here, on the main thread: the worker builds the child.
         tempDir = getattr(getattr(slicer, "app", None), "temporaryPath", None)
+        python = pythonExecutable()
 
         def make(volumes: list, names: list, priors: list) -> EmbeddingProcess:
             return EmbeddingProcess(volumes, modelPath, model.backend, device, cache, config, priors=priors,
-                                    names=names, tempDir=tempDir)
+                                    names=names, python=python, tempDir=tempDir)
 
         return make
 
@@ -282,14 +285,15 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         job.check()  # cancelled before job.process was set: cancel() could not stop this child
         return child.run(lambda fraction, message: job.report(fraction, message))  # job.report as it is then
 
-    def _embedWork(self, volumeNode, job: BackgroundJob, volume=None, inChild: Optional[bool] = None) -> tuple:
+    def _embedWork(self, volumeNode, job: BackgroundJob, volume=None, allowChild: bool = True) -> tuple:
         """Read the node (main thread); return (worker function, store function) for one volume.
 
         The worker embeds the coarse map and, with ``embedConfig.dense_fine`` (the default), the dense fine map,
         so clicks compute nothing afterwards; otherwise fine tiles come from the warming job started after it
         (:meth:`warmTilesAsync`) or on demand around a click (all of it is cached on disk). With
-        ``embedInSubprocess`` (or ``inChild``) a child process computes what the cache lacks and the worker reads
-        it from there. ``volume``: the node's engine Volume when the caller has read it already.
+        ``embedInSubprocess`` a child process computes what the cache lacks and the worker reads it from there
+        (``allowChild=False``: never, the caller's child has computed it). ``volume``: the node's engine Volume
+        when the caller has read it already.
         """
         from anatomical_embedding import mrml
         from anatomical_embedding.inference.embedding import embedding_window_count, embed_volume
@@ -300,7 +304,7 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         config, cache = self.embedConfig, self.cache
         nWindows = embedding_window_count(model, volume, config)  # expected network runs (progress bar)
         count = [0]
-        make = self._childFactory() if (self.embedInSubprocess if inChild is None else inChild) else None
+        make = self._childFactory() if allowChild else None
 
         def hook():
             job.check()
@@ -384,7 +388,7 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         # The child needs every volume of a pair whose prior it fits, else only the volumes not embedded here.
         childNodes = (volumes if usePrior else pending) if make is not None else []
         data = {v.GetID(): mrml.node_to_volume(v) for v in childNodes}
-        parts = [self._embedWork(v, job, volume=data.get(v.GetID()), inChild=False) for v in pending]
+        parts = [self._embedWork(v, job, volume=data.get(v.GetID()), allowChild=False) for v in pending]
         known = {v.GetID(): self._embeddings[v.GetID()][1] for v in volumes if v not in pending}
         ids = [v.GetID() for v in volumes]
         pairs = [p for t in range(1, len(ids)) for p in ([(0, t), (t, 0)] if bothWays else [(0, t)])]
