@@ -1,10 +1,12 @@
-"""The viewer's coarse embedding in a child process (issue 19, defect 3): Slicer's PythonQt holds the interpreter
-lock while the Qt loop idles, which starves a worker *thread*; a child process has its own interpreter.
+"""The viewer's embeddings and robust priors in a child process (issue 19, defect 3): Slicer's PythonQt holds the
+interpreter lock while the Qt loop idles, which starves a worker *thread*; a child process has its own interpreter.
 
 On the headless MRML scene with a tiny exported model: the child writes the same cache entry the viewer reads (the
 viewer then runs no network window), it finishes while this thread holds the interpreter lock in one long C call
-(during which a Python thread, the job worker included, makes no progress at all), Cancel terminates it and leaves
-no cache entry and no temporary file, and a child that fails gives the job a one-line error.
+(during which a Python thread, the job worker included, makes no progress at all), Cancel terminates it (while it
+embeds or fits a prior) and leaves no cache entry and no temporary file, a child that fails gives the job its
+one-line error (ValueError for bad input), the prior it fits (or refuses) is the one this process would, a cached
+volume starts no child, and a child with many windows never blocks on a parent that does not read.
 """
 from __future__ import annotations
 
@@ -130,7 +132,7 @@ def test_child_writes_the_cache_entry_the_viewer_reads(viewer, package, mrml_sce
     print(f"\nsubprocess embedding {seconds:.2f} s (start-up, {reference.model.calls} windows, cache read), "
           f"in-process {thread_seconds:.2f} s")
 
-    # Preparing a pair embeds the missing target in a child as well; the prior fit stays in the worker.
+    # Preparing a pair embeds the missing target in a child as well, and fits the prior there.
     target = add_volume(mrml_scene, seed=1)
     prep = logic.prepareCorrespondenceAsync(node, [target])
     assert prep.wait(timeout=120)
@@ -211,7 +213,7 @@ def test_cancel_terminates_the_child_and_leaves_nothing(viewer, package, mrml_sc
     while "window " not in job.message:  # the child has started computing
         assert not job.done() and time.monotonic() < t_end
         time.sleep(0.002)
-    assert child.workDir is not None and (child.workDir / "volume.npz").is_file()
+    assert child.workDir is not None and (child.workDir / "volume0.npz").is_file()
     t0 = time.perf_counter()
     job.cancel()
     assert job.wait(timeout=30)
@@ -225,8 +227,9 @@ def test_cancel_terminates_the_child_and_leaves_nothing(viewer, package, mrml_sc
     assert logic.model.calls == 0 and not logic.isEmbedded(node)
 
 
-def test_failing_child_gives_a_one_line_error(viewer, package, mrml_scene, tmp_path):  # noqa: F811
-    """A child that cannot open the model ends the job with its one-line message, not a hang."""
+def test_failing_child_gives_its_one_line_error(viewer, package, mrml_scene, tmp_path):  # noqa: F811
+    """A child that cannot open the model ends the job with the child's own one-line message, a ValueError as in
+    this process (bad input: the user picked a broken file), not a hang and not a generic RuntimeError."""
     logic = new_logic(viewer, package, tmp_path / "cache")
     corrupt = tmp_path / "corrupt.aemodel"
     corrupt.write_bytes(b"not a model package")
@@ -234,13 +237,43 @@ def test_failing_child_gives_a_one_line_error(viewer, package, mrml_scene, tmp_p
     job = logic.embedVolumeAsync(add_volume(mrml_scene))
     child = wait_for_child(job)
     assert job.wait(timeout=60)
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(ValueError) as info:
         logic.finishJob(job)
     message = str(info.value)
     print(f"\n{job.description} failed: {message}")
     assert "\n" not in message and "Traceback" not in message
-    assert "not a valid model package" in message and message.endswith("(embedding process, exit code 1)")
+    assert "not a valid model package" in message and message.endswith("re-export it")
     assert not child.workDir.exists() and coarse_files(tmp_path / "cache") == []
+
+
+def test_bad_input_in_the_child_is_a_value_error(viewer, package, mrml_scene, tmp_path):  # noqa: F811
+    """A volume the engine refuses (too small for the model) raises the same one-line ValueError from the child as
+    in this process; a child that dies without a word (killed) is a one-line RuntimeError."""
+    from anatomical_embedding.inference.embedding import embed_volume as embed
+
+    small = add_volume(mrml_scene, (8, 8, 8), seed=6)
+    logic = new_logic(viewer, package, tmp_path / "cache")
+    job = logic.embedVolumeAsync(small)
+    assert job.wait(timeout=60)
+    with pytest.raises(ValueError) as info:
+        logic.finishJob(job)
+    with pytest.raises(ValueError) as inproc:
+        embed(logic.model, mrml.node_to_volume(small), None, logic.embedConfig)
+    assert str(info.value) == str(inproc.value) and "\n" not in str(info.value)
+    assert "use a larger field of view" in str(info.value) and job.process.process.returncode == 1
+
+    job = logic.embedVolumeAsync(add_volume(mrml_scene, (64, 96, 96), seed=7))
+    child = wait_for_child(job)
+    t_end = time.monotonic() + 60
+    while child.childPid is None:  # the child's own python is running
+        assert not job.done() and time.monotonic() < t_end
+        time.sleep(0.002)
+    os.kill(child.process.pid, 9)
+    assert job.wait(timeout=60)
+    with pytest.raises(RuntimeError) as info:
+        logic.finishJob(job)
+    print(f"\nkilled child: {info.value}")
+    assert "killed by signal 9" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_inside_slicer_the_child_runs_slicers_python(viewer, mrml_scene, tmp_path, monkeypatch):  # noqa: F811
@@ -259,3 +292,226 @@ def test_inside_slicer_the_child_runs_slicers_python(viewer, mrml_scene, tmp_pat
     monkeypatch.setattr(slicer, "app", types.SimpleNamespace(temporaryPath=str(tmp_path), slicerHome=str(home)))
     assert viewer.AnatomicalEmbeddingLogic().embedInSubprocess
     assert subprocess_job.pythonExecutable() == str(home / "bin" / "PythonSlicer")
+
+
+# ---- the robust prior in the child ------------------------------------------------------------------------
+def island_volume(shape_kji=(32, 40, 48), radius: float = 10.0, shift_mm=(0.0, 0.0, 0.0)):
+    """A blob ball in air (-1000 HU), moved by ``shift_mm`` (LPS): few foreground voxels keep the prior's dense
+    refinement short (about a second), and a shifted copy gives a prior that is accepted, spline included."""
+    from anatomical_embedding.io import Volume
+
+    v = blob_volume(shape_kji, seed=0)
+    kji = np.indices(shape_kji) - np.asarray(shape_kji)[:, None, None, None] / 2
+    array = np.where((kji ** 2).sum(axis=0) < radius ** 2, v.array, -1000.0).astype(np.float32)
+    return Volume(array, v.spacing, v.origin + np.asarray(shift_mm), v.direction)
+
+
+def add(scene, volume, name: str):
+    return mrml.volume_to_node(volume, scene, name)
+
+
+def relay_messages(job) -> list:
+    """The messages the job's worker reports (in order), recorded as they come."""
+    messages = []
+    report = job.report
+    job.report = lambda fraction, message="": messages.append(message) or report(fraction, message)
+    return messages
+
+
+def in_process_fit_is_refused(monkeypatch):
+    """Make this process's Matcher unable to fit a prior (a prior it holds must come from the child)."""
+    from anatomical_embedding.inference import matching
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the prior was fitted in this process, not in the child")
+
+    monkeypatch.setattr(matching, "fit_prior", refuse)
+
+
+def test_prior_fitted_in_the_child_equals_the_in_process_prior(viewer, package, mrml_scene, tmp_path,  # noqa: F811
+                                                              monkeypatch):
+    """prepareCorrespondenceAsync fits both priors (both ways) in the child; each Matcher holds one that predicts
+    what this process's fit predicts, to 1e-9 mm (the same embeddings from the same cache)."""
+    from anatomical_embedding.inference.prior import fit_prior
+
+    source = add(mrml_scene, island_volume(), "island")
+    target = add(mrml_scene, island_volume(shift_mm=(6.0, -4.0, 2.0)), "island moved")
+    logic = new_logic(viewer, package, tmp_path / "cache")
+    logic.usePrior = False
+    first = logic.prepareCorrespondenceAsync(source, [target], bothWays=True)  # a child embeds both, fits nothing
+    assert first.wait(timeout=120)
+    logic.finishJob(first)
+
+    logic = new_logic(viewer, package, tmp_path / "cache")  # both embeddings cached: the child only fits
+    with monkeypatch.context() as patch:
+        in_process_fit_is_refused(patch)
+        job = logic.prepareCorrespondenceAsync(source, [target], bothWays=True)
+        messages = relay_messages(job)
+        assert job.wait(timeout=120)
+        matchers = logic.finishJob(job)
+    assert job.process is not None and job.process.process.returncode == 0 and logic.model.calls == 0
+    assert any(m.startswith("fitting the robust prior island -> island moved") for m in messages)
+    assert any(m.startswith("fitting the robust prior island moved -> island") for m in messages)
+    points = np.random.default_rng(0).uniform([10, 20, 20], [60, 60, 50], size=(20, 3))
+    timings = []
+    for (a, b), matcher in matchers.items():
+        assert matcher._prior is not None and matcher._prior_error is None
+        t0 = time.perf_counter()
+        reference = fit_prior(matcher.source, matcher.target)
+        timings.append(time.perf_counter() - t0)
+        child = matcher.prior
+        assert child.rbf is not None and child.refined is not None
+        assert child.summary() == reference.summary()
+        np.testing.assert_allclose(child.predict(points), reference.predict(points), rtol=0, atol=1e-9)
+        np.testing.assert_allclose(child.coarse_predict(points), reference.coarse_predict(points), rtol=0, atol=1e-9)
+    print(f"\nprepare with both volumes cached (child start-up, cache reads, 2 priors): {job.seconds:.2f} s; "
+          f"in-process fits {' + '.join(f'{t:.2f}' for t in timings)} s")
+    # A click uses the child's prior (no fit here).
+    assert matchers[(source.GetID(), target.GetID())].match(points[:2], use_prior=True)[0].corrected is not None
+
+
+def test_refused_prior_reaches_the_matcher_as_in_process(viewer, package, mrml_scene, tmp_path, monkeypatch,  # noqa: F811
+                                                         caplog):
+    """A prior the child's fit refuses (a source whose foreground is a speck: too few stable points, and too few
+    voxels to refine from the centres of mass) is a refusal in the Matcher with the same reason and warning as a
+    refusal in this process."""
+    import logging
+
+    source, target = add(mrml_scene, island_volume(radius=2.5), "speck"), add(mrml_scene, island_volume(), "island")
+    reference = new_logic(viewer, package, tmp_path / "thread", subprocess=False)
+    job = reference.prepareCorrespondenceAsync(source, [target])
+    assert job.wait(timeout=120)
+    expected = reference.finishJob(job)[(source.GetID(), target.GetID())]
+    assert expected._prior is None and expected._prior_error.startswith("robust prior: only")
+
+    logic = new_logic(viewer, package, tmp_path / "child")
+    with monkeypatch.context() as patch, caplog.at_level(logging.WARNING):
+        in_process_fit_is_refused(patch)
+        job = logic.prepareCorrespondenceAsync(source, [target])
+        assert job.wait(timeout=120)
+        matcher = logic.finishJob(job)[(source.GetID(), target.GetID())]
+    assert job.process.process.returncode == 0 and logic.model.calls == 0
+    assert matcher.prior is None and matcher._prior_error == expected._prior_error
+    assert f"{expected._prior_error}; using raw matching only" in caplog.text
+    print(f"\nrefused in the child: {matcher._prior_error}")
+
+
+def test_no_child_for_a_cached_volume(viewer, package, mrml_scene, tmp_path):  # noqa: F811
+    """A volume whose coarse and dense fine maps are in the disk cache is read in the worker: no child starts."""
+    node = add_volume(mrml_scene, seed=8)
+    logic = new_logic(viewer, package, tmp_path / "cache")
+    job = logic.embedVolumeAsync(node)
+    assert job.wait(timeout=120)
+    logic.finishJob(job)
+    assert job.process is not None and (tmp_path / "cache" / logic.embedding(node).key / "fine_dense.npy").is_file()
+
+    again = new_logic(viewer, package, tmp_path / "cache")
+    job = again.embedVolumeAsync(node)
+    messages = relay_messages(job)
+    assert job.wait(timeout=60)
+    again.finishJob(job)
+    assert job.process is None and again.model.calls == 0 and again.isEmbedded(node)
+    assert not any("separate process" in m for m in messages)
+    cached_seconds = job.seconds
+    # Preparing without a prior needs no child either; a missing dense fine map does.
+    other = add_volume(mrml_scene, seed=8)
+    again.usePrior = False
+    prep = again.prepareCorrespondenceAsync(node, [other])
+    assert prep.wait(timeout=60)
+    again.finishJob(prep)
+    assert prep.process is None and again.isPrepared(node, [other])
+    (tmp_path / "cache" / again.embedding(node).key / "fine_dense.npy").unlink()
+    job = new_logic(viewer, package, tmp_path / "cache").embedVolumeAsync(node)
+    assert job.wait(timeout=60) and job.process is not None and job.process.process.returncode == 0
+    print(f"\ncached volume read without a child in {cached_seconds:.2f} s; with the dense fine map missing, a "
+          f"child computed it in {job.seconds:.2f} s")
+
+
+def test_cancel_during_the_prior_stops_the_child(viewer, package, mrml_scene, tmp_path):  # noqa: F811
+    """Cancel while the child fits the prior: the child is terminated, the job raises InterruptedError, no matcher
+    is stored and no temporary file is left."""
+    source = add(mrml_scene, island_volume(radius=13.0), "island")
+    target = add(mrml_scene, island_volume(radius=13.0, shift_mm=(6.0, -4.0, 2.0)), "island moved")
+    logic = new_logic(viewer, package, tmp_path / "cache")
+    job = logic.prepareCorrespondenceAsync(source, [target])
+    child = wait_for_child(job)
+    t_end = time.monotonic() + 60
+    while "fitting the robust prior" not in job.message:
+        assert not job.done() and time.monotonic() < t_end
+        time.sleep(0.002)
+    t0 = time.perf_counter()
+    job.cancel()
+    assert job.wait(timeout=30)
+    latency = time.perf_counter() - t0
+    with pytest.raises(InterruptedError):
+        logic.finishJob(job)
+    print(f"\ncancelled at '{job.message}'; job ended {latency * 1000:.0f} ms after Cancel")
+    assert child.process.returncode < 0 and not child.workDir.exists()
+    assert not logic.isPrepared(source, [target]) and list((tmp_path / "cache").glob("*/.*.tmp")) == []
+
+
+def test_many_windows_never_block_the_child_on_a_full_pipe(viewer, package, tmp_path):  # noqa: F811
+    """1500 network windows: the child prints a bounded number of progress lines, so it runs to its end while the
+    parent reads nothing (a worker thread starved by Slicer's Qt loop); one line per window (~100 bytes) would
+    fill the 64 KiB pipe and block it."""
+    from AnatomicalEmbeddingLib import subprocess_job
+
+    from anatomical_embedding.inference.embedding import EmbedConfig, embedding_window_count
+    from anatomical_embedding.io import Volume
+
+    logic = new_logic(viewer, package, tmp_path / "cache")
+    config = EmbedConfig(window=(16, 16, 16))
+    volume = Volume(np.random.default_rng(9).normal(0, 400, (32, 416, 464)).astype(np.float32), (2.0, 2.0, 2.0),
+                    (0.0, 0.0, 0.0), np.eye(3))
+    windows = embedding_window_count(logic.model, volume, config)
+    assert windows >= 1500
+    child = subprocess_job.EmbeddingProcess([volume], package, "onnxruntime", "cpu", logic.cache, config)
+    blocked = {}
+
+    def report(fraction: float, message: str) -> bool:
+        if child.process is not None and not blocked:  # the first progress line: stop reading until the child ends
+            t0, blocked["pid"] = time.monotonic(), child.process.pid
+            while not has_exited(child.process.pid) and time.monotonic() < t0 + 30:
+                time.sleep(0.01)
+            blocked["exited"], blocked["seconds"] = has_exited(child.process.pid), time.monotonic() - t0
+        return True
+
+    t0 = time.perf_counter()
+    result = child.run(report)
+    seconds = time.perf_counter() - t0
+    print(f"\n{windows} windows in {seconds:.2f} s; {child.progressLines} progress lines; the parent read nothing "
+          f"for {blocked['seconds']:.2f} s")
+    assert blocked["exited"], "the child blocked on its output pipe"
+    assert child.process.returncode == 0 and len(result.keys) == 1
+    assert child.progressLines <= subprocess_job.PROGRESS_STEPS + 2
+
+
+def test_prior_round_trip_through_plain_arrays(tmp_path):
+    """save_prior / load_prior (np.savez, no pickle) give a prior that predicts bit for bit what the original does,
+    with and without its spline, refinement and displacement grid."""
+    from scipy.interpolate import RBFInterpolator
+
+    from anatomical_embedding.inference.feature_registration import FeatureTransform
+    from anatomical_embedding.inference.prior import RobustPrior, load_prior, save_prior
+
+    rng = np.random.default_rng(0)
+    src = rng.uniform(0, 100, (40, 3))
+    affine = np.eye(4)
+    affine[:3] += rng.normal(0, 0.02, (3, 4))
+    rbf = RBFInterpolator(src, rng.normal(0, 2, (40, 3)), kernel="thin_plate_spline", smoothing=400.0)
+    grid = FeatureTransform(affine, rng.normal(0, 5, 3), 32.0, rng.normal(0, 3, (4, 5, 6, 3)), 0.8, 0.7)
+    priors = [RobustPrior(affine, rbf, 1.5, 12.0, 100, 40, 30, src, src + 1, 2.5, grid),
+              RobustPrior(affine, None, float("nan"), 12.0, 0, 0, 0, refined=FeatureTransform(affine),
+                          initialisation="centres of mass"),
+              RobustPrior(affine, None, 1.0, 8.0, 10, 9, 8)]
+    points = rng.uniform(-20, 120, (100, 3))
+    for n, prior in enumerate(priors):
+        save_prior(tmp_path / f"{n}.npz", prior)
+        with np.load(tmp_path / f"{n}.npz", allow_pickle=False) as f:
+            assert all(f[k].dtype != object for k in f.files)
+        back = load_prior(tmp_path / f"{n}.npz")
+        assert np.array_equal(back.predict(points), prior.predict(points))
+        assert np.array_equal(back.coarse_predict(points), prior.coarse_predict(points))
+        assert back.initialisation == prior.initialisation and back.n_inliers == prior.n_inliers
+        assert np.array_equal(back.stable_source_lps, prior.stable_source_lps)
+        assert (back.rbf is None) == (prior.rbf is None) and (back.refined is None) == (prior.refined is None)

@@ -115,8 +115,8 @@ class JobWorker:
         Slicer's PythonQt keeps the lock while the Qt loop idles, so a Python worker thread only runs when the
         main thread gives it up (the engine's heavy parts - onnxruntime, numpy - release it themselves once
         entered). Sleeping here, in the timer's slot, hands the worker the lock every tick without blocking the
-        GUI for more than ``YIELD_SECONDS``. (Coarse embeddings do not depend on it: they run in a child process,
-        see ``subprocess_job``; the worker then only relays their progress.)
+        GUI for more than ``YIELD_SECONDS``. (Embeddings and the robust priors do not depend on it: they run in a
+        child process, see ``subprocess_job``; the worker then only relays their progress.)
         """
         if self._executor is not None:
             time.sleep(self.YIELD_SECONDS if seconds is None else seconds)

@@ -15,7 +15,7 @@ from AnatomicalEmbeddingLib import cases as fewShotCasesTable
 from AnatomicalEmbeddingLib import dependencies, matches, views
 from AnatomicalEmbeddingLib.engine_model import _EngineModel
 from AnatomicalEmbeddingLib.jobs import BackgroundJob, JobWorker
-from AnatomicalEmbeddingLib.subprocess_job import EmbeddingProcess
+from AnatomicalEmbeddingLib.subprocess_job import ChildResult, EmbeddingProcess, cachedKey, pythonExecutable
 from AnatomicalEmbeddingLib.views import HEATMAP_ATTRIBUTE
 
 #: Volumes with at most this many fine tiles get every tile warmed in the background (after the tiles around the
@@ -54,9 +54,10 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         #: their predicted matches, then every tile of volumes with at most this many (None: every volume). Tiles go
         #: one by one within the memory budget and to the disk cache; any other job preempts the warming.
         self.maxPrecomputedTiles: Optional[int] = DEFAULT_MAX_PRECOMPUTED_TILES
-        #: Compute coarse maps in a child process (:mod:`AnatomicalEmbeddingLib.subprocess_job`): it progresses
-        #: while Slicer's Qt loop holds the interpreter lock, which starves the worker thread. On inside
-        #: Slicer; scripts and tests embed in the worker thread unless they set it.
+        #: Compute embeddings, and the robust priors of prepared pairs, in a child process
+        #: (:mod:`AnatomicalEmbeddingLib.subprocess_job`): it progresses while Slicer's Qt loop holds the
+        #: interpreter lock, which starves the worker thread. On inside Slicer; scripts and tests embed and fit in
+        #: the worker thread unless they set it.
         self.embedInSubprocess = hasattr(getattr(slicer, "app", None), "slicerHome")
         self._cache = None
         self._embeddings: dict = {}   # volume node ID -> (geometry/content stamp, VolumeEmbedding)
@@ -250,27 +251,60 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
             self.embedVolume(volumeNode)
         return self._embeddings[volumeNode.GetID()][1]
 
-    def _embedWork(self, volumeNode, job: BackgroundJob) -> tuple:
+    def _childFactory(self) -> Optional[Callable[..., EmbeddingProcess]]:
+        """Main thread: ``make(volumes, names, priors)`` building the child process that embeds (and fits priors)
+        with this model and cache (:mod:`AnatomicalEmbeddingLib.subprocess_job`); None when ``embedInSubprocess``
+        is off or no model file is known."""
+        if not self.embedInSubprocess or self.modelPath is None:
+            return None
+        model, modelPath, cache, config = self._requireModel(), self.modelPath, self.cache, self.embedConfig
+        device = getattr(model.model, "device", "cpu")
+        # Read slicer.app here, on the main thread: the worker builds the child.
+        tempDir = getattr(getattr(slicer, "app", None), "temporaryPath", None)
+        python = pythonExecutable()
+
+        def make(volumes: list, names: list, priors: list) -> EmbeddingProcess:
+            return EmbeddingProcess(volumes, modelPath, model.backend, device, cache, config, priors=priors,
+                                    names=names, python=python, tempDir=tempDir)
+
+        return make
+
+    @staticmethod
+    def _childStage(job: BackgroundJob, make: Callable[..., EmbeddingProcess], volumes: list, names: list,
+                    priors: list, model, cache, config) -> Optional[ChildResult]:
+        """Worker: run the child for ``volumes`` and the ``priors`` pairs; without priors, only for the volumes
+        whose embedding is not in the disk cache yet, and no child at all when every one is (a cache read here is
+        cheaper than starting one). Returns what it computed (keys in the order of the volumes it got), or None."""
+        if not priors:
+            missing = [n for n, v in enumerate(volumes) if cachedKey(v, model, cache, config) is None]
+            if not missing:
+                return None
+            volumes, names = [volumes[n] for n in missing], [names[n] for n in missing]
+        child = make(volumes, names, priors)
+        job.process = child
+        job.check()  # cancelled before job.process was set: cancel() could not stop this child
+        return child.run(lambda fraction, message: job.report(fraction, message))  # job.report as it is then
+
+    def _embedWork(self, volumeNode, job: BackgroundJob, volume=None, allowChild: bool = True) -> tuple:
         """Read the node (main thread); return (worker function, store function) for one volume.
 
         The worker embeds the coarse map and, with ``embedConfig.dense_fine`` (the default), the dense fine map,
         so clicks compute nothing afterwards; otherwise fine tiles come from the warming job started after it
-        (:meth:`warmTilesAsync`) or on demand around a click (all of it is cached on disk).
+        (:meth:`warmTilesAsync`) or on demand around a click (all of it is cached on disk). With
+        ``embedInSubprocess`` a child process computes what the cache lacks and the worker reads it from there
+        (``allowChild=False``: never, the caller's child has computed it). ``volume``: the node's engine Volume
+        when the caller has read it already.
         """
         from anatomical_embedding import mrml
         from anatomical_embedding.inference.embedding import embedding_window_count, embed_volume
 
         model = self._requireModel()
-        volume = mrml.node_to_volume(volumeNode)
+        volume = mrml.node_to_volume(volumeNode) if volume is None else volume
         nodeId, stamp, name = volumeNode.GetID(), self._stamp(volumeNode), volumeNode.GetName()
         config, cache = self.embedConfig, self.cache
         nWindows = embedding_window_count(model, volume, config)  # expected network runs (progress bar)
         count = [0]
-        child = None
-        if self.embedInSubprocess and self.modelPath is not None:
-            device = getattr(model.model, "device", "cpu")
-            tempDir = getattr(getattr(slicer, "app", None), "temporaryPath", None)
-            child = EmbeddingProcess(volume, self.modelPath, model.backend, device, cache, config, tempDir=tempDir)
+        make = self._childFactory() if allowChild else None
 
         def hook():
             job.check()
@@ -278,16 +312,16 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
             job.report(min(0.99, count[0] / max(nWindows, 1)), f"embedding {name}: window {count[0]}/{nWindows}")
 
         def work():
-            if child is not None:  # it writes the coarse map to the cache, read below (no network run here)
-                job.process = child
-                job.check()
-                key = child.run(lambda fraction, message: job.report(fraction, f"embedding {name}: {message}"))
+            key = None
+            if make is not None:  # it writes the coarse map to the cache, read below (no network run here)
+                result = self._childStage(job, make, [volume], [name], [], model, cache, config)
+                key = result.keys[0] if result is not None else None
             model.set_hook(hook)
             try:
                 emb = embed_volume(model, volume, cache, config)
             finally:
                 model.set_hook(None)
-            if child is not None and emb.key != key:
+            if key is not None and emb.key != key:
                 logging.warning("embedding %s: the separate process wrote cache entry %s, this process read %s "
                                 "(the coarse map was computed again here)", name, key[:12], emb.key[:12])
             return emb
@@ -340,35 +374,50 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         After :meth:`finishJob`, clicks between these volumes run no prior fit and no coarse embedding; the
         finish step starts warming the fine tiles a click will need, around ``sourceMarkups``'s points first
         (:meth:`warmTilesAsync`). ``bothWays`` also prepares target -> source (click mode: a click in a target
-        view matches back).
+        view matches back). With ``embedInSubprocess`` one child process embeds what the cache lacks and fits the
+        priors (numpy/scipy work that a starved worker thread would barely progress); the worker then reads the
+        embeddings from the cache and gives each Matcher the child's prior (or its refusal).
         """
+        from anatomical_embedding import mrml
+
         job = BackgroundJob("Preparing correspondence")
         volumes = [sourceVolume] + [t for t in targetVolumes if t is not sourceVolume]
         pending = [v for v in volumes if not self.isEmbedded(v)]
-        parts = [self._embedWork(v, job) for v in pending]
+        make = self._childFactory()
+        usePrior = self.usePrior
+        # The child needs every volume of a pair whose prior it fits, else only the volumes not embedded here.
+        childNodes = (volumes if usePrior else pending) if make is not None else []
+        data = {v.GetID(): mrml.node_to_volume(v) for v in childNodes}
+        parts = [self._embedWork(v, job, volume=data.get(v.GetID()), allowChild=False) for v in pending]
         known = {v.GetID(): self._embeddings[v.GetID()][1] for v in volumes if v not in pending}
         ids = [v.GetID() for v in volumes]
-        lowConfidence, usePrior = self.lowConfidence, self.usePrior
+        pairs = [p for t in range(1, len(ids)) for p in ([(0, t), (t, 0)] if bothWays else [(0, t)])]
+        childPlan = None
+        if make is not None:
+            childPairs = pairs if usePrior else []
+            childPlan = (make, [data[v.GetID()] for v in childNodes], [v.GetName() for v in childNodes], childPairs,
+                         self._requireModel(), self.cache, self.embedConfig)
+        lowConfidence = self.lowConfidence
 
         def work():
             from anatomical_embedding.inference.matching import MatchConfig, Matcher
 
+            result = self._childStage(job, *childPlan) if childPlan is not None else None
             embs = dict(known)
             for volume, (embed, _) in zip(pending, parts):
-                embs[volume.GetID()] = embed()
+                embs[volume.GetID()] = embed()  # a cache read when the child computed it
+            fitted = self._childPriors(result, childPlan, embs, ids) if usePrior else {}
             matchers = {}
-            for target in ids[1:]:
+            for i, j in pairs:
                 job.check()
-                job.message = "fitting the robust prior"
-                matcher = Matcher(embs[ids[0]], embs[target], MatchConfig(low_confidence=lowConfidence))
+                given = fitted.get((i, j))
+                if usePrior and given is None:
+                    job.message = "fitting the robust prior"
+                matcher = Matcher(embs[ids[i]], embs[ids[j]], MatchConfig(low_confidence=lowConfidence),
+                                  **(given or {}))
                 if usePrior:
-                    _ = matcher.prior  # fitted here, in the worker, instead of on the first click
-                matchers[(ids[0], target)] = matcher
-                if bothWays:
-                    back = Matcher(embs[target], embs[ids[0]], MatchConfig(low_confidence=lowConfidence))
-                    if usePrior:
-                        _ = back.prior
-                    matchers[(target, ids[0])] = back
+                    _ = matcher.prior  # fitted here (no child), in the worker, instead of on the first click
+                matchers[(ids[i], ids[j])] = matcher
             return embs, matchers
 
         def finish(result):
@@ -381,6 +430,20 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
 
         job.finish = finish
         return self._submit(job, work)
+
+    @staticmethod
+    def _childPriors(result: Optional[ChildResult], childPlan, embs: dict, ids: list) -> dict:
+        """(i, j) -> Matcher keyword arguments (the child's prior or its refusal) for the pairs the child fitted on
+        the very embeddings read here (same cache keys); other pairs are fitted in the worker."""
+        if result is None or childPlan is None or not childPlan[3]:
+            return {}
+        same = [n < len(result.keys) and result.keys[n] == embs[ids[n]].key for n in range(len(ids))]
+        if not all(same):
+            logging.warning("the separate process embedded other cache entries than this process read; fitting the "
+                            "robust priors here")
+            return {}
+        return {pair: {"fitted_prior": prior, "prior_refusal": result.refusals.get(pair)}
+                for pair, prior in result.priors.items()}
 
     # ---- warming fine tiles -----------------------------------------------------------------------
     def warmTilesAsync(self, sourceVolume, targetVolumes: Sequence = (), sourceMarkups=None) -> BackgroundJob:

@@ -1,15 +1,19 @@
-"""The coarse embedding of one volume in a child process, so it progresses while Slicer holds the interpreter lock.
+"""The viewer's heavy work in a child process, so it progresses while Slicer holds the interpreter lock.
 
 Slicer's PythonQt keeps the GIL while the Qt event loop idles, so a Python worker thread only runs when the main
-thread gives the lock up. A child process has its own interpreter: it embeds the volume into the shared disk cache
-(:class:`~anatomical_embedding.inference.embedding.EmbeddingCache`) whatever the GUI does, and the viewer then loads
-the coarse map from the cache as usual (a cache hit, no network run).
+thread gives the lock up. A child process has its own interpreter: it embeds volumes into the shared disk cache
+(:class:`~anatomical_embedding.inference.embedding.EmbeddingCache`) and fits the robust priors of volume pairs
+(:func:`~anatomical_embedding.inference.prior.fit_prior`) whatever the GUI does; the viewer then loads the
+embeddings from the cache as usual (cache hits, no network run) and the priors from the files the child wrote.
 
-Parent side: :class:`EmbeddingProcess` writes the volume to a temporary ``.npz`` (the voxels and the float64
+Parent side: :class:`EmbeddingProcess` writes each volume to a temporary ``.npz`` (the voxels and the float64
 geometry bit for bit, so the child computes the same cache key), starts ``python -m
 AnatomicalEmbeddingLib.subprocess_job`` (PythonSlicer inside Slicer) and relays its progress; :meth:`stop` (any
-thread) terminates it. Child side: :func:`main` prints one JSON object per line on stdout: ``started`` (its pid),
-``progress`` (network windows done of expected), ``done`` (the cache key) or ``error`` (one line), and exits 0 or 1.
+thread) terminates it. :func:`cachedKey` tells, without a child, whether a volume's embedding is in the cache
+already. Child side: :func:`main` prints one JSON object per line on stdout: ``started`` (its pid), ``progress``
+(network windows done; at most about ``PROGRESS_STEPS`` lines, so a parent that cannot read for a while never
+fills the pipe and blocks the child), ``fitting`` and ``prior`` (a pair's prior: its file, or why the fit was
+refused), ``done`` (the cache keys) or ``error`` (one line), and exits 0 or 1.
 
 Nothing here imports slicer or torch at module level: the child loads only the engine.
 """
@@ -29,10 +33,18 @@ import sys
 import tempfile
 import threading
 import traceback
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 #: The folder that holds AnatomicalEmbeddingLib and the engine package (the child's PYTHONPATH).
 MODULE_DIR = pathlib.Path(__file__).resolve().parents[1]
+
+#: The child prints a progress line only when its overall fraction passes another 1/PROGRESS_STEPS (plus one at
+#: each volume's first window): ~100 bytes a line keeps its whole output far below a pipe's 64 KiB, however many
+#: windows, so it never blocks on a parent whose worker thread Slicer starves.
+PROGRESS_STEPS = 100
+
+#: Share of the progress bar for the embedding when priors are fitted after it (the rest is the priors').
+EMBED_SHARE = 0.8
 
 
 def pythonExecutable() -> str:
@@ -46,17 +58,60 @@ def pythonExecutable() -> str:
     return slicer_python(getattr(getattr(slicer, "app", None), "slicerHome", None))
 
 
-class EmbeddingProcess:
-    """One volume's coarse map computed by a child process into the disk cache; see the module doc.
+def cachedKey(volume, model, cache, config) -> Optional[str]:
+    """The volume's cache key when its coarse map, and its dense fine map when ``config.dense_fine`` keeps one, are
+    in ``cache`` (embedding it is then a cache read, no child needed); None otherwise.
 
-    ``run(report)`` blocks the calling (worker) thread in pipe reads, which release the interpreter lock, and
-    returns the cache key the child wrote; ``stop()`` may be called from any thread (Cancel) and makes ``run``
-    raise InterruptedError. A failed child raises RuntimeError with its last message line.
+    Cheap: one hash of the voxels and a few file checks (the prepared shape comes from the entry's meta.json).
+    """
+    import numpy as np
+
+    from anatomical_embedding.inference.embedding import DENSE_FINE_MAX_BYTES, cache_key, image_hash
+
+    key = cache_key(image_hash(volume), model, config)
+    entry = cache.entry_dir(key)
+    if not (entry / "coarse.npy").is_file():
+        return None
+    if config.dense_fine:
+        try:
+            shape = json.loads((entry / "meta.json").read_text(encoding="utf-8"))["prepared_shape_kji"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        # (the rule of VolumeEmbedding.reads_dense: a map over its budget is never computed)
+        if 2 * int(model.fine_channels) * int(np.prod(shape)) <= DENSE_FINE_MAX_BYTES \
+                and not (entry / "fine_dense.npy").is_file():
+            return None
+    return key
+
+
+@dataclasses.dataclass
+class ChildResult:
+    """What a child computed: each volume's cache key (in the order given) and each requested prior."""
+
+    keys: list
+    #: (source index, target index) -> the fitted RobustPrior, or None when the fit was refused.
+    priors: dict = dataclasses.field(default_factory=dict)
+    #: (source index, target index) -> why the fit was refused (fit_prior's ValueError message).
+    refusals: dict = dataclasses.field(default_factory=dict)
+
+
+class EmbeddingProcess:
+    """Volumes embedded, and priors fitted, by a child process into the disk cache; see the module doc.
+
+    ``volumes`` are engine Volumes; ``priors`` (source index, target index) pairs of them whose robust prior
+    (the Matcher's default PriorConfig) the child fits after embedding them all; ``names`` label the progress
+    messages. ``run(report)`` blocks the calling (worker) thread in pipe reads, which release the interpreter lock,
+    and returns a :class:`ChildResult`; ``stop()`` may be called from any thread (Cancel) and makes ``run`` raise
+    InterruptedError. A failed child raises its one-line message: ValueError when it was bad input (a ValueError
+    in the child), RuntimeError otherwise.
     """
 
-    def __init__(self, volume, modelPath, backend: str, device: str, cache, config,
+    def __init__(self, volumes: Sequence, modelPath, backend: str, device: str, cache, config,
+                 priors: Sequence[tuple] = (), names: Optional[Sequence[str]] = None,
                  python: Optional[str] = None, tempDir: Optional[str] = None) -> None:
-        self.volume = volume
+        self.volumes = list(volumes)
+        self.priors = [(int(i), int(j)) for i, j in priors]
+        self.names = list(names) if names is not None else [f"volume {n + 1}" for n in range(len(self.volumes))]
         self.argsTail = ["--model", str(modelPath), "--backend", backend, "--device", device,
                          "--cache", str(cache.root), "--cache-budget", str(int(cache.budget_bytes)),
                          "--config", json.dumps(dataclasses.asdict(config))]
@@ -67,12 +122,16 @@ class EmbeddingProcess:
         self.process: Optional[subprocess.Popen] = None
         self.childPid: Optional[int] = None
         self.stopped = False
+        #: Progress lines received (tests: the child's throttling).
+        self.progressLines = 0
         self._lock = threading.Lock()
 
     # ---- parent ---------------------------------------------------------------------------------
-    def command(self, volumePath) -> list:
-        return [self.python, "-u", "-m", "AnatomicalEmbeddingLib.subprocess_job", "--volume", str(volumePath),
-                *self.argsTail]
+    def command(self, volumePaths: Sequence) -> list:
+        args = [a for p in volumePaths for a in ("--volume", str(p))]
+        args += [a for i, j in self.priors for a in ("--prior", str(i), str(j))]
+        return [self.python, "-u", "-m", "AnatomicalEmbeddingLib.subprocess_job", *args,
+                "--out", str(self.workDir), *self.argsTail]
 
     @staticmethod
     def environment() -> dict:
@@ -83,15 +142,16 @@ class EmbeddingProcess:
         return env
 
     def start(self) -> None:
-        """Write the volume to a temporary file and start the child (refused once stopped)."""
+        """Write the volumes to temporary files and start the child (refused once stopped)."""
         import numpy as np
 
         self.workDir = pathlib.Path(tempfile.mkdtemp(prefix="AnatomicalEmbedding-embed-", dir=self.tempDir))
-        path = self.workDir / "volume.npz"
-        v = self.volume
-        with open(path, "wb") as f:  # uncompressed: fast, and exact (dtype, shape, float64 geometry)
-            np.savez(f, array=v.array, spacing=v.spacing, origin=v.origin, direction=v.direction)
-        self.volume = None  # the child reads the file; this copy of the voxels is not needed any more
+        paths = []
+        for n, v in enumerate(self.volumes):
+            paths.append(self.workDir / f"volume{n}.npz")
+            with open(paths[-1], "wb") as f:  # uncompressed: fast, and exact (dtype, shape, float64 geometry)
+                np.savez(f, array=v.array, spacing=v.spacing, origin=v.origin, direction=v.direction)
+        self.volumes = []  # the child reads the files; these copies of the voxels are not needed any more
         kwargs = {}
         if os.name == "posix":
             kwargs["start_new_session"] = True  # stop() signals the group: PythonSlicer is a launcher with a child
@@ -100,7 +160,8 @@ class EmbeddingProcess:
         with self._lock:
             if self.stopped:
                 raise InterruptedError("embedding cancelled")
-            self.process = subprocess.Popen(self.command(path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            # stderr joins stdout: one pipe, read to its end by run(), so neither can fill up unread.
+            self.process = subprocess.Popen(self.command(paths), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, env=self.environment(), cwd=str(self.workDir),
                                             **kwargs)
 
@@ -119,43 +180,13 @@ class EmbeddingProcess:
             except ProcessLookupError:
                 pass
 
-    def run(self, report: Callable[[float, str], bool]) -> str:
-        """Start the child, relay its progress to ``report`` (False stops it) and return its cache key."""
+    def run(self, report: Callable[[float, str], bool]) -> ChildResult:
+        """Start the child, relay its progress to ``report`` (False stops it) and return what it computed."""
         try:
             if not report(0.0, "starting a separate process"):
                 self.stop()
             self.start()
-            tail: collections.deque = collections.deque(maxlen=20)
-            key, error = None, None
-            for line in self.process.stdout:  # blocking reads: the interpreter lock is free meanwhile
-                event = _event(line.decode("utf-8", "replace"))
-                if event is None:
-                    text = line.decode("utf-8", "replace").strip()
-                    if text:
-                        tail.append(text)
-                        logging.debug("embedding process: %s", text)
-                    continue
-                kind = event.get("event")
-                if kind == "started":
-                    self.childPid = int(event.get("pid", 0)) or None
-                elif kind == "progress":
-                    done, total = int(event["window"]), max(int(event["windows"]), 1)
-                    if not report(min(0.99, done / total), f"window {done}/{total} (separate process)"):
-                        self.stop()
-                elif kind == "done":
-                    key = str(event["key"])
-                elif kind == "error":
-                    error = str(event.get("message", ""))
-            rc = self.process.wait()
-            if self.stopped:
-                raise InterruptedError("embedding cancelled")
-            if rc != 0 or key is None:
-                if tail:
-                    logging.warning("embedding process output:\n%s", "\n".join(tail))
-                reason = error or (tail[-1] if tail else "no output")
-                status = f"exit code {rc}" if rc >= 0 else f"killed by signal {-rc}"
-                raise RuntimeError(f"{reason} (embedding process, {status})")
-            return key
+            return self._relay(report)
         finally:
             self.stop()
             if self.process is not None:
@@ -169,12 +200,76 @@ class EmbeddingProcess:
             if self.workDir is not None:
                 shutil.rmtree(self.workDir, ignore_errors=True)
 
+    def _relay(self, report: Callable[[float, str], bool]) -> ChildResult:
+        """Read the child's output to its end (blocking reads: the interpreter lock is free meanwhile)."""
+        tail: collections.deque = collections.deque(maxlen=20)
+        result, keys, error = ChildResult([]), None, None
+        for line in self.process.stdout:
+            text = line.decode("utf-8", "replace").strip()
+            event = _event(text)
+            if event is None:
+                if text:
+                    tail.append(text)
+                    # the child's warnings (e.g. a prior refined from the centres of mass) reach the user's log
+                    (logging.warning if text.startswith("WARNING ") else logging.debug)("embedding process: %s", text)
+                continue
+            kind = event.get("event")
+            if kind == "started":
+                self.childPid = int(event.get("pid", 0)) or None
+            elif kind in ("progress", "fitting"):
+                self.progressLines += kind == "progress"
+                if not report(min(0.99, float(event["fraction"])), self._message(event)):
+                    self.stop()
+            elif kind == "prior":
+                self._receivePrior(event, result)
+            elif kind == "done":
+                keys = [str(k) for k in event["keys"]]
+            elif kind == "error":
+                error = event
+        rc = self.process.wait()
+        if self.stopped:
+            raise InterruptedError("embedding cancelled")
+        if rc != 0 or keys is None:
+            raise _failure(rc, error, tail)
+        result.keys = keys
+        return result
+
+    def _message(self, event: dict) -> str:
+        if event["event"] == "progress":
+            name = self.names[int(event["volume"])]
+            return f"embedding {name}: window {int(event['window'])}/{int(event['windows'])} (separate process)"
+        i, j = event["pair"]
+        return f"fitting the robust prior {self.names[i]} -> {self.names[j]} (separate process)"
+
+    def _receivePrior(self, event: dict, result: ChildResult) -> None:
+        """Load a prior the child wrote (before run() removes the folder), or note why it was refused."""
+        from anatomical_embedding.inference.prior import load_prior
+
+        pair = tuple(int(n) for n in event["pair"])
+        if "refused" in event:
+            result.priors[pair], result.refusals[pair] = None, str(event["refused"])
+        else:  # a name inside the work folder, never a path the child chose
+            result.priors[pair] = load_prior(self.workDir / pathlib.Path(str(event["file"])).name)
+
     def _removeStrayCacheFiles(self) -> None:
         """A child killed while saving leaves its temporary file (EmbeddingCache._save names every one, coarse or
         dense fine map, ``.<name>.<pid>.tmp``)."""
         for pid in {self.childPid, self.process.pid} - {None}:
             for path in self.cacheRoot.glob(f"*/.*.{pid}.tmp"):
                 path.unlink(missing_ok=True)
+
+
+def _failure(rc: int, error: Optional[dict], tail) -> Exception:
+    """The exception for a failed child: its own one-line message (ValueError for bad input), else a one-line
+    account of the crash; the details go to the log."""
+    status = f"exit code {rc}" if rc >= 0 else f"killed by signal {-rc}"
+    if tail:
+        logging.warning("embedding process (%s) output:\n%s", status, "\n".join(tail))
+    if error is not None and error.get("message"):
+        return (ValueError if error.get("bad_input") else RuntimeError)(str(error["message"]))
+    last = tail[-1] if tail else "no output"
+    return RuntimeError(f"the separate embedding process ended without a result ({status}; last output: {last}); "
+                        f"see the Python log, and free memory or embed a smaller volume")
 
 
 def _event(line: str) -> Optional[dict]:
@@ -189,57 +284,124 @@ def _event(line: str) -> Optional[dict]:
 
 
 # ---- child ------------------------------------------------------------------------------------------
-class _CountingModel:
-    """The engine model, printing a progress line before each network window."""
+def _emit(kind: str, **fields) -> None:
+    print(json.dumps({"event": kind, **fields}, separators=(",", ":")), flush=True)
 
-    def __init__(self, model, windows: int, emit: Callable[..., None]) -> None:
-        self._model, self._windows, self._emit, self._count = model, windows, emit, 0
+
+class _Progress:
+    """The child's progress lines: network windows over every volume it computes, then the priors; throttled to
+    about ``PROGRESS_STEPS`` lines (see there)."""
+
+    def __init__(self, windows: Sequence[int], priors: int) -> None:
+        self.windows = list(windows)
+        self.total = max(sum(self.windows), 1)
+        self.embedShare = 0.0 if not sum(self.windows) else (EMBED_SHARE if priors else 1.0)
+        self.priors = priors
+        self.done = 0
+        self.step = -1
+        self.volume = -1
+
+    def window(self, volume: int, count: int) -> None:
+        self.done += 1
+        fraction = self.embedShare * min(self.done / self.total, 1.0)
+        step = int(fraction * PROGRESS_STEPS)
+        if step != self.step or volume != self.volume:
+            self.step, self.volume = step, volume
+            _emit("progress", volume=volume, window=count, windows=max(self.windows[volume], count),
+                  fraction=round(fraction, 4))
+
+    def prior(self, index: int, pair: tuple) -> None:
+        fraction = self.embedShare + (1.0 - self.embedShare) * index / max(self.priors, 1)
+        _emit("fitting", pair=list(pair), index=index, count=self.priors, fraction=round(fraction, 4))
+
+
+class _CountingModel:
+    """The engine model, counting network windows for :class:`_Progress`."""
+
+    def __init__(self, model, progress: _Progress) -> None:
+        self._model, self._progress, self._count, self.volume = model, progress, 0, 0
 
     def __getattr__(self, name):
         return getattr(self._model, name)
 
+    def start(self, volume: int) -> None:
+        self.volume, self._count = volume, 0
+
     def embed_patch(self, x, want_fine: bool = True):
         self._count += 1
-        self._emit("progress", window=self._count, windows=max(self._windows, self._count))
+        self._progress.window(self.volume, self._count)
         return self._model.embed_patch(x, want_fine=want_fine)
 
 
-def _emit(kind: str, **fields) -> None:
-    print(json.dumps({"event": kind, **fields}), flush=True)
+def _arguments(argv: Optional[list]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m AnatomicalEmbeddingLib.subprocess_job",
+                                     description="embed volumes into the embedding cache and fit robust priors")
+    parser.add_argument("--volume", action="append", required=True, help="an .npz of array, spacing, origin, "
+                        "direction (repeat for several)")
+    parser.add_argument("--prior", nargs=2, type=int, action="append", default=[], metavar=("SOURCE", "TARGET"),
+                        help="fit the robust prior between these volumes (indices into --volume; repeatable)")
+    parser.add_argument("--out", default=".", help="folder for the priors' .npz files")
+    for name in ("--model", "--backend", "--device", "--cache", "--config"):
+        parser.add_argument(name, required=True)
+    parser.add_argument("--cache-budget", type=int, required=True)
+    return parser.parse_args(argv)
+
+
+def _fitPriors(embs: list, pairs: list, progress: _Progress, out: pathlib.Path) -> None:
+    """Fit each pair's prior as Matcher.prior would (a ValueError is a refusal, not a failure) and hand it over."""
+    from anatomical_embedding.inference.prior import PriorConfig, fit_prior, save_prior
+
+    for n, (i, j) in enumerate(pairs):
+        progress.prior(n, (i, j))
+        try:
+            prior = fit_prior(embs[i], embs[j], PriorConfig())
+        except ValueError as exc:
+            _emit("prior", pair=[i, j], refused=str(exc))
+            continue
+        name = f"prior_{i}_{j}.npz"
+        save_prior(out / name, prior)  # written in full before the parent hears of it
+        _emit("prior", pair=[i, j], file=name)
 
 
 def main(argv: Optional[list] = None) -> int:
-    """The child: embed ``--volume`` (an .npz of array, spacing, origin, direction) into the cache."""
-    parser = argparse.ArgumentParser(prog="python -m AnatomicalEmbeddingLib.subprocess_job",
-                                     description="coarse embedding of one volume into the embedding cache")
-    for name in ("--volume", "--model", "--backend", "--device", "--cache", "--config"):
-        parser.add_argument(name, required=True)
-    parser.add_argument("--cache-budget", type=int, required=True)
-    args = parser.parse_args(argv)
+    """The child: embed each ``--volume`` into the cache, then fit each ``--prior`` pair into ``--out``."""
+    args = _arguments(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     _emit("started", pid=os.getpid())
     try:
         import numpy as np
 
         from anatomical_embedding.inference.backends import open_model
-        from anatomical_embedding.inference.embedding import (EmbedConfig, EmbeddingCache, embedding_window_count,
-                                                              embed_volume)
+        from anatomical_embedding.inference.embedding import EmbedConfig, EmbeddingCache, embedding_window_count, \
+            embed_volume
         from anatomical_embedding.io import Volume
 
-        with np.load(args.volume, allow_pickle=False) as f:
-            volume = Volume(f["array"], f["spacing"], f["origin"], f["direction"])
+        volumes = []
+        for path in args.volume:
+            with np.load(path, allow_pickle=False) as f:
+                volumes.append(Volume(f["array"], f["spacing"], f["origin"], f["direction"]))
         fields = json.loads(args.config)
         config = EmbedConfig(**{**fields, "window": tuple(fields["window"]) if fields.get("window") else None})
         model = open_model(args.model, backend=args.backend, device=args.device)
         cache = EmbeddingCache(args.cache, args.cache_budget)
-        counting = _CountingModel(model, embedding_window_count(model, volume, config), _emit)
-        emb = embed_volume(counting, volume, cache, config)
+        pairs = [(int(i), int(j)) for i, j in args.prior]
+        if any(not 0 <= n < len(volumes) for pair in pairs for n in pair):
+            raise ValueError(f"--prior indices must name --volume arguments (0 to {len(volumes) - 1})")
+        windows = [0 if cachedKey(v, model, cache, config) else embedding_window_count(model, v, config)
+                   for v in volumes]
+        progress = _Progress(windows, len(pairs))
+        counting = _CountingModel(model, progress)
+        embs = []
+        for n, volume in enumerate(volumes):
+            counting.start(n)
+            embs.append(embed_volume(counting, volume, cache, config))
+        _fitPriors(embs, pairs, progress, pathlib.Path(args.out))
     except Exception as exc:  # noqa: BLE001 - one line for the parent, the traceback on stderr
         traceback.print_exc()  # stderr: the parent logs it
         message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        _emit("error", message=message, type=type(exc).__name__)
+        _emit("error", message=message, type=type(exc).__name__, bad_input=isinstance(exc, ValueError))
         return 1
-    _emit("done", key=emb.key, windows=counting._count)
+    _emit("done", keys=[e.key for e in embs])
     return 0
 
 

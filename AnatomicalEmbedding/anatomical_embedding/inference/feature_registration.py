@@ -187,6 +187,24 @@ class FeatureTransform:
             out = out + _gather(d, _grid_corners(d.shape[:3], (p - self.grid_origin) / self.grid_step))
         return out
 
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays (``np.savez``, no pickle); :meth:`from_arrays` rebuilds an equal transform."""
+        out = {"affine": np.asarray(self.affine, dtype=np.float64), "grid_step": np.float64(self.grid_step),
+               "similarity": np.float64(self.similarity), "affine_similarity": np.float64(self.affine_similarity)}
+        if self.displacement is not None:
+            out["grid_origin"] = np.asarray(self.grid_origin, dtype=np.float64)
+            out["displacement"] = np.asarray(self.displacement)
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "FeatureTransform":
+        """The transform of :meth:`to_arrays`' arrays (a dict or an ``np.load`` file)."""
+        displaced = "displacement" in arrays
+        return cls(np.array(arrays["affine"], dtype=np.float64),
+                   np.array(arrays["grid_origin"], dtype=np.float64) if displaced else None,
+                   float(arrays["grid_step"]), np.array(arrays["displacement"]) if displaced else None,
+                   float(arrays["similarity"]), float(arrays["affine_similarity"]))
+
 
 def _grid_corners(shape: tuple[int, ...], c: np.ndarray) -> tuple:
     """The 8 (corner indices (N, 3), weights (N,)) of trilinear interpolation at grid coordinates c (N, 3) on a

@@ -27,7 +27,7 @@ corrected match (steps 2-4 are skipped; step 5 still checks it against an indepe
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -125,13 +125,23 @@ class Matcher:
     target: VolumeEmbedding
     config: MatchConfig = field(default_factory=MatchConfig)
     prior_config: PriorConfig | None = field(default_factory=PriorConfig)
+    #: A prior already fitted elsewhere (the viewer fits it in a child process), or the reason its fit was refused
+    #: (``fit_prior``'s ValueError message): :attr:`prior` then fits nothing itself.
+    fitted_prior: InitVar[RobustPrior | None] = None
+    prior_refusal: InitVar[str | None] = None
     _prior: RobustPrior | None = field(default=None, init=False, repr=False)
     _prior_error: str | None = field(default=None, init=False, repr=False)
     _reverse: "Matcher | None" = field(default=None, init=False, repr=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, fitted_prior: RobustPrior | None, prior_refusal: str | None) -> None:
         if self.source.model.model_hash != self.target.model.model_hash:
             raise ValueError("source and target were embedded with different models; embed both with the same one")
+        if fitted_prior is not None and prior_refusal is not None:
+            raise ValueError("give a fitted prior or the reason it was refused, not both")
+        self._prior = fitted_prior
+        if prior_refusal is not None:
+            self._prior_error = str(prior_refusal)
+            log.warning("%s; using raw matching only", prior_refusal)  # as when the fit is refused here
 
     # ---- prior ---------------------------------------------------------------------------------
     @property

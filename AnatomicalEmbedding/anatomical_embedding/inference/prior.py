@@ -109,6 +109,80 @@ class RobustPrior:
             "initialisation": self.initialisation,
         }
 
+    # ---- plain arrays (the viewer's child process hands its fitted prior over in an .npz) -------------------
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays for ``np.savez`` (no pickle); :meth:`from_arrays` rebuilds a prior whose ``predict`` and
+        ``coarse_predict`` give the same results, bit for bit. The spline must be a ``RBFInterpolator`` (as
+        :func:`fit_prior` makes) without ``neighbors``."""
+        out = {"affine": np.asarray(self.affine, dtype=np.float64),
+               "inlier_rms_mm": np.float64(self.inlier_rms_mm), "search_radius_mm": np.float64(self.search_radius_mm),
+               "heldout_rms_mm": np.float64(self.heldout_rms_mm), "n_candidates": np.int64(self.n_candidates),
+               "n_stable": np.int64(self.n_stable), "n_inliers": np.int64(self.n_inliers),
+               "stable_source_lps": np.asarray(self.stable_source_lps, dtype=np.float64),
+               "stable_target_lps": np.asarray(self.stable_target_lps, dtype=np.float64),
+               "initialisation": np.str_(self.initialisation)}
+        if self.rbf is not None:
+            out.update({f"rbf_{k}": v for k, v in _rbf_arrays(self.rbf).items()})
+        if self.refined is not None:
+            out.update({f"refined_{k}": v for k, v in self.refined.to_arrays().items()})
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "RobustPrior":
+        """The prior of :meth:`to_arrays`' arrays (a dict or an ``np.load(..., allow_pickle=False)`` file)."""
+        names = list(arrays.keys())
+        rbf = {k[4:]: arrays[k] for k in names if k.startswith("rbf_")}
+        refined = {k[8:]: arrays[k] for k in names if k.startswith("refined_")}
+        return cls(np.array(arrays["affine"], dtype=np.float64), _rbf_from_arrays(rbf) if rbf else None,
+                   float(arrays["inlier_rms_mm"]), float(arrays["search_radius_mm"]), int(arrays["n_candidates"]),
+                   int(arrays["n_stable"]), int(arrays["n_inliers"]), np.array(arrays["stable_source_lps"]),
+                   np.array(arrays["stable_target_lps"]), float(arrays["heldout_rms_mm"]),
+                   FeatureTransform.from_arrays(refined) if refined else None, str(arrays["initialisation"]))
+
+
+def save_prior(path, prior: RobustPrior) -> None:
+    """Write ``prior`` as an uncompressed ``.npz`` of plain arrays (see :meth:`RobustPrior.to_arrays`)."""
+    with open(path, "wb") as f:
+        np.savez(f, **prior.to_arrays())
+
+
+def load_prior(path) -> RobustPrior:
+    """The prior :func:`save_prior` wrote (no pickle is ever loaded)."""
+    with np.load(path, allow_pickle=False) as f:
+        return RobustPrior.from_arrays(f)
+
+
+#: The fitted state of a scipy ``RBFInterpolator`` (private since scipy 1.7, and in its pickle state since).
+_RBF_FITTED = ("_shift", "_scale", "_coeffs")
+
+
+def _rbf_arrays(rbf) -> dict[str, np.ndarray]:
+    """A thin-plate spline's data and settings, and its fitted coefficients, as plain arrays."""
+    from scipy.interpolate import RBFInterpolator
+
+    if not isinstance(rbf, RBFInterpolator) or rbf.neighbors is not None:
+        raise TypeError(f"only a global scipy RBFInterpolator can be stored, not {rbf!r}")
+    powers = np.asarray(rbf.powers)
+    out = {"y": np.asarray(rbf.y), "d": np.asarray(rbf.d).reshape(len(rbf.y), *rbf.d_shape),
+           "smoothing": np.asarray(rbf.smoothing), "kernel": np.str_(rbf.kernel), "epsilon": np.float64(rbf.epsilon),
+           "degree": np.int64(powers.sum(axis=1).max() if len(powers) else -1)}
+    out.update({name[1:]: np.asarray(getattr(rbf, name)) for name in _RBF_FITTED if hasattr(rbf, name)})
+    return out
+
+
+def _rbf_from_arrays(arrays: dict):
+    """The spline of :func:`_rbf_arrays`: fitted again from its data, then given the stored coefficients, so that
+    it predicts exactly what the writer's did (a refit is exact for one BLAS, not across thread counts or builds)."""
+    from scipy.interpolate import RBFInterpolator
+
+    rbf = RBFInterpolator(arrays["y"], arrays["d"], smoothing=arrays["smoothing"], kernel=str(arrays["kernel"]),
+                          epsilon=float(arrays["epsilon"]), degree=int(arrays["degree"]))
+    for name in _RBF_FITTED:
+        stored = arrays.get(name[1:])
+        if stored is not None and np.shape(getattr(rbf, name, None)) == stored.shape:
+            setattr(rbf, name, np.array(stored))
+    return rbf
+
 
 def parabolic_peak(values: np.ndarray, idx: tuple[int, int, int]) -> np.ndarray:
     """Sub-sample offset (along array axes k, j, i) of a peak by a 1D parabola per axis, in [-0.5, 0.5]."""
