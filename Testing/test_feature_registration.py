@@ -190,3 +190,16 @@ def test_refused_coarse_prior_is_refined_from_the_centres_of_mass(caplog):
     # Matching then answers with the refined transform, as for a prior fitted on stable points.
     out = Matcher(es, et, prior_config=PriorConfig(**strict)).match(pts[:2], with_raw=False)
     np.testing.assert_allclose([m.final.point_lps for m in out], prior.predict(pts[:2]))
+
+
+def test_constant_target_gets_a_refusal_not_a_crash():
+    from test_embedding import PoolModel
+
+    model = PoolModel()
+    src = blob_volume((40, 48, 56), seed=7)
+    flat = Volume(np.zeros_like(src.array), src.spacing, src.origin, src.direction)
+    es, et = embed_volume(model, src), embed_volume(model, flat)
+    with pytest.raises(ValueError, match="no foreground"):
+        foreground_centroid(et, RefineConfig())
+    with pytest.raises(ValueError, match="refining from the centres of mass failed too .*no foreground"):
+        fit_prior(es, et)

@@ -144,8 +144,11 @@ def sample_points(source: VolumeEmbedding, config: RefineConfig) -> np.ndarray:
 
 
 def foreground_centroid(emb: VolumeEmbedding, config: RefineConfig) -> np.ndarray:
-    """LPS centre of mass of the foreground voxels that :func:`sample_points` draws from."""
-    return emb.index_to_world(sample_points(emb, config)).mean(axis=0)
+    """LPS centre of mass of the foreground voxels that :func:`sample_points` draws from (ValueError if none)."""
+    points = sample_points(emb, config)
+    if not len(points):  # a constant image: no centre of mass to align
+        raise ValueError("feature registration: the image has no foreground (its valid region is constant)")
+    return emb.index_to_world(points).mean(axis=0)
 
 
 def _similarity(levels: list[_Features], yw: np.ndarray) -> tuple[float, np.ndarray]:

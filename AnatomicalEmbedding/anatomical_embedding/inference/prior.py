@@ -408,8 +408,8 @@ def fit_prior(source: VolumeEmbedding, target: VolumeEmbedding, config: PriorCon
         if config.refine is None:
             raise
         init = np.eye(4)
-        init[:3, 3] = foreground_centroid(target, config.refine) - foreground_centroid(source, config.refine)
         try:
+            init[:3, 3] = foreground_centroid(target, config.refine) - foreground_centroid(source, config.refine)
             refined = _refine(source, target, init, config)
         except ValueError as exc2:
             raise ValueError(f"{exc}; refining from the centres of mass failed too ({exc2})") from exc
