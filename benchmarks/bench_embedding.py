@@ -55,7 +55,7 @@ def one(cfg: dict) -> dict:
 
     torch.set_num_threads(threads)
     from anatomical_embedding.inference.backends import OnnxModel, TorchModel
-    from anatomical_embedding.inference.embedding import EmbedConfig, EmbeddingCache, embed_volume
+    from anatomical_embedding.inference.embedding import EmbedConfig, EmbeddingCache, coarse_window_kji, embed_volume
     from anatomical_embedding.io import Volume
     from anatomical_embedding.inference.matching import Matcher
     from anatomical_embedding.nets.aefm_unet import AEFMUNet
@@ -77,7 +77,7 @@ def one(cfg: dict) -> dict:
     ecfg = EmbedConfig(window=None if cfg.get("model_window") else (cfg["window"],) * 3,
                        dense_fine=bool(cfg.get("dense_fine")), coarse_from_dense=bool(cfg.get("dense_fine")))
     out = {"backend": model.backend, "device": model.device, "precision": precision, "shape_kji": shape,
-           "threads": threads, "window": int(model.patch_size[0]) if cfg.get("model_window") else cfg["window"]}
+           "threads": threads, "window": int(coarse_window_kji(model, ecfg)[0])}
     with tempfile.TemporaryDirectory() as tmp:
         cache = EmbeddingCache(tmp)
         t0 = time.perf_counter()
