@@ -563,6 +563,14 @@ class AnatomicalEmbeddingTest(ScriptedLoadableModuleTest):
         logic.finishJob(job)
         self.assertTrue(logic.isEmbedded(source["volume"]))
 
+        self.delayDisplay("Preparing the pair in the background (inside Slicer: embedding and prior in a child)")
+        job = logic.prepareCorrespondenceAsync(source["volume"], [target["volume"]], True, source["landmarks"])
+        while not job.done():
+            slicer.app.processEvents()
+            logic.yieldToWorker()
+        logic.finishJob(job)
+        self.assertTrue(logic.isPrepared(source["volume"], [target["volume"]], bothWays=True))
+
         self.delayDisplay("Click-to-correspond")
         clicks = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks")
         matches = logic.startClickToCorrespond(clicks, source["volume"], target["volume"])

@@ -203,14 +203,12 @@ def test_embedding_progresses_while_this_thread_holds_the_interpreter_lock(viewe
         assert wrote > hold - 0.01 and logic.model.calls > calls
 
 
-def test_cancel_terminates_the_child_and_leaves_nothing(viewer, package, mrml_scene, tmp_path):  # noqa: F811
-    """Cancel stops the child at once (from the main thread); no cache entry, no temporary volume file."""
-    logic = new_logic(viewer, package, tmp_path / "cache")
-    node = add_volume(mrml_scene, (64, 96, 96), seed=4)  # 75 windows: still embedding when cancelled
-    job = logic.embedVolumeAsync(node)
+def cancel_when(logic, job, message: str):
+    """Cancel ``job`` once its child runs and its message contains ``message``; check that it ends interrupted.
+    Returns the child (its process and work folder, for the caller's checks)."""
     child = wait_for_child(job)
     t_end = time.monotonic() + 60
-    while "window " not in job.message:  # the child has started computing
+    while message not in job.message:
         assert not job.done() and time.monotonic() < t_end
         time.sleep(0.002)
     assert child.workDir is not None and (child.workDir / "volume0.npz").is_file()
@@ -221,6 +219,15 @@ def test_cancel_terminates_the_child_and_leaves_nothing(viewer, package, mrml_sc
     with pytest.raises(InterruptedError):
         logic.finishJob(job)
     print(f"\ncancelled at '{job.message}'; job ended {latency * 1000:.0f} ms after Cancel")
+    return child
+
+
+def test_cancel_terminates_the_child_and_leaves_nothing(viewer, package, mrml_scene, tmp_path):  # noqa: F811
+    """Cancel stops the child at once (from the main thread); no cache entry, no temporary volume file."""
+    logic = new_logic(viewer, package, tmp_path / "cache")
+    node = add_volume(mrml_scene, (64, 96, 96), seed=4)  # 75 windows: still embedding when cancelled
+    job = logic.embedVolumeAsync(node)
+    child = cancel_when(logic, job, "window ")  # the child has started computing
     assert child.process.returncode < 0  # terminated by a signal, not finished
     assert not child.workDir.exists()
     assert coarse_files(tmp_path / "cache") == [] and list((tmp_path / "cache").glob("*/.*.tmp")) == []
@@ -434,18 +441,7 @@ def test_cancel_during_the_prior_stops_the_child(viewer, package, mrml_scene, tm
     target = add(mrml_scene, island_volume(radius=13.0, shift_mm=(6.0, -4.0, 2.0)), "island moved")
     logic = new_logic(viewer, package, tmp_path / "cache")
     job = logic.prepareCorrespondenceAsync(source, [target])
-    child = wait_for_child(job)
-    t_end = time.monotonic() + 60
-    while "fitting the robust prior" not in job.message:
-        assert not job.done() and time.monotonic() < t_end
-        time.sleep(0.002)
-    t0 = time.perf_counter()
-    job.cancel()
-    assert job.wait(timeout=30)
-    latency = time.perf_counter() - t0
-    with pytest.raises(InterruptedError):
-        logic.finishJob(job)
-    print(f"\ncancelled at '{job.message}'; job ended {latency * 1000:.0f} ms after Cancel")
+    child = cancel_when(logic, job, "fitting the robust prior")
     assert child.process.returncode < 0 and not child.workDir.exists()
     assert not logic.isPrepared(source, [target]) and list((tmp_path / "cache").glob("*/.*.tmp")) == []
 
