@@ -151,13 +151,16 @@ def test_embedding_progresses_while_this_thread_holds_the_interpreter_lock(viewe
     logic = new_logic(viewer, package, tmp_path / "cache", subprocess=in_child)
     # How long one embedding takes on this machine now (with the child's start-up), to size the hold.
     t0 = time.perf_counter()
-    warm = logic.embedVolumeAsync(add_volume(mrml_scene, seed=2))
+    # Several network windows per volume (the viewer's single pass uses 64^3 windows), so that the worker thread
+    # still has windows to run, and to report, after the hold.
+    shape = (64, 96, 112)
+    warm = logic.embedVolumeAsync(add_volume(mrml_scene, shape, seed=2))
     assert warm.wait(timeout=120)
     logic.finishJob(warm)
     job_seconds = time.perf_counter() - t0
     hold = 3 * job_seconds + 3
 
-    node = add_volume(mrml_scene, seed=3)
+    node = add_volume(mrml_scene, shape, seed=3)
     before = coarse_files(tmp_path / "cache")
     spinner = Spinner()
     spinner.start()
