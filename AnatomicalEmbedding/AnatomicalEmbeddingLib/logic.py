@@ -321,6 +321,7 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
                 emb = embed_volume(model, volume, cache, config)
             finally:
                 model.set_hook(None)
+            job.check()  # a Cancel during the last window (the whole pass, for a small volume) still cancels
             if key is not None and emb.key != key:
                 logging.warning("embedding %s: the separate process wrote cache entry %s, this process read %s "
                                 "(the coarse map was computed again here)", name, key[:12], emb.key[:12])
