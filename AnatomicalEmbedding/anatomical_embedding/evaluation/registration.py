@@ -44,12 +44,24 @@ class RegistrationResult:
         return np.array([self.transform.TransformPoint([float(v) for v in p]) for p in pts])
 
 
+#: The Hounsfield window CT images are clipped to before registration.
+CT_CLIP_HU = (-1000.0, 1500.0)
+
+
 def _prepare(volume: Volume, spacing: float):
     import SimpleITK as sitk
 
+    from anatomical_embedding.inference.defaults import guess_modality
+
     res = resample_to_spacing(volume, spacing)
-    # Clip HU so that metal/air extremes do not dominate the histogram.
-    return sitk.Cast(res.with_array(np.clip(res.array, -1000, 1500).astype(np.float32)).to_sitk(), sitk.sitkFloat32)
+    array = res.array.astype(np.float32)
+    # CT in HU: clip so that metal and the scanner's out-of-field values do not dominate the histogram. Any other
+    # image (MR, or a CT stored in other units) is left as it is: the HU window flattened headsq's skull (5 % of
+    # its voxels are above 1500) and the brightest 2 % of a 12-bit MR. Percentile clipping was tried instead and
+    # made the affine baseline worse on HU CT (bench_real intra-CT mean 6.2 against 2.9 mm).
+    if guess_modality(array) == "CT":
+        array = np.clip(array, *CT_CLIP_HU)
+    return sitk.Cast(res.with_array(array).to_sitk(), sitk.sitkFloat32)
 
 
 def _method(config: RegistrationConfig):
