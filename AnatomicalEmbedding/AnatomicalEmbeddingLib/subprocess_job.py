@@ -64,9 +64,7 @@ def cachedKey(volume, model, cache, config) -> Optional[str]:
 
     Cheap: one hash of the voxels and a few file checks (the prepared shape comes from the entry's meta.json).
     """
-    import numpy as np
-
-    from anatomical_embedding.inference.embedding import DENSE_FINE_MAX_BYTES, cache_key, image_hash
+    from anatomical_embedding.inference.embedding import cache_key, image_hash, reads_dense_map
 
     key = cache_key(image_hash(volume), model, config)
     entry = cache.entry_dir(key)
@@ -77,9 +75,8 @@ def cachedKey(volume, model, cache, config) -> Optional[str]:
             shape = json.loads((entry / "meta.json").read_text(encoding="utf-8"))["prepared_shape_kji"]
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        # (the rule of VolumeEmbedding.reads_dense: a map over its budget is never computed)
-        if 2 * int(model.fine_channels) * int(np.prod(shape)) <= DENSE_FINE_MAX_BYTES \
-                and not (entry / "fine_dense.npy").is_file():
+        # A map over its budget is never computed, so only one within it must be there.
+        if reads_dense_map(model, config, shape) and not (entry / "fine_dense.npy").is_file():
             return None
     return key
 

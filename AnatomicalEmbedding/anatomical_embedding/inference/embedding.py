@@ -709,7 +709,7 @@ class VolumeEmbedding:
     @property
     def reads_dense(self) -> bool:
         """Fine vectors come from the dense map (``EmbedConfig.dense_fine`` and the map within its budget)."""
-        return bool(self.config.dense_fine) and self.dense_fine_bytes <= DENSE_FINE_MAX_BYTES
+        return reads_dense_map(self.model, self.config, self.prepared.array.shape)
 
     def dense_fine(self) -> np.ndarray:
         """Fine map (C, K, J, I) float16 of the whole prepared grid from one sliding-window pass (memoised, and
@@ -838,11 +838,16 @@ def dense_fine_bytes(model: EmbeddingModel, shape_kji: Sequence[int]) -> int:
     return 2 * int(model.fine_channels) * int(np.prod(shape_kji))
 
 
+def reads_dense_map(model: EmbeddingModel, config: EmbedConfig, shape_kji: Sequence[int]) -> bool:
+    """A prepared grid of ``shape_kji`` keeps a dense fine map: ``config.dense_fine`` and the map within
+    ``DENSE_FINE_MAX_BYTES`` (:attr:`VolumeEmbedding.reads_dense`; the viewer's cache check uses it too)."""
+    return bool(config.dense_fine) and dense_fine_bytes(model, shape_kji) <= DENSE_FINE_MAX_BYTES
+
+
 def _one_pass(model: EmbeddingModel, config: EmbedConfig, shape_kji: Sequence[int]) -> bool:
-    """Coarse and dense fine maps from one sliding-window pass: the dense map is wanted and within its budget, and
-    the coarse map uses the same windows."""
-    return bool(config.dense_fine and config.coarse_from_dense) \
-        and dense_fine_bytes(model, shape_kji) <= DENSE_FINE_MAX_BYTES
+    """Coarse and dense fine maps from one sliding-window pass: the dense map is kept, and the coarse map uses the
+    same windows."""
+    return bool(config.coarse_from_dense) and reads_dense_map(model, config, shape_kji)
 
 
 def embed_volume(model: EmbeddingModel, volume: Volume, cache: EmbeddingCache | None = None,
