@@ -345,8 +345,9 @@ def main(argv=None) -> int:
               + ("peak RSS: the process so far (--smoke runs every configuration in one process). " if args.smoke else
                  "peak RSS: the configuration's own process. ")
               + ("Embedding with `EmbedConfig(dense_fine=True, coarse_from_dense=True)`: embed s includes the dense "
-                 "fine map (one sliding-window pass of 64^3 windows makes both maps), prior fit s the robust prior's dense refinement, and no click computes a "
-                 "fine tile (cold = the first click at a point). " if args.dense_fine else "")
+                 "fine map (one sliding-window pass of 64^3 windows makes both maps), prior fit s the robust prior's "
+                 "dense refinement, and no click computes a fine tile (cold = the first click at a point). "
+                 if args.dense_fine else "")
               + "Cold clicks compute fine tiles, warm clicks reuse them. Warming: the background computation of "
               "the clicked points' likely tiles (`Matcher.likely_tiles`), as the viewer runs it after preparing a "
               "pair; then each point's first click is timed.",

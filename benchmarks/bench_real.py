@@ -602,8 +602,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="fine vectors from canonical tiles on demand (EmbedConfig.dense_fine off); by default, as in "
                          "the viewer and `match`, each image's dense fine map is part of its embedding")
     ap.add_argument("--no-coarse-from-dense", action="store_true",
-                    help="coarse maps from their own pass at the model's patch size (EmbedConfig.coarse_from_dense off); "
-                         "by default, as in the viewer and `match`, the dense pass's coarse outputs are the coarse map")
+                    help="coarse maps from their own pass at the model's patch size (EmbedConfig.coarse_from_dense "
+                         "off); by default, as in the viewer and `match`, the dense pass's coarse outputs are the "
+                         "coarse map")
     ap.add_argument("--transforms", type=int, default=3, help="known transforms per volume (default 3)")
     ap.add_argument("--points", type=int, default=40, help="structure points per volume and transform (default 40)")
     ap.add_argument("--only", nargs="+", help="only these volumes (names as in real.md; cross pairs need theirs)")
@@ -692,13 +693,14 @@ def main(argv: list[str] | None = None) -> int:
         log.info("quick AEFM: %s steps in %.0f s", quick["steps"], quick["train_s"])
         model_paths.append(("quick-aefm", run))
     models = []
+    one_pass = not (args.no_dense_fine or args.no_coarse_from_dense)  # EmbedConfig.coarse_from_dense
     for label, path in model_paths:
         model = open_model(path, device=args.device)
         shared: dict = {}
         # min_size 8 (engine default 16): the 40 mm DICOM slab and the 60 mm abdominal MR are 10 and 15 voxels thick
         # at 4 mm; prepare_volume pads them to the size multiple.
         cfg = EmbedConfig(fine_tile=args.fine_tile, min_size=8, dense_fine=not args.no_dense_fine,
-                          coarse_from_dense=not (args.no_dense_fine or args.no_coarse_from_dense))
+                          coarse_from_dense=one_pass)
         only = None if (args.all_modalities or label == "quick-aefm") else model.card.get("modality")
         methods += [ModelMethod(label, model, v, shared, cfg, only) for v in ModelMethod.VARIANTS]
         models.append({"label": label, "path": str(path), "method": model.card.get("method"),
@@ -742,7 +744,7 @@ def main(argv: list[str] | None = None) -> int:
                    "min_distance_mm": 20.0, "fov_margin_mm": 10.0, "body_erosion_mm": 6.0,
                    "contrast_sigma_mm": 4.0, "registration": REG_CONFIG, "fine_tile": args.fine_tile,
                    "embed_min_size": 8, "dense_fine": not args.no_dense_fine,
-                   "coarse_from_dense": not (args.no_dense_fine or args.no_coarse_from_dense)},
+                   "coarse_from_dense": one_pass},
         "methods": names, "models": models, "quick_aefm": quick,
         "summary": summarise(records, names),
         "volumes": [{"name": c.name, "modality": c.modality, "path": c.path, "shape_ijk": list(c.volume.shape_ijk),
