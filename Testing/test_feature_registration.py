@@ -12,8 +12,7 @@ from anatomical_embedding.inference.backends import TorchModel
 from anatomical_embedding.inference.embedding import EmbedConfig, embed_volume, trilinear
 from anatomical_embedding.inference.feature_registration import (
     RefineConfig, _Features, _membrane, _similarity, channels_last, deformable_objective, foreground_centroid,
-    projected_trilinear,
-    refine_transform, world_to_index_matrix)
+    projected_trilinear, refine_transform, world_to_index_matrix)
 from anatomical_embedding.inference.matching import Matcher
 from anatomical_embedding.io import Volume
 from anatomical_embedding.inference.prior import PriorConfig, fit_prior

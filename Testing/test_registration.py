@@ -52,7 +52,7 @@ def test_registration_is_reproducible_and_refuses_the_wall_clock_seed():
 
 def test_images_outside_the_hu_range_keep_their_contrast():
     # A 12-bit MR or a CT stored in other units lies partly or wholly above 1500: the former fixed HU clip made
-    # this pair's voxels one constant, so nothing could be registered. The clip is by percentiles now.
+    # this pair's voxels one constant, so nothing could be registered. Only CT in Hounsfield units is clipped now.
     src, tgt, pts, truth = _pair()
     shifted = [Volume(v.array + 4000.0, v.spacing, v.origin, v.direction) for v in (src, tgt)]
     result = register_affine(*shifted, RegistrationConfig(spacing=3.0))

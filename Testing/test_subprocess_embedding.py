@@ -228,7 +228,8 @@ def cancel_when(logic, job, message: str):
 def test_cancel_terminates_the_child_and_leaves_nothing(viewer, package, mrml_scene, tmp_path):  # noqa: F811
     """Cancel stops the child at once (from the main thread); no cache entry, no temporary volume file."""
     logic = new_logic(viewer, package, tmp_path / "cache")
-    node = add_volume(mrml_scene, (64, 96, 96), seed=4)  # 75 windows: still embedding when cancelled
+    # 18 windows of 64^3 (the viewer's single pass): still embedding when cancelled after the first.
+    node = add_volume(mrml_scene, (96, 160, 160), seed=4)
     job = logic.embedVolumeAsync(node)
     child = cancel_when(logic, job, "window ")  # the child has started computing
     assert child.process.returncode < 0  # terminated by a signal, not finished
