@@ -153,6 +153,7 @@ def test_invalid_fewshot_arguments_are_refused(extra, text, package, images, tmp
     (["--top-k", "0"], "--top-k=0 is out of range; valid: >= 1"),
     (["--top-k", "-2"], "--top-k=-2 is out of range"),
     (["--cache-budget-gb", "-1"], "--cache-budget-gb=-1.0 is out of range; valid: >= 0.0"),
+    (["--max-window-voxels", "100"], "--max-window-voxels=100 is out of range; valid: >= 4096"),
 ])
 def test_invalid_match_arguments_are_refused(extra, text, package, images, tmp_path, capsys):
     """match --top-k 0 (or negative), --cache-budget-gb -1 -> exit 2 naming the argument and the valid range."""

@@ -4,6 +4,7 @@ Apache-2.0 example CT under a known transform) better than identical coordinates
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,23 @@ def test_embed_without_model_uses_the_shipped_default(tmp_path, caplog, capsys):
     assert "shipped default CT model default_ct.aemodel" in caplog.text
     card = json.loads(str(np.load(tmp_path / "e.npz")["card"]))
     assert card["modality"] == "CT" and card["training_data"]["sources"]
+
+
+def test_embed_max_window_voxels_fits_the_windows_to_the_image(tmp_path, caplog):
+    from anatomical_embedding.cli import main
+
+    caplog.set_level("INFO", logger="anatomical_embedding")
+    maps = {}
+    for n in ("0", str(128 ** 3)):
+        caplog.clear()
+        assert main(["embed", "--image", str(CROP), "--no-cache", "--max-window-voxels", n,
+                     "--out", str(tmp_path / f"e{n}.npz")]) == 0
+        windows = re.search(r"from (\d+) windows of \[(\d+), (\d+), (\d+)\]", caplog.text)
+        maps[n] = (int(windows.group(1)), [int(v) for v in windows.group(2, 3, 4)],
+                   np.load(tmp_path / f"e{n}.npz")["coarse"])
+    (cubes, cube, coarse), (fitted, window, fitted_coarse) = maps["0"], maps[str(128 ** 3)]
+    assert cube == [32, 32, 32] and cubes > 1  # the model's patch size
+    assert fitted == 1 and window != cube and coarse.shape == fitted_coarse.shape  # the crop in one window
 
 
 def test_dense_refinement_beats_the_coarse_prior_on_the_real_pair(tmp_path):

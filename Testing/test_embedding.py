@@ -1,6 +1,8 @@
 """Dense embedding of volumes: sliding window, fine tiles, 2D, cache keys and eviction, clear errors."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -86,6 +88,59 @@ def test_sliding_window_equals_global_for_local_features():
     k, j, i = prepared.shape
     direct = model._features(prepared.reshape(k // 8, 8, j // 8, 8, i // 8, 8).mean(axis=(1, 3, 5)))
     np.testing.assert_allclose(emb.coarse, direct, atol=2e-3)  # float16 storage
+
+
+def _processed_voxels(shape, window, overlap=0.25, m=16) -> int:
+    return int(np.prod([len(window_starts(s, int(w), overlap, m)) * int(w) for s, w in zip(shape, window)]))
+
+
+@pytest.mark.parametrize("shape, cube, budget", [
+    ((304, 512, 512), 96, 128 ** 3),  # a 512x512x300 CT at 1 mm: 75 windows of 128^3 instead of 320 cubes of 96
+    ((96, 80, 96), 64, 128 ** 3),  # a CT at 4 mm: the whole image in one window
+    ((16, 256, 256), 96, 128 ** 3),  # a slab thinner than the cube
+    ((256, 176, 144), 96, 160 ** 3),
+    ((80, 80, 80), 96, 32 ** 3),  # budget below the cube: the cube
+])
+def test_fitted_window_processes_the_fewest_voxels_within_its_budget(shape, cube, budget):
+    from anatomical_embedding.inference.embedding import fit_window_kji
+
+    win = fit_window_kji(shape, (cube,) * 3, 0.25, 16, budget)
+    base = np.minimum(cube, shape)
+    assert np.all(win % 16 == 0) and np.all(win >= base) and np.all(win <= shape)
+    assert np.prod(win) <= max(budget, np.prod(base))
+    # Exhaustive search over every allowed window shape (sides multiples of 16 from the cube's to the axis).
+    sides = [range(int(b), int(s) + 1, 16) for b, s in zip(base, shape)]
+    allowed = [w for w in itertools.product(*sides) if np.prod(w) <= max(budget, np.prod(base))]
+    assert _processed_voxels(shape, win) == min(_processed_voxels(shape, w) for w in allowed)
+    assert _processed_voxels(shape, win) <= _processed_voxels(shape, base)
+    if shape == (304, 512, 512):
+        assert win.tolist() == [128, 128, 128] and _processed_voxels(shape, win) < _processed_voxels(shape, base) / 1.75
+    if shape in ((96, 80, 96), (16, 256, 256)):
+        assert win.tolist() == list(shape)
+
+
+def test_fitted_windows_blend_to_the_global_map_and_change_the_cache_key(cache):
+    from anatomical_embedding.inference.embedding import coarse_window_kji, embedding_window_count
+
+    model = PoolModel()
+    vol = blob_volume((72, 40, 56))  # padded to (80, 48, 64): windows of unequal sides
+    config = EmbedConfig(window=(32, 32, 32), max_window_voxels=48 * 48 * 32)
+    calls = _counting(model)
+    emb = embed_volume(model, vol, cache, config)
+    win = coarse_window_kji(model, config, emb.prepared.array.shape)
+    assert len(set(win.tolist())) > 1 and np.prod(win) <= config.max_window_voxels
+    n = len(calls)
+    assert n == emb.timings["windows"] == embedding_window_count(model, vol, config) > 1
+    cubes = embed_volume(model, vol, cache, EmbedConfig(window=(32, 32, 32)))
+    assert len(calls) - n > n  # the cubes' pass ran more windows
+    prepared = emb.prepared.array
+    k, j, i = prepared.shape
+    direct = model._features(prepared.reshape(k // 8, 8, j // 8, 8, i // 8, 8).mean(axis=(1, 3, 5)))
+    np.testing.assert_allclose(emb.coarse, direct, atol=2e-3)
+    np.testing.assert_allclose(emb.coarse, cubes.coarse, atol=2e-3)
+    # Another layout is another map for a real network: its own cache entry; cubes keep their old key.
+    assert emb.key != cubes.key
+    assert "max_window_voxels" not in EmbedConfig().key()
 
 
 def test_fine_block_assembles_tiles_exactly():

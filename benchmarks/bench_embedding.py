@@ -75,14 +75,17 @@ def one(cfg: dict) -> dict:
     tgt = Volume(arr, spacing=spacing, origin=(7.0, -5.0, 3.0))
     # --model: the package's own window (its card's patch size), as the CLI and the viewer use it.
     ecfg = EmbedConfig(window=None if cfg.get("model_window") else (cfg["window"],) * 3,
-                       dense_fine=bool(cfg.get("dense_fine")), coarse_from_dense=bool(cfg.get("dense_fine")))
+                       dense_fine=bool(cfg.get("dense_fine")), coarse_from_dense=bool(cfg.get("dense_fine")),
+                       max_window_voxels=int(cfg.get("max_window_voxels", 0)))
     out = {"backend": model.backend, "device": model.device, "precision": precision, "shape_kji": shape,
-           "threads": threads, "window": int(coarse_window_kji(model, ecfg)[0])}
+           "threads": threads, "max_window_voxels": ecfg.max_window_voxels}
     with tempfile.TemporaryDirectory() as tmp:
         cache = EmbeddingCache(tmp)
         t0 = time.perf_counter()
         s = embed_volume(model, src, cache, ecfg)
         out["embed_s"] = time.perf_counter() - t0
+        win = coarse_window_kji(model, ecfg, s.prepared.array.shape)
+        out["window"] = int(win[0]) if len(set(win.tolist())) == 1 else "x".join(str(int(v)) for v in win)
         out["stages_s"] = {k: round(v, 3) for k, v in s.timings.items()}  # where the time went
         out["windows"] = int(s.timings.get("windows", 0))
         t0 = time.perf_counter()
@@ -203,6 +206,9 @@ def main(argv=None) -> int:
                     help="embed with EmbedConfig(dense_fine=True, coarse_from_dense=True), as the viewer and `match` "
                          "do (one pass makes the coarse and the dense fine map): the embedding "
                          "includes each volume's dense fine map and clicks compute no fine tile")
+    ap.add_argument("--max-window-voxels", type=int, default=0,
+                    help="EmbedConfig.max_window_voxels: windows fitted to each volume, up to this many voxels "
+                         "(2097152 = 128^3, for example); default 0, cubes of the window")
     ap.add_argument("--name", default="embedding", help="results file name (default embedding: OUT/embedding.md)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -260,7 +266,8 @@ def main(argv=None) -> int:
         for backend, device, precision in runs:
             cfg = {"backend": backend, "device": device, "packages": packages, "net": net, "threads": args.threads,
                    "shape_kji": shape, "window": window, "clicks": clicks if shape == shapes[0] else 0,
-                   "precision": precision, "dense_fine": args.dense_fine, **({"model_window": True, "volume_spacing": [0.75, 0.75, 1.5]}
+                   "precision": precision, "dense_fine": args.dense_fine,
+                   "max_window_voxels": args.max_window_voxels, **({"model_window": True, "volume_spacing": [0.75, 0.75, 1.5]}
                                               if args.model else {})}
             print(f"running {backend} {precision} on {device}, {shape} ...", flush=True)
             t0 = time.perf_counter()
@@ -308,6 +315,8 @@ def main(argv=None) -> int:
         mode += f" --model {args.model}"
     if args.dense_fine:
         mode += " --dense-fine"
+    if args.max_window_voxels:
+        mode += f" --max-window-voxels {args.max_window_voxels}"
     if args.name != "embedding":
         mode += f" --name {args.name}"
     meta = machine_description(args.threads)
@@ -348,6 +357,9 @@ def main(argv=None) -> int:
                  "fine map (one sliding-window pass of 64^3 windows makes both maps), prior fit s the robust prior's "
                  "dense refinement, and no click computes a fine tile (cold = the first click at a point). "
                  if args.dense_fine else "")
+              + (f"Windows fitted to each volume (`EmbedConfig.max_window_voxels={args.max_window_voxels}`): the "
+                 "window column is the fitted window (one side when all are equal, else k x j x i), chosen to process "
+                 "the fewest voxels at the same overlap. " if args.max_window_voxels else "")
               + "Cold clicks compute fine tiles, warm clicks reuse them. Warming: the background computation of "
               "the clicked points' likely tiles (`Matcher.likely_tiles`), as the viewer runs it after preparing a "
               "pair; then each point's first click is timed.",

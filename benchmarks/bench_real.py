@@ -559,12 +559,18 @@ def write_report(result: dict, out: Path) -> None:
     if result["models"]:
         dense = result["config"].get("dense_fine", False)
         one_pass = result["config"].get("coarse_from_dense", False)
+        fitted = result["config"].get("max_window_voxels", 0)
         lines += ["", (f"Embedding: `EmbedConfig(fine_tile={result['config'].get('fine_tile', 32)}, min_size=8, "
-                       f"dense_fine={dense}, coarse_from_dense={one_pass})` (min_size 8 so that the 40 mm DICOM "
+                       f"dense_fine={dense}, coarse_from_dense={one_pass}"
+                       + (f", max_window_voxels={fitted}" if fitted else "")
+                       + ")` (min_size 8 so that the 40 mm DICOM "
                        "slab and the 60 mm abdominal MR, 10 and 15 voxels thick at 4 mm, are accepted and padded). "
                        + (("Each image's embedding is its coarse map and its dense fine map, "
-                           + ("both from one sliding-window pass of 64^3 windows (the coarse map is the dense pass's "
-                              "coarse output)" if one_pass else "one sliding-window pass each")
+                           + (("both from one sliding-window pass of "
+                               + (f"windows fitted to the image (at least 64 voxels a side, at most {fitted} voxels)"
+                                  if fitted else "64^3 windows")
+                               + " (the coarse map is the dense pass's coarse output)") if one_pass
+                              else "one sliding-window pass each")
                            + ", as the viewer and `match` embed; both are charged to every pair that uses the "
                            "image, and no variant computes fine tiles. ") if dense else
                           "Fine tiles are computed on demand (32 voxels, fewer forward passes than the engine's 16 "
@@ -605,6 +611,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="coarse maps from their own pass at the model's patch size (EmbedConfig.coarse_from_dense "
                          "off); by default, as in the viewer and `match`, the dense pass's coarse outputs are the "
                          "coarse map")
+    ap.add_argument("--max-window-voxels", type=int, default=0,
+                    help="EmbedConfig.max_window_voxels: windows fitted to each image, up to this many voxels "
+                         "(default 0: cubes of the model's window, as the viewer and `match` embed)")
     ap.add_argument("--transforms", type=int, default=3, help="known transforms per volume (default 3)")
     ap.add_argument("--points", type=int, default=40, help="structure points per volume and transform (default 40)")
     ap.add_argument("--only", nargs="+", help="only these volumes (names as in real.md; cross pairs need theirs)")
@@ -700,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
         # min_size 8 (engine default 16): the 40 mm DICOM slab and the 60 mm abdominal MR are 10 and 15 voxels thick
         # at 4 mm; prepare_volume pads them to the size multiple.
         cfg = EmbedConfig(fine_tile=args.fine_tile, min_size=8, dense_fine=not args.no_dense_fine,
-                          coarse_from_dense=one_pass)
+                          coarse_from_dense=one_pass, max_window_voxels=args.max_window_voxels)
         only = None if (args.all_modalities or label == "quick-aefm") else model.card.get("modality")
         methods += [ModelMethod(label, model, v, shared, cfg, only) for v in ModelMethod.VARIANTS]
         models.append({"label": label, "path": str(path), "method": model.card.get("method"),
@@ -744,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
                    "min_distance_mm": 20.0, "fov_margin_mm": 10.0, "body_erosion_mm": 6.0,
                    "contrast_sigma_mm": 4.0, "registration": REG_CONFIG, "fine_tile": args.fine_tile,
                    "embed_min_size": 8, "dense_fine": not args.no_dense_fine,
-                   "coarse_from_dense": one_pass},
+                   "coarse_from_dense": one_pass, "max_window_voxels": args.max_window_voxels},
         "methods": names, "models": models, "quick_aefm": quick,
         "summary": summarise(records, names),
         "volumes": [{"name": c.name, "modality": c.modality, "path": c.path, "shape_ijk": list(c.volume.shape_ijk),

@@ -31,6 +31,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     p.add_argument("--replace-nonfinite", action="store_true",
                    help="set NaN/infinite voxels to the image minimum (default: refuse such images)")
+    p.add_argument("--max-window-voxels", type=int, default=0, metavar="N",
+                   help="fit each image's sliding windows, up to N voxels each, so the network processes fewer "
+                        "voxels (e.g. 2097152 = 128^3: 1.7x faster for a published-size model on a 512x512x300 "
+                        "CT); default 0: cubes of the model's patch size, as in the papers")
 
 
 def register(subparsers) -> None:
@@ -83,6 +87,8 @@ def _check_model_args(args) -> None:
     from anatomical_embedding.io.settings import in_range
 
     in_range(args.cache_budget_gb, "--cache-budget-gb", 0.0)
+    if args.max_window_voxels:
+        in_range(args.max_window_voxels, "--max-window-voxels", 16 ** 3)
 
 
 def _open(args, image):
@@ -96,7 +102,7 @@ def _open(args, image):
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from anatomical_embedding.inference.embedding import embed_volume
+    from anatomical_embedding.inference.embedding import EmbedConfig, embed_volume
     from anatomical_embedding.io import atomic_write, read_image
     from anatomical_embedding.io.outputs import check_outputs
 
@@ -105,7 +111,7 @@ def _embed(args: argparse.Namespace) -> int:
     vol = read_image(args.image, replace_nonfinite=args.replace_nonfinite)
     model, cache = _open(args, vol)
     t0 = time.perf_counter()
-    emb = embed_volume(model, vol, cache)
+    emb = embed_volume(model, vol, cache, EmbedConfig(max_window_voxels=args.max_window_voxels))
     dt = time.perf_counter() - t0
     print(f"embedded {args.image}: coarse map {emb.coarse.shape} in {dt:.2f} s ({model.backend}, {model!r})")
     if cache is not None:
@@ -195,7 +201,8 @@ def _match(args: argparse.Namespace) -> int:
     model, cache = _open(args, source)
     prior = None if args.no_prior else PriorConfig(refine=None) if args.no_refine else PriorConfig()
     # The refinement reads dense fine maps of both images: matching then reads them too (no fine tiles).
-    config = EmbedConfig.dense() if prior is not None and prior.refine is not None else EmbedConfig()
+    dense = prior is not None and prior.refine is not None
+    config = (EmbedConfig.dense if dense else EmbedConfig)(max_window_voxels=args.max_window_voxels)
     t0 = time.perf_counter()
     src = embed_volume(model, source, cache, config)
     tgt = embed_volume(model, target, cache, config)
