@@ -407,8 +407,11 @@ def test_refused_prior_reaches_the_matcher_as_in_process(viewer, package, mrml_s
     print(f"\nrefused in the child: {matcher._prior_error}")
 
 
-def test_no_child_for_a_cached_volume(viewer, package, mrml_scene, tmp_path):  # noqa: F811
-    """A volume whose coarse and dense fine maps are in the disk cache is read in the worker: no child starts."""
+def test_no_child_for_a_cached_volume(viewer, package, mrml_scene, tmp_path, monkeypatch):  # noqa: F811
+    """A volume whose coarse and dense fine maps are in the disk cache is read in the worker: no child starts, and
+    its voxels are hashed once for the cache check and the read."""
+    from anatomical_embedding.inference import embedding
+
     node = add_volume(mrml_scene, seed=8)
     logic = new_logic(viewer, package, tmp_path / "cache")
     job = logic.embedVolumeAsync(node)
@@ -417,11 +420,14 @@ def test_no_child_for_a_cached_volume(viewer, package, mrml_scene, tmp_path):  #
     assert job.process is not None and (tmp_path / "cache" / logic.embedding(node).key / "fine_dense.npy").is_file()
 
     again = new_logic(viewer, package, tmp_path / "cache")
+    hashed, image_hash = [], embedding.image_hash
+    monkeypatch.setattr(embedding, "image_hash", lambda volume: hashed.append(1) or image_hash(volume))
     job = again.embedVolumeAsync(node)
     messages = relay_messages(job)
     assert job.wait(timeout=60)
     again.finishJob(job)
     assert job.process is None and again.model.calls == 0 and again.isEmbedded(node)
+    assert len(hashed) == 1
     assert not any("separate process" in m for m in messages)
     cached_seconds = job.seconds
     # Preparing without a prior needs no child either; a missing dense fine map does.

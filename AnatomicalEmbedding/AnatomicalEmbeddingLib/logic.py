@@ -271,12 +271,15 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _childStage(job: BackgroundJob, make: Callable[..., EmbeddingProcess], volumes: list, names: list,
-                    priors: list, model, cache, config) -> Optional[ChildResult]:
+                    priors: list, model, cache, config, digests: Optional[list] = None) -> Optional[ChildResult]:
         """Worker: run the child for ``volumes`` and the ``priors`` pairs; without priors, only for the volumes
         whose embedding is not in the disk cache yet, and no child at all when every one is (a cache read here is
-        cheaper than starting one). Returns what it computed (keys in the order of the volumes it got), or None."""
+        cheaper than starting one). Returns what it computed (keys in the order of the volumes it got), or None.
+        ``digests``: the volumes' ``image_hash`` when the caller has them."""
         if not priors:
-            missing = [n for n, v in enumerate(volumes) if cachedKey(v, model, cache, config) is None]
+            digests = digests or [None] * len(volumes)
+            missing = [n for n, (v, d) in enumerate(zip(volumes, digests)) if cachedKey(v, model, cache, config, d)
+                       is None]
             if not missing:
                 return None
             volumes, names = [volumes[n] for n in missing], [names[n] for n in missing]
@@ -296,7 +299,7 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         when the caller has read it already.
         """
         from anatomical_embedding import mrml
-        from anatomical_embedding.inference.embedding import embedding_window_count, embed_volume
+        from anatomical_embedding.inference.embedding import embedding_window_count, embed_volume, image_hash
 
         model = self._requireModel()
         volume = mrml.node_to_volume(volumeNode) if volume is None else volume
@@ -313,12 +316,13 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
 
         def work():
             key = None
+            digest = image_hash(volume)  # once: the cache check and the embedding share it
             if make is not None:  # it writes the coarse map to the cache, read below (no network run here)
-                result = self._childStage(job, make, [volume], [name], [], model, cache, config)
+                result = self._childStage(job, make, [volume], [name], [], model, cache, config, [digest])
                 key = result.keys[0] if result is not None else None
             model.set_hook(hook)
             try:
-                emb = embed_volume(model, volume, cache, config)
+                emb = embed_volume(model, volume, cache, config, image_digest=digest)
             finally:
                 model.set_hook(None)
             job.check()  # a Cancel during the last window (the whole pass, for a small volume) still cancels

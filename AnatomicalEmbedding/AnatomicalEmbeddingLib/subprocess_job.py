@@ -58,15 +58,16 @@ def pythonExecutable() -> str:
     return slicer_python(getattr(getattr(slicer, "app", None), "slicerHome", None))
 
 
-def cachedKey(volume, model, cache, config) -> Optional[str]:
+def cachedKey(volume, model, cache, config, digest: Optional[str] = None) -> Optional[str]:
     """The volume's cache key when its coarse map, and its dense fine map when ``config.dense_fine`` keeps one, are
     in ``cache`` (embedding it is then a cache read, no child needed); None otherwise.
 
-    Cheap: one hash of the voxels and a few file checks (the prepared shape comes from the entry's meta.json).
+    Cheap: one hash of the voxels (none when ``digest``, its ``image_hash``, is given) and a few file checks (the
+    prepared shape comes from the entry's meta.json).
     """
     from anatomical_embedding.inference.embedding import cache_key, image_hash, reads_dense_map
 
-    key = cache_key(image_hash(volume), model, config)
+    key = cache_key(digest or image_hash(volume), model, config)
     entry = cache.entry_dir(key)
     if not (entry / "coarse.npy").is_file():
         return None
@@ -370,7 +371,7 @@ def main(argv: Optional[list] = None) -> int:
 
         from anatomical_embedding.inference.backends import open_model
         from anatomical_embedding.inference.embedding import EmbedConfig, EmbeddingCache, embedding_window_count, \
-            embed_volume
+            embed_volume, image_hash
         from anatomical_embedding.io import Volume
 
         volumes = []
@@ -384,14 +385,15 @@ def main(argv: Optional[list] = None) -> int:
         pairs = [(int(i), int(j)) for i, j in args.prior]
         if any(not 0 <= n < len(volumes) for pair in pairs for n in pair):
             raise ValueError(f"--prior indices must name --volume arguments (0 to {len(volumes) - 1})")
-        windows = [0 if cachedKey(v, model, cache, config) else embedding_window_count(model, v, config)
-                   for v in volumes]
+        digests = [image_hash(v) for v in volumes]  # once per volume: the cache check and the embedding share it
+        windows = [0 if cachedKey(v, model, cache, config, d) else embedding_window_count(model, v, config)
+                   for v, d in zip(volumes, digests)]
         progress = _Progress(windows, len(pairs))
         counting = _CountingModel(model, progress)
         embs = []
         for n, volume in enumerate(volumes):
             counting.start(n)
-            embs.append(embed_volume(counting, volume, cache, config))
+            embs.append(embed_volume(counting, volume, cache, config, image_digest=digests[n]))
         _fitPriors(embs, pairs, progress, pathlib.Path(args.out))
     except Exception as exc:  # noqa: BLE001 - one line for the parent, the traceback on stderr
         traceback.print_exc()  # stderr: the parent logs it

@@ -901,8 +901,11 @@ def _one_pass(model: EmbeddingModel, config: EmbedConfig, shape_kji: Sequence[in
 
 
 def embed_volume(model: EmbeddingModel, volume: Volume, cache: EmbeddingCache | None = None,
-                 config: EmbedConfig | None = None) -> VolumeEmbedding:
-    """Embed ``volume``: coarse map for the whole volume (from the cache when possible), fine on demand."""
+                 config: EmbedConfig | None = None, image_digest: str | None = None) -> VolumeEmbedding:
+    """Embed ``volume``: coarse map for the whole volume (from the cache when possible), fine on demand.
+
+    ``image_digest``: ``image_hash(volume)`` when the caller has computed it already (hashing a 512x512x300 CT
+    takes about 0.15 s)."""
     config = config or EmbedConfig()
     timings: dict[str, float] = {}
     with _timed(timings, "checks_s"):
@@ -912,7 +915,7 @@ def embed_volume(model: EmbeddingModel, volume: Volume, cache: EmbeddingCache | 
     with _timed(timings, "prepare_s"):  # reorientation, resampling, intensity preset, padding
         prepared, start, size = prepare_volume(model, volume, config)
     with _timed(timings, "hash_s"):
-        key = cache_key(image_hash(volume), model, config)
+        key = cache_key(image_digest or image_hash(volume), model, config)
     with _timed(timings, "cache_read_s"):
         coarse = cache.load_coarse(key) if cache is not None else None
     if coarse is not None:
