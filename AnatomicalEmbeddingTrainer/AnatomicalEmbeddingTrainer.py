@@ -78,6 +78,8 @@ class AnatomicalEmbeddingTrainerParameterNode:
     device, gpus, numProcesses - where to train: GPUs as CUDA_VISIBLE_DEVICES ("0,1"), processes > 1 use torchrun.
     batchSize, learningRate, epochs, maxSteps, patchSize - key hyperparameters (paper defaults; epochs 0 = the
         method's default, maxSteps > 0 overrides epochs; patch size "i,j,k" for methods that have one).
+    maxSeconds - time limit of a run in seconds (train.max_seconds; 0 = none): it stops with a checkpoint and
+        Resume continues it.
     advancedSettings - any other setting as TOML ([train] / [method] tables), applied last.
     exportModel - export and register the model package when training finishes (pretraining only).
     initFromDirectory, finetuneMode - method "finetune": the pretraining run to start from and how
@@ -99,6 +101,7 @@ class AnatomicalEmbeddingTrainerParameterNode:
     learningRate: float = 1e-4
     epochs: Annotated[int, WithinRange(0, 1000000)] = 0
     maxSteps: Annotated[int, WithinRange(0, 100000000)] = 0
+    maxSeconds: Annotated[float, WithinRange(0.0, 1e9)] = 0.0
     patchSize: str = "96,96,96"
     advancedSettings: str = ""
     exportModel: bool = True

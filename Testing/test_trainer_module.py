@@ -84,7 +84,8 @@ def test_gui_defaults_are_the_engine_and_method_defaults(trainer):
     assert logic.availableMethods() == available_methods() + ["finetune"]
     assert logic.defaultHyperparameters("finetune")["learningRate"] == 1e-4  # the finetune recipe (Adam 1e-4)
     defaults = logic.defaultHyperparameters("aefm")
-    assert defaults == {"batchSize": 2, "learningRate": 1e-4, "epochs": 0, "maxSteps": 0, "patchSize": "96,96,96"}
+    assert defaults == {"batchSize": 2, "learningRate": 1e-4, "epochs": 0, "maxSteps": 0, "maxSeconds": 0.0,
+                        "patchSize": "96,96,96"}
     cls = trainer.AnatomicalEmbeddingTrainerParameterNode
     assert {k: getattr(cls, k) for k in defaults} == defaults
     p = make_params(trainer, batchSize=7, patchSize="16,16,16")
@@ -129,7 +130,7 @@ def test_command_line_from_the_parameter_node(trainer, tmp_path):
 
     logic = trainer.AnatomicalEmbeddingTrainerLogic()
     p = make_params(trainer, dataDirectory=tmp_path / "data", runDirectory=tmp_path / "run", batchSize=4,
-                    learningRate=3e-4, maxSteps=50, patchSize="64, 64, 32", device="cpu",
+                    learningRate=3e-4, maxSteps=50, maxSeconds=600.0, patchSize="64, 64, 32", device="cpu",
                     advancedSettings="[train]\nwarmup_steps = 5\n[method]\nn_pos = 123\n")
     logic.setMethod(p, "aefm")
     argv = logic.buildCommand(p)
@@ -138,6 +139,7 @@ def test_command_line_from_the_parameter_node(trainer, tmp_path):
     cfg = train.resolve_config(args)
     assert cfg.method == "aefm" and Path(args.data) == tmp_path / "data" and Path(args.out) == tmp_path / "run"
     assert (cfg.train.batch_size, cfg.train.lr, cfg.train.max_steps, cfg.train.device) == (4, 3e-4, 50, "cpu")
+    assert cfg.train.max_seconds == 600.0
     assert cfg.train.warmup_steps == 5 and cfg.train.progress_bar is False
     assert cfg.method_config.patch_size == (64, 64, 32) and cfg.method_config.n_pos == 123
     assert Path(args.export) == tmp_path / "run" / "run.aemodel" and args.labels is None

@@ -198,3 +198,21 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(small_data, tmp_p
         got = load_checkpoint(run / "checkpoints" / "last.pt")
         assert got["step"] == 6 and _same_weights(got["model"], expected["model"]), run.name
         _all_readable(run)
+
+
+def test_max_seconds_stops_with_a_checkpoint_and_resume_finishes(small_data, tmp_path):
+    """train.max_seconds: the step under way finishes, a checkpoint is saved, the run ends as a stop (130) well
+    before max_steps; --resume with the budget lifted finishes the run from that step."""
+    import json
+
+    run = tmp_path / "run"
+    cfg = load_run_config("aefm", None, SMALL + ["train.max_steps=400", "train.ckpt_every=400", "train.max_seconds=0.5"])
+    assert Trainer(cfg, small_data, run, echo_progress=False).run() == 130
+    events = [json.loads(x) for x in (run / "progress.jsonl").read_text().splitlines() if x.startswith("{")]
+    stopped = [e for e in events if e["event"] == "stopped"]
+    assert len(stopped) == 1 and stopped[0]["signal"] == "TIME_LIMIT"
+    step = stopped[0]["step"]
+    assert 1 <= step < 400 and load_checkpoint(run / "checkpoints" / "last.pt")["step"] == step
+    finish = load_run_config("aefm", None, SMALL + ["train.max_steps=" + str(step + 2), "train.ckpt_every=400"])
+    assert Trainer(finish, small_data, run, resume=True, echo_progress=False).run() == 0
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == step + 2

@@ -120,6 +120,33 @@ def test_ui_parses_with_module_widget_on_top(module):
     widgets(root)  # names unique
 
 
+def overlapping_cells(root: ET.Element) -> list[str]:
+    """Items of one grid or form layout that claim the same cell: Qt keeps the first and leaves the other
+    widget out of the layout (a form row that never shows)."""
+    clashes = []
+    for layout in root.iter("layout"):
+        if layout.get("class") not in ("QGridLayout", "QFormLayout"):
+            continue
+        taken: dict[tuple[int, int], str] = {}
+        for item in layout.findall("item"):
+            if item.get("row") is None:
+                continue
+            child = next((c for c in item if c.tag in ("widget", "layout", "spacer")), None)
+            name = child.get("name", "?") if child is not None else "?"
+            row, col = int(item.get("row")), int(item.get("column", 0))
+            for r in range(row, row + int(item.get("rowspan", 1))):
+                for c in range(col, col + int(item.get("colspan", 1))):
+                    if (r, c) in taken:
+                        clashes.append(f"{layout.get('name')}: {name} and {taken[(r, c)]} both at row {r}, column {c}")
+                    taken.setdefault((r, c), name)
+    return clashes
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_layout_cells_are_not_shared(module):
+    assert overlapping_cells(ui_tree(module)) == []
+
+
 @pytest.mark.parametrize("module", MODULES)
 def test_custom_widgets_are_declared(module):
     root = ui_tree(module)

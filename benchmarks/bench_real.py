@@ -44,9 +44,7 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -358,7 +356,7 @@ class ModelMethod(Method):
 def train_quick_aefm(cases: list[Case], seconds: float, work: Path, threads: int, spacing: float = 4.0
                      ) -> tuple[Path, dict]:
     """The tests' small AEFM (32^3 patches) at ``spacing`` mm, preset mri_percentile, on the original volumes,
-    stopped after ``seconds`` (the engine's SIGINT handling: finish the step, checkpoint, stop)."""
+    stopped after ``seconds`` (``train.max_seconds``: finish the step, checkpoint, stop)."""
     sys.path.insert(0, str(ROOT / "Testing"))
     from anatomical_embedding.io import write_image
     from anatomical_embedding.training.config import load_run_config
@@ -384,10 +382,11 @@ def train_quick_aefm(cases: list[Case], seconds: float, work: Path, threads: int
         entries.append({"id": c.name, "image": str(p)})
     manifest = work / "quick_aefm_train.json"
     manifest.write_text(json.dumps({"cases": entries}), encoding="utf-8")
-    steps = max(30, int(seconds / 0.5))  # about 0.3-0.6 s per step on two cores; the timer stops it anyway
+    steps = max(30, int(seconds / 0.5))  # about 0.3-0.6 s per step on two cores; train.max_seconds stops it anyway
     overrides = [*TINY_AEFM_OVERRIDES, "method.widths=[8,16,32,64]", f"method.spacing=[{spacing},{spacing},{spacing}]",
                  'method.preset="mri_percentile"',
-                 f"train.max_steps={steps}", f"train.ckpt_every={steps}", "train.progress_bar=true",
+                 f"train.max_steps={steps}", f"train.ckpt_every={steps}", f"train.max_seconds={seconds}",
+                 "train.progress_bar=true",
                  f"train.threads={threads}"]
     run = work / "quick_aefm"
     t0 = time.perf_counter()
@@ -400,13 +399,7 @@ def train_quick_aefm(cases: list[Case], seconds: float, work: Path, threads: int
         return run, {"train_s": round(max(times) - min(times), 1) if times else None, "spacing_mm": spacing,
                      "planned_steps": steps, "steps": step, "exit_code": None, "reused": True,
                      "cases": [c.name for c in cases], "overrides": overrides}
-    timer = threading.Timer(seconds, lambda: os.kill(os.getpid(), signal.SIGINT))  # the trainer checkpoints and stops
-    timer.daemon = True
-    timer.start()
-    try:
-        rc = Trainer(load_run_config("aefm", None, overrides), manifest, run).run()
-    finally:
-        timer.cancel()
+    rc = Trainer(load_run_config("aefm", None, overrides), manifest, run).run()
     train_s = time.perf_counter() - t0
     step = None
     progress = run / "progress.jsonl"

@@ -10,7 +10,8 @@ import slicer
 #: Choice needs a fixed list. It is kept as a plain parameter of the same parameter node.
 METHOD_PARAMETER = "Method"
 #: Parameter-node field -> engine setting, for the key hyperparameters shown in the GUI.
-TRAIN_FIELDS = {"batchSize": "batch_size", "learningRate": "lr", "epochs": "epochs", "maxSteps": "max_steps"}
+TRAIN_FIELDS = {"batchSize": "batch_size", "learningRate": "lr", "epochs": "epochs", "maxSteps": "max_steps",
+                "maxSeconds": "max_seconds"}
 #: The training entry point, run as a subprocess (it stays next to the module file).
 TRAIN_SCRIPT = pathlib.Path(__file__).resolve().parent / "train.py"
 

@@ -31,6 +31,9 @@ class TrainConfig:
     batch_size: int = ranged(2, 1)  # global batch (patch pairs per step), split evenly over DDP ranks
     epochs: int = ranged(0, 0)  # 0: the method's default (AEFM: 500 + 200)
     max_steps: int = ranged(0, 0)  # > 0 overrides epochs; 0 = use epochs (negative is refused)
+    # Wall-clock budget of this run in seconds, set-up included: the step under way finishes, a checkpoint is saved
+    # and the run ends as a stop (exit 130; --resume continues, with its own budget). 0 = no limit.
+    max_seconds: float = ranged(0.0, 0.0)
     optimizer: str = "adamw"  # adamw | adam | sgd
     lr: float = ranged(1e-4, 0.0)
     weight_decay: float = ranged(1e-5, 0.0)

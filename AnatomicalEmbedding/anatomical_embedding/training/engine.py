@@ -171,6 +171,7 @@ class Trainer:
         from anatomical_embedding.data.datasets import DatasetSpec, build_dataset
         from anatomical_embedding.methods import get_method
 
+        run_t0 = time.perf_counter()  # train.max_seconds counts from here
         tc = self.cfg.train
         if tc.amp not in ("auto", "bf16", "fp16", "none"):
             raise ValueError(f"train.amp must be auto, bf16, fp16 or none, got {tc.amp!r}")
@@ -381,6 +382,8 @@ class Trainer:
                         last_metric = eval_metrics[tc.best_metric]
                 if stop.signal is None and stop_path.exists():  # the stop file (every platform)
                     stop.signal = "STOP_FILE"
+                if stop.signal is None and tc.max_seconds and time.perf_counter() - run_t0 >= tc.max_seconds:
+                    stop.signal = "TIME_LIMIT"  # train.max_seconds
                 stop_now = self._agree_stop(stop, dist_info)
                 if step == total and method.calibration_samples > 0:
                     n_cal = self._calibrate(method, stream, total * tc.batch_size, tc.batch_size // dist_info.world_size,

@@ -12,8 +12,9 @@ One JSON object per line; every line has ``"event"`` and ``"time"`` (Unix second
 * ``{"event": "eval", "step": int, "metrics": {name: float}, "seconds": float}`` — methods with a validation
   hook (``Method.evaluate``, e.g. finetuning's ``val_dice``), every ``eval_every`` steps and at the end.
 * ``{"event": "done", "step": int, "run_dir": str}``
-* ``{"event": "stopped", "step": int, "signal": str, "checkpoint": str}`` — SIGINT/SIGTERM: a checkpoint
-  was saved, the process exits with code 130; resume with ``--resume``.
+* ``{"event": "stopped", "step": int, "signal": str, "checkpoint": str}`` — SIGINT/SIGTERM, the stop file
+  (``STOP_FILE``) or ``train.max_seconds`` (``TIME_LIMIT``): a checkpoint was saved, the process exits with code
+  130; resume with ``--resume``.
 * ``{"event": "error", "message": str}``
 
 Lines that do not start with ``{`` (e.g. logging on stderr) are not part of the protocol.
