@@ -134,6 +134,8 @@ class AnatomicalEmbeddingParameterNode:
     fewShotCases - table of (volume, segmentation) training cases; fewShotVolume/fewShotSegmentation
         pick the case to add; segmentVolume is segmented into outputSegmentation; headPath saves the head.
     phantomSeed - random seed of the synthetic phantom pair.
+    fitWindows - embed in sliding windows fitted to each image (EmbedConfig.max_window_voxels; opt-in, faster for
+        large models, changes the maps).
     """
 
     modelPath: pathlib.Path
@@ -157,6 +159,7 @@ class AnatomicalEmbeddingParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     headPath: pathlib.Path
     phantomSeed: Annotated[int, WithinRange(0, 1000000)] = 0
+    fitWindows: bool = False
 
 
 # The logic lives in AnatomicalEmbeddingLib; it wraps the scene's parameter node with the class declared here.
@@ -261,6 +264,7 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if p is None:
             return
         self.logic.lowConfidence = p.lowConfidenceThreshold
+        self.logic.setFitWindows(p.fitWindows)
         self.logic.setHeatmapOpacity(p.heatmapVolume, p.heatmapOpacity if p.showHeatmap else 0.0)
         self.ui.modelCardLabel.setText(self.logic.modelCardText())
         active = self.logic.clickToCorrespondNodes()
@@ -562,6 +566,10 @@ class AnatomicalEmbeddingTest(ScriptedLoadableModuleTest):
             logic.yieldToWorker()  # the widget's poll timer does the same (no longer hidden by a long sleep)
         logic.finishJob(job)
         self.assertTrue(logic.isEmbedded(source["volume"]))
+        # "Fit sliding windows": another embedding configuration, so the embedding in memory is no longer used.
+        logic.setFitWindows(True)
+        self.assertFalse(logic.isEmbedded(source["volume"]))
+        logic.setFitWindows(False)
 
         self.delayDisplay("Preparing the pair in the background (inside Slicer: embedding and prior in a child)")
         job = logic.prepareCorrespondenceAsync(source["volume"], [target["volume"]], True, source["landmarks"])

@@ -334,7 +334,7 @@ def test_parameter_node_survives_scene_save_and_reload(viewer, mrml_app, mrml_sc
               "heatmapVolume": target["volume"], "lowConfidenceThreshold": 0.35, "resultsTable": table,
               "fewShotCases": cases, "fewShotVolume": source["volume"], "fewShotSegmentation": source["segmentation"],
               "segmentVolume": target["volume"], "outputSegmentation": target["segmentation"],
-              "headPath": pathlib.Path("/heads/organs.aehead"), "phantomSeed": 42}
+              "headPath": pathlib.Path("/heads/organs.aehead"), "phantomSeed": 42, "fitWindows": True}
     assert set(values) == set(viewer.AnatomicalEmbeddingParameterNode.fields)  # every field is exercised
     for name, value in values.items():
         setattr(p, name, value)
@@ -664,6 +664,28 @@ def test_model_card_and_background_cancel(viewer, logic, mrml_scene, pair, tmp_p
     with pytest.raises(InterruptedError):
         fresh.embedVolume(source["volume"], progress=lambda f, msg: seen.append(msg) or False)
     assert len(seen) == 1 and "window 1/" in seen[0] and not fresh.isEmbedded(source["volume"])
+
+
+def test_fit_windows_switch_changes_the_embedding_config_and_drops_old_embeddings(viewer, logic, mrml_scene, pair):
+    """'Fit sliding windows': the next embedding uses fitted windows (another cache entry); embeddings and matchers
+    made with the other setting are not used; switching back reads the first entry from the disk cache."""
+    source, target = load_pair(mrml_scene, pair)
+    cubes = logic.embedding(source["volume"])
+    logic.matcher(source["volume"], target["volume"])
+    assert cubes.config.max_window_voxels == 0
+    logic.setFitWindows(True)
+    assert not logic.isEmbedded(source["volume"]) and not logic._matchers
+    fitted = logic.embedding(source["volume"])
+    assert fitted.config.max_window_voxels == sys.modules["AnatomicalEmbeddingLib.logic"].FIT_WINDOW_VOXELS
+    assert fitted.key != cubes.key and fitted.config == logic.embedConfig
+    logic.setFitWindows(True)  # no change: nothing dropped
+    assert logic.isEmbedded(source["volume"])
+    logic.setFitWindows(False)
+    again = logic.embedding(source["volume"])
+    assert again.key == cubes.key and "network_s" not in again.timings  # a cache read
+    # An embedding stored by a job that started before the switch is not taken for a current one.
+    logic._embeddings[source["volume"].GetID()] = (logic._stamp(source["volume"]), fitted)
+    assert not logic.isEmbedded(source["volume"])
 
 
 def test_few_shot_flow(viewer, logic, mrml_scene, pair):

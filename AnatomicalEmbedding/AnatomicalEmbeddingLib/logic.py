@@ -22,6 +22,9 @@ from AnatomicalEmbeddingLib.views import HEATMAP_ATTRIBUTE
 #: likely clicks); bigger ones only around the likely clicks. 512 tiles of 32^3 voxels are a 256^3 volume at the
 #: model spacing: minutes of background work for a big network on a CPU, and within the disk cache's budget.
 DEFAULT_MAX_PRECOMPUTED_TILES = 512
+#: Window budget of "Fit sliding windows" (EmbedConfig.max_window_voxels): 128^3, the benchmarked setting
+#: (benchmarks/results/embedding_fitted_windows.md).
+FIT_WINDOW_VOXELS = 128 ** 3
 
 #: GUI backend names (the parameter node's ``backend`` choices) -> engine backend names (``backends.open_model``).
 ENGINE_BACKEND = {"ONNX Runtime": "onnxruntime", "torch": "torch"}
@@ -217,6 +220,17 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         """Main thread: collect a finished job (re-raises its error or InterruptedError) and apply its result."""
         return self._jobs.finish(job)
 
+    def setFitWindows(self, on: bool) -> None:
+        """Embed in sliding windows fitted to each image (``EmbedConfig.max_window_voxels`` = ``FIT_WINDOW_VOXELS``)
+        or in cubes (the default). A change drops the embeddings and matchers in memory (another configuration
+        makes other maps; the disk cache keeps both)."""
+        import dataclasses
+
+        config = dataclasses.replace(self.embedConfig, max_window_voxels=FIT_WINDOW_VOXELS if on else 0)
+        if config != self.embedConfig:
+            self.forgetScene()
+            self.embedConfig = config
+
     def forgetScene(self) -> None:
         """Drop in-memory embeddings and matchers (scene closed); the disk cache stays."""
         self.cancelWarming()
@@ -243,7 +257,8 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
 
     def isEmbedded(self, volumeNode) -> bool:
         entry = self._embeddings.get(volumeNode.GetID()) if volumeNode is not None else None
-        return entry is not None and entry[0] == self._stamp(volumeNode)
+        # A job started before the embedding settings changed may store an embedding made with the old ones.
+        return entry is not None and entry[0] == self._stamp(volumeNode) and entry[1].config == self.embedConfig
 
     def embedding(self, volumeNode):
         """The embedding of a volume node, computed (blocking) when needed."""
