@@ -171,6 +171,10 @@ def test_config_dataclasses_declare_ranges():
         FewShotConfig(batch_size=0)
     with pytest.raises(ValueError, match="top_k=0"):
         MatchConfig(top_k=0)
+    from anatomical_embedding.inference.embedding import EmbedConfig
+
+    with pytest.raises(ValueError, match="max_window_voxels=-5 is out of range"):
+        EmbedConfig(max_window_voxels=-5)
 
 
 # ---- 4. outputs checked before the work -------------------------------------------------------------

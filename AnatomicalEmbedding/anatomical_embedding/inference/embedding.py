@@ -39,6 +39,7 @@ import numpy as np
 from anatomical_embedding.inference.backends import EmbeddingModel
 from anatomical_embedding.io import Volume, check_finite, reorient_to_canonical, resample_to_spacing
 from anatomical_embedding.io.intensity import intensity_warnings
+from anatomical_embedding.io.settings import check_ranges, ranged
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,10 @@ class EmbedConfig:
     #: 512x512x300 CT at 1 mm takes 75 windows of 128^3 (2^21 voxels) instead of 320 cubes of 96^3. Off by default:
     #: the shipped models, trained on 32^3 patches, match worse without the prior with larger windows (real-data
     #: benchmark, intra-subject MR 34.3 against 21.8 mm; the robust prior's errors were unchanged). 0: cubes.
-    max_window_voxels: int = 0
+    max_window_voxels: int = ranged(0, 0)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "")
 
     @classmethod
     def dense(cls, **changes) -> "EmbedConfig":
