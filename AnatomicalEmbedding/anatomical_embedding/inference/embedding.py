@@ -909,7 +909,7 @@ def embed_volume(model: EmbeddingModel, volume: Volume, cache: EmbeddingCache | 
     """Embed ``volume``: coarse map for the whole volume (from the cache when possible), fine on demand.
 
     ``image_digest``: ``image_hash(volume)`` when the caller has computed it already (hashing a 512x512x300 CT
-    takes about 0.15 s)."""
+    takes 0.2-0.3 s: the hash column of benchmarks/results/embedding_fitted_windows.md)."""
     config = config or EmbedConfig()
     timings: dict[str, float] = {}
     with _timed(timings, "checks_s"):
