@@ -156,14 +156,14 @@ def test_invalid_fewshot_arguments_are_refused(extra, text, package, images, tmp
     (["--max-window-voxels", "100"], "--max-window-voxels=100 is out of range; valid: >= 4096"),
 ])
 def test_invalid_match_arguments_are_refused(extra, text, package, images, tmp_path, capsys):
-    """match --top-k 0 (or negative), --cache-budget-gb -1 -> exit 2 naming the argument and the valid range."""
+    """match --top-k 0 (or negative), --cache-budget-gb -1, --max-window-voxels 100 -> exit 2 naming the argument and the valid range."""
     assert main(_match_args(package, images, tmp_path, *extra)) == 2
     err = _err(capsys)
     assert text in err and "prior" not in err
 
 
 def test_config_dataclasses_declare_ranges():
-    """A FewShotConfig or MatchConfig built in code with a bad value -> ValueError naming the field."""
+    """A FewShotConfig, MatchConfig or EmbedConfig built in code with a bad value -> ValueError naming the field."""
     from anatomical_embedding.fewshot.head import FewShotConfig
     from anatomical_embedding.inference.matching import MatchConfig
 
