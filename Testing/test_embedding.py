@@ -204,7 +204,7 @@ def test_coarse_from_dense_makes_both_maps_in_one_pass_of_the_dense_windows(cach
     config = EmbedConfig(dense_fine=True, coarse_from_dense=True)
     calls = _counting(model)
     emb = embed_volume(model, vol, cache, config)
-    win = dense_window_kji(model, config)
+    win = dense_window_kji(model, config, emb.prepared.array.shape)
     n = len(calls)
     coarse, fine = sliding_window(model, emb.prepared.array, win, want_fine=True)
     del calls[n:]

@@ -281,9 +281,10 @@ def fit_window_kji(shape_kji: Sequence[int], window_kji: Sequence[int], overlap:
                 axis.append((w, cost))
                 best = cost
         options.append(axis)
+    budget = max(int(max_voxels), int(np.prod(base)))
     chosen, best_key = base, None
     for (wk, ck), (wj, cj), (wi, ci) in itertools.product(*options):
-        if wk * wj * wi > max(int(max_voxels), int(np.prod(base))):
+        if wk * wj * wi > budget:
             continue
         key = (ck * cj * ci, wk * wj * wi)  # fewest voxels processed, then the smaller window (memory)
         if best_key is None or key < best_key:
@@ -866,20 +867,19 @@ def window_kji(model: EmbeddingModel, config: EmbedConfig) -> np.ndarray:
     return (-(-window // model.size_multiple) * model.size_multiple)[::-1]
 
 
-def _fitted(model: EmbeddingModel, config: EmbedConfig, cube_kji: np.ndarray,
-            shape_kji: Sequence[int] | None) -> np.ndarray:
-    if not config.max_window_voxels or shape_kji is None:
+def _fitted(model: EmbeddingModel, config: EmbedConfig, cube_kji: np.ndarray, shape_kji: Sequence[int]) -> np.ndarray:
+    if not config.max_window_voxels:
         return cube_kji
     return fit_window_kji(shape_kji, cube_kji, config.overlap, model.size_multiple, config.max_window_voxels)
 
 
-def dense_window_kji(model: EmbeddingModel, config: EmbedConfig, shape_kji: Sequence[int] | None = None) -> np.ndarray:
+def dense_window_kji(model: EmbeddingModel, config: EmbedConfig, shape_kji: Sequence[int]) -> np.ndarray:
     """The dense fine pass's window (k, j, i): :func:`window_kji`, at least ``DENSE_FINE_WINDOW`` per axis; fitted to a
     prepared grid of ``shape_kji`` with ``config.max_window_voxels``."""
     return _fitted(model, config, np.maximum(window_kji(model, config), DENSE_FINE_WINDOW), shape_kji)
 
 
-def coarse_window_kji(model: EmbeddingModel, config: EmbedConfig, shape_kji: Sequence[int] | None = None) -> np.ndarray:
+def coarse_window_kji(model: EmbeddingModel, config: EmbedConfig, shape_kji: Sequence[int]) -> np.ndarray:
     """The coarse map's window (k, j, i): the dense pass's with ``config.coarse_from_dense``, else :func:`window_kji`;
     fitted to a prepared grid of ``shape_kji`` with ``config.max_window_voxels``."""
     if config.coarse_from_dense:
