@@ -100,6 +100,9 @@ def test_damaged_or_mismatched_packages_are_refused(package, tmp_path):
 
 def test_open_model_dispatch_and_errors(package, tmp_path):
     assert open_model(package).backend == "onnxruntime"
+    # A thread count reaches ONNX Runtime's session (it ignores OMP_NUM_THREADS, so a benchmark's "--threads 1"
+    # used to run the network on every core).
+    assert open_model(package, threads=1).session.get_session_options().intra_op_num_threads == 1
     with pytest.raises(ValueError, match="training run directory"):
         open_model(package, backend="torch")
     with pytest.raises(FileNotFoundError):

@@ -11,8 +11,9 @@ from test_embedding import CARD, blob_volume, tiny_aefm
 from anatomical_embedding.inference.backends import TorchModel
 from anatomical_embedding.inference.embedding import EmbedConfig, embed_volume, trilinear
 from anatomical_embedding.inference.feature_registration import (
-    RefineConfig, _Features, _membrane, _similarity, channels_last, deformable_objective, foreground_centroid,
-    projected_trilinear, refine_transform, world_to_index_matrix)
+    RefineConfig, _Features, _membrane, _similarity, capture_rows, channels_last, deformable_objective,
+    foreground_centroid, projected_trilinear, refine_transform, sample_points, world_to_index_matrix)
+from anatomical_embedding.inference import feature_registration
 from anatomical_embedding.inference.matching import Matcher
 from anatomical_embedding.io import Volume
 from anatomical_embedding.inference.prior import PriorConfig, fit_prior
@@ -135,6 +136,28 @@ def test_refinement_recovers_a_known_shift_better_than_the_coarse_prior(shifted_
     assert err < 0.1 * err_coarse and err < 0.05, (err, err_coarse)
     assert refined.similarity >= refined.affine_similarity - 1e-3
     assert refined.summary()["grid"] is not None
+
+
+def test_capture_stage_fits_a_seeded_subset_and_still_recovers_the_shift(shifted_pair, monkeypatch):
+    es, et, shift = shifted_pair
+    config = RefineConfig(capture_points=400)
+    n = len(sample_points(es, config))
+    assert n > 1000  # else the subset would be the whole sample and the test would prove nothing
+    rows = capture_rows(n, config)
+    assert len(rows) == 400 and np.all(np.diff(rows) > 0) and np.array_equal(rows, capture_rows(n, config))
+    assert capture_rows(n, RefineConfig(capture_points=None)) is None and capture_rows(300, config) is None
+    sizes = []
+    real_stage = feature_registration._fit_affine_stage
+    monkeypatch.setattr(feature_registration, "_fit_affine_stage",
+                        lambda levels, x, *a: sizes.append((len(x), [len(lv.query) for lv in levels])) or
+                        real_stage(levels, x, *a))
+    coarse = fit_prior(es, et, PriorConfig(refine=None))
+    refined = refine_transform(es, et, coarse.affine, config)
+    # The first (capture) stage sees the subset, on both levels; the second the whole sample.
+    assert sizes == [(400, [400, 400]), (n, [n])]
+    pts = es.index_to_world(np.argwhere(np.ones((4, 4, 4))) * 6.0 + [20.0, 8.0, 8.0])
+    err = np.linalg.norm(refined.predict(pts) - (pts + shift), axis=1).mean()
+    assert err < 0.05, err
 
 
 def test_wide_model_skips_the_refinement_and_keeps_the_coarse_prior(shifted_pair, caplog):

@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     elif not model_path:
         run, pretrain_s = tiny_aefm(cohort, [s.id for s in pool], work)  # never sees the test cases
         model_path = str(run)
-    model = open_model(model_path, device=args.device)
+    model = open_model(model_path, device=args.device, threads=args.threads)
     names = {v: n for v, n in cohort.label_names.items() if v != 0}
     images = [read_image(s.image_path) for s in pool]
     labels = [read_labelmap(s.label_path)[0] for s in pool]

@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     images = [read_image(f["image"]) for f in files]
     labels = [read_labelmap(f["label"])[0] for f in files]
     model_path = default_model_path("MR")
-    model = open_model(model_path, backend="onnxruntime")
+    model = open_model(model_path, backend="onnxruntime", threads=args.threads)
     config = FewShotConfig()
     samples = [case_samples(model, images[i], labels[i], NAMES, config, i) for i in range(len(files))]
     spacing = float(np.max(model.spacing))

@@ -697,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
     models = []
     one_pass = not (args.no_dense_fine or args.no_coarse_from_dense)  # EmbedConfig.coarse_from_dense
     for label, path in model_paths:
-        model = open_model(path, device=args.device)
+        model = open_model(path, device=args.device, threads=args.threads)
         shared: dict = {}
         # min_size 8 (engine default 16): the 40 mm DICOM slab and the 60 mm abdominal MR are 10 and 15 voxels thick
         # at 4 mm; prepare_volume pads them to the size multiple.

@@ -346,11 +346,13 @@ def is_run_dir(path: Path) -> bool:
 
 
 def open_model(path: str | os.PathLike, backend: str = "auto", device: str = "auto",
-               checkpoint: str = "last") -> EmbeddingModel:
+               checkpoint: str = "last", threads: int | None = None) -> EmbeddingModel:
     """Open a ``.aemodel`` package (ONNX Runtime, or torch is not possible) or a run directory (torch).
 
     ``backend``: ``auto`` (package -> onnxruntime, run dir -> torch), ``onnxruntime``/``onnx`` or ``torch``.
     A run directory can only be served by torch; export it first for onnxruntime.
+    ``threads``: ONNX Runtime's intra-op threads (``None``: its default, one per physical core; it ignores
+    ``OMP_NUM_THREADS``). torch takes its threads from ``torch.set_num_threads`` instead.
     """
     p = Path(path)
     if not p.exists():
@@ -364,4 +366,4 @@ def open_model(path: str | os.PathLike, backend: str = "auto", device: str = "au
         return TorchModel.from_run(p, checkpoint=checkpoint, device=device)
     if backend == "torch":
         raise ValueError(f"{p} is an ONNX package; the torch backend needs the training run directory")
-    return OnnxModel(p, device=device)
+    return OnnxModel(p, device=device, threads=threads)

@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 class RefineConfig:
     #: Source voxels sampled (foreground of the valid region, seeded).
     max_points: int = 20000
+    #: The first affine stage (the capture, which moves furthest) uses an even, seeded subset of this many of
+    #: them; ``None``: all. Ours, not SAME's: on 36 intra-subject real pairs (18 CT, 18 MR) 5000 points there gave
+    #: the same mean errors as 20000 (1.537 vs 1.541 mm CT, 0.656 vs 0.655 mm MR) with matching 22-33 %
+    #: faster; 2500 cost 0.03 mm on MR.
+    capture_points: int | None = 5000
     #: (coarse, fine) weights of the similarity in each affine stage, run in turn (0: level unused). The coarse
     #: level widens the capture range from the prior; the fine level alone is the more precise (the coarse
     #: map's 8-voxel cells bias it).
@@ -143,6 +148,15 @@ def sample_points(source: VolumeEmbedding, config: RefineConfig) -> np.ndarray:
     return kji[:, ::-1].astype(np.float64) + a
 
 
+def capture_rows(n: int, config: RefineConfig) -> np.ndarray | None:
+    """Rows of the first affine stage among ``n`` sample points: an even, seeded subset of
+    ``config.capture_points`` in their original (memory-friendly) order, or ``None`` for all of them."""
+    k = config.capture_points
+    if k is None or k >= n:
+        return None
+    return np.sort(np.random.default_rng([config.seed, 2]).choice(n, k, replace=False))
+
+
 def foreground_centroid(emb: VolumeEmbedding, config: RefineConfig) -> np.ndarray:
     """LPS centre of mass of the foreground voxels that :func:`sample_points` draws from (ValueError if none)."""
     points = sample_points(emb, config)
@@ -209,30 +223,30 @@ class FeatureTransform:
                    float(arrays["similarity"]), float(arrays["affine_similarity"]))
 
 
-def _grid_corners(shape: tuple[int, ...], c: np.ndarray) -> tuple:
-    """The 8 (corner indices (N, 3), weights (N,)) of trilinear interpolation at grid coordinates c (N, 3) on a
-    grid of ``shape`` (clamped to it): shared by :meth:`FeatureTransform.predict` and the deformable fit's
-    gather and scatter."""
+def _grid_corners(shape: tuple[int, ...], c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Trilinear interpolation at grid coordinates c (N, 3) on a grid of ``shape`` (clamped to it): the flat
+    (C-order) node index (8, N) and weight (8, N) of each corner. One layout serves
+    :meth:`FeatureTransform.predict` and the deformable fit's gather and scatter."""
     shape = np.asarray(shape)
     c = np.clip(c, 0, shape - 1)
-    i0 = np.minimum(np.floor(c).astype(int), np.maximum(shape - 2, 0))
+    i0 = np.minimum(np.floor(c).astype(np.intp), np.maximum(shape - 2, 0))
     f = c - i0
-    corners = []
+    nodes, weights = [], []
     for dx in (0, 1):
         for dy in (0, 1):
             for dz in (0, 1):
                 idx = np.minimum(i0 + [dx, dy, dz], shape - 1)
-                w = (f[:, 0] if dx else 1 - f[:, 0]) * (f[:, 1] if dy else 1 - f[:, 1]) * (f[:, 2] if dz else 1 - f[:, 2])
-                corners.append((idx, w))
-    return tuple(corners)
+                nodes.append(np.ravel_multi_index(idx.T, tuple(shape)))
+                weights.append((f[:, 0] if dx else 1 - f[:, 0]) * (f[:, 1] if dy else 1 - f[:, 1])
+                               * (f[:, 2] if dz else 1 - f[:, 2]))
+    return np.stack(nodes), np.stack(weights)
 
 
-def _gather(disp: np.ndarray, corners: tuple) -> np.ndarray:
+def _gather(disp: np.ndarray, corners: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """Trilinear displacement (N, 3) of the grid ``disp`` (Nx, Ny, Nz, 3) at the points of ``corners``."""
-    out = np.zeros((len(corners[0][1]), 3))
-    for idx, w in corners:
-        out += w[:, None] * disp[idx[:, 0], idx[:, 1], idx[:, 2]]
-    return out
+    nodes, weights = corners
+    values = np.take(disp.reshape(-1, 3), nodes.ravel(), axis=0).reshape(*nodes.shape, 3)
+    return np.einsum("kn,knc->nc", weights, values)
 
 
 def _membrane(disp: np.ndarray) -> tuple[float, np.ndarray]:
@@ -255,8 +269,9 @@ def _membrane(disp: np.ndarray) -> tuple[float, np.ndarray]:
 
 
 def _levels(source: VolumeEmbedding, target: VolumeEmbedding, src_ijk: np.ndarray,
-            weights: tuple[float, float], cache: dict) -> list[_Features]:
-    """The weighted levels of one stage (feature volumes built once per level and reused)."""
+            weights: tuple[float, float], cache: dict, rows: np.ndarray | None = None) -> list[_Features]:
+    """The weighted levels of one stage (feature volumes built once per level and reused), on the sample
+    points ``rows`` of ``src_ijk`` (``None``: all)."""
     out = []
     for name, w in zip(("coarse", "fine"), weights):
         if w <= 0:
@@ -264,7 +279,7 @@ def _levels(source: VolumeEmbedding, target: VolumeEmbedding, src_ijk: np.ndarra
         if name not in cache:
             cache[name] = (_coarse_level if name == "coarse" else _fine_level)(source, target, src_ijk, 1.0)
         f = cache[name]
-        out.append(_Features(f.grid, f.to_grid, f.query, float(w)))
+        out.append(_Features(f.grid, f.to_grid, f.query if rows is None else f.query[rows], float(w)))
     return out
 
 
@@ -299,15 +314,14 @@ def deformable_objective(levels: list[_Features], x: np.ndarray, y_affine: np.nd
     shape = tuple(int(n) for n in np.maximum(np.ceil((hi - lo) / step).astype(int) + 1, 2))
     corners = _grid_corners(shape, (x - lo) / step)
     # The gradient's scatter onto the grid nodes: one weighted bincount per component (np.add.at is ~10x slower).
-    nodes = np.concatenate([np.ravel_multi_index(idx.T, shape) for idx, _ in corners])
-    weights = np.concatenate([w for _, w in corners])
+    nodes, weights = corners[0].ravel(), corners[1].ravel()
     n_nodes = int(np.prod(shape))
 
     def objective(p: np.ndarray) -> tuple[float, np.ndarray]:
         disp = p.reshape(*shape, 3)
         sim, g = _similarity(levels, y_affine + _gather(disp, corners))
         e, ge = _membrane(disp)
-        wg = weights[:, None] * np.tile(g, (len(corners), 1))
+        wg = weights[:, None] * np.tile(g, (8, 1))
         gd = np.stack([np.bincount(nodes, wg[:, a], n_nodes) for a in range(3)], axis=1).reshape(*shape, 3)
         return -sim + config.smoothness * e, (-gd + config.smoothness * ge).ravel()
 
@@ -340,9 +354,11 @@ def refine_transform(source: VolumeEmbedding, target: VolumeEmbedding, initial_a
     cache: dict = {}
     affine = np.asarray(initial_affine, dtype=np.float64)
     sim = float("nan")
-    for weights in config.affine_stages:
-        affine, sim, nit = _fit_affine_stage(_levels(source, target, src_ijk, weights, cache), x, affine,
-                                             config.affine_iterations, config.tolerance)
+    for stage, weights in enumerate(config.affine_stages):
+        rows = capture_rows(len(x), config) if stage == 0 else None
+        affine, sim, nit = _fit_affine_stage(_levels(source, target, src_ijk, weights, cache, rows),
+                                             x if rows is None else x[rows], affine, config.affine_iterations,
+                                             config.tolerance)
         log.info("feature registration: affine stage %s: similarity %.4f (%d iterations)", weights, sim, nit)
     out = FeatureTransform(affine, similarity=sim, affine_similarity=sim)
     if config.deformable:
