@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 from scipy.optimize import minimize
+from scipy.sparse import csr_matrix
 
 from anatomical_embedding.inference.embedding import VolumeEmbedding, normalise, trilinear
 
@@ -225,8 +226,8 @@ class FeatureTransform:
 
 def _grid_corners(shape: tuple[int, ...], c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Trilinear interpolation at grid coordinates c (N, 3) on a grid of ``shape`` (clamped to it): the flat
-    (C-order) node index (8, N) and weight (8, N) of each corner. One layout serves
-    :meth:`FeatureTransform.predict` and the deformable fit's gather and scatter."""
+    (C-order) node index (8, N) and weight (8, N) of each corner, for :meth:`FeatureTransform.predict` and the
+    deformable fit's interpolation matrix."""
     shape = np.asarray(shape)
     c = np.clip(c, 0, shape - 1)
     i0 = np.minimum(np.floor(c).astype(np.intp), np.maximum(shape - 2, 0))
@@ -312,17 +313,18 @@ def deformable_objective(levels: list[_Features], x: np.ndarray, y_affine: np.nd
     lo, hi = x.min(axis=0), x.max(axis=0)
     step = float(config.grid_mm)
     shape = tuple(int(n) for n in np.maximum(np.ceil((hi - lo) / step).astype(int) + 1, 2))
-    corners = _grid_corners(shape, (x - lo) / step)
-    # The gradient's scatter onto the grid nodes: one weighted bincount per component (np.add.at is ~10x slower).
-    nodes, weights = corners[0].ravel(), corners[1].ravel()
-    n_nodes = int(np.prod(shape))
+    nodes, weights = _grid_corners(shape, (x - lo) / step)
+    # Interpolation as a sparse (points x nodes) matrix: the gather is one product and the gradient's scatter onto
+    # the nodes one product with its transpose (4x and 10x faster than a corner gather and weighted bincounts).
+    interp = csr_matrix((weights.ravel(), (np.tile(np.arange(len(x)), 8), nodes.ravel())),
+                        shape=(len(x), int(np.prod(shape))))
+    scatter = interp.T.tocsr()
 
     def objective(p: np.ndarray) -> tuple[float, np.ndarray]:
         disp = p.reshape(*shape, 3)
-        sim, g = _similarity(levels, y_affine + _gather(disp, corners))
+        sim, g = _similarity(levels, y_affine + interp @ disp.reshape(-1, 3))
         e, ge = _membrane(disp)
-        wg = weights[:, None] * np.tile(g, (8, 1))
-        gd = np.stack([np.bincount(nodes, wg[:, a], n_nodes) for a in range(3)], axis=1).reshape(*shape, 3)
+        gd = (scatter @ g).reshape(*shape, 3)
         return -sim + config.smoothness * e, (-gd + config.smoothness * ge).ravel()
 
     return lo, shape, objective
