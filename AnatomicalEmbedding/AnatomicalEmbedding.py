@@ -238,6 +238,10 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def onSceneStartClose(self, caller, event) -> None:
         self.logic.stopClickToCorrespond()
+        self.logic.abandonJobs()  # a job's finish step must not write into the next scene
+        self._job, self._afterJob = None, None
+        self.ui.progressBar.setVisible(False)
+        self.ui.cancelButton.setEnabled(False)
         self.logic.forgetScene()
         self.setParameterNode(None)
 
@@ -352,12 +356,14 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.logic.finishJob(job)
         except InterruptedError:
             self.ui.statusLabel.setText("Cancelled.")
-            self._parameterNode.clickToCorrespond = False
+            if self._parameterNode:
+                self._parameterNode.clickToCorrespond = False
             return
         except Exception as exc:  # shown to the user, with the details in the log
             logging.exception("background job failed")
             slicer.util.errorDisplay(f"{job.description} failed: {exc}")
-            self._parameterNode.clickToCorrespond = False
+            if self._parameterNode:
+                self._parameterNode.clickToCorrespond = False
             return
         self.ui.statusLabel.setText(f"{job.description}: done in {job.seconds:.1f} s")
         if self._afterJob is not None:
@@ -466,8 +472,15 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def _saveHead(self) -> None:
         p = self._parameterNode
-        if str(p.headPath) not in ("", ".") and self.logic.head is not None:
-            self.logic.head.save(p.headPath, overwrite=True)
+        if str(p.headPath) in ("", ".") or self.logic.head is None:
+            return
+        overwrite = p.headPath.resolve() == self.logic.headFile  # never true for a new head: ask first
+        if p.headPath.exists() and not overwrite and not slicer.util.confirmYesNoDisplay(
+                f"{p.headPath} exists. Replace it with the head just trained?", windowTitle="Anatomical Embedding"):
+            self.ui.statusLabel.setText("Head trained (kept in memory; the file was not replaced).")
+            return
+        with slicer.util.tryWithErrorDisplay("Could not save the head.", waitCursor=False):
+            self.logic.saveHead(p.headPath, overwrite=True)
 
     def onApplyHead(self) -> None:
         p = self._parameterNode
@@ -475,8 +488,7 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             slicer.util.warningDisplay("Choose a model and the volume to segment.")
             return
         with slicer.util.tryWithErrorDisplay("Could not apply the head.", waitCursor=False):
-            if self.logic.head is None and str(p.headPath) not in ("", ".") and p.headPath.is_file():
-                self.logic.loadHead(p.headPath)
+            self.logic.headForApplying(p.headPath)  # a newly chosen head file wins over the head in memory
             job = self.logic.applyFewShotHeadAsync(p.segmentVolume, p.outputSegmentation)
 
             def done():

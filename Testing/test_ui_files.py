@@ -18,6 +18,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ["AnatomicalEmbedding", "AnatomicalEmbeddingTrainer"]
 
+#: Parameter-node fields that the module writes itself and no widget shows: the heatmap is the module's output
+#: (hidden from node selectors, so a selector could never show it, and a user scan picked there was overwritten).
+MODULE_OUTPUT_FIELDS = {"AnatomicalEmbedding": {"heatmapVolume"}}
+
 #: Widget classes that can show a field, by the field's type (as written in the annotation); these
 #: are the exact classes Slicer's parameterNodeWrapper GUI connectors accept (guiConnectors.py).
 WIDGETS_FOR_TYPE = {
@@ -198,7 +202,8 @@ def test_every_field_has_a_widget(module):
     fields = parameter_fields(module_ast(module))
     bound = {string_list(prop(w, "SlicerParameterName"))[0] for w in widgets(ui_tree(module)).values()
              if prop(w, "SlicerParameterName") is not None}
-    assert set(fields) == bound, f"fields without a widget: {sorted(set(fields) - bound)}"
+    shown = set(fields) - MODULE_OUTPUT_FIELDS.get(module, set())
+    assert shown == bound, f"fields without a widget: {sorted(shown - bound)}"
 
 
 @pytest.mark.parametrize("module", MODULES)

@@ -432,6 +432,26 @@ def test_click_to_correspond_flow(viewer, logic, mrml_app, mrml_scene, pair):
     assert mrml_app.vtk_messages() == ""
 
 
+def test_low_confidence_threshold_applies_to_the_next_match_without_re_embedding(viewer, logic, mrml_scene, pair):
+    source, target = load_pair(mrml_scene, pair)
+    logic.lowConfidence = 1.0  # the threshold when the pair is prepared (the matchers were built with it before)
+    job = logic.prepareCorrespondenceAsync(source["volume"], [target["volume"]])
+    assert job.wait(timeout=300)
+    logic.finishJob(job)
+    matcher = logic.matcher(source["volume"], target["volume"])
+    out = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "threshold matches")
+    flags = {}
+    try:
+        for threshold in (1.0, 0.0):  # every confidence is below 1 and none below 0
+            logic.lowConfidence = threshold  # what the widget does when the spin box changes
+            result = logic.matchControlPoint(source["landmarks"], 0, source["volume"], target["volume"], out)
+            flags[threshold] = (result["low_confidence"], logic.pointScores(out, result["index"])["low_confidence"])
+    finally:
+        logic.lowConfidence = 0.5
+    assert logic.matcher(source["volume"], target["volume"]) is matcher  # nothing rebuilt or re-embedded
+    assert result["confidence"] < 1.0 and flags == {1.0: (True, True), 0.0: (False, False)}
+
+
 def test_correspondence_layout_after_a_match(viewer, logic, mrml_app, mrml_scene, pair):
     """Defect 1: after a match every view showed the target while clicks went to the source list.
 
@@ -592,6 +612,12 @@ def test_heatmap_is_coarse_and_shown_over_the_target_only(viewer, logic, mrml_sc
     # Updating reuses the node (no pile-up of heatmaps).
     assert logic.updateHeatmap(source, target, query, heat) is heat
     assert mrml_scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 3  # source, target, one heatmap
+    # A scan passed as the heatmap node (a saved scene's stale parameter) is left intact; a new heatmap is made.
+    before = slicer.util.arrayFromVolume(target).copy()
+    other = logic.updateHeatmap(source, target, query, target)
+    assert other is not target and other.GetAttribute("AnatomicalEmbedding.heatmap") == target.GetID()
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(target), before)
+    assert not target.GetHideFromEditors()
 
 
 def test_transfer_all_table_and_jump(viewer, logic, mrml_scene, pair):
@@ -619,9 +645,17 @@ def test_transfer_all_table_and_jump(viewer, logic, mrml_scene, pair):
         assert np.median(errors) < 0.3 * baseline
     print(f"transfer-all: {len(names)} points into 2 targets in {seconds:.1f} s (with embedding)")
 
+    # Transferring again (the widget passes None for every target but the first) updates the same lists.
+    lists = mrml_scene.GetNumberOfNodesByClass("vtkMRMLMarkupsFiducialNode")
+    assert logic.transferAll(source["landmarks"], source["volume"], targets) == outputs
+    assert mrml_scene.GetNumberOfNodesByClass("vtkMRMLMarkupsFiducialNode") == lists
+
     table = logic.updateResultsTable(None, outputs)
     rows = logic.resultsTableRows(table)
     assert len(rows) == 2 * len(names)
+    # The view's row index is the table's (the widget passes index.row()): with the column names outside the
+    # header, qMRMLTableModel shows them as row 0 and every click would pick the next row.
+    assert table.GetUseColumnTitleAsColumnHeader()
     assert list(rows[0]) == list(viewer.RESULT_COLUMNS)
     for row, out, i in [(rows[0], outputs[0], 0), (rows[len(names) + 3], outputs[1], 3)]:
         scores = logic.pointScores(out, i)
@@ -666,6 +700,33 @@ def test_model_card_and_background_cancel(viewer, logic, mrml_scene, pair, tmp_p
     assert len(seen) == 1 and "window 1/" in seen[0] and not fresh.isEmbedded(source["volume"])
 
 
+def test_scene_close_abandons_queued_and_unapplied_jobs(viewer, logic, mrml_scene, pair, tmp_path):
+    """File > Close Scene during a job: nothing it computed reaches the next scene (the widget calls
+    abandonJobs at StartCloseEvent)."""
+    fresh = viewer.AnatomicalEmbeddingLogic(cacheDir=str(tmp_path / "fresh"))
+    fresh.model = logic.model
+    source, target = load_pair(mrml_scene, pair)
+    gate = threading.Event()
+    fresh._worker().submit(gate.wait)
+    queued = fresh.embedVolumeAsync(source["volume"])
+    fresh.abandonJobs()                                   # closed while the job is queued
+    gate.set()
+    assert queued.wait(timeout=120)
+    done = fresh.embedVolumeAsync(target["volume"])
+    assert done.wait(timeout=120)
+    fresh.abandonJobs()                                   # closed after the job ran, before the poll applied it
+    for job in (queued, done):
+        with pytest.raises(InterruptedError):
+            fresh.finishJob(job)
+    assert not fresh.isEmbedded(source["volume"]) and not fresh.isEmbedded(target["volume"])
+    # A job submitted afterwards runs and is applied as usual.
+    again = fresh.embedVolumeAsync(target["volume"])
+    assert again.wait(timeout=120)
+    fresh.finishJob(again)
+    assert fresh.isEmbedded(target["volume"])
+    fresh.cancelWarming()
+
+
 def test_fit_windows_switch_changes_the_embedding_config_and_drops_old_embeddings(viewer, logic, mrml_scene, pair):
     """'Fit sliding windows': the next embedding uses fitted windows (another cache entry); embeddings and matchers
     made with the other setting are not used; switching back reads the first entry from the disk cache."""
@@ -688,7 +749,7 @@ def test_fit_windows_switch_changes_the_embedding_config_and_drops_old_embedding
     assert not logic.isEmbedded(source["volume"])
 
 
-def test_few_shot_flow(viewer, logic, mrml_scene, pair):
+def test_few_shot_flow(viewer, logic, mrml_scene, pair, tmp_path):
     """Segmentation nodes in, a named and coloured segmentation node out; retraining reuses embeddings."""
     from anatomical_embedding.fewshot.head import FewShotConfig
 
@@ -696,6 +757,7 @@ def test_few_shot_flow(viewer, logic, mrml_scene, pair):
     cases = logic.addFewShotCase(None, source["volume"], source["segmentation"])
     assert logic.addFewShotCase(cases, source["volume"], source["segmentation"]) is cases  # no duplicate
     assert len(logic.fewShotCases(cases)) == 1
+    assert cases.GetUseColumnTitleAsColumnHeader()  # "Remove case" passes the view's row (see the results table)
     config = FewShotConfig(hidden=32, voxels_per_class=400, epochs=80, patience=10)
     progress = []
     t0 = time.perf_counter()
@@ -724,6 +786,16 @@ def test_few_shot_flow(viewer, logic, mrml_scene, pair):
     print(f"\nfew-shot (1 case): mean Dice {mean_dice:.2f} over {len(dice)} organs; "
           + ", ".join(f"{n} {d:.2f}" for n, d in dice.items()) + f"; trained in {first:.1f} s")
     assert mean_dice > 0.3 and dice["liver"] > 0.55  # measured on this fixture: mean 0.37, liver 0.67
+
+    # The head file: saved without replacing a file unasked; a newly chosen file wins over the head in memory.
+    saved = logic.saveHead(tmp_path / "liver.aehead.npz")
+    with pytest.raises(FileExistsError):
+        logic.saveHead(saved)
+    assert logic.headForApplying(saved) is head and logic.headForApplying(None) is head
+    other_file = logic.saveHead(tmp_path / "copy.aehead.npz")
+    logic.head, logic.headFile = head, saved                # the user now picks the copy in the field
+    chosen = logic.headForApplying(other_file)
+    assert chosen is not head and chosen.class_names == head.class_names and logic.headFile == other_file
 
     # "Label one more and retrain": only the new case goes through the network; a plain retrain needs none.
     third = pair[0][2]

@@ -15,6 +15,15 @@ def caseRole(role: str, row: int) -> str:
     return f"{role}{row}"
 
 
+def showColumnNamesAsHeader(tableNode) -> None:
+    """Column names in the table view's header, not in a first data row: otherwise qMRMLTableModel shows them as
+    row 0 and a view row is the table row + 1 (a click on a row would pick the next one)."""
+    if hasattr(tableNode, "SetUseColumnTitleAsColumnHeader"):
+        tableNode.SetUseColumnTitleAsColumnHeader(True)
+    else:  # Slicer before 5.6 names it after the column name
+        tableNode.SetUseColumnNameAsColumnHeader(True)
+
+
 def addFewShotCase(tableNode, volumeNode, segmentationNode):
     """Append a (volume, segmentation) case to the cases table (created when None); returns the table.
 
@@ -65,6 +74,7 @@ def writeCases(tableNode, cases: list) -> None:
         columns[2].InsertNextValue(", ".join(mrml.segment_names(seg)))
     tableNode.SetAttribute(CASE_COUNT_ATTRIBUTE, str(len(cases)))
     tableNode.SetAndObserveTable(table)
+    showColumnNamesAsHeader(tableNode)
     tableNode.SetLocked(True)
 
 

@@ -68,6 +68,7 @@ class JobWorker:
         self.threadNamePrefix = threadNamePrefix
         self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._background: Optional[BackgroundJob] = None
+        self._unfinished: list[BackgroundJob] = []  # submitted, and not yet through finish()
 
     def executor(self) -> concurrent.futures.ThreadPoolExecutor:
         # One worker: jobs run in order, and the network is never run twice at once. Started on first use.
@@ -81,6 +82,8 @@ class JobWorker:
         self.preemptBackground()
         if background:
             self._background = job
+        # A done job without a finish step (tile warming) is never collected: nothing left to cancel or apply.
+        self._unfinished = [j for j in self._unfinished if not (j.done() and j.finish is None)] + [job]
 
         def run():
             t0 = time.perf_counter()
@@ -100,6 +103,14 @@ class JobWorker:
             return None
         job.cancel()
         return job
+
+    def cancelAll(self) -> None:
+        """Cancel every job submitted and not yet finished, queued, running or done: a done one is then refused
+        by :meth:`finish` (the scene its result belongs to is closing)."""
+        for job in self._unfinished:
+            job.cancel()
+        self._unfinished = []
+        self._background = None
 
     def backgroundJob(self) -> Optional[BackgroundJob]:
         """The background job while it is queued or running, else None."""
@@ -121,10 +132,13 @@ class JobWorker:
         if self._executor is not None:
             time.sleep(self.YIELD_SECONDS if seconds is None else seconds)
 
-    @staticmethod
-    def finish(job: BackgroundJob) -> Any:
-        """Main thread: collect a finished job (re-raises its error or InterruptedError) and apply its result."""
+    def finish(self, job: BackgroundJob) -> Any:
+        """Main thread: collect a finished job (re-raises its error or InterruptedError) and apply its result,
+        unless the job was cancelled meanwhile (InterruptedError: it finished before noticing)."""
+        if job in self._unfinished:
+            self._unfinished.remove(job)
         result = job.future.result()
+        job.check()
         if job.finish is not None:
             job.output = job.finish(result)
         job.progress = 1.0

@@ -30,6 +30,15 @@ FIT_WINDOW_VOXELS = 128 ** 3
 ENGINE_BACKEND = {"ONNX Runtime": "onnxruntime", "torch": "torch"}
 
 
+def engineFlagsOnly():
+    """The viewer's MatchConfig: the engine flags only what a threshold cannot tell (a raw fallback, a target
+    without structure); the GUI's confidence threshold is applied when a match is written (``storeMatch``), so
+    changing it takes effect at the next match, without rebuilding the matchers."""
+    from anatomical_embedding.inference.matching import MatchConfig
+
+    return MatchConfig(low_confidence=0.0)
+
+
 class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
     """Scene-level operations; all conversions go through ``anatomical_embedding.mrml``.
 
@@ -48,6 +57,8 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         self.model: Optional[_EngineModel] = None
         self.modelPath: Optional[pathlib.Path] = None
         self.head = None
+        #: The file the head in memory was loaded from or saved to (None: a head not on disk yet).
+        self.headFile: Optional[pathlib.Path] = None
         self.lowConfidence = 0.5
         #: Use the robust prior (fitted once per volume pair) to keep matches anatomically plausible.
         self.usePrior = True
@@ -230,6 +241,14 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         if config != self.embedConfig:
             self.forgetScene()
             self.embedConfig = config
+
+    def abandonJobs(self) -> None:
+        """The scene is closing: cancel every queued, running or unapplied job, tile warming included, and drop
+        the click matches not yet written. Their results belong to the closed scene; applied later they would
+        add the old patient's segmentation or lists to the next one (:meth:`finishJob` refuses them)."""
+        self.cancelWarming()
+        self._jobs.cancelAll()
+        self._clickJobs.clear()
 
     def forgetScene(self) -> None:
         """Drop in-memory embeddings and matchers (scene closed); the disk cache stays."""
@@ -417,10 +436,9 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
             childPairs = pairs if usePrior else []
             childPlan = (make, [data[v.GetID()] for v in childNodes], [v.GetName() for v in childNodes], childPairs,
                          self._requireModel(), self.cache, self.embedConfig)
-        lowConfidence = self.lowConfidence
 
         def work():
-            from anatomical_embedding.inference.matching import MatchConfig, Matcher
+            from anatomical_embedding.inference.matching import Matcher
 
             result = self._childStage(job, *childPlan) if childPlan is not None else None
             embs = dict(known)
@@ -433,8 +451,7 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
                 given = fitted.get((i, j))
                 if usePrior and given is None:
                     job.message = "fitting the robust prior"
-                matcher = Matcher(embs[ids[i]], embs[ids[j]], MatchConfig(low_confidence=lowConfidence),
-                                  **(given or {}))
+                matcher = Matcher(embs[ids[i]], embs[ids[j]], engineFlagsOnly(), **(given or {}))
                 if usePrior:
                     _ = matcher.prior  # fitted here (no child), in the worker, instead of on the first click
                 matchers[(ids[i], ids[j])] = matcher
@@ -541,13 +558,13 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
 
     # ---- matching ---------------------------------------------------------------------------------
     def matcher(self, sourceVolume, targetVolume):
-        from anatomical_embedding.inference.matching import MatchConfig, Matcher
+        from anatomical_embedding.inference.matching import Matcher
 
         key = (sourceVolume.GetID(), targetVolume.GetID())
         src, dst = self.embedding(sourceVolume), self.embedding(targetVolume)
         m = self._matchers.get(key)
         if m is None or m.source is not src or m.target is not dst:
-            m = Matcher(src, dst, MatchConfig(low_confidence=self.lowConfidence))
+            m = Matcher(src, dst, engineFlagsOnly())
             self._matchers[key] = m
         return m
 
@@ -612,7 +629,7 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         def finish(results):
             outputs = []
             for (volume, out, _), (matched, seconds) in zip(pairs, results):
-                out = out or self.defaultTargetMarkups(volume)
+                out = out or matches.existingTargetMarkups(volume, sourceId) or self.defaultTargetMarkups(volume)
                 wasModifying = out.StartModify()
                 for name, pid, r in zip(names, ids, matched):
                     self._storeMatch(out, name, pid, sourceId, r.final, seconds, volume)
@@ -930,7 +947,7 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
                 model.set_memo(False)
 
         def finish(head):
-            self.head = head
+            self.head, self.headFile = head, None
             return head
 
         job.finish = finish
@@ -951,7 +968,24 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
     def loadHead(self, path):
         from anatomical_embedding.fewshot.head import FewShotHead
 
-        self.head = FewShotHead.load(path)
+        self.head, self.headFile = FewShotHead.load(path), pathlib.Path(path).resolve()
+        return self.head
+
+    def saveHead(self, path, overwrite: bool = False) -> pathlib.Path:
+        """Write the head in memory to ``path`` (FileExistsError for an existing file unless ``overwrite``)."""
+        if self.head is None:
+            raise ValueError("no few-shot head to save: train one first")
+        self.headFile = pathlib.Path(self.head.save(path, overwrite=overwrite)).resolve()
+        return self.headFile
+
+    def headForApplying(self, path) -> object:
+        """The head to apply: the file ``path`` when one is chosen and it is not the head in memory, else the head
+        in memory (ValueError when there is neither)."""
+        chosen = None if path is None or str(path) in ("", ".") else pathlib.Path(path)
+        if chosen is not None and chosen.is_file() and chosen.resolve() != self.headFile:
+            return self.loadHead(chosen)
+        if self.head is None:
+            raise ValueError("no few-shot head: train one, or choose a saved head file")
         return self.head
 
     def _applyJob(self, volumeNode, outputSegmentation, job: BackgroundJob) -> Callable:

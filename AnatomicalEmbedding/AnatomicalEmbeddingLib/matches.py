@@ -8,6 +8,7 @@ import vtk
 #: Attribute / description keys written on matched points and nodes.
 SCORES_ATTRIBUTE = "AnatomicalEmbedding.matches"
 SOURCE_ATTRIBUTE = "AnatomicalEmbedding.sourceMarkups"
+TARGET_VOLUME_ATTRIBUTE = "AnatomicalEmbedding.targetVolume"
 #: Colour of matched points. Low confidence is a score (description JSON, results-table flag, status line), never
 #: the user-editable selected state; LOW_CONFIDENCE_COLOR is the list's unselected colour and the table's flag colour.
 MATCH_COLOR = (0.2, 0.9, 0.3)
@@ -21,6 +22,18 @@ def defaultTargetMarkups(targetVolume, scene=None):
     node.GetDisplayNode().SetSelectedColor(*MATCH_COLOR)
     node.GetDisplayNode().SetColor(*LOW_CONFIDENCE_COLOR)
     return node
+
+
+def existingTargetMarkups(targetVolume, sourceNodeId: str):
+    """The list that already holds the matches of source list ``sourceNodeId`` in ``targetVolume`` (None if none):
+    transferring again updates it instead of adding another "<volume> matches" list."""
+    scene = targetVolume.GetScene()
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLMarkupsFiducialNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLMarkupsFiducialNode")
+        if (node.GetAttribute(SOURCE_ATTRIBUTE) == sourceNodeId
+                and node.GetAttribute(TARGET_VOLUME_ATTRIBUTE) == targetVolume.GetID()):
+            return node
+    return None
 
 
 def pointScores(markupsNode, index: int) -> dict:
@@ -67,6 +80,7 @@ def storeMatch(targetMarkups, label: str, sourceId: str, sourceNodeId: str, matc
         all_scores[targetMarkups.GetNthControlPointID(index)] = {"label": label, **scores}
         targetMarkups.SetAttribute(SCORES_ATTRIBUTE, json.dumps(all_scores))
         targetMarkups.SetAttribute(SOURCE_ATTRIBUTE, sourceNodeId)
+        targetMarkups.SetAttribute(TARGET_VOLUME_ATTRIBUTE, targetVolume.GetID())
     finally:
         targetMarkups.EndModify(wasModifying)
     return {"label": label, "index": index, "ras": ras, "query_ras": convert_points(match.query_lps, "LPS", "RAS"),

@@ -1,12 +1,14 @@
 """What the viewer shows: the similarity heatmap over the target, the results table, and jumping to a point."""
 from __future__ import annotations
 
+import logging
 from typing import Optional, Sequence
 
 import numpy as np
 import slicer
 import vtk
 
+from AnatomicalEmbeddingLib.cases import showColumnNamesAsHeader
 from AnatomicalEmbeddingLib.matches import pointScores
 
 HEATMAP_ATTRIBUTE = "AnatomicalEmbedding.heatmap"
@@ -160,6 +162,11 @@ def showHeatmapVolume(heat, targetVolume, heatmapNode=None, opacity: float = 0.5
     from anatomical_embedding import mrml
 
     scene = targetVolume.GetScene()
+    if heatmapNode is not None and heatmapNode.GetAttribute(HEATMAP_ATTRIBUTE) is None:
+        # Never overwrite a volume this module did not make (a scan chosen by mistake in an older version's
+        # heatmap selector, kept in a saved scene): its voxels would be replaced by the similarity map.
+        logging.warning("%s is not a heatmap of this module; the heatmap goes to a new volume", heatmapNode.GetName())
+        heatmapNode = None
     if heatmapNode is None:
         heatmapNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{targetVolume.GetName()} similarity")
     mrml.set_node_from_volume(heatmapNode, heat)
@@ -243,6 +250,7 @@ def updateResultsTable(tableNode, targetMarkupsNodes: Sequence):
                 columns[key].InsertNextValue(float("nan") if scores.get(key) is None else float(scores[key]))
             columns["flag"].InsertNextValue(LOW_CONFIDENCE_TEXT if scores.get("low_confidence") else "")
     tableNode.SetAndObserveTable(table)
+    showColumnNamesAsHeader(tableNode)
     tableNode.SetLocked(True)
     return tableNode
 
