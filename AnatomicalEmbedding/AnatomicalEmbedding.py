@@ -64,9 +64,11 @@ class AnatomicalEmbedding(ScriptedLoadableModule):
         self.parent.contributors = ["AnatomicalEmbedding developers"]
         self.parent.helpText = """
 Dense anatomical embeddings: every voxel gets a vector that says where in the anatomy it is.
-Pick a model, a source and a target scan; points placed on the source are matched in the target
-(click-to-correspond), with a similarity heatmap and a confidence for every match. Few-shot labelling
-trains a small segmentation head from a few segmented cases. Try it on the "Phantom pair" sample data.
+Pick a model, a source and a target scan; points placed (or dragged) on the source, in the top row of
+views, are matched in the target, shown in the bottom row (click-to-correspond), with a similarity heatmap and
+a confidence for every match. Turning click-to-correspond off ends place mode and restores where the point
+lists are drawn. Few-shot labelling trains a small segmentation head from a few segmented cases. Try it on the
+"Phantom pair" sample data.
 """
         self.parent.acknowledgementText = """
 Methods: AEFM (Zhuang et al.), Adam/Eve (Hosseinzadeh Taher et al.), AnatoMask (Li et al.),
@@ -219,8 +221,9 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        if self._job is not None:
-            self._job.cancel()
+        for job in (self._job, self.logic.clickPreparationJob()):
+            if job is not None:
+                job.cancel()
         self.logic.cancelWarming()
         if self._timer is not None:
             self._timer.stop()
@@ -272,9 +275,12 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.logic.setHeatmapOpacity(p.heatmapVolume, p.heatmapOpacity if p.showHeatmap else 0.0)
         self.ui.modelCardLabel.setText(self.logic.modelCardText())
         active = self.logic.clickToCorrespondNodes()
-        if active is not None and p.clickToCorrespond and active != (p.sourceLandmarks, p.sourceVolume,
-                                                                     p.targetVolume):
-            self.logic.stopClickToCorrespond()  # a selector changed while clicking: restart on the new nodes
+        if active is not None and p.clickToCorrespond and (
+                active != (p.sourceLandmarks, p.sourceVolume, p.targetVolume)
+                or p.targetLandmarks is not self.logic.clickToCorrespondTarget()):
+            # A selector changed while clicking (the matched-points list too: matches would still go to the
+            # old one): restart on the new nodes; a cleared "Matched points" gets a new list, as at the start.
+            self.logic.stopClickToCorrespond()
             active = None
         if p.clickToCorrespond and active is None and self._job is None:
             self._startClickMode()  # (while its preparation job runs, parameter changes must not restart it)
@@ -341,6 +347,14 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             slicer.util.showStatusMessage(warming.message, 1000)
         job = self._job
         if job is None:
+            # A click whose volumes were not prepared (embeddings dropped) waits for this background job.
+            preparing = self.logic.clickPreparationJob()
+            self.ui.progressBar.setVisible(preparing is not None)
+            self.ui.cancelButton.setEnabled(preparing is not None)
+            if preparing is not None:
+                self.ui.progressBar.setValue(int(100 * preparing.progress))
+                self.ui.statusLabel.setText(f"Preparing the volumes for the click: {preparing.message}")
+                return
             if not (self.logic.clickToCorrespondActive() or self.logic.clickJobsPending() or warming is not None):
                 self._timer.stop()
             return
@@ -371,8 +385,9 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             after()
 
     def onCancel(self) -> None:
-        if self._job is not None:
-            self._job.cancel()
+        job = self._job or self.logic.clickPreparationJob()
+        if job is not None:
+            job.cancel()
 
     def _embedThen(self, after, targets: Optional[list] = None, bothWays: bool = False) -> None:
         """Embed the source and targets and fit their priors (one background job), then call ``after``."""
@@ -398,21 +413,18 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             if p.sourceLandmarks is None:
                 p.sourceLandmarks = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Source points")
             with slicer.util.tryWithErrorDisplay("Could not start click-to-correspond.", waitCursor=False):
+                # Persistent place mode into the source list, undone when click mode stops. Slicer places
+                # points only where the list is drawn: the source row (top), not the target row (bottom).
                 p.targetLandmarks = self.logic.startClickToCorrespond(
                     p.sourceLandmarks, p.sourceVolume, p.targetVolume, p.targetLandmarks,
-                    onMatched=self._onMatched, onError=self._onMatchError)
-                # Place points: the Markups place mode with the source list active. The correspondence layout
-                # shows the source in the top row and the target in the bottom row; a click in the bottom row
-                # is matched back into the source.
-                slicer.modules.markups.logic().SetActiveList(p.sourceLandmarks)
-                slicer.modules.markups.logic().StartPlaceMode(True)
+                    onMatched=self._onMatched, onError=self._onMatchError, placeMode=True)
                 self._timer.start()  # polls the click matches
                 self.ui.statusLabel.setText("Click in the source views (top row): each point is matched in the "
-                                            "target (bottom row); a click in the target row is matched back.")
+                                            "target (bottom row). Drag a source point to match it again.")
                 return
             p.clickToCorrespond = False
 
-        self._embedThen(start, bothWays=True)
+        self._embedThen(start)
 
     def _onMatchError(self, message: str) -> None:
         self.ui.statusLabel.setText(message)
@@ -420,7 +432,9 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def _onMatched(self, result: dict) -> None:
         p = self._parameterNode
-        if p.showHeatmap:  # on the embedding's coarse grid: milliseconds, whatever the target's size
+        # On the embedding's coarse grid: milliseconds, whatever the target's size. Never an embedding here:
+        # when they were dropped since this match, the next click prepares them in the background.
+        if p.showHeatmap and self.logic.isEmbedded(p.sourceVolume) and self.logic.isEmbedded(p.targetVolume):
             p.heatmapVolume = self.logic.updateHeatmap(p.sourceVolume, p.targetVolume, result["query_ras"],
                                                        p.heatmapVolume, p.heatmapOpacity)
         p.resultsTable = self.logic.updateResultsTable(p.resultsTable, [p.targetLandmarks])
@@ -616,6 +630,9 @@ class AnatomicalEmbeddingTest(ScriptedLoadableModuleTest):
         clicks.AddControlPoint(vtk.vtkVector3d(*ras), "second")
         self.assertEqual(matches.GetNumberOfControlPoints(), 2)
         logic.stopClickToCorrespond()
+        # Stopping undoes the row restriction of both lists (it is saved with the scene).
+        self.assertEqual(clicks.GetDisplayNode().GetViewNodeIDs(), ())
+        self.assertEqual(matches.GetDisplayNode().GetViewNodeIDs(), ())
 
         self.delayDisplay("Transfer all")
         out = logic.transferAll(source["landmarks"], source["volume"], [target["volume"]])[0]

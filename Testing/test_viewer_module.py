@@ -419,16 +419,29 @@ def test_click_to_correspond_flow(viewer, logic, mrml_app, mrml_scene, pair):
     clicks.SetNthControlPointPosition(0, *(src_ras[1]))
     assert len(seen) == before + 1 and matches.GetNumberOfControlPoints() == len(names)
     np.testing.assert_allclose(mrml.markups_node_to_points(matches)[1][0], got_lps[1], atol=1e-6)
+    # A drag as Slicer 5 sends it: vtkSlicerMarkupsWidget invokes the interaction events without call data, so
+    # the observer gets no point index; the end of the drag re-matches the points that moved.
     clicks.InvokeEvent(clicks.PointStartInteractionEvent)
-    logic.onSourcePointEvent(clicks, clicks.PointStartInteractionEvent, 0)
     clicks.SetNthControlPointPosition(0, *(src_ras[0]))
     assert len(seen) == before + 1  # nothing while dragging
-    logic.onSourcePointEvent(clicks, clicks.PointEndInteractionEvent, 0)
-    assert len(seen) == before + 2
+    clicks.InvokeEvent(clicks.PointEndInteractionEvent)
+    assert len(seen) == before + 2 and seen[-1]["label"] == names[0]
     np.testing.assert_allclose(mrml.markups_node_to_points(matches)[1][0], got_lps[0], atol=1e-6)
+    # Moving several points in one interaction (the list's handle): each moved point once, at the end, and
+    # only those; an interaction that moves nothing matches nothing.
+    clicks.InvokeEvent(clicks.PointStartInteractionEvent)
+    clicks.SetNthControlPointPosition(2, *(src_ras[3]))
+    clicks.SetNthControlPointPosition(3, *(src_ras[2]))
+    assert len(seen) == before + 2
+    clicks.InvokeEvent(clicks.PointEndInteractionEvent)
+    assert [r["label"] for r in seen[before + 2:]] == [names[2], names[3]]
+    np.testing.assert_allclose(mrml.markups_node_to_points(matches)[1][2:4], got_lps[[3, 2]], atol=1e-6)
+    clicks.InvokeEvent(clicks.PointStartInteractionEvent)
+    clicks.InvokeEvent(clicks.PointEndInteractionEvent)
+    assert len(seen) == before + 4 and matches.GetNumberOfControlPoints() == len(names)
     logic.stopClickToCorrespond()
     clicks.AddControlPoint(vtk.vtkVector3d(*src_ras[2]), "after stop")
-    assert len(seen) == before + 2 and not logic.clickToCorrespondActive()
+    assert len(seen) == before + 4 and not logic.clickToCorrespondActive()
     assert mrml_app.vtk_messages() == ""
 
 
@@ -456,8 +469,9 @@ def test_correspondence_layout_after_a_match(viewer, logic, mrml_app, mrml_scene
     """Defect 1: after a match every view showed the target while clicks went to the source list.
 
     Real MRML (slicer-core): the six views' slice composite nodes are checked after each match, the next click
-    is read as a source point, a click in a target view is matched back into the source, a click outside the
-    source is reported to the widget, and matches land in world coordinates under a transformed list.
+    is read as a source point, a point associated with the target volume is matched back into the source (the
+    scripting path: Slicer places the source list in the source row only), a click outside the source is
+    reported to the widget, and matches land in world coordinates under a transformed list.
     """
     import slicer
     import vtk
@@ -516,7 +530,8 @@ def test_correspondence_layout_after_a_match(viewer, logic, mrml_app, mrml_scene
     out.GetNthControlPointPositionWorld(1, world)
     np.testing.assert_allclose(world, seen[1]["ras"], atol=1e-4)
 
-    # A click in a target view: matched back into the source; the target list keeps the clicked position.
+    # A point on the target (scripting path, see matchBackControlPoint): matched back into the source; the
+    # target list keeps the clicked position.
     _, dst_lps = mrml.markups_node_to_points(target["landmarks"])
     clicked = convert_points(dst_lps[2], "LPS", "RAS")
     clicks.AddControlPoint(vtk.vtkVector3d(*clicked), names[2])
@@ -833,8 +848,13 @@ def test_click_mode_follows_selector_changes(viewer, logic, mrml_scene, pair, mo
     widget = viewer.AnatomicalEmbeddingWidget.__new__(viewer.AnatomicalEmbeddingWidget)
     widget.logic, widget._parameterNode, widget._job, widget.ui = logic, p, None, mock.MagicMock()
     started = []
-    monkeypatch.setattr(widget, "_startClickMode", lambda: started.append(
-        logic.startClickToCorrespond(p.sourceLandmarks, p.sourceVolume, p.targetVolume, layout=False)))
+
+    def start():  # as _startClickMode once the pair is prepared: the matched list goes to the parameter node
+        p.targetLandmarks = logic.startClickToCorrespond(p.sourceLandmarks, p.sourceVolume, p.targetVolume,
+                                                         p.targetLandmarks, layout=False)
+        started.append(p.targetLandmarks)
+
+    monkeypatch.setattr(widget, "_startClickMode", start)
     widget.onParameterChanged()
     assert logic.clickToCorrespondNodes() == (clicks, source["volume"], target["volume"]) and len(started) == 1
     widget.onParameterChanged()  # nothing changed: not restarted
@@ -881,8 +901,9 @@ def test_click_matches_in_the_worker_thread(viewer, logic, mrml_scene, pair):
     print(f"\nGUI-thread time per click event or poll: max {1000 * max(gui):.1f} ms")
     assert max(gui) < 0.05
 
-    # A click in a target view is matched back in the worker too: nothing moves until the poll, then the source
-    # point sits at the reverse match (the engine's own answer) and the target list keeps the clicked position.
+    # A point on the target (scripting path) is matched back in the worker too: nothing moves until the poll,
+    # then the source point sits at the reverse match (the engine's own answer) and the target list keeps the
+    # clicked position.
     _, dst_lps = mrml.markups_node_to_points(target["landmarks"])
     clicked = convert_points(dst_lps[6], "LPS", "RAS")
     modify = clicks.StartModify()  # as Slicer's displayable manager: placed on the target volume
@@ -908,3 +929,205 @@ def test_click_matches_in_the_worker_thread(viewer, logic, mrml_scene, pair):
     np.testing.assert_allclose(world, clicked, atol=1e-4)
     assert not logic.clickJobsPending() and gui_back < 0.05
     logic.stopClickToCorrespond()
+
+
+def poll_click_jobs(logic, timeout: float = 300.0) -> None:
+    """The widget's poll timer, until every queued click job (and a click's preparation) is applied."""
+    deadline = time.monotonic() + timeout
+    while logic.clickJobsPending() and time.monotonic() < deadline:
+        logic.pollClickJobs()
+        time.sleep(0.01)
+    assert not logic.clickJobsPending()
+
+
+def bare_widget(viewer, logic, p):
+    """The module's real Widget class without its Qt parts (slicer-core has no Qt): GUI handles are mocks, the
+    parameter observer, click-mode start and match slots are the real ones."""
+    import unittest.mock as mock
+
+    widget = viewer.AnatomicalEmbeddingWidget.__new__(viewer.AnatomicalEmbeddingWidget)
+    widget.logic, widget._parameterNode, widget._job, widget._afterJob = logic, p, None, None
+    widget.ui, widget._timer = mock.MagicMock(), mock.MagicMock()
+    return widget
+
+
+def test_click_after_the_embeddings_were_dropped_never_embeds_on_the_gui_thread(viewer, logic, mrml_scene,
+                                                                                pair, monkeypatch):
+    """Defect 3: "Fit sliding windows" (or another model, or a moved volume) drops the embeddings while click
+    mode stays on; the next click ran embedVolume on the GUI thread, once per volume. Now the click queues the
+    same background preparation as the start of click mode, and is matched when it is done; a cancelled
+    preparation is reported as the click's error, and the next click prepares again."""
+    import vtk
+    from anatomical_embedding.inference import embedding as engine_embedding
+
+    source, target = load_pair(mrml_scene, pair)
+    src_volume, dst_volume = source["volume"], target["volume"]
+    job = logic.prepareCorrespondenceAsync(src_volume, [dst_volume])
+    assert job.wait(timeout=300)
+    logic.finishJob(job)
+    logic.matchInBackground = True  # the widget's setting
+    p = logic.getParameterNode()
+    p.sourceVolume, p.targetVolume = src_volume, dst_volume
+    widget = bare_widget(viewer, logic, p)
+    clicks = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks")
+    seen, errors = [], []
+
+    def matched(result):
+        seen.append(result)
+        widget._onMatched(result)  # heatmap and results table, as in Slicer
+
+    p.targetLandmarks = logic.startClickToCorrespond(clicks, src_volume, dst_volume, onMatched=matched,
+                                                     onError=errors.append)
+    out = p.targetLandmarks
+    main = threading.current_thread()
+    calls = []
+    real = engine_embedding.embed_volume
+
+    def counted(*args, **kwargs):
+        calls.append(threading.current_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_embedding, "embed_volume", counted)
+    names, src_lps = mrml.markups_node_to_points(source["landmarks"])
+    src_ras = convert_points(src_lps, "LPS", "RAS")
+
+    logic.setFitWindows(True)  # the widget's checkbox while clicking: embeddings and matchers dropped
+    assert not logic.isEmbedded(src_volume) and logic.clickToCorrespondActive()
+    clicks.AddControlPoint(vtk.vtkVector3d(*src_ras[0]), names[0])
+    clicks.AddControlPoint(vtk.vtkVector3d(*src_ras[1]), names[1])  # while it prepares: the same preparation
+    assert calls == [] and out.GetNumberOfControlPoints() == 0
+    preparing = logic.clickPreparationJob()
+    assert preparing is not None and preparing.description == "Preparing correspondence"
+    assert sum(1 for queued, _ in logic._clickJobs if queued is preparing) == 1 and len(logic._clickJobs) == 3
+    poll_click_jobs(logic)
+    assert main not in calls and len(calls) >= 2  # both volumes embedded again, in the worker
+    assert [r["label"] for r in seen] == names[:2] and mrml.markups_node_to_points(out)[0] == names[:2]
+    assert errors == [] and logic.clickPreparationJob() is None
+    assert logic.isPrepared(src_volume, [dst_volume])
+    assert logic.embedding(src_volume).config.max_window_voxels == sys.modules[
+        "AnatomicalEmbeddingLib.logic"].FIT_WINDOW_VOXELS
+    assert p.heatmapVolume is not None and len(logic.resultsTableRows(p.resultsTable)) == 2
+
+    # Dropped between a click and its poll: the heatmap is skipped (no embedding on the GUI thread either).
+    calls.clear()
+    clicks.AddControlPoint(vtk.vtkVector3d(*src_ras[2]), names[2])
+    assert logic.clickPreparationJob() is None  # prepared: a plain match job
+    logic.setFitWindows(False)
+    poll_click_jobs(logic)
+    assert len(seen) == 3 and calls == []
+
+    # A cancelled preparation (the Cancel button): the click is reported, not matched; the next one prepares.
+    gate = threading.Event()
+    logic._worker().submit(gate.wait)  # hold the worker so the preparation is still queued when cancelled
+    clicks.AddControlPoint(vtk.vtkVector3d(*src_ras[3]), names[3])
+    preparing = logic.clickPreparationJob()
+    assert preparing is not None
+    preparing.cancel()
+    gate.set()
+    poll_click_jobs(logic)
+    assert len(seen) == 3 and len(errors) == 1 and names[3] in errors[0] and "cancelled" in errors[0]
+    clicks.AddControlPoint(vtk.vtkVector3d(*src_ras[4]), names[4])
+    assert logic.clickPreparationJob() is not None
+    poll_click_jobs(logic)
+    assert [r["label"] for r in seen] == names[:3] + [names[4]] and main not in calls
+    logic.stopClickToCorrespond()
+
+
+def test_stopping_click_mode_restores_views_and_leaves_place_mode(viewer, logic, mrml_scene, pair):
+    """Defect 7: click mode restricted both lists to its rows of views (saved with the scene) and left
+    persistent place mode on, so after it stopped the lists were missing from Red/Yellow/Green and every click
+    still added an unmatched source point."""
+    import vtk
+
+    source, target = load_pair(mrml_scene, pair)
+    clicks = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks")
+    clicks.CreateDefaultDisplayNodes()  # drawn in every view (no restriction)
+    out = logic.defaultTargetMarkups(target["volume"])
+    red = mrml_scene.AddNewNodeByClass("vtkMRMLSliceNode", "Red")
+    red.SetLayoutName("Red")
+    out.GetDisplayNode().SetViewNodeIDs([red.GetID()])  # the user's own restriction
+    interaction = mrml_scene.GetNodeByID("vtkMRMLInteractionNodeSingleton")
+    interaction.SetPlaceModePersistence(0)
+    interaction.SetCurrentInteractionMode(interaction.ViewTransform)
+    from AnatomicalEmbeddingLib import views
+
+    logic.startClickToCorrespond(clicks, source["volume"], target["volume"], out)  # the layout only
+    assert set(clicks.GetDisplayNode().GetViewNodeIDs()) == set(views.correspondenceSliceNodeIDs(mrml_scene,
+                                                                                                  "source"))
+    logic.stopClickToCorrespond()
+    assert clicks.GetDisplayNode().GetViewNodeIDs() == ()
+    assert out.GetDisplayNode().GetViewNodeIDs() == (red.GetID(),)
+
+    logic.startClickToCorrespond(clicks, source["volume"], target["volume"], out, placeMode=True)
+
+    assert set(clicks.GetDisplayNode().GetViewNodeIDs()) == set(views.correspondenceSliceNodeIDs(mrml_scene,
+                                                                                                  "source"))
+    assert set(out.GetDisplayNode().GetViewNodeIDs()) == set(views.correspondenceSliceNodeIDs(mrml_scene,
+                                                                                               "target"))
+    assert interaction.GetCurrentInteractionMode() == interaction.Place
+    assert interaction.GetPlaceModePersistence() == 1
+    selection = mrml_scene.GetNodeByID("vtkMRMLSelectionNodeSingleton")
+    assert selection.GetActivePlaceNodeID() == clicks.GetID()
+
+    logic.stopClickToCorrespond()
+    assert clicks.GetDisplayNode().GetViewNodeIDs() == ()
+    assert out.GetDisplayNode().GetViewNodeIDs() == (red.GetID(),)
+    assert interaction.GetCurrentInteractionMode() == interaction.ViewTransform
+    assert interaction.GetPlaceModePersistence() == 0
+    # A restart (a selector changed) restricts again, and its stop restores the user's settings once more.
+    logic.startClickToCorrespond(clicks, source["volume"], target["volume"], out, placeMode=True)
+    logic.startClickToCorrespond(clicks, source["volume"], target["volume"], out, placeMode=True)
+    logic.stopClickToCorrespond()
+    assert clicks.GetDisplayNode().GetViewNodeIDs() == ()
+    assert out.GetDisplayNode().GetViewNodeIDs() == (red.GetID(),)
+    assert interaction.GetCurrentInteractionMode() == interaction.ViewTransform
+    clicks.AddControlPoint(vtk.vtkVector3d(0.0, 0.0, 0.0), "after stop")  # no observer left: nothing matched
+    assert out.GetNumberOfControlPoints() == 0
+
+
+def test_changing_the_matched_points_list_restarts_click_mode(viewer, logic, mrml_scene, pair):
+    """Defect 5: a new "Matched points" list while clicking was ignored (matches kept going to the old list
+    while the results table was rebuilt from the new one), and a cleared selector raised StopIteration in the
+    poll. The real Widget methods run (its Qt parts are mocks): the parameter observer starts click mode
+    through _startClickMode, restarts it on the new list, and a cleared selector gets a new list."""
+    import vtk
+
+    source, target = load_pair(mrml_scene, pair)
+    job = logic.prepareCorrespondenceAsync(source["volume"], [target["volume"]], bothWays=True)
+    assert job.wait(timeout=300)
+    logic.finishJob(job)
+    clicks = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks")
+    p = logic.getParameterNode()
+    p.sourceVolume, p.targetVolume, p.sourceLandmarks = source["volume"], target["volume"], clicks
+    p.clickToCorrespond = True
+    widget = bare_widget(viewer, logic, p)
+    widget.onParameterChanged()  # prepared: click mode starts at once
+    first = p.targetLandmarks
+    names, src_lps = mrml.markups_node_to_points(source["landmarks"])
+    src_ras = convert_points(src_lps, "LPS", "RAS")
+    clicks.AddControlPoint(vtk.vtkVector3d(*src_ras[0]), names[0])
+    assert first is not None and first.GetNumberOfControlPoints() == 1
+
+    mine = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "my matches")
+    p.targetLandmarks = mine
+    widget.onParameterChanged()
+    clicks.AddControlPoint(vtk.vtkVector3d(*src_ras[1]), names[1])
+    assert mine.GetNumberOfControlPoints() == 1 and first.GetNumberOfControlPoints() == 1
+    rows = logic.resultsTableRows(p.resultsTable)
+    assert [(r["label"], r["target"]) for r in rows] == [(names[1], "my matches")]
+    assert logic.clickToCorrespondTarget() is mine and p.targetLandmarks is mine
+
+    p.targetLandmarks = None  # the selector cleared: a new list, no exception
+    widget.onParameterChanged()
+    fresh = p.targetLandmarks
+    assert fresh is not None and fresh is not mine and fresh is not first
+    assert logic.clickToCorrespondTarget() is fresh
+    clicks.AddControlPoint(vtk.vtkVector3d(*src_ras[2]), names[2])
+    assert fresh.GetNumberOfControlPoints() == 1 and mine.GetNumberOfControlPoints() == 1
+    # No table yet and no list: nothing to build (it raised StopIteration in the widget's slot).
+    assert logic.updateResultsTable(None, [None]) is None
+    p.clickToCorrespond = False
+    widget.onParameterChanged()
+    assert not logic.clickToCorrespondActive()
+    interaction = mrml_scene.GetNodeByID("vtkMRMLInteractionNodeSingleton")
+    assert interaction.GetCurrentInteractionMode() == interaction.ViewTransform

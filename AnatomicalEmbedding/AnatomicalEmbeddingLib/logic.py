@@ -412,9 +412,9 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
 
         After :meth:`finishJob`, clicks between these volumes run no prior fit and no coarse embedding; the
         finish step starts warming the fine tiles a click will need, around ``sourceMarkups``'s points first
-        (:meth:`warmTilesAsync`). ``bothWays`` also prepares target -> source (click mode: a click in a target
-        view matches back). With ``embedInSubprocess`` one child process embeds what the cache lacks and fits the
-        priors (numpy/scipy work that a starved worker thread would barely progress); the worker then reads the
+        (:meth:`warmTilesAsync`). ``bothWays`` also prepares target -> source (:meth:`matchBackControlPoint`).
+        With ``embedInSubprocess`` one child process embeds what the cache lacks and fits the priors
+        (numpy/scipy work that a starved worker thread would barely progress); the worker then reads the
         embeddings from the cache and gives each Matcher the child's prior (or its refusal).
         """
         from anatomical_embedding import mrml
@@ -694,15 +694,22 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
     # ---- click-to-correspond ----------------------------------------------------------------------
     def startClickToCorrespond(self, sourceMarkups, sourceVolume, targetVolume, targetMarkups=None,
                                onMatched: Optional[Callable[[dict], None]] = None,
-                               onError: Optional[Callable[[str], None]] = None, layout: bool = True):
+                               onError: Optional[Callable[[str], None]] = None, layout: bool = True,
+                               placeMode: bool = False):
         """Match each point placed or moved on ``sourceMarkups`` at once; returns the target point list.
 
         With ``layout`` the correspondence layout is set up: source views on top, target views below, each row
         bound to its volume; the source list is drawn in the source row and the matches in the target row.
-        A point placed in a target view (its associated node is the target volume, as Slicer's markups
-        placement records it) is matched back: the target list gets the clicked position and the source point
-        moves to its match in the source. ``onError`` receives the message of a click that could not be matched
-        (e.g. outside the image); the widget shows it.
+        ``placeMode`` starts persistent Markups place mode into ``sourceMarkups`` (the widget). Both are
+        undone by :meth:`stopClickToCorrespond`. ``onError`` receives the message of a click that could not be
+        matched (e.g. outside the image); the widget shows it.
+
+        Slicer places a point only in views where the active list is displayable, and the source list is drawn
+        in the source row only, so clicks in the target row place nothing. A source point whose associated
+        node is the target volume (set by a script) is matched back, as :meth:`matchBackControlPoint` does.
+
+        With ``matchInBackground`` nothing is embedded here: a click on a pair that is not prepared (or no
+        longer is: another model, "Fit sliding windows", a moved volume) queues the background preparation.
         """
         if sourceMarkups is None or sourceVolume is None or targetVolume is None:
             raise ValueError("click-to-correspond needs a source point list, a source volume and a target volume")
@@ -710,12 +717,17 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
             raise ValueError("choose different source and target volumes")
         self.stopClickToCorrespond()
         targetMarkups = targetMarkups or self.defaultTargetMarkups(targetVolume)
-        self.embedding(sourceVolume), self.embedding(targetVolume)  # no-op when the widget embedded them already
+        if not self.matchInBackground:  # blocking mode (scripts): embed now rather than on the first click
+            self.embedding(sourceVolume), self.embedding(targetVolume)
+        # What click mode changes in the scene, undone when it stops.
+        restore: dict = {"views": [], "placeMode": None}
         if layout:
             scene = sourceVolume.GetScene()
             views.setupCorrespondenceLayout(sourceVolume, targetVolume)
-            views.restrictMarkupsToViews(sourceMarkups, scene, "source")
-            views.restrictMarkupsToViews(targetMarkups, scene, "target")
+            restore["views"] = [views.restrictMarkupsToViews(sourceMarkups, scene, "source"),
+                                views.restrictMarkupsToViews(targetMarkups, scene, "target")]
+        if placeMode:
+            restore["placeMode"] = views.startPlaceMode(sourceMarkups)
         callbacks, tags = [], []
         for event in (sourceMarkups.PointPositionDefinedEvent, sourceMarkups.PointStartInteractionEvent,
                       sourceMarkups.PointEndInteractionEvent, sourceMarkups.PointModifiedEvent):
@@ -726,7 +738,8 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
             tags.append(sourceMarkups.AddObserver(event, callback))
         self._click = {"source": sourceMarkups, "sourceVolume": sourceVolume, "targetVolume": targetVolume,
                        "target": targetMarkups, "tags": tags, "callbacks": callbacks, "onMatched": onMatched,
-                       "onError": onError, "last": {}, "results": [], "errors": [], "dragging": False}
+                       "onError": onError, "last": {}, "results": [], "errors": [], "dragging": False,
+                       "dragStart": None, "prepare": None, "restore": restore}
         return targetMarkups
 
     def clickToCorrespondNodes(self) -> Optional[tuple]:
@@ -735,32 +748,75 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
             return None
         return self._click["source"], self._click["sourceVolume"], self._click["targetVolume"]
 
+    def clickToCorrespondTarget(self):
+        """The point list the active click mode writes its matches into, or None."""
+        return self._click["target"] if self._click is not None else None
+
     def stopClickToCorrespond(self) -> None:
+        """Stop matching; the point lists are drawn in the views they were before and place mode ends."""
         if self._click is not None:
             for tag in self._click["tags"]:
                 self._click["source"].RemoveObserver(tag)
+            restore = self._click["restore"]
+            for saved in restore["views"]:
+                views.restoreMarkupsViews(saved)
+            views.stopPlaceMode(restore["placeMode"])
         self._click = None
 
     def clickToCorrespondActive(self) -> bool:
         return self._click is not None
 
-    def onSourcePointEvent(self, caller, event: int, index=None) -> Optional[dict]:
+    def onSourcePointEvent(self, caller, event: int, index=None):
         """Observer of the source list (``event`` is the MRML event id): match point ``index`` when placed or moved.
 
-        PointModifiedEvent also fires during a drag; the match then runs once, at PointEndInteractionEvent.
-        A point whose position and label did not change is not matched again.
+        PointModifiedEvent also fires during a drag; the match then runs once, at PointEndInteractionEvent,
+        for every point the interaction moved (Slicer 5 sends the interaction events without the point's
+        index). A point whose position and label did not change is not matched again. Returns the result dict
+        (blocking) or the job (``matchInBackground``) of the last point matched, or None.
         """
         state = self._click
-        if state is None or self._busy or index is None:
+        if state is None or self._busy:
             return None
         node = state["source"]
         if event == node.PointStartInteractionEvent:
             state["dragging"] = True
+            state["dragStart"] = self._pointPositions(node)
             return None
         if event == node.PointEndInteractionEvent:
             state["dragging"] = False
-        elif event == node.PointModifiedEvent and state["dragging"]:
-            return None  # matched once, at the end of the drag
+            start, state["dragStart"] = state["dragStart"] or {}, None
+            out = None
+            for moved in self._movedPoints(node, start, state["last"]):
+                out = self._matchClickedPoint(node, moved, state) or out
+            return out
+        if index is None or (event == node.PointModifiedEvent and state["dragging"]):
+            return None  # a drag is matched once, at its end
+        return self._matchClickedPoint(node, index, state)
+
+    @staticmethod
+    def _pointPositions(node) -> dict:
+        """Control point ID -> (world RAS, label) of the defined points."""
+        out = {}
+        for i in range(node.GetNumberOfControlPoints()):
+            if node.GetNthControlPointPositionStatus(i) == node.PositionDefined:
+                ras = np.zeros(3)
+                node.GetNthControlPointPositionWorld(i, ras)
+                out[node.GetNthControlPointID(i)] = (ras, node.GetNthControlPointLabel(i))
+        return out
+
+    @classmethod
+    def _movedPoints(cls, node, start: dict, last: dict) -> list:
+        """Indices of the points whose position or label differs from the start of the interaction or from
+        their last match (a point neither seen at the start nor matched yet is left to its own events)."""
+        moved = []
+        for pid, (ras, label) in cls._pointPositions(node).items():
+            before = [ref for ref in (start.get(pid), last.get(pid)) if ref is not None]
+            if any(not np.allclose(ref[0], ras, atol=1e-6) or ref[1] != label for ref in before):
+                moved.append(node.GetNthControlPointIndexByID(pid))
+        return moved
+
+    def _matchClickedPoint(self, node, index: int, state: dict):
+        """Match point ``index`` of the source list (placed or moved); see :meth:`onSourcePointEvent`."""
         if index < 0 or index >= node.GetNumberOfControlPoints() or \
                 node.GetNthControlPointPositionStatus(index) != node.PositionDefined:
             return None
@@ -812,12 +868,12 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         node.GetNthControlPointPositionWorld(index, ras)
         label, pid = node.GetNthControlPointLabel(index), node.GetNthControlPointID(index)
         sourceVolume, targetVolume, targetMarkups = state["sourceVolume"], state["targetVolume"], state["target"]
-        matcher, usePrior = self.matcher(sourceVolume, targetVolume), self.usePrior
+        matcher, usePrior = self._clickMatcher(state, sourceVolume, targetVolume), self.usePrior
         lps = convert_points(ras, "RAS", "LPS")
 
         def work():
             t0 = time.perf_counter()
-            match = matcher.match(lps, "LPS", use_prior=usePrior, with_raw=False, names=[label])[0]
+            match = matcher().match(lps, "LPS", use_prior=usePrior, with_raw=False, names=[label])[0]
             return match, time.perf_counter() - t0
 
         def finish(output):
@@ -825,6 +881,49 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
             return self._storeMatch(targetMarkups, label, pid, node.GetID(), match.final, seconds, targetVolume)
 
         return self._queueClickJob(label, work, finish, state)
+
+    def _clickMatcher(self, state: dict, sourceVolume, targetVolume) -> Callable:
+        """Main thread: a function that returns the (source, target) matcher in the worker.
+
+        A click never embeds on the GUI thread: when the pair is not prepared (its embeddings or matcher were
+        dropped: another model, "Fit sliding windows", a moved volume), the same background job as at the
+        start of click mode (:meth:`prepareCorrespondenceAsync`: embedding and prior fit; progress and Cancel
+        in the widget, see :meth:`clickPreparationJob`) is queued once, ahead of the click, and the click's
+        match takes the matcher from its result. :meth:`pollClickJobs` stores its embeddings before it writes
+        any match.
+        """
+        from anatomical_embedding.inference.matching import MatchConfig, Matcher
+
+        prepare = state["prepare"]
+        if prepare is None and self.isPrepared(state["sourceVolume"], [state["targetVolume"]]):
+            matcher = self.matcher(sourceVolume, targetVolume)  # both embedded: builds no more than a Matcher
+            return lambda: matcher
+        if prepare is None:
+            logging.info("click-to-correspond: %s and %s are not prepared (embeddings dropped); preparing "
+                         "them in the background first", state["sourceVolume"].GetName(),
+                         state["targetVolume"].GetName())
+            prepare = self.prepareCorrespondenceAsync(state["sourceVolume"], [state["targetVolume"]],
+                                                      sourceMarkups=state["source"])
+            state["prepare"] = prepare
+            self._clickJobs.append((prepare, state))  # the poll applies it before the clicks queued behind it
+        key, lowConfidence = (sourceVolume.GetID(), targetVolume.GetID()), self.lowConfidence
+
+        def get():  # worker: one worker thread, so the preparation has run by now
+            try:
+                embs, matchers = prepare.future.result()
+            except InterruptedError as exc:
+                raise InterruptedError("preparing the volumes was cancelled") from exc
+            except Exception as exc:  # noqa: BLE001 - reported as this click's error
+                raise ValueError(f"the volumes could not be prepared: {exc}") from exc
+            matcher = matchers.get(key)  # the reverse pair (a match back) was not prepared: built here
+            return matcher if matcher is not None else Matcher(embs[key[0]], embs[key[1]],
+                                                               MatchConfig(low_confidence=lowConfidence))
+
+        return get
+
+    def clickPreparationJob(self) -> Optional[BackgroundJob]:
+        """The preparation a click queued (see :meth:`_clickMatcher`) until the poll applies it, else None."""
+        return next((job for job, state in self._clickJobs if job is state.get("prepare")), None)
 
     def _queueClickJob(self, label: str, work: Callable, finish: Callable, state: dict) -> BackgroundJob:
         """Submit one click's match; :meth:`pollClickJobs` applies ``finish`` on the main thread, in click order."""
@@ -841,6 +940,13 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         applied = 0
         while self._clickJobs and self._clickJobs[0][0].done():
             job, state = self._clickJobs.pop(0)
+            if job is state.get("prepare"):
+                state["prepare"] = None
+                try:
+                    self.finishJob(job)  # stores the embeddings and matchers (and starts warming)
+                except Exception as exc:  # noqa: BLE001 - each click queued behind it reports it as its error
+                    logging.warning("%s failed: %s", job.description, exc)
+                continue
             try:
                 self._busy = True
                 try:
@@ -861,7 +967,10 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         return applied
 
     def matchBackControlPoint(self, sourceMarkups, index: int, sourceVolume, targetVolume, targetMarkups) -> dict:
-        """A point of ``sourceMarkups`` placed on the target (a click in a target view): match it into the source.
+        """A point of ``sourceMarkups`` placed on the target: match it into the source.
+
+        A script's API: in Slicer the source list is not placeable in the target row of click mode (see
+        :meth:`startClickToCorrespond`).
 
         The clicked position becomes the target list's point (with the reverse match's scores) and the source
         point moves to the matched source position. Returns the result dict of :meth:`matchControlPoint`, whose
@@ -872,21 +981,25 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         return self._applyMatchBack(sourceMarkups, pid, label, result, seconds, sourceVolume, targetVolume,
                                     targetMarkups)
 
-    def _matchBackWork(self, sourceMarkups, index: int, sourceVolume, targetVolume) -> tuple:
+    def _matchBackWork(self, sourceMarkups, index: int, sourceVolume, targetVolume,
+                       back: Optional[Callable] = None) -> tuple:
         """Read the clicked point (main thread); return ``(label, id, work)``, ``work`` the reverse match (no MRML,
-        so it may run in the worker thread)."""
+        so it may run in the worker thread). ``back``: returns the (target, source) matcher (default: now)."""
         from anatomical_embedding.io import convert_points
 
         ras = np.zeros(3)
         sourceMarkups.GetNthControlPointPositionWorld(index, ras)
         label = sourceMarkups.GetNthControlPointLabel(index)
         pid = sourceMarkups.GetNthControlPointID(index)
-        back, usePrior = self.matcher(targetVolume, sourceVolume), self.usePrior
+        if back is None:
+            matcher = self.matcher(targetVolume, sourceVolume)
+            back = lambda: matcher  # noqa: E731
+        usePrior = self.usePrior
         lps = convert_points(ras, "RAS", "LPS")
 
         def work():
             t0 = time.perf_counter()
-            result = back.match(lps, "LPS", use_prior=usePrior, with_raw=False, names=[label])[0].final
+            result = back().match(lps, "LPS", use_prior=usePrior, with_raw=False, names=[label])[0].final
             return result, time.perf_counter() - t0
 
         return label, pid, work
@@ -911,9 +1024,12 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         return out
 
     def _submitClickMatchBack(self, node, index: int, state: dict) -> BackgroundJob:
-        """A click in a target view as a background job, like :meth:`_submitClickMatch`: the reverse match runs in
-        the worker; :meth:`pollClickJobs` moves the source point and writes the target point (main thread)."""
-        label, pid, work = self._matchBackWork(node, index, state["sourceVolume"], state["targetVolume"])
+        """A point placed on the target as a background job, like :meth:`_submitClickMatch`: the reverse match
+        runs in the worker; :meth:`pollClickJobs` moves the source point and writes the target point (main
+        thread)."""
+        back = self._clickMatcher(state, state["targetVolume"], state["sourceVolume"])
+        label, pid, work = self._matchBackWork(node, index, state["sourceVolume"], state["targetVolume"],
+                                               back)
 
         def finish(output):
             result, seconds = output

@@ -115,18 +115,60 @@ def correspondenceSliceNodeIDs(scene, role: str) -> list:
     return [s.GetID() for s in (_sliceByLayoutName(scene, n) for n in names) if s is not None]
 
 
-def restrictMarkupsToViews(markupsNode, scene, role: str) -> None:
-    """Draw a point list only in the ``role`` row (source points on the source, matches on the target)."""
+def restrictMarkupsToViews(markupsNode, scene, role: str) -> Optional[tuple]:
+    """Draw a point list only in the ``role`` row (source points on the source, matches on the target).
+
+    Returns ``(display node, its previous view node IDs)`` for :func:`restoreMarkupsViews` (the restriction is
+    saved with the scene, so click mode undoes it when it stops), or None when nothing was changed.
+    """
     ids = correspondenceSliceNodeIDs(scene, role)
     if markupsNode is None or not ids:
-        return
+        return None
     if markupsNode.GetDisplayNode() is None:
         markupsNode.CreateDefaultDisplayNodes()
     display = markupsNode.GetDisplayNode()
+    previous = tuple(display.GetViewNodeIDs())  # empty: every view
     # 3D views keep showing the points (only the slice rows are split between source and target).
     threeD = [scene.GetNthNodeByClass(i, "vtkMRMLViewNode").GetID()
               for i in range(scene.GetNumberOfNodesByClass("vtkMRMLViewNode"))]
     display.SetViewNodeIDs(ids + threeD)
+    return display, previous
+
+
+def restoreMarkupsViews(saved: Optional[tuple]) -> None:
+    """Undo :func:`restrictMarkupsToViews` (a display node removed from the scene meanwhile is skipped)."""
+    if saved is None:
+        return
+    display, previous = saved
+    if display.GetScene() is not None:
+        display.SetViewNodeIDs(list(previous))
+
+
+def startPlaceMode(markupsNode) -> Optional[tuple]:
+    """Persistent Markups place mode into ``markupsNode`` (the Markups logic's calls, as the toolbar makes).
+
+    Returns ``(interaction node, its previous place-mode persistence)`` for :func:`stopPlaceMode`, or None
+    when the scene has no interaction node.
+    """
+    markupsLogic = slicer.modules.markups.logic()
+    interaction = markupsNode.GetScene().GetNodeByID("vtkMRMLInteractionNodeSingleton")
+    if interaction is None:
+        return None
+    persistence = interaction.GetPlaceModePersistence()
+    markupsLogic.SetActiveList(markupsNode)
+    markupsLogic.StartPlaceMode(True)
+    return interaction, persistence
+
+
+def stopPlaceMode(saved: Optional[tuple]) -> None:
+    """Leave the place mode of :func:`startPlaceMode`: back to view transform, persistence as it was (else
+    every later click would keep adding points to the list)."""
+    if saved is None:
+        return
+    interaction, persistence = saved
+    interaction.SetPlaceModePersistence(persistence)
+    if interaction.GetCurrentInteractionMode() == interaction.Place:
+        interaction.SetCurrentInteractionMode(interaction.ViewTransform)
 
 
 # ---- heatmap ----------------------------------------------------------------------------------------
@@ -222,9 +264,12 @@ def setHeatmapOpacity(heatmapNode, opacity: float) -> None:
 
 # ---- results table ----------------------------------------------------------------------------------
 def updateResultsTable(tableNode, targetMarkupsNodes: Sequence):
-    """Rewrite ``tableNode`` (created when None) with one row per matched point of the given lists."""
+    """Rewrite ``tableNode`` (created when None) with one row per matched point of the given lists; None when
+    there is no table and no list to make one for."""
     if tableNode is None:
-        scene = next(n for n in targetMarkupsNodes if n is not None).GetScene()
+        scene = next((n.GetScene() for n in targetMarkupsNodes if n is not None), None)
+        if scene is None:  # no list (e.g. the "Matched points" selector was cleared): no table to make
+            return None
         tableNode = scene.AddNewNodeByClass("vtkMRMLTableNode", "Correspondence results")
     table = vtk.vtkTable()
     columns = {}
