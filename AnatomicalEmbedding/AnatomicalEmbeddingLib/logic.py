@@ -892,7 +892,7 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         match takes the matcher from its result. :meth:`pollClickJobs` stores its embeddings before it writes
         any match.
         """
-        from anatomical_embedding.inference.matching import MatchConfig, Matcher
+        from anatomical_embedding.inference.matching import Matcher
 
         prepare = state["prepare"]
         if prepare is None and self.isPrepared(state["sourceVolume"], [state["targetVolume"]]):
@@ -906,7 +906,7 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
                                                       sourceMarkups=state["source"])
             state["prepare"] = prepare
             self._clickJobs.append((prepare, state))  # the poll applies it before the clicks queued behind it
-        key, lowConfidence = (sourceVolume.GetID(), targetVolume.GetID()), self.lowConfidence
+        key = (sourceVolume.GetID(), targetVolume.GetID())
 
         def get():  # worker: one worker thread, so the preparation has run by now
             try:
@@ -916,8 +916,7 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
             except Exception as exc:  # noqa: BLE001 - reported as this click's error
                 raise ValueError(f"the volumes could not be prepared: {exc}") from exc
             matcher = matchers.get(key)  # the reverse pair (a match back) was not prepared: built here
-            return matcher if matcher is not None else Matcher(embs[key[0]], embs[key[1]],
-                                                               MatchConfig(low_confidence=lowConfidence))
+            return matcher if matcher is not None else Matcher(embs[key[0]], embs[key[1]], engineFlagsOnly())
 
         return get
 
