@@ -488,8 +488,8 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         p = self._parameterNode
         if str(p.headPath) in ("", ".") or self.logic.head is None:
             return
-        overwrite = p.headPath.resolve() == self.logic.headFile  # never true for a new head: ask first
-        if p.headPath.exists() and not overwrite and not slicer.util.confirmYesNoDisplay(
+        # Called after training, so the head in memory is new: an existing file is someone's, ask first.
+        if p.headPath.exists() and not slicer.util.confirmYesNoDisplay(
                 f"{p.headPath} exists. Replace it with the head just trained?", windowTitle="Anatomical Embedding"):
             self.ui.statusLabel.setText("Head trained (kept in memory; the file was not replaced).")
             return

@@ -804,14 +804,20 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
                 out[node.GetNthControlPointID(i)] = (ras, node.GetNthControlPointLabel(i))
         return out
 
+    @staticmethod
+    def _unchanged(reference: Optional[tuple], ras: np.ndarray, label: str) -> bool:
+        """Whether a point is where, and named as, ``reference`` = (world RAS, label) records it."""
+        return reference is not None and np.allclose(reference[0], ras, atol=1e-6) and reference[1] == label
+
     @classmethod
     def _movedPoints(cls, node, start: dict, last: dict) -> list:
-        """Indices of the points whose position or label differs from the start of the interaction or from
-        their last match (a point neither seen at the start nor matched yet is left to its own events)."""
+        """Indices of the points that moved or were renamed since their last match, or since the start of the
+        interaction when never matched (a point neither matched nor seen at the start is left to its own
+        events)."""
         moved = []
         for pid, (ras, label) in cls._pointPositions(node).items():
-            before = [ref for ref in (start.get(pid), last.get(pid)) if ref is not None]
-            if any(not np.allclose(ref[0], ras, atol=1e-6) or ref[1] != label for ref in before):
+            reference = last.get(pid) or start.get(pid)
+            if reference is not None and not cls._unchanged(reference, ras, label):
                 moved.append(node.GetNthControlPointIndexByID(pid))
         return moved
 
@@ -824,8 +830,7 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         node.GetNthControlPointPositionWorld(index, ras)
         pid = node.GetNthControlPointID(index)
         label = node.GetNthControlPointLabel(index)
-        last = state["last"].get(pid)
-        if last is not None and np.allclose(last[0], ras, atol=1e-6) and last[1] == label:
+        if self._unchanged(state["last"].get(pid), ras, label):
             return None
         inTarget = node.GetNthControlPointAssociatedNodeID(index) == state["targetVolume"].GetID()
         self._busy = True  # writing the point lists must not re-enter through our own events
