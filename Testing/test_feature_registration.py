@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from anatomical_embedding.inference.feature_registration import (
 from anatomical_embedding.inference import feature_registration
 from anatomical_embedding.inference.matching import Matcher
 from anatomical_embedding.io import Volume
+from anatomical_embedding.inference import prior as prior_module
 from anatomical_embedding.inference.prior import PriorConfig, fit_prior
 
 
@@ -158,6 +160,83 @@ def test_capture_stage_fits_a_seeded_subset_and_still_recovers_the_shift(shifted
     pts = es.index_to_world(np.argwhere(np.ones((4, 4, 4))) * 6.0 + [20.0, 8.0, 8.0])
     err = np.linalg.norm(refined.predict(pts) - (pts + shift), axis=1).mean()
     assert err < 0.05, err
+
+
+def _record_starts(monkeypatch) -> list:
+    """Record every start's (sample x, affine) as refine_transform runs its affine stages."""
+    starts = []
+    real = feature_registration._affine_stages
+
+    def recording(source, target, src_ijk, x, affine, config, cache):
+        out = real(source, target, src_ijk, x, affine, config, cache)
+        starts.append((x, out[0]))
+        return out
+
+    monkeypatch.setattr(feature_registration, "_affine_stages", recording)
+    return starts
+
+
+def test_confident_first_start_runs_no_restart(shifted_pair, monkeypatch):
+    es, et, _ = shifted_pair
+    starts = _record_starts(monkeypatch)
+    coarse = fit_prior(es, et, PriorConfig(refine=None))
+    refined = refine_transform(es, et, coarse.affine, RefineConfig(restarts=4))
+    assert refined.affine_similarity >= RefineConfig().restart_below  # identical images: a confident fit
+    assert len(starts) == 1 and refined.starts == 1 and refined.summary()["starts"] == 1
+
+
+def test_doubtful_start_restarts_and_keeps_the_plausible_best_on_the_first_sample(shifted_pair, monkeypatch):
+    es, et, _ = shifted_pair
+    coarse = fit_prior(es, et, PriorConfig(refine=None))
+    # Every start counts as doubtful; the first one is declared implausible, so it can never win.
+    config = RefineConfig(restarts=3, restart_below=2.0, capture_points=400, deformable=False)
+    first = refine_transform(es, et, coarse.affine, replace(config, restarts=0))
+    starts = _record_starts(monkeypatch)
+    refined = refine_transform(es, et, coarse.affine, config,
+                               plausible=lambda a: not np.allclose(a, first.affine))
+    assert len(starts) == 4 and refined.starts == 4
+    assert np.allclose(starts[0][1], first.affine)
+    assert len({round(float(a[0, 3]), 9) for _, a in starts[1:]}) > 1  # other samples, other optima
+    # By hand: each start's similarity on the first sample (fine level, the last affine stage's weights).
+    x0 = starts[0][0]
+    level = feature_registration._fine_level(es, et, es.world_to_index(x0), 1.0)
+    scores = [_similarity([level], x0 @ a[:3, :3].T + a[:3, 3])[0] for _, a in starts[1:]]
+    best = int(np.argmax(scores))
+    np.testing.assert_allclose(refined.affine, starts[1 + best][1])
+    assert refined.affine_similarity == pytest.approx(scores[best], abs=1e-6)
+
+
+def test_restarts_keep_the_first_start_when_none_is_plausible_or_samples_cannot_vary(shifted_pair, monkeypatch):
+    es, et, _ = shifted_pair
+    coarse = fit_prior(es, et, PriorConfig(refine=None))
+    config = RefineConfig(restarts=2, restart_below=2.0, deformable=False)
+    plain = refine_transform(es, et, coarse.affine, replace(config, restarts=0))
+    starts = _record_starts(monkeypatch)
+    none = refine_transform(es, et, coarse.affine, config, plausible=lambda a: False)
+    assert len(starts) == 3 and none.starts == 3
+    np.testing.assert_array_equal(none.affine, plain.affine)  # the caller refuses it, with its own reasons
+    assert none.affine_similarity == plain.affine_similarity
+    # Every foreground voxel in the sample and no capture subset: another seed would repeat the first start.
+    starts.clear()
+    whole = refine_transform(es, et, coarse.affine, replace(config, max_points=10 ** 7, capture_points=None))
+    assert len(starts) == 1 and whole.starts == 1
+
+
+def test_prior_restarts_when_its_refinement_ends_implausible(shifted_pair, monkeypatch):
+    # The robust prior hands its scale/mirroring checks to the refinement, so an implausible first start is
+    # retried before the whole refinement is refused.
+    es, et, _ = shifted_pair
+    calls = []
+    real = feature_registration.refine_transform
+
+    def spy(source, target, initial, config=None, plausible=None):
+        calls.append(plausible)
+        return real(source, target, initial, config, plausible)
+
+    monkeypatch.setattr(prior_module, "refine_transform", spy)
+    fit_prior(es, et, PriorConfig(scale_range=(0.6, 1.6)))
+    assert calls and calls[0] is not None
+    assert calls[0](np.eye(4)) and not calls[0](np.diag([2.0, 1.0, 1.0, 1.0])) and not calls[0](np.diag([-1.0, 1, 1, 1]))
 
 
 def test_wide_model_skips_the_refinement_and_keeps_the_coarse_prior(shifted_pair, caplog):

@@ -387,7 +387,8 @@ def _fit_stable(source: VolumeEmbedding, target: VolumeEmbedding, config: PriorC
 def _refine(source: VolumeEmbedding, target: VolumeEmbedding, initial: np.ndarray, config: PriorConfig
             ) -> FeatureTransform:
     """The dense refinement from ``initial``; ValueError when it cannot run or ends implausible."""
-    refined = refine_transform(source, target, initial, config.refine)
+    refined = refine_transform(source, target, initial, config.refine,
+                               plausible=lambda a: not affine_problems(a, config))
     problems = affine_problems(refined.affine, config)
     if problems:
         raise ValueError(f"feature registration: implausible result refused ({'; '.join(problems)})")
