@@ -641,9 +641,18 @@ class AnatomicalEmbeddingTest(ScriptedLoadableModuleTest):
         self.assertEqual(table.GetTable().GetNumberOfRows(), len(names))
         logic.jumpToResult(table, 0)
 
-        self.delayDisplay("Few-shot")
+        self.delayDisplay("Few-shot (inside Slicer: training and applying in a child process)")
         cases = logic.addFewShotCase(None, source["volume"], source["segmentation"])
-        logic.trainFewShotHead(logic.fewShotCases(cases), FewShotConfig(voxels_per_class=300, epochs=30))
-        seg = logic.applyFewShotHead(target["volume"])
+        job = logic.trainFewShotHeadAsync(logic.fewShotCases(cases), FewShotConfig(voxels_per_class=300, epochs=30))
+        while not job.done():
+            slicer.app.processEvents()
+            logic.yieldToWorker()
+        head = logic.finishJob(job)
+        self.assertIs(logic.head, head)
+        job = logic.applyFewShotHeadAsync(target["volume"])
+        while not job.done():
+            slicer.app.processEvents()
+            logic.yieldToWorker()
+        seg = logic.finishJob(job)
         self.assertEqual(mrml.segment_names(seg), mrml.segment_names(source["segmentation"]))
         self.delayDisplay("Test passed")

@@ -23,7 +23,7 @@ class BackgroundJob:
         self.finish: Optional[Callable] = None
         self._cancel = threading.Event()
         self.future: Optional[concurrent.futures.Future] = None
-        #: The child process the job's function is waiting on, if any (``subprocess_job.EmbeddingProcess``):
+        #: The child process the job's function is waiting on, if any (a ``subprocess_job.ChildProcess``):
         #: :meth:`cancel` stops it at once, from the main thread, instead of at its next progress report.
         self.process = None
 
@@ -126,8 +126,9 @@ class JobWorker:
         Slicer's PythonQt keeps the lock while the Qt loop idles, so a Python worker thread only runs when the
         main thread gives it up (the engine's heavy parts - onnxruntime, numpy - release it themselves once
         entered). Sleeping here, in the timer's slot, hands the worker the lock every tick without blocking the
-        GUI for more than ``YIELD_SECONDS``. (Embeddings and the robust priors do not depend on it: they run in a
-        child process, see ``subprocess_job``; the worker then only relays their progress.)
+        GUI for more than ``YIELD_SECONDS``. (Embeddings, the robust priors and few-shot training and applying do
+        not depend on it: inside Slicer they run in a child process, see ``subprocess_job`` and
+        ``fewshot_process``; the worker then only relays their progress.)
         """
         if self._executor is not None:
             time.sleep(self.YIELD_SECONDS if seconds is None else seconds)

@@ -14,8 +14,10 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 from AnatomicalEmbeddingLib import cases as fewShotCasesTable
 from AnatomicalEmbeddingLib import dependencies, matches, views
 from AnatomicalEmbeddingLib.engine_model import _EngineModel
+from AnatomicalEmbeddingLib.fewshot_process import FewShotProcess
 from AnatomicalEmbeddingLib.jobs import BackgroundJob, JobWorker
-from AnatomicalEmbeddingLib.subprocess_job import ChildResult, EmbeddingProcess, cachedKey, pythonExecutable
+from AnatomicalEmbeddingLib.subprocess_job import ChildProcess, ChildResult, EmbeddingProcess, cachedKey, \
+    pythonExecutable
 from AnatomicalEmbeddingLib.views import HEATMAP_ATTRIBUTE
 
 #: Volumes with at most this many fine tiles get every tile warmed in the background (after the tiles around the
@@ -73,6 +75,10 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         #: interpreter lock, which starves the worker thread. On inside Slicer; scripts and tests embed and fit in
         #: the worker thread unless they set it.
         self.embedInSubprocess = hasattr(getattr(slicer, "app", None), "slicerHome")
+        #: Train and apply few-shot heads in a child process too (:mod:`AnatomicalEmbeddingLib.fewshot_process`),
+        #: for the same reason: the ``...Async`` jobs only (the blocking calls stay in this process). On inside
+        #: Slicer, like ``embedInSubprocess``.
+        self.fewShotInSubprocess = self.embedInSubprocess
         self._cache = None
         self._embeddings: dict = {}   # volume node ID -> (geometry/content stamp, VolumeEmbedding)
         self._matchers: dict = {}     # (source ID, target ID) -> Matcher
@@ -285,23 +291,38 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
             self.embedVolume(volumeNode)
         return self._embeddings[volumeNode.GetID()][1]
 
+    def _childSettings(self) -> Optional[dict]:
+        """Main thread: the keyword arguments a child process (:class:`ChildProcess`) needs to run this model with
+        this cache (model file, backend, device, cache, Python, temporary folder); None when no model file is
+        known."""
+        if self.modelPath is None:
+            return None
+        model = self._requireModel()
+        # Read slicer.app here, on the main thread: the worker builds the child.
+        return {"modelPath": self.modelPath, "backend": model.backend,
+                "device": getattr(model.model, "device", "cpu"), "cache": self.cache,
+                "python": pythonExecutable(), "tempDir": getattr(getattr(slicer, "app", None), "temporaryPath", None)}
+
     def _childFactory(self) -> Optional[Callable[..., EmbeddingProcess]]:
         """Main thread: ``make(volumes, names, priors)`` building the child process that embeds (and fits priors)
         with this model and cache (:mod:`AnatomicalEmbeddingLib.subprocess_job`); None when ``embedInSubprocess``
         is off or no model file is known."""
-        if not self.embedInSubprocess or self.modelPath is None:
+        settings = self._childSettings() if self.embedInSubprocess else None
+        if settings is None:
             return None
-        model, modelPath, cache, config = self._requireModel(), self.modelPath, self.cache, self.embedConfig
-        device = getattr(model.model, "device", "cpu")
-        # Read slicer.app here, on the main thread: the worker builds the child.
-        tempDir = getattr(getattr(slicer, "app", None), "temporaryPath", None)
-        python = pythonExecutable()
+        config = self.embedConfig
 
         def make(volumes: list, names: list, priors: list) -> EmbeddingProcess:
-            return EmbeddingProcess(volumes, modelPath, model.backend, device, cache, config, priors=priors,
-                                    names=names, python=python, tempDir=tempDir)
+            return EmbeddingProcess(volumes, config=config, priors=priors, names=names, **settings)
 
         return make
+
+    @staticmethod
+    def _runChild(job: BackgroundJob, child: ChildProcess):
+        """Worker: run ``child`` for ``job`` (its Cancel stops the child at once) and return its result."""
+        job.process = child
+        job.check()  # cancelled before job.process was set: cancel() could not stop this child
+        return child.run(lambda fraction, message: job.report(fraction, message))  # job.report as it is then
 
     @staticmethod
     def _childStage(job: BackgroundJob, make: Callable[..., EmbeddingProcess], volumes: list, names: list,
@@ -317,10 +338,7 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
             if not missing:
                 return None
             volumes, names = [volumes[n] for n in missing], [names[n] for n in missing]
-        child = make(volumes, names, priors)
-        job.process = child
-        job.check()  # cancelled before job.process was set: cancel() could not stop this child
-        return child.run(lambda fraction, message: job.report(fraction, message))  # job.report as it is then
+        return AnatomicalEmbeddingLogic._runChild(job, make(volumes, names, priors))
 
     def _embedWork(self, volumeNode, job: BackgroundJob, volume=None, allowChild: bool = True) -> tuple:
         """Read the node (main thread); return (worker function, store function) for one volume.
@@ -1052,14 +1070,25 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
     removeFewShotCase = staticmethod(fewShotCasesTable.removeFewShotCase)
     fewShotCases = staticmethod(fewShotCasesTable.fewShotCases)
 
-    def _trainJob(self, cases: Sequence, job: BackgroundJob, config=None) -> Callable:
+    def _fewShotChild(self, inChild: bool) -> Optional[dict]:
+        """Main thread: the child's settings (:meth:`_childSettings`) when few-shot work runs in a child, else
+        None (``inChild`` off: a blocking call; or ``fewShotInSubprocess`` off)."""
+        return self._childSettings() if inChild and self.fewShotInSubprocess else None
+
+    def _trainJob(self, cases: Sequence, job: BackgroundJob, config=None, inChild: bool = False) -> Callable:
+        """Read the cases (main thread); return the worker function that trains the head, here or in a child
+        process (``inChild`` and ``fewShotInSubprocess``: the same head, handed back as a file)."""
         from anatomical_embedding.fewshot.head import FewShotConfig, train_head
 
         model = self._requireModel()
         images, labels, names, colors = fewShotCasesTable.fewShotData(cases)
         config = config or FewShotConfig()
+        settings = self._fewShotChild(inChild)
 
         def work():
+            if settings is not None:  # the voxel samples are kept in the disk cache instead of the memo below
+                return self._runChild(job, FewShotProcess.training(images, labels, names, colors, config,
+                                                                   **settings))
             model.set_memo(True)
             try:
                 return train_head(model, images, labels, names, config, progress=job.report, colors=colors)
@@ -1082,8 +1111,10 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         return job.finish(work())
 
     def trainFewShotHeadAsync(self, cases: Sequence, config=None) -> BackgroundJob:
+        """Train in the background (progress, Cancel): in a child process with ``fewShotInSubprocess`` (inside
+        Slicer), else in the worker thread; :meth:`finishJob` makes the head the one in memory."""
         job = BackgroundJob("Training the few-shot head")
-        return self._submit(job, self._trainJob(cases, job, config))
+        return self._submit(job, self._trainJob(cases, job, config, inChild=True))
 
     def loadHead(self, path):
         from anatomical_embedding.fewshot.head import FewShotHead
@@ -1108,7 +1139,9 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
             raise ValueError("no few-shot head: train one, or choose a saved head file")
         return self.head
 
-    def _applyJob(self, volumeNode, outputSegmentation, job: BackgroundJob) -> Callable:
+    def _applyJob(self, volumeNode, outputSegmentation, job: BackgroundJob, inChild: bool = False) -> Callable:
+        """Read the volume (main thread); return the worker function that segments it, here or in a child process
+        (as :meth:`_trainJob`); ``job.finish`` writes the segmentation node on the main thread."""
         from anatomical_embedding import mrml
         from anatomical_embedding.fewshot.head import apply_head
 
@@ -1119,8 +1152,11 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         image = mrml.node_to_volume(volumeNode)
         scene = volumeNode.GetScene()
         name = f"{volumeNode.GetName()} few-shot segmentation"
+        settings = self._fewShotChild(inChild)
 
         def work():
+            if settings is not None:
+                return self._runChild(job, FewShotProcess.applying(image, head, **settings))
             model.set_memo(True)
             try:
                 return apply_head(model, head, image, progress=job.report)
@@ -1155,8 +1191,10 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         return job.finish(work())
 
     def applyFewShotHeadAsync(self, volumeNode, outputSegmentation=None) -> BackgroundJob:
+        """Segment in the background (progress, Cancel), in a child process like :meth:`trainFewShotHeadAsync`;
+        :meth:`finishJob` writes the segmentation node."""
         job = BackgroundJob(f"Segmenting {volumeNode.GetName()}")
-        return self._submit(job, self._applyJob(volumeNode, outputSegmentation, job))
+        return self._submit(job, self._applyJob(volumeNode, outputSegmentation, job, inChild=True))
 
     # ---- phantom data -----------------------------------------------------------------------------
     def loadPhantomPair(self, seed: int = 0, outputDir: Optional[str] = None, scene=None,

@@ -8,6 +8,7 @@ only the sampled voxels (training) or the label decision (applying) are kept.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -361,6 +362,36 @@ def case_samples(model: PatchEmbedder, image: Volume, label: Volume, class_names
     return CaseSamples(features_at(model, pre.array, idx, config), cls)
 
 
+#: The FewShotConfig fields that a case's voxel sample and its features depend on (part of the sample cache key).
+SAMPLE_FIELDS = ("voxels_per_class", "boundary_fraction", "tile", "margin", "use_intensity", "use_coarse", "seed")
+
+
+def samples_key(model_hash: str, image: Volume, label: Volume, class_names: dict[int, str], config: FewShotConfig,
+                case_index: int) -> str:
+    """The disk cache key of :func:`case_samples`' result: everything it depends on (names do not matter, the
+    class values do: they number the classes)."""
+    from anatomical_embedding.inference.embedding import image_hash
+
+    parts = {"format": "fewshot-samples/1", "model": model_hash, "image": image_hash(image),
+             "label": image_hash(label), "values": _class_table(class_names)[0],
+             "config": {f: getattr(config, f) for f in SAMPLE_FIELDS}, "case": int(case_index)}
+    return "fewshot-" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:40]
+
+
+def cached_case_samples(cache, model: PatchEmbedder, image: Volume, label: Volume, class_names: dict[int, str],
+                        config: FewShotConfig, case_index: int = 0) -> CaseSamples:
+    """:func:`case_samples`, kept in the embedding disk cache (``EmbeddingCache.save_array``, exact float32):
+    retraining after adding a case runs the network on that case only, even in a new process."""
+    key = samples_key(model.model_hash, image, label, class_names, config, case_index)
+    x, y = cache.load_array(key, "samples_x"), cache.load_array(key, "samples_y")
+    if x is not None and y is not None and len(x) == len(y):
+        return CaseSamples(x, y)
+    samples = case_samples(model, image, label, class_names, config, case_index)
+    cache.save_array(key, "samples_x", samples.x)
+    cache.save_array(key, "samples_y", samples.y)
+    return samples
+
+
 def train_head_on_samples(samples: Sequence[CaseSamples], class_names: dict[int, str], model_hash: str,
                           config: FewShotConfig | None = None,
                           progress: Callable[[float, str], bool] | None = None,
@@ -386,11 +417,13 @@ def train_head_on_samples(samples: Sequence[CaseSamples], class_names: dict[int,
 def train_head(model: PatchEmbedder, images: Sequence[Volume], labels: Sequence[Volume],
                class_names: dict[int, str], config: FewShotConfig | None = None,
                progress: Callable[[float, str], bool] | None = None,
-               colors: dict[int, Sequence[float]] | None = None) -> FewShotHead:
+               colors: dict[int, Sequence[float]] | None = None, sample_cache=None) -> FewShotHead:
     """Train M_S on frozen embeddings of labelled cases.
 
     ``class_names`` maps label values to names (background 0 need not be listed); every case's
     labels must use only those values. ``progress(fraction, message)`` returning False cancels.
+    ``sample_cache``: an ``EmbeddingCache`` that keeps each case's voxel sample (:func:`cached_case_samples`);
+    the head is the same with it or without.
     """
     config = config or FewShotConfig()
     if len(images) != len(labels) or not images:
@@ -400,7 +433,8 @@ def train_head(model: PatchEmbedder, images: Sequence[Volume], labels: Sequence[
     t0 = time.perf_counter()
     samples = []
     for n, (image, label) in enumerate(zip(images, labels)):
-        samples.append(case_samples(model, image, label, class_names, config, n))
+        samples.append(case_samples(model, image, label, class_names, config, n) if sample_cache is None
+                       else cached_case_samples(sample_cache, model, image, label, class_names, config, n))
         if progress is not None and not progress(0.5 * (n + 1) / len(images), f"embedded case {n + 1}/{len(images)}"):
             raise InterruptedError("few-shot training cancelled")
     head = train_head_on_samples(samples, class_names, model.model_hash, config, progress, colors)

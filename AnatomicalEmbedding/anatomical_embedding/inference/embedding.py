@@ -125,7 +125,8 @@ class EmbeddingCache:
     """On-disk cache of coarse maps and fine tiles, with LRU eviction by total size.
 
     Layout: ``<root>/<key>/meta.json``, ``coarse.npy`` (float16, (C, k, j, i)), ``fine/<a>_<b>_<c>.npy``
-    (float16 tiles, indices along (i, j, k)). Access times are recorded with ``os.utime`` (mtime), and
+    (float16 tiles, indices along (i, j, k)), and other arrays kept as they are (:meth:`save_array`: a few-shot
+    case's voxel sample) as ``<name>.npy``. Access times are recorded with ``os.utime`` (mtime), and
     eviction deletes the least recently used *files* (coarse maps and tiles alike) until the total is
     under ``budget_bytes``.
     """
@@ -201,6 +202,15 @@ class EmbeddingCache:
         self._save(self.entry_dir(key) / "fine" / ("%d_%d_%d.npy" % tuple(tile)), block.astype(np.float16))
         if self._writes % 64 == 0:
             self.evict()
+
+    def load_array(self, key: str, name: str) -> np.ndarray | None:
+        """Another array kept under ``key`` (e.g. a few-shot case's voxel sample), as saved; None when missing."""
+        return self._load(self.entry_dir(key) / f"{name}.npy")
+
+    def save_array(self, key: str, name: str, array: np.ndarray) -> None:
+        """Keep ``array`` as is (no float16) under ``key``; it counts towards the budget like the maps."""
+        self._save(self.entry_dir(key) / f"{name}.npy", np.asarray(array))
+        self.evict()
 
     def files(self) -> list[tuple[float, int, Path]]:
         out = []
