@@ -120,7 +120,15 @@ def test_onnx_backend_does_not_import_torch(package):
         "v = Volume(np.random.default_rng(0).normal(size=(32, 40, 48)).astype(np.float32) * 300, spacing=(2, 2, 2))\n"
         "e = embed_volume(m, v)\n"
         "r = Matcher(e, e, prior_config=None).match(v.index_to_world([20.0, 20.0, 16.0]))\n"
+        # Few-shot training and applying too (the viewer's few-shot child, `fewshot apply`): their preprocessing
+        # lives outside the MONAI data sets.
+        "from anatomical_embedding.fewshot.head import FewShotConfig, apply_head, train_head\n"
+        "lab = v.with_array((v.array > 0).astype(np.int16))\n"
+        "h = train_head(m, [v], [lab], {1: 'bright'}, FewShotConfig(epochs=2, voxels_per_class=200))\n"
+        "seg = apply_head(m, h, v)\n"
+        "assert seg.array.shape == v.array.shape\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "assert 'monai' not in sys.modules, 'MONAI was imported'\n"
         "print('ok', r[0].final.similarity)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)

@@ -140,10 +140,6 @@ def _apply(args: argparse.Namespace, model, out: pathlib.Path) -> str:
 
 
 def _work(args: argparse.Namespace) -> dict:
-    if args.backend == "onnxruntime":
-        # The ONNX Runtime path needs neither torch nor MONAI (ARCHITECTURE.md), but the few-shot preprocessing
-        # imports data.datasets, which imports MONAI, and with it torch, where installed: 3-4 s of every job.
-        sys.modules.setdefault("monai", None)  # (datasets then does without it, as in a Slicer without MONAI)
     model, cache = openModelAndCache(args)
     counting = CountingModel(model)
     out = pathlib.Path(args.out)

@@ -1,2 +1,3 @@
-"""Data: cases and their preprocessing cache (``datasets``), patch-pair sampling (``patches``), and each
+"""Data: cases and their preprocessing cache (``datasets``), one image's preprocessing free of MONAI
+(``preprocess``), patch-pair sampling (``patches``), and each
 method's augmentations, one module per method (``augment_hdssl``, ``augment_adam``)."""

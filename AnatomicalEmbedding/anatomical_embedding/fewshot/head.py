@@ -65,7 +65,7 @@ class FewShotConfig:
 
 # ---- feature extraction in tiles --------------------------------------------------------------
 def preprocess_for_model(model: PatchEmbedder, volume: Volume) -> Volume:
-    from anatomical_embedding.data.datasets import PreprocessConfig, preprocess_volume
+    from anatomical_embedding.data.preprocess import PreprocessConfig, preprocess_volume
 
     card = model.card
     cfg = PreprocessConfig(spacing=tuple(card["spacing"]), preset=card["intensity_preset"])
