@@ -340,9 +340,11 @@ class ModelMethod(Method):
         # EmbedConfig.dense_fine it is part of the embedding, already charged).
         reused = sum(e.timings.get("dense_fine_s", 0.0) for e in (src, tgt) if not e.config.dense_fine)
         t0 = time.perf_counter()
-        matches = Matcher(src, tgt, prior_config=prior).match(pair.points, use_prior=prior is not None,
-                                                              with_raw=False)
+        matcher = Matcher(src, tgt, prior_config=prior)
+        matches = matcher.match(pair.points, use_prior=prior is not None, with_raw=False)
         pts_s = time.perf_counter() - t0
+        refined = getattr(matcher.prior, "refined", None) if prior is not None else None
+        self.starts = None if refined is None else int(refined.starts)
         if self.variant == "raw":
             self.shared[("tiles", pair.name)] = tim_src["s"] + tim_tgt["s"]
         elif self.variant == "coarse":
@@ -474,6 +476,18 @@ def plot_cdf(records: list[dict], methods: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def restart_lines(records: list[dict]) -> list[str]:
+    """Which refined pairs were doubtful enough to restart the refinement's affine stages
+    (``RefineConfig.restarts``)."""
+    refined = [r for r in records if r.get("refinement_starts")]
+    if not refined:
+        return []
+    restarted = [f"{r['pair']} ({r['method']})" for r in refined if r["refinement_starts"] > 1]
+    return [f"Refinement restarts (`RefineConfig.restarts`, tried when the first start is implausible or below "
+            f"`restart_below` similarity): {len(restarted)} of {len(refined)} refined pairs"
+            + (f": {', '.join(restarted)}." if restarted else ".")]
+
+
 def write_report(result: dict, out: Path) -> None:
     rows, m = result["summary"], result["machine"]
     lines = ["# Landmark transfer on real CT and MR volumes", "", machine_line(m), "",
@@ -489,7 +503,8 @@ def write_report(result: dict, out: Path) -> None:
              "Error CDF per pair type: [real_cdf.png](real_cdf.png). s per pair: everything for the pair "
              "(registration; "
              "for a model the embedding of both images plus matching). ms per point: the point-dependent part "
-             "(matching, including the robust prior's fit; mapping through the registration's transform).", ""]
+             "(matching, including the robust prior's fit; mapping through the registration's transform).", "",
+             *restart_lines(result["records"]), ""]
     lines += ["## Pair types", "",
               (f"**Intra-subject** ({result['config']['transforms']} known transforms per volume, up to "
                f"{result['config']['points']} structure points each; volumes at {SPACING:g} mm): rotation up to 10 "
@@ -729,7 +744,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 records.append({"group": pair.group, "pair": pair.name, "method": method.name,
                                 "errors_mm": err, "seconds": seconds, "points_seconds": pts_s,
-                                "predicted_lps": np.asarray(pred, dtype=float)})  # for parity between models
+                                "predicted_lps": np.asarray(pred, dtype=float),  # for parity between models
+                                "refinement_starts": getattr(method, "starts", None)})
                 line.append(f"{method.name} {np.mean(err):.1f}")
             log.info("%s (%d points): %s", pair.name, len(pair.points), "; ".join(line))
             for m in methods:  # the moved image's embedding is used by this pair only
