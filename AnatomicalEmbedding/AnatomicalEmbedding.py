@@ -66,9 +66,11 @@ class AnatomicalEmbedding(ScriptedLoadableModule):
 Dense anatomical embeddings: every voxel gets a vector that says where in the anatomy it is.
 Pick a model, a source and a target scan; points placed (or dragged) on the source, in the top row of
 views, are matched in the target, shown in the bottom row (click-to-correspond), with a similarity heatmap and
-a confidence for every match. Turning click-to-correspond off ends place mode and restores where the point
-lists are drawn. Few-shot labelling trains a small segmentation head from a few segmented cases. Try it on the
-"Phantom pair" sample data.
+a confidence for every match. Each target volume has its own "Matched points" list: picking another target
+selects its list (or a new one) and leaves the previous target's list as it is. Changing a selector while
+another job runs restarts click-to-correspond when that job is done. Turning click-to-correspond off ends place
+mode and restores where the point lists are drawn. Few-shot labelling trains a small segmentation head from a
+few segmented cases. Try it on the "Phantom pair" sample data.
 """
         self.parent.acknowledgementText = """
 Methods: AEFM (Zhuang et al.), Adam/Eve (Hosseinzadeh Taher et al.), AnatoMask (Li et al.),
@@ -182,6 +184,8 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._parameterNodeGuiTag = None
         self._job = None
         self._afterJob = None
+        #: The job that prepares the pair for click mode's start (its failure or Cancel turns click mode off).
+        self._clickStartJob = None
         self._timer = None
 
     def setup(self) -> None:
@@ -221,13 +225,14 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        for job in (self._job, self.logic.clickPreparationJob()):
-            if job is not None:
-                job.cancel()
-        self.logic.cancelWarming()
+        # As at scene close: every job (queued, running, done but not applied, click matches, warming) is
+        # cancelled, so nothing is written later and no child process outlives the module.
         if self._timer is not None:
             self._timer.stop()
-        self.logic.stopClickToCorrespond()
+        if self.logic is not None:
+            self.logic.stopClickToCorrespond()
+            self.logic.abandonJobs()
+        self._job, self._afterJob, self._clickStartJob = None, None, None
         self.removeObservers()
 
     def enter(self) -> None:
@@ -242,7 +247,7 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def onSceneStartClose(self, caller, event) -> None:
         self.logic.stopClickToCorrespond()
         self.logic.abandonJobs()  # a job's finish step must not write into the next scene
-        self._job, self._afterJob = None, None
+        self._job, self._afterJob, self._clickStartJob = None, None, None
         self.ui.progressBar.setVisible(False)
         self.ui.cancelButton.setEnabled(False)
         self.logic.forgetScene()
@@ -274,6 +279,17 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.logic.setFitWindows(p.fitWindows)
         self.logic.setHeatmapOpacity(p.heatmapVolume, p.heatmapOpacity if p.showHeatmap else 0.0)
         self.ui.modelCardLabel.setText(self.logic.modelCardText())
+        # The matched list follows the target volume (the previous target's list is left as it is). In Slicer
+        # this assignment calls this slot again, which then does the rest; below is a no-op afterwards.
+        matched = self.logic.matchedPointsFor(p.sourceLandmarks, p.targetVolume, p.targetLandmarks)
+        if matched is not p.targetLandmarks:
+            p.targetLandmarks = matched
+        self._syncClickMode()
+
+    def _syncClickMode(self) -> None:
+        """Start, restart or stop click mode as the parameter node says. One job at a time: a (re)start while
+        another job runs waits for it (onPollJob calls this again when it is done)."""
+        p = self._parameterNode
         active = self.logic.clickToCorrespondNodes()
         if active is not None and p.clickToCorrespond and (
                 active != (p.sourceLandmarks, p.sourceVolume, p.targetVolume)
@@ -282,10 +298,22 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             # old one): restart on the new nodes; a cleared "Matched points" gets a new list, as at the start.
             self.logic.stopClickToCorrespond()
             active = None
-        if p.clickToCorrespond and active is None and self._job is None:
-            self._startClickMode()  # (while its preparation job runs, parameter changes must not restart it)
+        if p.clickToCorrespond and active is None:
+            if self._job is None:
+                self._startClickMode()
+            elif self._job is not self._clickStartJob:  # (its own preparation starts it when done)
+                logging.info("click-to-correspond resumes when %r is done", self._job.description)
+                self.ui.statusLabel.setText(f"{self._job.message} ({self._clickModeWaitText})")
         elif not p.clickToCorrespond and active is not None:
             self.logic.stopClickToCorrespond()
+
+    _clickModeWaitText = "click-to-correspond resumes when this is done"
+
+    def _clickModeWaits(self) -> bool:
+        """Click mode is on but stopped until the running job is done (a selector changed during the job)."""
+        p = self._parameterNode
+        return (p is not None and self._job is not None and self._job is not self._clickStartJob
+                and p.clickToCorrespond and not self.logic.clickToCorrespondActive())
 
     # ---- model ----
     def refreshInstalledModels(self) -> None:
@@ -359,30 +387,37 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 self._timer.stop()
             return
         self.ui.progressBar.setValue(int(100 * job.progress))
-        self.ui.statusLabel.setText(job.message)
+        self.ui.statusLabel.setText(f"{job.message} ({self._clickModeWaitText})" if self._clickModeWaits()
+                                    else job.message)
         if not job.done():
             self.logic.yieldToWorker()  # PythonQt holds the interpreter lock while idle: let the worker run
             return
         self._job = None  # (the next tick stops the timer unless click mode or tile warming still needs it)
         self.ui.progressBar.setVisible(False)
         self.ui.cancelButton.setEnabled(False)
+        clickStart = job is self._clickStartJob
+        if clickStart:
+            self._clickStartJob = None
         try:
             self.logic.finishJob(job)
-        except InterruptedError:
-            self.ui.statusLabel.setText("Cancelled.")
-            if self._parameterNode:
-                self._parameterNode.clickToCorrespond = False
-            return
-        except Exception as exc:  # shown to the user, with the details in the log
-            logging.exception("background job failed")
-            slicer.util.errorDisplay(f"{job.description} failed: {exc}")
-            if self._parameterNode:
-                self._parameterNode.clickToCorrespond = False
+        except Exception as exc:  # noqa: BLE001 - InterruptedError (Cancel) or a failure shown to the user
+            self._afterJob = None
+            if isinstance(exc, InterruptedError):
+                self.ui.statusLabel.setText("Cancelled.")
+            else:
+                logging.exception("background job failed")
+                slicer.util.errorDisplay(f"{job.description} failed: {exc}")
+            if clickStart and self._parameterNode:
+                self._parameterNode.clickToCorrespond = False  # click mode's own start was cancelled or failed
+            elif self._parameterNode:
+                self._syncClickMode()  # another job: click mode stays on, restarted if it waited for this one
             return
         self.ui.statusLabel.setText(f"{job.description}: done in {job.seconds:.1f} s")
         if self._afterJob is not None:
             after, self._afterJob = self._afterJob, None
             after()
+        if self._job is None and self._parameterNode:
+            self._syncClickMode()  # a restart that waited for this job (``after`` may have queued another one)
 
     def onCancel(self) -> None:
         job = self._job or self.logic.clickPreparationJob()
@@ -425,6 +460,8 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             p.clickToCorrespond = False
 
         self._embedThen(start)
+        if self._afterJob is start:  # the pair is being prepared: click mode starts when that job is done
+            self._clickStartJob = self._job
 
     def _onMatchError(self, message: str) -> None:
         self.ui.statusLabel.setText(message)

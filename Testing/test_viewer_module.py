@@ -945,8 +945,12 @@ def bare_widget(viewer, logic, p):
     parameter observer, click-mode start and match slots are the real ones."""
     import unittest.mock as mock
 
+    from slicer.util import VTKObservationMixin
+
     widget = viewer.AnatomicalEmbeddingWidget.__new__(viewer.AnatomicalEmbeddingWidget)
+    VTKObservationMixin.__init__(widget)  # the real mixin (cleanup removes its observers)
     widget.logic, widget._parameterNode, widget._job, widget._afterJob = logic, p, None, None
+    widget._clickStartJob = None
     widget.ui, widget._timer = mock.MagicMock(), mock.MagicMock()
     return widget
 
@@ -1131,3 +1135,190 @@ def test_changing_the_matched_points_list_restarts_click_mode(viewer, logic, mrm
     assert not logic.clickToCorrespondActive()
     interaction = mrml_scene.GetNodeByID("vtkMRMLInteractionNodeSingleton")
     assert interaction.GetCurrentInteractionMode() == interaction.ViewTransform
+
+
+def poll_widget(widget, logic, timeout: float = 300.0) -> None:
+    """The widget's poll timer (its real slot), until its job and every click job are applied."""
+    deadline = time.monotonic() + timeout
+    while (widget._job is not None or logic.clickJobsPending()) and time.monotonic() < deadline:
+        widget.onPollJob()
+        time.sleep(0.01)
+    assert widget._job is None and not logic.clickJobsPending()
+
+
+def place_mode_into(mrml_scene, markups) -> bool:
+    """Whether Slicer is in persistent place mode into ``markups`` (what click mode turns on)."""
+    interaction = mrml_scene.GetNodeByID("vtkMRMLInteractionNodeSingleton")
+    selection = mrml_scene.GetNodeByID("vtkMRMLSelectionNodeSingleton")
+    return (interaction.GetCurrentInteractionMode() == interaction.Place and interaction.GetPlaceModePersistence() == 1
+            and selection.GetActivePlaceNodeID() == markups.GetID())
+
+
+def test_click_mode_restarts_when_the_job_that_held_it_back_is_done(viewer, logic, mrml_scene, pair, monkeypatch):
+    """Click-mode defect 1: a selector changed while another job ran (one job at a time) stopped click mode, and
+    nothing restarted it when that job was done; a Cancel of that other job even turned click-to-correspond off.
+    Now the poll restarts click mode on the new nodes once the job is done (or cancelled), with its own
+    preparation when the new pair needs one. The real Widget slots run (Qt parts are mocks)."""
+    import slicer
+    import vtk
+
+    monkeypatch.setattr(slicer.util, "showStatusMessage", lambda *args, **kwargs: True)  # main window's bar
+    source, target = load_pair(mrml_scene, pair)
+    src_volume, dst_volume = source["volume"], target["volume"]
+    third = mrml.volume_to_node(pair[0][2]["image"], mrml_scene, "third")
+    job = logic.prepareCorrespondenceAsync(src_volume, [dst_volume])
+    assert job.wait(timeout=300)
+    logic.finishJob(job)
+    logic.matchInBackground = True  # the widget's setting
+    clicks = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks")
+    p = logic.getParameterNode()
+    p.sourceVolume, p.targetVolume, p.sourceLandmarks = src_volume, dst_volume, clicks
+    p.clickToCorrespond = True
+    widget = bare_widget(viewer, logic, p)
+    widget.onParameterChanged()  # prepared: click mode starts at once
+    first = p.targetLandmarks
+    assert logic.clickToCorrespondTarget() is first and place_mode_into(mrml_scene, clicks)
+    names, src_lps = mrml.markups_node_to_points(source["landmarks"])
+    src_ras = convert_points(src_lps, "LPS", "RAS")
+
+    # A job of the user's (embedding another volume) is running when "Matched points" changes.
+    gate = threading.Event()
+    logic._worker().submit(gate.wait)  # hold the worker: the job is still running when the selector changes
+    widget._runJob(logic.embedVolumeAsync(third))
+    mine = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "my matches")
+    p.targetLandmarks = mine
+    widget.onParameterChanged()
+    assert not logic.clickToCorrespondActive() and not place_mode_into(mrml_scene, clicks)  # waits for the job
+    status = widget.ui.statusLabel.setText.call_args  # (the poll writes the label again below)
+    gate.set()
+    poll_widget(widget, logic)
+    assert p.clickToCorrespond and logic.clickToCorrespondNodes() == (clicks, src_volume, dst_volume)
+    assert logic.clickToCorrespondTarget() is mine and p.targetLandmarks is mine
+    assert "click-to-correspond resumes when this is done" in status[0][0]  # what the user saw meanwhile
+    assert place_mode_into(mrml_scene, clicks)
+    clicks.AddControlPoint(vtk.vtkVector3d(*src_ras[0]), names[0])
+    poll_widget(widget, logic)
+    assert mrml.markups_node_to_points(mine)[0] == names[:1] and first.GetNumberOfControlPoints() == 0
+
+    # The target volume changes while another job runs, and the user cancels that job: click mode stays on and
+    # restarts on the new pair once it is prepared (the restart's own preparation, as at the start).
+    gate = threading.Event()
+    logic._worker().submit(gate.wait)
+    widget._runJob(logic.embedVolumeAsync(src_volume))
+    p.targetVolume = third
+    widget.onParameterChanged()
+    assert not logic.clickToCorrespondActive()
+    widget.onCancel()
+    gate.set()
+    poll_widget(widget, logic)
+    assert p.clickToCorrespond and logic.clickToCorrespondNodes() == (clicks, src_volume, third)
+    assert place_mode_into(mrml_scene, clicks) and logic.isPrepared(src_volume, [third])
+    fresh = p.targetLandmarks
+    assert logic.clickToCorrespondTarget() is fresh and fresh not in (first, mine)
+    clicks.AddControlPoint(vtk.vtkVector3d(*src_ras[1]), names[1])
+    poll_widget(widget, logic)
+    assert mrml.markups_node_to_points(fresh)[0] == names[1:2] and mine.GetNumberOfControlPoints() == 1
+    p.clickToCorrespond = False
+    widget.onParameterChanged()
+    assert not logic.clickToCorrespondActive()
+    logic.cancelWarming()
+
+
+def test_a_new_target_volume_gets_its_own_matched_points_list(viewer, logic, mrml_scene, pair):
+    """Click-mode defect 2: picking another target volume kept the "Matched points" list of the previous
+    target, and the next clicks overwrote that list's points with positions in the new volume. Now the list
+    follows the target: a new list bound to the new target (node attributes), the old one left intact, and
+    found again when the user switches back; "Transfer all" leaves another volume's list alone as well."""
+    import vtk
+    from AnatomicalEmbeddingLib import matches
+
+    source, target = load_pair(mrml_scene, pair)
+    src_volume, dst_volume = source["volume"], target["volume"]
+    third = mrml.volume_to_node(pair[0][2]["image"], mrml_scene, "third")
+    job = logic.prepareCorrespondenceAsync(src_volume, [dst_volume, third])
+    assert job.wait(timeout=300)
+    logic.finishJob(job)
+    clicks = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks")
+    p = logic.getParameterNode()
+    p.sourceVolume, p.targetVolume, p.sourceLandmarks = src_volume, dst_volume, clicks
+    p.clickToCorrespond = True
+    widget = bare_widget(viewer, logic, p)
+    widget.onParameterChanged()
+    first = p.targetLandmarks
+    names, src_lps = mrml.markups_node_to_points(source["landmarks"])
+    src_ras = convert_points(src_lps, "LPS", "RAS")
+    clicks.AddControlPoint(vtk.vtkVector3d(*src_ras[0]), names[0])
+    kept = mrml.markups_node_to_points(first)
+    assert kept[0] == names[:1]
+
+    p.targetVolume = third
+    widget.onParameterChanged()
+    second = p.targetLandmarks
+    assert second is not None and second is not first and logic.clickToCorrespondTarget() is second
+    assert second.GetAttribute(matches.TARGET_VOLUME_ATTRIBUTE) == third.GetID()  # bound before any match
+    assert second.GetAttribute(matches.SOURCE_ATTRIBUTE) == clicks.GetID()
+    clicks.AddControlPoint(vtk.vtkVector3d(*src_ras[1]), names[1])
+    assert mrml.markups_node_to_points(second)[0] == names[1:2]
+    assert logic.pointScores(second, 0)["target"] == third.GetID()
+    # The previous target's list is as it was: same points, same positions, still bound to its volume.
+    now = mrml.markups_node_to_points(first)
+    assert now[0] == kept[0] and np.allclose(now[1], kept[1])
+    assert first.GetAttribute(matches.TARGET_VOLUME_ATTRIBUTE) == dst_volume.GetID()
+    assert first.GetScene() is mrml_scene
+
+    p.targetVolume = dst_volume  # back: its list again (not a third one), and the matches go there
+    widget.onParameterChanged()
+    assert p.targetLandmarks is first and logic.clickToCorrespondTarget() is first
+    clicks.AddControlPoint(vtk.vtkVector3d(*src_ras[2]), names[2])
+    assert mrml.markups_node_to_points(first)[0] == [names[0], names[2]]
+    assert second.GetNumberOfControlPoints() == 1
+
+    p.clickToCorrespond = False  # click mode off: the list still follows the target selector
+    widget.onParameterChanged()
+    p.targetVolume = third
+    widget.onParameterChanged()
+    assert p.targetLandmarks is second and not logic.clickToCorrespondActive()
+    # A script (or an old scene) passing the list of another volume: "Transfer all" writes a list of this one.
+    out = logic.transferAll(clicks, src_volume, [third], [first])[0]
+    assert out is second and sorted(mrml.markups_node_to_points(second)[0]) == sorted(names[:3])
+    assert mrml.markups_node_to_points(first)[0] == [names[0], names[2]]
+    logic.cancelWarming()
+
+
+def test_widget_cleanup_abandons_jobs_like_scene_close(viewer, logic, mrml_scene, pair):
+    """Click-mode defect 3: the widget's cleanup (module reload, application exit) cancelled only the job it was
+    polling and a click's preparation; a queued click match, or another job, ran on and a later poll still wrote
+    its result into the scene. Now cleanup abandons every job, as scene close does, and leaves click mode."""
+    import vtk
+
+    source, target = load_pair(mrml_scene, pair)
+    src_volume, dst_volume = source["volume"], target["volume"]
+    third = mrml.volume_to_node(pair[0][2]["image"], mrml_scene, "third")
+    job = logic.prepareCorrespondenceAsync(src_volume, [dst_volume])
+    assert job.wait(timeout=300)
+    logic.finishJob(job)
+    logic.matchInBackground = True
+    clicks = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks")
+    p = logic.getParameterNode()
+    p.sourceVolume, p.targetVolume, p.sourceLandmarks = src_volume, dst_volume, clicks
+    p.clickToCorrespond = True
+    widget = bare_widget(viewer, logic, p)
+    widget.onParameterChanged()
+    out = p.targetLandmarks
+    gate = threading.Event()
+    logic._worker().submit(gate.wait)  # everything below is queued when the module goes away
+    names, src_lps = mrml.markups_node_to_points(source["landmarks"])
+    clicks.AddControlPoint(vtk.vtkVector3d(*convert_points(src_lps[0], "LPS", "RAS")), names[0])
+    embedding = logic.embedVolumeAsync(third)
+    widget._runJob(embedding)
+    pending = [j for j, _ in logic._clickJobs] + [embedding]
+    widget.cleanup()
+    gate.set()
+    for j in pending:
+        assert j.wait(timeout=120) and j.cancelled
+    assert logic.pollClickJobs() == 0 and out.GetNumberOfControlPoints() == 0  # nothing written later
+    with pytest.raises(InterruptedError):
+        logic.finishJob(embedding)
+    assert not logic.isEmbedded(third) and logic.warmingJob() is None
+    assert not logic.clickToCorrespondActive() and not place_mode_into(mrml_scene, clicks)
+    assert widget._job is None

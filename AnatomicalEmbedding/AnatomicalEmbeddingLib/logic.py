@@ -589,6 +589,20 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
     defaultTargetMarkups = staticmethod(matches.defaultTargetMarkups)
     pointScores = staticmethod(matches.pointScores)
 
+    @staticmethod
+    def matchedPointsFor(sourceMarkups, targetVolume, targetMarkups):
+        """The "Matched points" list for ``sourceMarkups`` and ``targetVolume``: ``targetMarkups`` unless it holds
+        the matches in another volume, else the list bound to this (source, target) pair, or None (a new list is
+        made when one is needed). The widget calls it on every parameter change, so the list follows the target
+        volume and the previous target's list stays as it is (see :func:`matches.targetMarkupsFor`)."""
+        sourceId = sourceMarkups.GetID() if sourceMarkups is not None else None
+        out = matches.targetMarkupsFor(targetVolume, sourceId, targetMarkups)
+        if out is not targetMarkups:
+            logging.info("Matched points: %r holds the matches in another volume; %s for %r",
+                         targetMarkups.GetName(), f"using {out.GetName()!r}" if out is not None else "a new list",
+                         targetVolume.GetName())
+        return out
+
     def _storeMatch(self, targetMarkups, label: str, sourceId: str, sourceNodeId: str, match, seconds: float,
                     targetVolume) -> dict:
         return matches.storeMatch(targetMarkups, label, sourceId, sourceNodeId, match, seconds, targetVolume,
@@ -630,6 +644,9 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         if not names:
             raise ValueError(f"{sourceMarkups.GetName()!r} has no placed points to transfer")
         targetMarkups = list(targetMarkups or []) + [None] * (len(targetVolumes) - len(targetMarkups or []))
+        # A list given for one volume that holds another volume's matches is left alone (as in click mode).
+        targetMarkups = [matches.targetMarkupsFor(volume, sourceMarkups.GetID(), out)
+                         for volume, out in zip(targetVolumes, targetMarkups)]
         pairs = [(volume, out, self.matcher(sourceVolume, volume))
                  for volume, out in zip(targetVolumes, targetMarkups) if volume is not sourceVolume]
         usePrior, sourceId = self.usePrior, sourceMarkups.GetID()
@@ -716,6 +733,10 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
                                placeMode: bool = False):
         """Match each point placed or moved on ``sourceMarkups`` at once; returns the target point list.
 
+        ``targetMarkups`` receives the matches unless it holds the matches in another volume
+        (:func:`matches.targetMarkupsFor`); None, or such a list, gives a new list. The list returned is bound to
+        (``sourceMarkups``, ``targetVolume``) by node attributes (:meth:`matchedPointsFor` finds it again).
+
         With ``layout`` the correspondence layout is set up: source views on top, target views below, each row
         bound to its volume; the source list is drawn in the source row and the matches in the target row.
         ``placeMode`` starts persistent Markups place mode into ``sourceMarkups`` (the widget). Both are
@@ -734,7 +755,11 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         if sourceVolume is targetVolume:
             raise ValueError("choose different source and target volumes")
         self.stopClickToCorrespond()
-        targetMarkups = targetMarkups or self.defaultTargetMarkups(targetVolume)
+        # A list that holds the matches in another volume is not written into (a new list is, or the one already
+        # bound to this pair); bound now, so that it is found again when the user switches back to this target.
+        targetMarkups = (matches.targetMarkupsFor(targetVolume, sourceMarkups.GetID(), targetMarkups)
+                         or self.defaultTargetMarkups(targetVolume))
+        matches.bindTargetMarkups(targetMarkups, sourceMarkups.GetID(), targetVolume)
         if not self.matchInBackground:  # blocking mode (scripts): embed now rather than on the first click
             self.embedding(sourceVolume), self.embedding(targetVolume)
         # What click mode changes in the scene, undone when it stops.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 import vtk
 
@@ -34,6 +35,31 @@ def existingTargetMarkups(targetVolume, sourceNodeId: str):
                 and node.GetAttribute(TARGET_VOLUME_ATTRIBUTE) == targetVolume.GetID()):
             return node
     return None
+
+
+def bindTargetMarkups(targetMarkups, sourceNodeId: str, targetVolume) -> None:
+    """Mark ``targetMarkups`` as the list of the matches of source list ``sourceNodeId`` in ``targetVolume``
+    (what :func:`storeMatch` writes with each match): done when click mode starts, so an empty list is bound too."""
+    targetMarkups.SetAttribute(SOURCE_ATTRIBUTE, sourceNodeId)
+    targetMarkups.SetAttribute(TARGET_VOLUME_ATTRIBUTE, targetVolume.GetID())
+
+
+def targetMarkupsFor(targetVolume, sourceNodeId: Optional[str], targetMarkups=None):
+    """The list that receives the matches of source list ``sourceNodeId`` in ``targetVolume``.
+
+    ``targetMarkups`` (the "Matched points" selector) when it is not bound to a target or bound to this one;
+    a list that holds the matches in another volume is left alone (writing these matches into it would replace
+    its points with positions in the wrong volume). Instead: the list already bound to (source, target)
+    (:func:`existingTargetMarkups`), or None, where the caller creates one (:func:`defaultTargetMarkups`).
+    None stays None: a cleared selector asks for a new list.
+    """
+    if targetVolume is None or targetMarkups is None:
+        return targetMarkups
+    if targetMarkups.GetAttribute(TARGET_VOLUME_ATTRIBUTE) in (None, "", targetVolume.GetID()):
+        return targetMarkups
+    if sourceNodeId is None or targetVolume.GetScene() is None:
+        return None
+    return existingTargetMarkups(targetVolume, sourceNodeId)
 
 
 def pointScores(markupsNode, index: int) -> dict:
