@@ -66,8 +66,8 @@ class AnatomicalEmbedding(ScriptedLoadableModule):
 Dense anatomical embeddings: every voxel gets a vector that says where in the anatomy it is.
 Pick a model, a source and a target scan; points placed (or dragged) on the source, in the top row of
 views, are matched in the target, shown in the bottom row (click-to-correspond), with a similarity heatmap and
-a confidence for every match. Each target volume has its own "Matched points" list: picking another target
-selects its list (or a new one) and leaves the previous target's list as it is. Changing a selector while
+a confidence for every match. Each target volume and source list has its own "Matched points" list: picking
+another target or source list selects its list (or a new one) and leaves the previous one as it is. Changing a selector while
 another job runs restarts click-to-correspond when that job is done. Turning click-to-correspond off ends place
 mode and restores where the point lists are drawn. Few-shot labelling trains a small segmentation head from a
 few segmented cases. Try it on the "Phantom pair" sample data.

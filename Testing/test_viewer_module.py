@@ -1285,6 +1285,49 @@ def test_a_new_target_volume_gets_its_own_matched_points_list(viewer, logic, mrm
     logic.cancelWarming()
 
 
+def test_another_source_list_gets_its_own_matched_points_list(viewer, logic, mrml_scene, pair):
+    """The matched list follows the source list too: switching "Source points" to another list must not write
+    its matches into the first list's matched points (two lists' points that share a label would replace each
+    other); switching back finds the first list's matches again."""
+    import vtk
+    from AnatomicalEmbeddingLib import matches
+
+    source, target = load_pair(mrml_scene, pair)
+    src_volume, dst_volume = source["volume"], target["volume"]
+    job = logic.prepareCorrespondenceAsync(src_volume, [dst_volume])
+    assert job.wait(timeout=300)
+    logic.finishJob(job)
+    names, src_lps = mrml.markups_node_to_points(source["landmarks"])
+    src_ras = convert_points(src_lps, "LPS", "RAS")
+    first_clicks = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks A")
+    other_clicks = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks B")
+    p = logic.getParameterNode()
+    p.sourceVolume, p.targetVolume, p.sourceLandmarks = src_volume, dst_volume, first_clicks
+    p.clickToCorrespond = True
+    widget = bare_widget(viewer, logic, p)
+    widget.onParameterChanged()
+    first = p.targetLandmarks
+    first_clicks.AddControlPoint(vtk.vtkVector3d(*src_ras[0]), "F-1")
+    kept = mrml.markups_node_to_points(first)
+    assert kept[0] == ["F-1"]
+
+    p.sourceLandmarks = other_clicks
+    widget.onParameterChanged()
+    second = p.targetLandmarks
+    assert second is not None and second is not first and logic.clickToCorrespondTarget() is second
+    assert second.GetAttribute(matches.SOURCE_ATTRIBUTE) == other_clicks.GetID()
+    other_clicks.AddControlPoint(vtk.vtkVector3d(*src_ras[1]), "F-1")  # the same label as the first list's point
+    assert mrml.markups_node_to_points(second)[0] == ["F-1"]
+    now = mrml.markups_node_to_points(first)
+    assert now[0] == kept[0] and np.allclose(now[1], kept[1])  # untouched
+
+    p.sourceLandmarks = first_clicks
+    widget.onParameterChanged()
+    assert p.targetLandmarks is first
+    logic.stopClickToCorrespond()
+    logic.cancelWarming()
+
+
 def test_widget_cleanup_abandons_jobs_like_scene_close(viewer, logic, mrml_scene, pair):
     """Click-mode defect 3: the widget's cleanup (module reload, application exit) cancelled only the job it was
     polling and a click's preparation; a queued click match, or another job, ran on and a later poll still wrote

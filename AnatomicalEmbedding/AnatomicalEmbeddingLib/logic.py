@@ -592,13 +592,14 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def matchedPointsFor(sourceMarkups, targetVolume, targetMarkups):
         """The "Matched points" list for ``sourceMarkups`` and ``targetVolume``: ``targetMarkups`` unless it holds
-        the matches in another volume, else the list bound to this (source, target) pair, or None (a new list is
-        made when one is needed). The widget calls it on every parameter change, so the list follows the target
-        volume and the previous target's list stays as it is (see :func:`matches.targetMarkupsFor`)."""
+        the matches in another volume or of another source list, else the list bound to this (source, target) pair,
+        or None (a new list is made when one is needed). The widget calls it on every parameter change, so the list
+        follows the target volume and the source list, and the previous pair's list stays as it is (see
+        :func:`matches.targetMarkupsFor`)."""
         sourceId = sourceMarkups.GetID() if sourceMarkups is not None else None
         out = matches.targetMarkupsFor(targetVolume, sourceId, targetMarkups)
         if out is not targetMarkups:
-            logging.info("Matched points: %r holds the matches in another volume; %s for %r",
+            logging.info("Matched points: %r holds the matches of another pair; %s for %r",
                          targetMarkups.GetName(), f"using {out.GetName()!r}" if out is not None else "a new list",
                          targetVolume.GetName())
         return out

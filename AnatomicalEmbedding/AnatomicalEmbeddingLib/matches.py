@@ -47,15 +47,18 @@ def bindTargetMarkups(targetMarkups, sourceNodeId: str, targetVolume) -> None:
 def targetMarkupsFor(targetVolume, sourceNodeId: Optional[str], targetMarkups=None):
     """The list that receives the matches of source list ``sourceNodeId`` in ``targetVolume``.
 
-    ``targetMarkups`` (the "Matched points" selector) when it is not bound to a target or bound to this one;
-    a list that holds the matches in another volume is left alone (writing these matches into it would replace
-    its points with positions in the wrong volume). Instead: the list already bound to (source, target)
-    (:func:`existingTargetMarkups`), or None, where the caller creates one (:func:`defaultTargetMarkups`).
-    None stays None: a cleared selector asks for a new list.
+    ``targetMarkups`` (the "Matched points" selector) when it is not bound, or bound to this source list and
+    target; a list that holds the matches in another volume, or of another source list, is left alone (writing
+    these matches into it would replace its points with positions in the wrong volume, or mix two lists' points
+    that share a label). Instead: the list already bound to (source, target) (:func:`existingTargetMarkups`), or
+    None, where the caller creates one (:func:`defaultTargetMarkups`). None stays None: a cleared selector asks
+    for a new list.
     """
     if targetVolume is None or targetMarkups is None:
         return targetMarkups
-    if targetMarkups.GetAttribute(TARGET_VOLUME_ATTRIBUTE) in (None, "", targetVolume.GetID()):
+    source = targetMarkups.GetAttribute(SOURCE_ATTRIBUTE)
+    if (targetMarkups.GetAttribute(TARGET_VOLUME_ATTRIBUTE) in (None, "", targetVolume.GetID())
+            and (sourceNodeId is None or source in (None, "", sourceNodeId))):
         return targetMarkups
     if sourceNodeId is None or targetVolume.GetScene() is None:
         return None
