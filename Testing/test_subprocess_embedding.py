@@ -53,6 +53,16 @@ def wait_for_child(job, timeout: float = 60.0):
     return job.process
 
 
+def kill_child_once_running(job) -> None:
+    """SIGKILL the job's child as soon as its own python runs (it has said hello), before it can finish."""
+    child = wait_for_child(job)
+    t_end = time.monotonic() + 60
+    while child.childPid is None:  # the child's own python is running
+        assert not job.done() and time.monotonic() < t_end
+        time.sleep(0.002)
+    os.kill(child.process.pid, 9)
+
+
 def coarse_files(cache) -> list:
     return sorted(cache.glob("*/coarse.npy"))
 
@@ -274,12 +284,7 @@ def test_bad_input_in_the_child_is_a_value_error(viewer, package, mrml_scene, tm
     assert "use a larger field of view" in str(info.value) and job.process.process.returncode == 1
 
     job = logic.embedVolumeAsync(add_volume(mrml_scene, (64, 96, 96), seed=7))
-    child = wait_for_child(job)
-    t_end = time.monotonic() + 60
-    while child.childPid is None:  # the child's own python is running
-        assert not job.done() and time.monotonic() < t_end
-        time.sleep(0.002)
-    os.kill(child.process.pid, 9)
+    kill_child_once_running(job)
     assert job.wait(timeout=60)
     with pytest.raises(RuntimeError) as info:
         logic.finishJob(job)

@@ -16,7 +16,8 @@ import time
 import numpy as np
 import pytest
 from test_embedding import blob_volume
-from test_subprocess_embedding import has_exited, hold_interpreter_lock, package, wait_for_child  # noqa: F401
+from test_subprocess_embedding import (  # noqa: F401
+    has_exited, hold_interpreter_lock, kill_child_once_running, package, wait_for_child)
 from test_viewer_module import viewer  # noqa: F401 - fixture
 
 from anatomical_embedding import mrml
@@ -251,12 +252,7 @@ def test_failing_child_gives_its_one_line_error(viewer, package, mrml_scene, tmp
     logic.head = head
     job = logic.trainFewShotHeadAsync(cases, FewShotConfig(hidden=16, voxels_per_class=2000, epochs=3000,
                                                            patience=3000))
-    child = wait_for_child(job)
-    t_end = time.monotonic() + 60
-    while child.childPid is None:  # the child's own python is running
-        assert not job.done() and time.monotonic() < t_end
-        time.sleep(0.002)
-    os.kill(child.process.pid, 9)
+    kill_child_once_running(job)
     with pytest.raises(RuntimeError) as info:
         run_job(logic, job)
     message = str(info.value)

@@ -940,6 +940,21 @@ def poll_click_jobs(logic, timeout: float = 300.0) -> None:
     assert not logic.clickJobsPending()
 
 
+def clicking_widget(viewer, logic, mrml_scene, src_volume, dst_volume, prepare, clicks_name: str = "clicks"):
+    """Prepare ``src_volume`` against ``prepare`` (volumes), then turn click mode on through the real widget slot
+    with a new, empty source list: (parameter node, widget, source list)."""
+    job = logic.prepareCorrespondenceAsync(src_volume, prepare)
+    assert job.wait(timeout=300)
+    logic.finishJob(job)
+    clicks = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", clicks_name)
+    p = logic.getParameterNode()
+    p.sourceVolume, p.targetVolume, p.sourceLandmarks = src_volume, dst_volume, clicks
+    p.clickToCorrespond = True
+    widget = bare_widget(viewer, logic, p)
+    widget.onParameterChanged()
+    return p, widget, clicks
+
+
 def bare_widget(viewer, logic, p):
     """The module's real Widget class without its Qt parts (slicer-core has no Qt): GUI handles are mocks, the
     parameter observer, click-mode start and match slots are the real ones."""
@@ -1166,16 +1181,9 @@ def test_click_mode_restarts_when_the_job_that_held_it_back_is_done(viewer, logi
     source, target = load_pair(mrml_scene, pair)
     src_volume, dst_volume = source["volume"], target["volume"]
     third = mrml.volume_to_node(pair[0][2]["image"], mrml_scene, "third")
-    job = logic.prepareCorrespondenceAsync(src_volume, [dst_volume])
-    assert job.wait(timeout=300)
-    logic.finishJob(job)
     logic.matchInBackground = True  # the widget's setting
-    clicks = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks")
-    p = logic.getParameterNode()
-    p.sourceVolume, p.targetVolume, p.sourceLandmarks = src_volume, dst_volume, clicks
-    p.clickToCorrespond = True
-    widget = bare_widget(viewer, logic, p)
-    widget.onParameterChanged()  # prepared: click mode starts at once
+    # Prepared: click mode starts at once.
+    p, widget, clicks = clicking_widget(viewer, logic, mrml_scene, src_volume, dst_volume, [dst_volume])
     first = p.targetLandmarks
     assert logic.clickToCorrespondTarget() is first and place_mode_into(mrml_scene, clicks)
     names, src_lps = mrml.markups_node_to_points(source["landmarks"])
@@ -1235,15 +1243,7 @@ def test_a_new_target_volume_gets_its_own_matched_points_list(viewer, logic, mrm
     source, target = load_pair(mrml_scene, pair)
     src_volume, dst_volume = source["volume"], target["volume"]
     third = mrml.volume_to_node(pair[0][2]["image"], mrml_scene, "third")
-    job = logic.prepareCorrespondenceAsync(src_volume, [dst_volume, third])
-    assert job.wait(timeout=300)
-    logic.finishJob(job)
-    clicks = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks")
-    p = logic.getParameterNode()
-    p.sourceVolume, p.targetVolume, p.sourceLandmarks = src_volume, dst_volume, clicks
-    p.clickToCorrespond = True
-    widget = bare_widget(viewer, logic, p)
-    widget.onParameterChanged()
+    p, widget, clicks = clicking_widget(viewer, logic, mrml_scene, src_volume, dst_volume, [dst_volume, third])
     first = p.targetLandmarks
     names, src_lps = mrml.markups_node_to_points(source["landmarks"])
     src_ras = convert_points(src_lps, "LPS", "RAS")
@@ -1294,18 +1294,11 @@ def test_another_source_list_gets_its_own_matched_points_list(viewer, logic, mrm
 
     source, target = load_pair(mrml_scene, pair)
     src_volume, dst_volume = source["volume"], target["volume"]
-    job = logic.prepareCorrespondenceAsync(src_volume, [dst_volume])
-    assert job.wait(timeout=300)
-    logic.finishJob(job)
     names, src_lps = mrml.markups_node_to_points(source["landmarks"])
     src_ras = convert_points(src_lps, "LPS", "RAS")
-    first_clicks = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks A")
+    p, widget, first_clicks = clicking_widget(viewer, logic, mrml_scene, src_volume, dst_volume, [dst_volume],
+                                              "clicks A")
     other_clicks = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks B")
-    p = logic.getParameterNode()
-    p.sourceVolume, p.targetVolume, p.sourceLandmarks = src_volume, dst_volume, first_clicks
-    p.clickToCorrespond = True
-    widget = bare_widget(viewer, logic, p)
-    widget.onParameterChanged()
     first = p.targetLandmarks
     first_clicks.AddControlPoint(vtk.vtkVector3d(*src_ras[0]), "F-1")
     kept = mrml.markups_node_to_points(first)
@@ -1337,16 +1330,8 @@ def test_widget_cleanup_abandons_jobs_like_scene_close(viewer, logic, mrml_scene
     source, target = load_pair(mrml_scene, pair)
     src_volume, dst_volume = source["volume"], target["volume"]
     third = mrml.volume_to_node(pair[0][2]["image"], mrml_scene, "third")
-    job = logic.prepareCorrespondenceAsync(src_volume, [dst_volume])
-    assert job.wait(timeout=300)
-    logic.finishJob(job)
     logic.matchInBackground = True
-    clicks = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks")
-    p = logic.getParameterNode()
-    p.sourceVolume, p.targetVolume, p.sourceLandmarks = src_volume, dst_volume, clicks
-    p.clickToCorrespond = True
-    widget = bare_widget(viewer, logic, p)
-    widget.onParameterChanged()
+    p, widget, clicks = clicking_widget(viewer, logic, mrml_scene, src_volume, dst_volume, [dst_volume])
     out = p.targetLandmarks
     gate = threading.Event()
     logic._worker().submit(gate.wait)  # everything below is queued when the module goes away
