@@ -102,7 +102,10 @@ def test_open_model_dispatch_and_errors(package, tmp_path):
     assert open_model(package).backend == "onnxruntime"
     # A thread count reaches ONNX Runtime's session (it ignores OMP_NUM_THREADS, so a benchmark's "--threads 1"
     # used to run the network on every core).
-    assert open_model(package, threads=1).session.get_session_options().intra_op_num_threads == 1
+    options = open_model(package, threads=1).session.get_session_options()
+    assert options.intra_op_num_threads == 1
+    # No memory pattern: it doubled the peak memory of large sliding windows for no speed (backends.OnnxModel).
+    assert not options.enable_mem_pattern and options.enable_cpu_mem_arena
     with pytest.raises(ValueError, match="training run directory"):
         open_model(package, backend="torch")
     with pytest.raises(FileNotFoundError):
