@@ -293,6 +293,22 @@ def test_refused_coarse_prior_is_refined_from_the_centres_of_mass(caplog):
     np.testing.assert_allclose([m.final.point_lps for m in out], prior.predict(pts[:2]))
 
 
+def test_centre_of_mass_uses_every_foreground_voxel(shifted_pair):
+    # The refinement's fallback start: seed-independent (every restart and every seed starts from the same
+    # translation), and by hand the mean of all foreground voxels, however small the refinement's sample.
+    es, _, _ = shifted_pair
+    config = RefineConfig(max_points=100)
+    a = es.valid_start
+    n = es.valid_size
+    arr = es.prepared.array[a[2]:a[2] + n[2], a[1]:a[1] + n[1], a[0]:a[0] + n[0]]
+    lo, hi = float(arr.min()), float(arr.max())
+    kji = np.argwhere(arr > lo + config.foreground_fraction * (hi - lo))
+    assert len(kji) > 10 * config.max_points
+    by_hand = es.index_to_world(kji[:, ::-1].astype(np.float64) + a).mean(axis=0)
+    for seed in (0, 1):
+        np.testing.assert_allclose(foreground_centroid(es, replace(config, seed=seed)), by_hand, atol=1e-9)
+
+
 def test_constant_target_gets_a_refusal_not_a_crash():
     from test_embedding import PoolModel
 

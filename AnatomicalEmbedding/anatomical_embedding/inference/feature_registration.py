@@ -172,8 +172,9 @@ def capture_rows(n: int, config: RefineConfig) -> np.ndarray | None:
 
 
 def foreground_centroid(emb: VolumeEmbedding, config: RefineConfig) -> np.ndarray:
-    """LPS centre of mass of the foreground voxels that :func:`sample_points` draws from (ValueError if none)."""
-    points = sample_points(emb, config)
+    """LPS centre of mass of the foreground voxels that :func:`sample_points` draws from (ValueError if none): all of
+    them, not a seeded sample, so every restart of the refinement starts from the same translation."""
+    points = sample_points(emb, replace(config, max_points=np.iinfo(np.int64).max))
     if not len(points):  # a constant image: no centre of mass to align
         raise ValueError("feature registration: the image has no foreground (its valid region is constant)")
     return emb.index_to_world(points).mean(axis=0)
