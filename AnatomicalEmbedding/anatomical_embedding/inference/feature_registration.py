@@ -130,19 +130,30 @@ class _Features:
     weight: float
 
 
+def _coarse_query(source: VolumeEmbedding, src_ijk: np.ndarray) -> np.ndarray:
+    return normalise(trilinear(source.coarse, source.voxel_to_coarse(src_ijk))).astype(np.float32)
+
+
+def _fine_query(source: VolumeEmbedding, src_ijk: np.ndarray) -> np.ndarray:
+    return normalise(trilinear(source.dense_fine(), src_ijk)).astype(np.float32)
+
+
+#: Each level's source features at sample points (the part of a level that depends on the sample).
+_QUERIES = {"coarse": _coarse_query, "fine": _fine_query}
+
+
 def _coarse_level(source: VolumeEmbedding, target: VolumeEmbedding, src_ijk: np.ndarray, weight: float) -> _Features:
     s = target.stride
     to_vox = world_to_index_matrix(target)
     to_cells = np.eye(4)
     to_cells[:3, :3] /= s
     to_cells[:3, 3] = -(s - 1) / 2.0 / s
-    q = normalise(trilinear(source.coarse, source.voxel_to_coarse(src_ijk)))
-    return _Features(channels_last(target.coarse), to_cells @ to_vox, q.astype(np.float32), weight)
+    return _Features(channels_last(target.coarse), to_cells @ to_vox, _coarse_query(source, src_ijk), weight)
 
 
 def _fine_level(source: VolumeEmbedding, target: VolumeEmbedding, src_ijk: np.ndarray, weight: float) -> _Features:
-    q = normalise(trilinear(source.dense_fine(), src_ijk))
-    return _Features(channels_last(target.dense_fine()), world_to_index_matrix(target), q.astype(np.float32), weight)
+    return _Features(channels_last(target.dense_fine()), world_to_index_matrix(target), _fine_query(source, src_ijk),
+                     weight)
 
 
 def _sample(source: VolumeEmbedding, config: RefineConfig) -> tuple[np.ndarray, int]:
@@ -380,7 +391,9 @@ def _restart(source: VolumeEmbedding, target: VolumeEmbedding, src_ijk: np.ndarr
     for r in range(1, config.restarts + 1):
         other = replace(config, seed=config.seed + r)
         ijk = sample_points(source, other)
-        a, _ = _affine_stages(source, target, ijk, source.index_to_world(ijk), initial, other, {})
+        # The target's channels-last grids are the first start's; only the source queries follow the sample.
+        levels = {name: replace(f, query=_QUERIES[name](source, ijk)) for name, f in cache.items()}
+        a, _ = _affine_stages(source, target, ijk, source.index_to_world(ijk), initial, other, levels)
         s = score(a)
         log.info("feature registration: start %d of %d: similarity %.4f on the first sample", r + 1,
                  config.restarts + 1, s)
