@@ -645,7 +645,8 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         if not names:
             raise ValueError(f"{sourceMarkups.GetName()!r} has no placed points to transfer")
         targetMarkups = list(targetMarkups or []) + [None] * (len(targetVolumes) - len(targetMarkups or []))
-        # A list given for one volume that holds another volume's matches is left alone (as in click mode).
+        # A list given for one volume that holds another volume's or another source list's matches is left alone
+        # (as in click mode).
         targetMarkups = [matches.targetMarkupsFor(volume, sourceMarkups.GetID(), out)
                          for volume, out in zip(targetVolumes, targetMarkups)]
         pairs = [(volume, out, self.matcher(sourceVolume, volume))
@@ -734,8 +735,8 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
                                placeMode: bool = False):
         """Match each point placed or moved on ``sourceMarkups`` at once; returns the target point list.
 
-        ``targetMarkups`` receives the matches unless it holds the matches in another volume
-        (:func:`matches.targetMarkupsFor`); None, or such a list, gives a new list. The list returned is bound to
+        ``targetMarkups`` receives the matches unless it holds the matches in another volume or of another source
+        list (:func:`matches.targetMarkupsFor`); None, or such a list, gives a new list. The list returned is bound to
         (``sourceMarkups``, ``targetVolume``) by node attributes (:meth:`matchedPointsFor` finds it again).
 
         With ``layout`` the correspondence layout is set up: source views on top, target views below, each row
@@ -756,7 +757,7 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         if sourceVolume is targetVolume:
             raise ValueError("choose different source and target volumes")
         self.stopClickToCorrespond()
-        # A list that holds the matches in another volume is not written into (a new list is, or the one already
+        # A list that holds another pair's matches is not written into (a new list is, or the one already
         # bound to this pair); bound now, so that it is found again when the user switches back to this target.
         targetMarkups = (matches.targetMarkupsFor(targetVolume, sourceMarkups.GetID(), targetMarkups)
                          or self.defaultTargetMarkups(targetVolume))
