@@ -18,22 +18,23 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_real as br  # noqa: E402
 
 
-def _oblique_volume():
-    """Smooth blobs on a 40 x 36 x 30 grid, spacing (2.5, 2, 3) mm, rotated direction, non-zero origin."""
+def _oblique_volume(slices: int = 30, blobs: int = 12):
+    """Smooth blobs on a 40 x 36 x ``slices`` grid, spacing (2.5, 2, 3) mm, rotated direction, non-zero origin."""
     from anatomical_embedding.io import Volume
 
     rng = np.random.default_rng(3)
     a, b = np.deg2rad(25.0), np.deg2rad(-15.0)
     rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
     rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
-    vol = Volume(np.zeros((30, 36, 40), np.float32), np.array([2.5, 2.0, 3.0]), np.array([-40.0, 25.0, 110.0]),
+    vol = Volume(np.zeros((slices, 36, 40), np.float32), np.array([2.5, 2.0, 3.0]), np.array([-40.0, 25.0, 110.0]),
                  rz @ rx)
     kji = np.stack(np.meshgrid(*[np.arange(n) for n in vol.array.shape], indexing="ij"), -1).reshape(-1, 3)
     world = vol.index_to_world(kji[:, ::-1].astype(float))
     centre = br.volume_centre(vol)
     arr = np.full(len(world), 100.0)
-    for _ in range(12):
-        c = centre + rng.uniform(-25, 25, 3)
+    reach = np.array([25.0, 25.0, 25.0 * slices / 30])  # (a rotated box: roughly along the slices)
+    for _ in range(blobs):
+        c = centre + rng.uniform(-reach, reach)
         arr += rng.uniform(200, 800) * np.exp(-np.sum((world - c) ** 2, 1) / (2 * rng.uniform(5, 9) ** 2))
     return vol.with_array(arr.reshape(vol.array.shape).astype(np.float32))
 
@@ -176,3 +177,34 @@ def test_fewshot_real_labels_and_rotating_splits():
     assert bf.splits(6, 3, 2) == [([0, 1, 2], [3, 4, 5]), ([1, 2, 3], [0, 4, 5])]
     assert bf.splits(6, 5, 3)[2] == ([2, 3, 4, 5, 0], [1])
     assert all(set(a).isdisjoint(b) and len(a) + len(b) == 6 for a, b in bf.splits(6, 1, 6))
+
+
+def test_slab_pairs_reuse_the_intra_pairs_and_keep_the_points_inside_the_slab():
+    from types import SimpleNamespace
+
+    vol = _oblique_volume(slices=80)  # 80 slices of 3 mm
+    case = br.Case("blobs", "CT", "-", vol)
+    # The intra pairs do not change when slab pairs are added (greedy selection: a prefix of the longer list).
+    plain = br.intra_pairs(case, 3, 2, 0)
+    mixed = br.intra_pairs(case, 3, 2, 0, slab_mm=60.0)
+    intra = [p for p in mixed if p.group == "intra CT"]
+    assert [p.name for p in intra] == [p.name for p in plain]
+    for a, b in zip(intra, plain):
+        np.testing.assert_array_equal(a.points, b.points)
+        np.testing.assert_array_equal(a.truth, b.truth)
+        assert a.info == b.info
+    # One slab per transform: below, at and above the centre; only the points whose truth is 5 mm inside it.
+    truth = vol.index_to_world(np.array([[20.0, 18.0, k] for k in range(0, 80, 2)]))
+    k = SimpleNamespace(moved=vol, points=truth + 3.0, truth=truth, info={"n_points": len(truth)})
+    for t, k0 in enumerate([20, 30, 40]):  # (80 - 20) // 2 + (t - 1) * 10
+        (s,) = br.slab_pair(case, t, k, 60.0)
+        assert s.group == "slab CT" and s.info["slab_first_k"] == k0 and s.info["slab_mm"] == 60.0
+        np.testing.assert_array_equal(s.target.array, vol.array[k0:k0 + 20])
+        np.testing.assert_allclose(s.target.index_to_world(np.zeros(3)), vol.index_to_world(np.array([0, 0, k0])))
+        # 5 mm inside 20 slices of 3 mm: slices k0 + 2 .. k0 + 17, every other one holds a point.
+        expect = [kk for kk in range(0, 80, 2) if k0 + 5 / 3 <= kk <= k0 + 19 - 5 / 3]
+        np.testing.assert_allclose(vol.world_to_index(s.truth)[:, 2], expect, atol=1e-9)
+        np.testing.assert_allclose(s.points, s.truth + 3.0)
+        assert s.source is vol and s.info["n_points"] == len(expect)
+    # A volume shorter than two slabs gets none.
+    assert br.slab_pair(case, 0, k, 125.0) == []  # 42 slices: 84 > 80

@@ -19,6 +19,10 @@ Pair types
   maxima of the local standard deviation (Gaussian window, sigma 4 mm) inside the body (foreground above Otsu,
   holes filled, eroded by 6 mm), at least 20 mm apart, with the point and its truth at least 10 mm inside both
   fields of view.
+* **slab CT / slab MR** (partial field of view): the intra pairs' moved images (same seeds, up to 200 candidate
+  points) against a ``--slab-mm`` slab of the original along its slice axis (below, at and above the centre for the
+  three transforms), keeping the points whose truth lies at least 5 mm inside the slab: a follow-up scan of part of
+  the body. Volumes shorter than two slabs are skipped.
 * **cross CT**: centroids of TotalSegmentator labels shared by ``example_seg`` (on ``example_ct_sm``) and
   ``example_seg_dicom`` (on the DICOM series), both directions. Only the labels the data README names as least
   affected by the slab edges are used (7 pancreas, 8 right adrenal, 64 portal/splenic vein, 103/115 ribs 12).
@@ -57,7 +61,10 @@ log = logging.getLogger("bench_real")
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 SPACING = 2.0
-GROUPS = ("intra CT", "intra MR", "cross CT", "cross MR")
+GROUPS = ("intra CT", "intra MR", "slab CT", "slab MR", "cross CT", "cross MR")
+#: Thickness of the partial-field-of-view targets (``--slab-mm``), and how many candidate points they keep from.
+SLAB_MM = 60.0
+SLAB_CANDIDATES = 200
 #: TotalSegmentator ``total`` ids used for the cross-subject CT pairs (README: least affected by the slab edges).
 CROSS_CT_LABELS = {7: "pancreas", 8: "adrenal_gland_right", 64: "portal_vein_and_splenic_vein",
                    103: "rib_left_12", 115: "rib_right_12"}
@@ -163,13 +170,45 @@ class Pair:
     info: dict = field(default_factory=dict)
 
 
-def intra_pairs(case: Case, transforms: int, n_points: int, seed0: int) -> list[Pair]:
+def intra_pairs(case: Case, transforms: int, n_points: int, seed0: int, slab_mm: float = 0.0) -> list[Pair]:
+    """The intra pairs of ``case``, each followed by its slab pair when ``slab_mm`` > 0 (:func:`slab_pair`)."""
     pairs = []
     for t in range(transforms):
-        k = known_pair(case.volume, seed0 + 1000 * t + sum(map(ord, case.name)), n_points)
-        pairs.append(Pair(f"intra {case.modality}", f"{case.name} T{t}", k.moved, case.volume, k.points, k.truth,
-                          [f"P{i + 1}" for i in range(len(k.points))], f"{case.name}/T{t}", case.name, k.info))
+        # The point selection is greedy by score, so the first n_points of a longer list are the n_points list.
+        want = max(n_points, SLAB_CANDIDATES) if slab_mm > 0 else n_points
+        k = known_pair(case.volume, seed0 + 1000 * t + sum(map(ord, case.name)), want)
+        pts, truth = k.points[:n_points], k.truth[:n_points]
+        disp = np.linalg.norm(truth - pts, axis=1)
+        info = {**k.info, "n_points": int(len(pts)), "true_displacement_mm": {
+            "mean": round(float(disp.mean()), 2) if len(disp) else None,
+            "max": round(float(disp.max()), 2) if len(disp) else None}}
+        pairs.append(Pair(f"intra {case.modality}", f"{case.name} T{t}", k.moved, case.volume, pts, truth,
+                          [f"P{i + 1}" for i in range(len(pts))], f"{case.name}/T{t}", case.name, info))
+        if slab_mm > 0:
+            pairs += slab_pair(case, t, k, slab_mm)
     return pairs
+
+
+def slab_pair(case: Case, t: int, k, slab_mm: float) -> list[Pair]:
+    """Transform ``t``'s moved image (known pair ``k``) against a ``slab_mm`` slab of the original along k: below,
+    at and above the centre for t = 0, 1, 2; the candidate points whose truth lies >= 5 mm inside the slab. Empty
+    for a volume shorter than two slabs or a slab with fewer than 3 points."""
+    from anatomical_embedding.io.geometry import crop
+
+    vol = case.volume
+    K = vol.array.shape[0]
+    n = int(round(slab_mm / float(vol.spacing[2])))
+    if K < 2 * n:
+        return []
+    k0 = int(np.clip((K - n) // 2 + (t % 3 - 1) * (n // 2), 0, K - n))
+    slab = crop(vol, (0, 0, k0), (vol.array.shape[2], vol.array.shape[1], n))
+    keep = inside_fov(slab, k.truth, margin_mm=5.0)
+    if keep.sum() < 3:
+        return []
+    info = {**k.info, "n_points": int(keep.sum()), "slab_first_k": k0, "slab_mm": n * float(vol.spacing[2])}
+    return [Pair(f"slab {case.modality}", f"{case.name} T{t} slab", k.moved, slab, k.points[keep], k.truth[keep],
+                 [f"P{i + 1}" for i in range(int(keep.sum()))], f"{case.name}/T{t}/full", f"{case.name}/T{t}/slab",
+                 info)]
 
 
 def label_centroids(label, ids) -> dict[int, np.ndarray]:
@@ -450,7 +489,7 @@ def plot_cdf(records: list[dict], methods: list[str], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     groups = [g for g in GROUPS if any(r["group"] == g for r in records)] or ["intra CT"]
-    cols = 2 if len(groups) == 4 else len(groups)
+    cols = len(groups) if len(groups) < 4 else (2 if len(groups) == 4 else 3)
     rows = -(-len(groups) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.0 * cols, 4.0 * rows), dpi=110, squeeze=False)
     for ax, g in zip(axes.ravel(), groups):
@@ -546,6 +585,14 @@ def write_report(result: dict, out: Path) -> None:
                     "start from a shared frame; this checks gross brain-scale correspondence only.")
     else:
         mr_text += f"Not run ({cm.get('reason')})."
+    slabs = [p for p in result["pairs"] if p["group"].startswith("slab")]
+    if slabs:
+        lines += [(f"**Partial field of view** (slab CT, slab MR; {len(slabs)} pairs): the intra pairs' moved images "
+                   "(same seeds, up to 200 candidate points) against a "
+                   f"{result['config'].get('slab_mm', SLAB_MM):g} mm slab of the original along its slice axis "
+                   "(below, at and above the centre for the three transforms); the points whose truth lies >= 5 mm "
+                   "inside the slab. Volumes shorter than two slabs are left out. Points per pair: "
+                   + ", ".join(f"{p['name'].replace(' slab', '')} {p['n_points']}" for p in slabs) + "."), ""]
     lines += ["**Cross-subject CT**: " + ct_text, "", "**Cross-subject MR**: " + mr_text]
     qa = result.get("quick_aefm")
     lines += ["", "## Models", ""]
@@ -625,7 +672,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transforms", type=int, default=3, help="known transforms per volume (default 3)")
     ap.add_argument("--points", type=int, default=40, help="structure points per volume and transform (default 40)")
     ap.add_argument("--only", nargs="+", help="only these volumes (names as in real.md; cross pairs need theirs)")
-    ap.add_argument("--no-cross", action="store_true", help="intra-subject pairs only")
+    ap.add_argument("--no-cross", action="store_true", help="no cross-subject pairs")
+    ap.add_argument("--slab-mm", type=float, default=SLAB_MM,
+                    help=f"thickness of the partial-field-of-view targets (default {SLAB_MM:g}; 0: no slab pairs)")
     ap.add_argument("--no-bspline", action="store_true", help="skip the affine + B-spline baseline")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -653,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
         args.transforms, args.points = 1, 10
         args.only = args.only or ["headsq", "pyradiomics_brain1"]
         args.no_cross = True
+        args.slab_mm = 0.0
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import tempfile
 
@@ -688,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs: list[Pair] = []
     with logging_redirect_tqdm():
         for c in tqdm(cases, desc="transforms and points", unit="volume", dynamic_ncols=True):
-            pairs += intra_pairs(c, args.transforms, args.points, args.seed)
+            pairs += intra_pairs(c, args.transforms, args.points, args.seed, args.slab_mm)
     volumes = {c.name: c.volume for c in cases}
     cross_ct, cross_mr = {"available": False, "reason": "--no-cross"}, {"available": False, "reason": "--no-cross"}
     if not args.no_cross:
@@ -748,9 +798,11 @@ def main(argv: list[str] | None = None) -> int:
                                 "refinement_starts": getattr(method, "starts", None)})
                 line.append(f"{method.name} {np.mean(err):.1f}")
             log.info("%s (%d points): %s", pair.name, len(pair.points), "; ".join(line))
-            for m in methods:  # the moved image's embedding is used by this pair only
-                if isinstance(m, ModelMethod) and pair.group.startswith("intra"):
+            for m in methods:  # the moved image's (and the slab's) embedding is used by this pair only
+                if isinstance(m, ModelMethod) and pair.group.startswith(("intra", "slab")):
                     m.shared.pop(pair.source_key, None)
+                    if pair.group.startswith("slab"):
+                        m.shared.pop(pair.target_key, None)
 
     names = [m.name for m in methods]
     machine = machine_description(args.threads)
@@ -761,7 +813,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"spacing_mm": SPACING, "transforms": args.transforms, "points": args.points, "seed": args.seed,
                    "min_distance_mm": 20.0, "fov_margin_mm": 10.0, "body_erosion_mm": 6.0,
                    "contrast_sigma_mm": 4.0, "registration": REG_CONFIG, "fine_tile": args.fine_tile,
-                   "embed_min_size": 8, "dense_fine": not args.no_dense_fine,
+                   "embed_min_size": 8, "slab_mm": args.slab_mm, "dense_fine": not args.no_dense_fine,
                    "coarse_from_dense": one_pass, "max_window_voxels": args.max_window_voxels},
         "methods": names, "models": models, "quick_aefm": quick,
         "summary": summarise(records, names),

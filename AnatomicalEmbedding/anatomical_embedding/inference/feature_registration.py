@@ -156,12 +156,23 @@ def _fine_level(source: VolumeEmbedding, target: VolumeEmbedding, src_ijk: np.nd
                      weight)
 
 
-def _sample(source: VolumeEmbedding, config: RefineConfig) -> tuple[np.ndarray, int]:
-    """(:func:`sample_points`, how many foreground voxels they were drawn from)."""
+def _foreground(source: VolumeEmbedding, config: RefineConfig) -> np.ndarray:
+    """Boolean foreground mask (k, j, i) of the source's valid region."""
     a, n = source.valid_start, source.valid_size
     arr = source.prepared.array[a[2]:a[2] + n[2], a[1]:a[1] + n[1], a[0]:a[0] + n[0]]
     lo, hi = float(arr.min()), float(arr.max())
-    kji = np.argwhere(arr > lo + config.foreground_fraction * (hi - lo))
+    return arr > lo + config.foreground_fraction * (hi - lo)
+
+
+def foreground_count(source: VolumeEmbedding, config: RefineConfig) -> int:
+    """How many voxels :func:`sample_points` draws from."""
+    return int(np.count_nonzero(_foreground(source, config)))
+
+
+def _sample(source: VolumeEmbedding, config: RefineConfig) -> tuple[np.ndarray, int]:
+    """(:func:`sample_points`, how many foreground voxels they were drawn from)."""
+    a = source.valid_start
+    kji = np.argwhere(_foreground(source, config))
     foreground = len(kji)
     if foreground > config.max_points:
         kji = kji[np.sort(np.random.default_rng(config.seed).choice(foreground, config.max_points, replace=False))]

@@ -16,13 +16,13 @@ predicts the match; with ``PriorConfig(refine=None)`` the fine search around eac
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from anatomical_embedding.inference.embedding import VolumeEmbedding
 from anatomical_embedding.inference.feature_registration import (
-    FeatureTransform, RefineConfig, foreground_centroid, refine_transform)
+    FeatureTransform, RefineConfig, foreground_centroid, foreground_count, refine_transform)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,12 @@ class PriorConfig:
     #: matcher then answers with the refined transform's prediction. ``None``: the coarse prior only, whose
     #: search ball the fine search explores (this project's earlier behaviour).
     refine: RefineConfig | None = field(default_factory=RefineConfig)
+    #: Fit with the images' roles swapped (target -> source, then inverted) when the target's foreground volume
+    #: is below this fraction of the source's: the refinement samples the source, and only a source contained in
+    #: the target has a match for every sample (registration's usual rule: the fixed image lies inside the
+    #: moving one). Ours, not SAM's or SAME's. Ad hoc on 12 full-scan -> 60 mm slab CT pairs, the reversed fit
+    #: gave 1.0-3.8 mm where the direct one gave 2.9-81 mm or a refusal. ``None``: never.
+    reverse_below: float | None = 0.5
 
 
 @dataclass
@@ -85,14 +91,23 @@ class RobustPrior:
     refined: FeatureTransform | None = None
     #: Where the refinement started: the stable points' affine, or the centres of mass when that was refused.
     initialisation: str = "stable points"
+    #: Fitted with the roles swapped (``PriorConfig.reverse_below``): every stored part (affine, spline, stable
+    #: points as source/target of that fit, refinement) maps target -> source, and the predictions invert it.
+    reversed: bool = False
 
     def predict(self, points_lps: np.ndarray) -> np.ndarray:
         if self.refined is not None:
-            return self.refined.predict(points_lps)
+            forward = self.refined.predict
+            return invert_map(forward, self.refined.affine, points_lps) if self.reversed else forward(points_lps)
         return self.coarse_predict(points_lps)
 
     def coarse_predict(self, points_lps: np.ndarray) -> np.ndarray:
         """The prediction of the affine (+ spline) fitted on the coarse stable points."""
+        if self.reversed:
+            return invert_map(self._coarse_forward, self.affine, points_lps)
+        return self._coarse_forward(points_lps)
+
+    def _coarse_forward(self, points_lps: np.ndarray) -> np.ndarray:
         p = np.atleast_2d(np.asarray(points_lps, dtype=np.float64))
         out = p @ self.affine[:3, :3].T + self.affine[:3, 3]
         if self.rbf is not None:
@@ -106,7 +121,7 @@ class RobustPrior:
             "search_radius_mm": round(self.search_radius_mm, 3),
             "deformable": self.rbf is not None, "affine": np.round(self.affine, 5).tolist(),
             "refined": None if self.refined is None else self.refined.summary(),
-            "initialisation": self.initialisation,
+            "initialisation": self.initialisation, "reversed": self.reversed,
         }
 
     # ---- plain arrays (the viewer's child process hands its fitted prior over in an .npz) -------------------
@@ -120,7 +135,7 @@ class RobustPrior:
                "n_stable": np.int64(self.n_stable), "n_inliers": np.int64(self.n_inliers),
                "stable_source_lps": np.asarray(self.stable_source_lps, dtype=np.float64),
                "stable_target_lps": np.asarray(self.stable_target_lps, dtype=np.float64),
-               "initialisation": np.str_(self.initialisation)}
+               "initialisation": np.str_(self.initialisation), "reversed": np.bool_(self.reversed)}
         if self.rbf is not None:
             out.update({f"rbf_{k}": v for k, v in _rbf_arrays(self.rbf).items()})
         if self.refined is not None:
@@ -137,7 +152,27 @@ class RobustPrior:
                    float(arrays["inlier_rms_mm"]), float(arrays["search_radius_mm"]), int(arrays["n_candidates"]),
                    int(arrays["n_stable"]), int(arrays["n_inliers"]), np.array(arrays["stable_source_lps"]),
                    np.array(arrays["stable_target_lps"]), float(arrays["heldout_rms_mm"]),
-                   FeatureTransform.from_arrays(refined) if refined else None, str(arrays["initialisation"]))
+                   FeatureTransform.from_arrays(refined) if refined else None, str(arrays["initialisation"]),
+                   bool(arrays["reversed"]) if "reversed" in names else False)  # (saved before it existed)
+
+
+def invert_map(forward, affine: np.ndarray, points_lps: np.ndarray, tolerance_mm: float = 1e-3,
+               iterations: int = 50) -> np.ndarray:
+    """Points ``y`` with ``forward(y) = p`` for a map ``forward`` = ``affine`` + a smooth displacement: the
+    fixed-point iteration ``y += A^-1 (p - forward(y))``, which converges while the displacement's gradient is
+    small next to the affine (the prior's fields are smooth: a 32 mm grid or a smoothed spline)."""
+    p = np.atleast_2d(np.asarray(points_lps, dtype=np.float64))
+    a_inv = np.linalg.inv(np.asarray(affine, dtype=np.float64)[:3, :3])
+    y = (p - affine[:3, 3]) @ a_inv.T
+    for _ in range(iterations):
+        r = p - forward(y)
+        if not len(r) or np.abs(r).max() <= tolerance_mm:
+            break
+        y = y + r @ a_inv.T
+    else:
+        log.warning("inverting the reversed prior: residual %.3f mm after %d iterations",
+                    float(np.abs(r).max()), iterations)
+    return y
 
 
 def save_prior(path, prior: RobustPrior) -> None:
@@ -395,6 +430,12 @@ def _refine(source: VolumeEmbedding, target: VolumeEmbedding, initial: np.ndarra
     return refined
 
 
+def foreground_ml(emb: VolumeEmbedding, config: PriorConfig) -> float:
+    """Foreground volume (ml) of the embedding's valid region, as the refinement's sample counts it."""
+    refine = config.refine or RefineConfig()
+    return foreground_count(emb, refine) * float(np.prod(emb.prepared.spacing)) / 1000.0
+
+
 def fit_prior(source: VolumeEmbedding, target: VolumeEmbedding, config: PriorConfig | None = None) -> RobustPrior:
     """Fit the robust prior between two embedded volumes (ValueError when no trustworthy prior exists).
 
@@ -403,6 +444,12 @@ def fit_prior(source: VolumeEmbedding, target: VolumeEmbedding, config: PriorCon
     images' foreground centres of mass (as registration's moments initialiser does) instead of giving up.
     """
     config = config or PriorConfig()
+    if config.reverse_below is not None:
+        src_ml, tgt_ml = foreground_ml(source, config), foreground_ml(target, config)
+        if tgt_ml < config.reverse_below * src_ml:
+            log.info("robust prior: the target's foreground (%.0f ml) is under %.2f of the source's (%.0f ml): "
+                     "fitted target -> source and inverted", tgt_ml, config.reverse_below, src_ml)
+            return replace(fit_prior(target, source, replace(config, reverse_below=None)), reversed=True)
     try:
         prior = _fit_stable(source, target, config)
     except ValueError as exc:
