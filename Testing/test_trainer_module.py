@@ -195,6 +195,8 @@ def test_progress_lines_fill_the_table_and_the_chart_series(trainer, mrml_scene)
         st.apply(ev)
     table = logic.updateTable(mrml_scene, st.history)
     assert table.GetName() == trainer.TABLE_NAME and table.GetNumberOfRows() == 2
+    # The view's header holds the column names; without it a table view shows them as row 0, one row off.
+    assert table.GetUseColumnTitleAsColumnHeader()
     names = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
     assert names == ["step", "loss", "ac_local", "ac_global"]
     vt = table.GetTable()
