@@ -166,6 +166,39 @@ def test_command_line_from_the_parameter_node(trainer, tmp_path):
         logic.buildCommand(make_params(trainer, dataDirectory=tmp_path, runDirectory=tmp_path / "r", method=""))
 
 
+def test_resume_follows_the_run_and_the_new_time_limit(trainer, tmp_path):
+    """Resume takes the method of the run folder, not the combo box's (which shows the first method after a restart):
+    resuming a finetune run passed --export and train.py refused it (exit 2); resuming a pretraining run while the
+    combo showed "finetune" skipped the export. The time limit of the panel applies to the resumed part."""
+    from anatomical_embedding.training.config import load_run_config, save_run_config
+
+    spec = importlib.util.spec_from_file_location("_train_for_resume", ROOT / MODULE / f"{MODULE}Lib" / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    logic = trainer.AnatomicalEmbeddingTrainerLogic()
+
+    finetuneRun = tmp_path / "seg"
+    finetuneRun.mkdir()
+    (finetuneRun / "config.toml").write_text('method = "finetune"\n[train]\n[config]\n', encoding="utf-8")
+    p = make_params(trainer, method="aefm", dataDirectory=tmp_path, runDirectory=finetuneRun, exportModel=True)
+    assert logic.trainSettings(p, resume=True).export == ""
+    assert "--export" not in logic.buildCommand(p, resume=True)
+
+    run = tmp_path / "pre"
+    run.mkdir()
+    save_run_config(load_run_config("aefm", None, ["train.max_seconds=60.0", "train.device=\"cpu\""]),
+                    run / "config.toml")
+    p = make_params(trainer, method="finetune", dataDirectory=tmp_path, runDirectory=run, exportModel=True,
+                    maxSeconds=0.0, device="cpu")
+    settings = logic.trainSettings(p, resume=True)
+    assert Path(settings.export) == run / "pre.aemodel"
+    argv = logic.buildCommand(p, resume=True)
+    args = train.build_parser().parse_args(argv[argv.index(str(ROOT / MODULE / f"{MODULE}Lib" / "train.py")) + 1:])
+    cfg = train.resolve_config(args)
+    assert args.resume and cfg.method == "aefm" and Path(args.export) == run / "pre.aemodel"
+    assert cfg.train.max_seconds == 0.0  # the panel's "none", not the saved 60 s
+
+
 def test_method_is_kept_in_the_scripted_module_node(trainer, mrml_scene):
     import slicer
 
