@@ -39,6 +39,8 @@ from AnatomicalEmbeddingTrainerLib.settings import METHOD_PARAMETER, pathOrEmpty
 DEVICES = ["auto", "cpu", "cuda"]
 FINETUNE_MODES = ["embedding", "backbone", "scratch"]
 POLL_INTERVAL_MS = 500
+STOPPING_TEXT = ("Stopping: finishing the current step and saving a checkpoint (press Stop again to end it at once, "
+                 "without one).")
 
 
 #
@@ -280,8 +282,13 @@ class AnatomicalEmbeddingTrainerWidget(ScriptedLoadableModuleWidget, VTKObservat
         self._updateButtons()
 
     def onStop(self) -> None:
-        self.logic.stopTraining()
-        self.ui.trainingStatusLabel.text = "Stopping: finishing the current step and saving a checkpoint..."
+        # A second press ends a run that does not get to the end of its step (no checkpoint then).
+        force = self.logic.isStopping()
+        self.logic.stopTraining(force=force)
+        if force:
+            self.onPoll()
+        else:
+            self.ui.trainingStatusLabel.text = STOPPING_TEXT
 
     def onOpenRunFolder(self) -> None:
         import qt
@@ -299,7 +306,7 @@ class AnatomicalEmbeddingTrainerWidget(ScriptedLoadableModuleWidget, VTKObservat
             self.ui.trainingStatusLabel.text = f"Polling failed: {exc}"
             return
         st = self.logic.monitor.state
-        self.ui.trainingStatusLabel.text = st.summary()
+        self.ui.trainingStatusLabel.text = (STOPPING_TEXT + " " if self.logic.isStopping() else "") + st.summary()
         self.ui.trainingProgressBar.maximum = max(1, st.total_steps)
         self.ui.trainingProgressBar.value = st.step
         self.ui.logTextEdit.setPlainText("\n".join(list(st.log_lines)[-30:]))

@@ -331,6 +331,43 @@ def test_crashed_training_gives_a_clear_error_and_no_package(trainer, mrml_scene
     assert logic.registeredModel is None and model_registry.list_models(registry, include_missing=True) == []
 
 
+FAKE_HUNG = """
+import json, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a step that never ends: neither the signal nor the stop file helps
+print(json.dumps({"event": "start", "total_steps": 10, "start_step": 0}), flush=True)
+print(json.dumps({"event": "progress", "step": 2, "total_steps": 10, "epoch": 0, "loss": 1.5, "terms": {}}),
+      flush=True)
+time.sleep(600)
+"""
+
+
+def test_second_stop_ends_a_hung_run_at_once(trainer, mrml_scene, tmp_path):
+    """Stop asks for a checkpoint at the end of the step; a run that never gets there (a hung data loader or GPU) is
+    ended by pressing Stop again (force), and reads "stopped", not "failed"."""
+    script = tmp_path / "hung.py"
+    script.write_text(textwrap.dedent(FAKE_HUNG), encoding="utf-8")
+    logic = trainer.AnatomicalEmbeddingTrainerLogic(registryPath=tmp_path / "models.json")
+    p = make_params(trainer, dataDirectory=tmp_path, runDirectory=tmp_path / "run", exportModel=False)
+    settings = dataclasses.replace(logic.trainSettings(p), script=str(script), python=sys.executable)
+    logic.startTraining(p, settings=settings)
+    try:
+        deadline = time.monotonic() + 30
+        while not logic.monitor.state.history and time.monotonic() < deadline:
+            logic.poll()
+            time.sleep(0.1)
+        logic.stopTraining()
+        time.sleep(1.0)
+        logic.poll()
+        assert logic.isRunning() and logic.isStopping()
+        logic.stopTraining(force=logic.isStopping())  # what the widget's second press does
+        assert not logic.isRunning()
+        st = logic.monitor.state
+        assert st.status == "stopped" and st.error == ""
+        assert logic.getTableNode(mrml_scene).GetNumberOfRows() == 1
+    finally:
+        logic.monitor.close()
+
+
 # ---- model registry ------------------------------------------------------------------------------------
 def fake_package(path: Path, method: str = "aefm") -> Path:
     """A structurally valid package (card hashes match its members); the registry does not run ONNX."""
