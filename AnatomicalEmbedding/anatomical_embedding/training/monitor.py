@@ -368,8 +368,14 @@ class TrainingMonitor:
             try:
                 if os.name == "posix":
                     os.killpg(self.process.pid, signal.SIGKILL)
-                else:  # pragma: no cover
-                    self.process.kill()
+                else:  # pragma: no cover - Windows
+                    # The whole tree: Slicer's PythonSlicer.exe is a launcher whose python-real.exe child trains (and
+                    # torchrun has ranks); TerminateProcess on the launcher alone would leave them running.
+                    try:
+                        subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)],
+                                       capture_output=True, timeout=30, check=True)
+                    except (OSError, subprocess.SubprocessError):
+                        self.process.kill()
             except ProcessLookupError:
                 pass
             self.process.wait()
