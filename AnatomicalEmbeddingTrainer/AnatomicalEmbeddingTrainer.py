@@ -39,6 +39,8 @@ from AnatomicalEmbeddingTrainerLib.settings import METHOD_PARAMETER, pathOrEmpty
 DEVICES = ["auto", "cpu", "cuda"]
 FINETUNE_MODES = ["embedding", "backbone", "scratch"]
 POLL_INTERVAL_MS = 500
+STOPPING_TEXT = ("Stopping: finishing the current step and saving a checkpoint (press Stop again to end it at once, "
+                 "without one).")
 
 
 #
@@ -280,8 +282,13 @@ class AnatomicalEmbeddingTrainerWidget(ScriptedLoadableModuleWidget, VTKObservat
         self._updateButtons()
 
     def onStop(self) -> None:
-        self.logic.stopTraining()
-        self.ui.trainingStatusLabel.text = "Stopping: finishing the current step and saving a checkpoint..."
+        # A second press ends a run that does not get to the end of its step (no checkpoint then).
+        force = self.logic.isStopping()
+        self.logic.stopTraining(force=force)
+        if force:
+            self.onPoll()
+        else:
+            self.ui.trainingStatusLabel.text = STOPPING_TEXT
 
     def onOpenRunFolder(self) -> None:
         import qt
@@ -299,7 +306,7 @@ class AnatomicalEmbeddingTrainerWidget(ScriptedLoadableModuleWidget, VTKObservat
             self.ui.trainingStatusLabel.text = f"Polling failed: {exc}"
             return
         st = self.logic.monitor.state
-        self.ui.trainingStatusLabel.text = st.summary()
+        self.ui.trainingStatusLabel.text = (STOPPING_TEXT + " " if self.logic.isStopping() else "") + st.summary()
         self.ui.trainingProgressBar.maximum = max(1, st.total_steps)
         self.ui.trainingProgressBar.value = st.step
         self.ui.logTextEdit.setPlainText("\n".join(list(st.log_lines)[-30:]))
@@ -339,6 +346,8 @@ class AnatomicalEmbeddingTrainerTest(ScriptedLoadableModuleTest):
         self.test_ExportCase()
         self.setUp()
         self.test_TrainFromScene()
+        self.setUp()
+        self.test_StopAndResume()
 
     def test_DefaultsReadWithoutTorch(self):
         """The panel's torch-free defaults (read from the engine's source) equal the imported dataclasses'."""
@@ -392,7 +401,6 @@ class AnatomicalEmbeddingTrainerTest(ScriptedLoadableModuleTest):
         """Phantoms exported from the scene train for a few steps in a subprocess; progress reaches the table,
         the chart has a series per loss term, and the exported package is registered."""
         import tempfile
-        import time
 
         from AnatomicalEmbeddingTrainerLib import settings
 
@@ -420,12 +428,10 @@ class AnatomicalEmbeddingTrainerTest(ScriptedLoadableModuleTest):
                               "[method]\nwidths = [8, 16, 32, 64]\nfeature_dim = 8\nspacing = [8.0, 8.0, 8.0]\n"
                               "n_pos = 50\nn_neg = 512\nepochs_region = 0\n")
         logic.startTraining(p)
-        deadline = time.time() + 300
-        while logic.isRunning() and time.time() < deadline:
-            slicer.app.processEvents()
-            logic.poll()
-            time.sleep(0.2)
-        logic.poll()
+        try:
+            self._pollUntilDone(logic, 300)
+        finally:
+            logic.monitor.close()  # a run past the deadline must not outlive the test
         state = logic.monitor.state
         self.assertEqual(state.status, "finished", state.error)
         table = logic.getTableNode()
@@ -436,3 +442,66 @@ class AnatomicalEmbeddingTrainerTest(ScriptedLoadableModuleTest):
         models = model_registry.list_models(root / "models.json")
         self.assertEqual([m["path"] for m in models], [str(logic.exportPath(root / "run").resolve())])
         self.delayDisplay("Test passed")
+
+    def test_StopAndResume(self):
+        """Stop once progress arrives, with a DataLoader worker process (the engine's default has two): a checkpoint,
+        status "stopped" (not a crashed worker); Resume continues to the end with one curve."""
+        import tempfile
+
+        from AnatomicalEmbeddingTrainerLib import settings
+
+        if not settings.torchAvailable():
+            self.delayDisplay("PyTorch absent: stop and resume are not tested (install it from the module)")
+            return
+        from anatomical_embedding import phantoms
+
+        self.delayDisplay("Stopping and resuming a tiny AEFM run")
+        root = pathlib.Path(tempfile.mkdtemp(prefix="AnatomicalEmbeddingTrainerTest-", dir=slicer.app.temporaryPath))
+        phantoms.generate_cohort(root / "cohort", 3, seed=2, spacing=8.0, size=40, workers=1)
+        logic = AnatomicalEmbeddingTrainerLogic(registryPath=root / "models.json")
+        p = logic.getParameterNode()
+        logic.setMethod(p, "aefm")
+        p.dataDirectory, p.runDirectory = root / "cohort", root / "run"
+        p.device, p.batchSize, p.maxSteps, p.patchSize, p.exportModel = "cpu", 2, 40, "32,32,32", False
+        p.advancedSettings = ("[train]\nlog_every = 2\nnum_workers = 1\ntensorboard = false\nckpt_every = 1000\n"
+                              "[method]\nwidths = [8, 16, 32, 64]\nfeature_dim = 8\nspacing = [8.0, 8.0, 8.0]\n"
+                              "n_pos = 50\nn_neg = 512\nepochs_region = 0\n")
+        logic.startTraining(p)
+        try:
+            self._pollUntilDone(logic, 300, untilProgress=True)
+            logic.stopTraining()
+            self._pollUntilDone(logic, 120)
+        finally:
+            logic.monitor.close()
+        state = logic.monitor.state
+        self.assertEqual(state.status, "stopped", state.error)
+        self.assertTrue((root / "run" / "checkpoints" / "last.pt").is_file())
+        stoppedAt = state.step
+
+        p.maxSeconds = 0.0
+        logic.startTraining(p, resume=True)
+        try:
+            self._pollUntilDone(logic, 600)
+        finally:
+            logic.monitor.close()
+        state = logic.monitor.state
+        self.assertEqual(state.status, "finished", state.error)
+        self.assertEqual(state.start_step, stoppedAt)
+        steps = [h["step"] for h in state.history]
+        self.assertEqual(steps, sorted(set(steps)))
+        self.assertEqual(logic.getTableNode().GetNumberOfRows(), len(steps))
+        self.delayDisplay("Test passed")
+
+    @staticmethod
+    def _pollUntilDone(logic, timeoutSeconds: float, untilProgress: bool = False) -> None:
+        """What the widget's timer does: poll while the run goes on (or until its first progress line)."""
+        import time
+
+        deadline = time.time() + timeoutSeconds
+        while logic.isRunning() and time.time() < deadline:
+            if untilProgress and logic.monitor.state.history:
+                return
+            slicer.app.processEvents()
+            logic.poll()
+            time.sleep(0.2)
+        logic.poll()

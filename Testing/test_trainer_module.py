@@ -166,6 +166,39 @@ def test_command_line_from_the_parameter_node(trainer, tmp_path):
         logic.buildCommand(make_params(trainer, dataDirectory=tmp_path, runDirectory=tmp_path / "r", method=""))
 
 
+def test_resume_follows_the_run_and_the_new_time_limit(trainer, tmp_path):
+    """Resume takes the method of the run folder, not the combo box's (which shows the first method after a restart):
+    resuming a finetune run passed --export and train.py refused it (exit 2); resuming a pretraining run while the
+    combo showed "finetune" skipped the export. The time limit of the panel applies to the resumed part."""
+    from anatomical_embedding.training.config import load_run_config, save_run_config
+
+    spec = importlib.util.spec_from_file_location("_train_for_resume", ROOT / MODULE / f"{MODULE}Lib" / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    logic = trainer.AnatomicalEmbeddingTrainerLogic()
+
+    finetuneRun = tmp_path / "seg"
+    finetuneRun.mkdir()
+    (finetuneRun / "config.toml").write_text('method = "finetune"\n[train]\n[config]\n', encoding="utf-8")
+    p = make_params(trainer, method="aefm", dataDirectory=tmp_path, runDirectory=finetuneRun, exportModel=True)
+    assert logic.trainSettings(p, resume=True).export == ""
+    assert "--export" not in logic.buildCommand(p, resume=True)
+
+    run = tmp_path / "pre"
+    run.mkdir()
+    save_run_config(load_run_config("aefm", None, ["train.max_seconds=60.0", "train.device=\"cpu\""]),
+                    run / "config.toml")
+    p = make_params(trainer, method="finetune", dataDirectory=tmp_path, runDirectory=run, exportModel=True,
+                    maxSeconds=0.0, device="cpu")
+    settings = logic.trainSettings(p, resume=True)
+    assert Path(settings.export) == run / "pre.aemodel"
+    argv = logic.buildCommand(p, resume=True)
+    args = train.build_parser().parse_args(argv[argv.index(str(ROOT / MODULE / f"{MODULE}Lib" / "train.py")) + 1:])
+    cfg = train.resolve_config(args)
+    assert args.resume and cfg.method == "aefm" and Path(args.export) == run / "pre.aemodel"
+    assert cfg.train.max_seconds == 0.0  # the panel's "none", not the saved 60 s
+
+
 def test_method_is_kept_in_the_scripted_module_node(trainer, mrml_scene):
     import slicer
 
@@ -195,6 +228,8 @@ def test_progress_lines_fill_the_table_and_the_chart_series(trainer, mrml_scene)
         st.apply(ev)
     table = logic.updateTable(mrml_scene, st.history)
     assert table.GetName() == trainer.TABLE_NAME and table.GetNumberOfRows() == 2
+    # The view's header holds the column names; without it a table view shows them as row 0, one row off.
+    assert table.GetUseColumnTitleAsColumnHeader()
     names = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
     assert names == ["step", "loss", "ac_local", "ac_global"]
     vt = table.GetTable()
@@ -294,6 +329,43 @@ def test_crashed_training_gives_a_clear_error_and_no_package(trainer, mrml_scene
     assert logic.getTableNode(mrml_scene).GetNumberOfRows() == 1  # the curve up to the crash stays visible
     assert sorted(f.name for f in run.iterdir()) == ["console.log"]  # no package, no partial export
     assert logic.registeredModel is None and model_registry.list_models(registry, include_missing=True) == []
+
+
+FAKE_HUNG = """
+import json, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a step that never ends: neither the signal nor the stop file helps
+print(json.dumps({"event": "start", "total_steps": 10, "start_step": 0}), flush=True)
+print(json.dumps({"event": "progress", "step": 2, "total_steps": 10, "epoch": 0, "loss": 1.5, "terms": {}}),
+      flush=True)
+time.sleep(600)
+"""
+
+
+def test_second_stop_ends_a_hung_run_at_once(trainer, mrml_scene, tmp_path):
+    """Stop asks for a checkpoint at the end of the step; a run that never gets there (a hung data loader or GPU) is
+    ended by pressing Stop again (force), and reads "stopped", not "failed"."""
+    script = tmp_path / "hung.py"
+    script.write_text(textwrap.dedent(FAKE_HUNG), encoding="utf-8")
+    logic = trainer.AnatomicalEmbeddingTrainerLogic(registryPath=tmp_path / "models.json")
+    p = make_params(trainer, dataDirectory=tmp_path, runDirectory=tmp_path / "run", exportModel=False)
+    settings = dataclasses.replace(logic.trainSettings(p), script=str(script), python=sys.executable)
+    logic.startTraining(p, settings=settings)
+    try:
+        deadline = time.monotonic() + 30
+        while not logic.monitor.state.history and time.monotonic() < deadline:
+            logic.poll()
+            time.sleep(0.1)
+        logic.stopTraining()
+        time.sleep(1.0)
+        logic.poll()
+        assert logic.isRunning() and logic.isStopping()
+        logic.stopTraining(force=logic.isStopping())  # what the widget's second press does
+        assert not logic.isRunning()
+        st = logic.monitor.state
+        assert st.status == "stopped" and st.error == ""
+        assert logic.getTableNode(mrml_scene).GetNumberOfRows() == 1
+    finally:
+        logic.monitor.close()
 
 
 # ---- model registry ------------------------------------------------------------------------------------

@@ -135,8 +135,8 @@ def _wait_for_progress(mon: TrainingMonitor, timeout_s: float = 120.0) -> None:
 
 
 @pytest.mark.slow  # two training processes (~10 s of imports each on a shared CPU)
-def test_stop_with_sigterm_then_resume(tiny_cohort, tmp_path):
-    """The GUI's path: start, SIGTERM once progress arrives (checkpoint, exit 130), resume to the end."""
+def test_stop_then_resume(tiny_cohort, tmp_path):
+    """The GUI's path: start, stop once progress arrives (checkpoint, exit 130), resume to the end."""
     run = tmp_path / "run"
     mon = TrainingMonitor(settings(run, tiny_cohort, overrides=TINY + ["train.max_steps=12", "train.ckpt_every=1000"]))
     mon.start()
@@ -168,10 +168,8 @@ def test_stop_with_sigterm_then_resume(tiny_cohort, tmp_path):
 
 def test_stop_file_checkpoints_without_any_signal(tiny_cohort, tmp_path, monkeypatch):
     """Windows has no SIGTERM for the child and CTRL_BREAK_EVENT needs a shared console: the stop is the run
-    folder's stop file. Here no signal is sent at all (os.killpg disabled, as on Windows); the engine still
-    finishes the step, writes last.pt, reports the stop and exits 130, and the stop file is gone afterwards."""
-    import signal
-
+    folder's stop file, on every platform once the loop runs (no signal is sent then: see the DataLoader test).
+    The engine finishes the step, writes last.pt, reports the stop and exits 130, and the stop file is gone."""
     from anatomical_embedding.training import monitor as monitor_module
     from anatomical_embedding.training.progress import stop_file
 
@@ -192,7 +190,94 @@ def test_stop_file_checkpoints_without_any_signal(tiny_cohort, tmp_path, monkeyp
     assert not stop_file(run).exists()  # consumed: a resume does not stop at once
     text = (run / "console.log").read_text(encoding="utf-8")
     assert '"signal": "STOP_FILE"' in text
-    assert sent == [signal.SIGTERM]  # recorded by the stub, never delivered: the stop file alone did it
+    assert sent == []  # the loop had started: the stop file alone does it
+
+
+@pytest.mark.slow  # one training process with a DataLoader worker (~15 s on a shared CPU)
+def test_stop_leaves_the_data_loader_workers_alone(tiny_cohort, tmp_path):
+    """With DataLoader worker processes (the engine's default num_workers is 2; the GUI keeps it), a stop once the
+    loop runs ends in a checkpoint and exit 130. SIGTERM to the process group killed the workers too, and the run
+    failed ("DataLoader worker ... is killed by signal: Terminated") without a checkpoint."""
+    run = tmp_path / "run"
+    overrides = [o for o in TINY if not o.startswith("train.num_workers")]
+    mon = TrainingMonitor(settings(run, tiny_cohort, overrides=overrides + [
+        "train.num_workers=1", "train.max_steps=400", "train.ckpt_every=1000"]))
+    mon.start()
+    try:
+        _wait_for_progress(mon)
+        mon.stop()
+        st = mon.wait(timeout=120)
+    finally:
+        mon.close()
+    assert st.status == "stopped" and st.returncode == EXIT_STOPPED, st.error
+    assert (run / "checkpoints" / "last.pt").is_file() and 2 <= st.step < 400
+
+
+def test_stop_during_the_set_up_is_a_stop_not_a_failure(tiny_cohort, tmp_path):
+    """Stop pressed while the child still imports torch or prepares the data (minutes for a large cohort): the
+    process ends at once, nothing was trained, and the run reads "stopped" - not "training failed (exit code -15:
+    killed or crashed)" with an error dialog."""
+    run = tmp_path / "run"
+    mon = TrainingMonitor(settings(run, tiny_cohort, overrides=TINY + ["train.max_steps=400"]))
+    mon.start()
+    try:
+        mon.stop()  # no "start" event yet
+        st = mon.wait(timeout=60)
+    finally:
+        mon.close()
+    assert st.status == "stopped" and st.error == "" and st.step == 0
+    assert not (run / "checkpoints" / "last.pt").exists()
+
+
+@pytest.mark.slow  # one training process (~10 s of imports on a shared CPU)
+def test_stop_file_written_during_the_set_up_is_honoured(tiny_cohort, tmp_path, monkeypatch):
+    """Without signals (Windows), a stop asked for before the loop starts is the stop file alone: the engine must
+    honour it at the first step, not delete it as stale when the loop starts (the run went on to the end)."""
+    from anatomical_embedding.training import monitor as monitor_module
+    from anatomical_embedding.training.progress import stop_file
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(monitor_module.os, "killpg", lambda pid, sig: None, raising=False)
+    mon = TrainingMonitor(settings(run, tiny_cohort, overrides=TINY + ["train.max_steps=40", "train.ckpt_every=1000"]))
+    mon.start()
+    try:
+        mon.stop()
+        assert stop_file(run).is_file()
+        st = mon.wait(timeout=120)
+    finally:
+        mon.close()
+    assert st.status == "stopped" and st.returncode == EXIT_STOPPED, st.error
+    assert st.step == 1 and (run / "checkpoints" / "last.pt").is_file()
+    assert not stop_file(run).exists()
+
+
+def test_a_stale_stop_file_does_not_stop_a_new_run(tmp_path):
+    """A stop file left by a run killed before it saw it is removed by the next start (monitor) and by the engine
+    when it predates the process; a newer one is kept."""
+    import os
+    import time
+
+    from anatomical_embedding.training.engine import Trainer
+    from anatomical_embedding.training.progress import stop_file
+
+    run = tmp_path / "run"
+    run.mkdir()
+    stop_file(run).write_text("old\n", encoding="utf-8")
+    old = time.time() - 60
+    os.utime(stop_file(run), (old, old))
+    Trainer(None, tmp_path, run, started_at=old + 1)._drop_stale_stop_request()
+    assert not stop_file(run).exists()
+    stop_file(run).write_text("new\n", encoding="utf-8")
+    Trainer(None, tmp_path, run, started_at=time.time() - 5)._drop_stale_stop_request()
+    assert stop_file(run).exists()
+
+    script = tmp_path / "noop.py"
+    script.write_text("", encoding="utf-8")
+    mon = TrainingMonitor(TrainSettings(out=str(run), data=str(tmp_path), method="aefm", script=str(script),
+                                        python=sys.executable))
+    mon.start()
+    assert not stop_file(run).exists()
+    assert mon.wait(timeout=60).status == "finished"
 
 
 FAKE_CRASH = """

@@ -18,6 +18,12 @@ def getTableNode(scene=None):
     node = scene.GetFirstNodeByName(TABLE_NAME)
     if node is None or not node.IsA("vtkMRMLTableNode"):
         node = scene.AddNewNodeByClass("vtkMRMLTableNode", TABLE_NAME)
+    # Column names in the table view's header ("lock first row"): otherwise qMRMLTableModel shows them as an
+    # editable first row and every logged step one row below its index. Set on a table from a saved scene too.
+    if hasattr(node, "SetUseColumnTitleAsColumnHeader"):
+        node.SetUseColumnTitleAsColumnHeader(True)
+    else:  # Slicer before 5.6 names it after the column name
+        node.SetUseColumnNameAsColumnHeader(True)
     return node
 
 

@@ -103,8 +103,19 @@ class AnatomicalEmbeddingTrainerLogic(ScriptedLoadableModuleLogic):
         self.updateTable()
         return monitor
 
-    def stopTraining(self) -> None:
-        if self.isRunning():
+    def isStopping(self) -> bool:
+        """A stop was asked for and the process has not ended yet."""
+        return self.isRunning() and self.monitor.stop_requested
+
+    def stopTraining(self, force: bool = False) -> None:
+        """Ask the run to stop (it finishes the step, saves a checkpoint, exits 130). ``force`` ends it at once,
+        without a checkpoint: for a process that does not get to the end of its step (a hung data loader or GPU)."""
+        if not self.isRunning():
+            return
+        if force:
+            self.monitor.kill()
+            self.poll()  # the outcome ("stopped") and the table at once
+        else:
             self.monitor.stop()
 
     def poll(self) -> list:

@@ -192,6 +192,24 @@ def exportPath(runDir) -> pathlib.Path:
     return runDir / f"{runDir.name}.aemodel"
 
 
+def runMethod(runDir) -> str:
+    """The method of an existing run, from its ``RUN_DIR/config.toml`` ("" when there is none or it is unreadable)."""
+    import tomllib
+
+    try:
+        data = tomllib.loads((pathlib.Path(runDir) / "config.toml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return ""
+    method = data.get("method")
+    return method if isinstance(method, str) else ""
+
+
+def resumeOverrides(p) -> list:
+    """``--set`` items of a resume: the run keeps its saved settings, except where it runs and for how long (the
+    time limit is per launch: "Resume continues the run with a new limit")."""
+    return [f'train.device="{p.device}"', f"train.max_seconds={float(p.maxSeconds)!r}", "train.progress_bar=false"]
+
+
 def pythonExecutable() -> str:
     # Inside Slicer the child must run Slicer's own Python (same packages); outside Slicer this interpreter.
     from anatomical_embedding.mrml import slicer_python
@@ -210,9 +228,13 @@ def trainSettings(p, resume: bool = False):
         raise ValueError("Choose the run (output) folder.")
     if not data:
         raise ValueError("Choose the data folder (images, or the training folder exported from the scene).")
-    if not resume and not method:
+    if resume:
+        # The run's own method, not the combo box's (after a restart it shows the first method): it decides
+        # whether a package is exported (train.py refuses --export for a finetune run, exit 2).
+        method = runMethod(runDir) or method
+    elif not method:
         raise ValueError("Choose a method.")
-    items = overrides(p, method) if not resume else [f'train.device="{p.device}"']
+    items = overrides(p, method) if not resume else resumeOverrides(p)
     return TrainSettings(
         out=runDir, data=data, labels=pathOrEmpty(p.labelsDirectory), method=method if not resume else "",
         overrides=items, advanced=p.advancedSettings if not resume else "", resume=resume,

@@ -24,13 +24,19 @@ Inside Slicer, ``sys.exit`` from a ``--python-script`` would be taken for a scri
 without Qt's shutdown; with ``--no-main-window`` this script asks Slicer to quit with the exit code
 (``slicer.util.exit``); with a main window it leaves the application running and only logs the code.
 """
-import argparse
-import json
-import logging
-import os
-import sys
 import time
-from pathlib import Path
+
+#: When this process started, before the slow imports: a stop requested after it (the run folder's stop file, written
+#: by the Trainer while torch is still being imported) is honoured, an older stop file is stale. The training monitor
+#: passes its launch time (monitor.LAUNCHED_AT_ENV), which also covers a stop asked for before this interpreter ran.
+_STARTED_AT = time.time()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 log = logging.getLogger("train")
 
@@ -262,6 +268,15 @@ def export_package(run_dir: Path, out: Path, checkpoint: str) -> Path:
     return Path(path)
 
 
+def _started_at() -> float:
+    from anatomical_embedding.training.monitor import LAUNCHED_AT_ENV
+
+    try:
+        return min(_STARTED_AT, float(os.environ[LAUNCHED_AT_ENV]))
+    except (KeyError, ValueError):
+        return _STARTED_AT
+
+
 def run(args) -> int:
     from anatomical_embedding.training.engine import Trainer
 
@@ -280,7 +295,8 @@ def run(args) -> int:
         raise FileExistsError(f"--export: {export} exists; choose another file name or delete it")
     check_device(cfg)
     try:
-        code = Trainer(cfg, args.data, args.out, labels=args.labels, resume=args.resume).run()
+        code = Trainer(cfg, args.data, args.out, labels=args.labels, resume=args.resume,
+                       started_at=_started_at()).run()
     except Exception as exc:
         if _is_oom(exc):
             raise TrainError(4, oom_message(cfg)) from exc

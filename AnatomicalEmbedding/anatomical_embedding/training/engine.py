@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -147,8 +148,12 @@ class Trainer:
     """Builds data, method, optimiser and DDP from a :class:`RunConfig`, then ``run()``."""
 
     def __init__(self, cfg: RunConfig, data: str | Path, out: str | Path, labels: str | Path | None = None,
-                 resume: bool = False, echo_progress: bool = True) -> None:
+                 resume: bool = False, echo_progress: bool = True, started_at: float | None = None) -> None:
         self.cfg, self.run_dir, self.resume = cfg, Path(out), resume
+        # Wall-clock start of this run's process (train.py passes its own, taken before the imports): a stop file
+        # older than it is a stale request; a newer one (a stop asked for during the imports or the set-up, e.g. on
+        # Windows, where the stop file is the only way) is honoured at the first step.
+        self.started_at = time.time() if started_at is None else started_at
         self.echo_progress = echo_progress  # False: progress lines go to progress.jsonl only
         self.data, self.labels = data, labels
 
@@ -167,12 +172,24 @@ class Trainer:
             return torch.bfloat16 if device.type == "cuda" else None
         return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
 
+    def _drop_stale_stop_request(self) -> None:
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
+        path = stop_file(self.run_dir)
+        try:
+            if path.stat().st_mtime < self.started_at:
+                path.unlink(missing_ok=True)
+                log.info("removed a stale stop request %s (older than this run)", path)
+        except FileNotFoundError:
+            pass
+
     def run(self) -> int:
         from anatomical_embedding.data.datasets import DatasetSpec, build_dataset
         from anatomical_embedding.methods import get_method
 
         run_t0 = time.perf_counter()  # train.max_seconds counts from here
         tc = self.cfg.train
+        self._drop_stale_stop_request()
         if tc.amp not in ("auto", "bf16", "fp16", "none"):
             raise ValueError(f"train.amp must be auto, bf16, fp16 or none, got {tc.amp!r}")
         device = self._device()
@@ -292,7 +309,6 @@ class Trainer:
         stop = _Stop()
         old_handlers = {}
         stop_path = stop_file(run_dir)
-        stop_path.unlink(missing_ok=True)  # a stale request from an earlier stop must not end this run at once
 
         def _handler(signum, frame):  # finish the current step, checkpoint, exit 130
             stop.signal = signal.Signals(signum).name

@@ -8,8 +8,9 @@ The Trainer module drives training through this class so that the same code is t
 * :class:`TrainingMonitor`: ``start()`` runs it with stdout+stderr appended to ``RUN_DIR/console.log``;
   ``poll()`` (call it from a timer; it never blocks) reads what was appended since the last call, parses
   the engine's JSON progress lines (:mod:`.training.progress`) into :class:`TrainingState`, and notices
-  when the process ended; ``stop()`` sends SIGTERM (the engine saves ``checkpoints/last.pt`` and exits
-  with 130); ``resume()`` starts it again with ``--resume``.
+  when the process ended; ``stop()`` writes the run's stop file (the engine finishes the step, saves
+  ``checkpoints/last.pt`` and exits with 130) or, while the process is still setting up, ends it with SIGTERM;
+  ``kill()`` ends it at once; ``resume()`` starts it again with ``--resume``.
 
 Reading a log file by offset (rather than a pipe) keeps polling non-blocking on every platform and keeps
 the whole console output next to the run for later inspection.
@@ -42,6 +43,9 @@ EXIT_CODES = {
     EXIT_STOPPED: "stopped; a checkpoint was saved (resume to continue)",
 }
 CONSOLE_LOG = "console.log"
+#: The child's environment variable with the launch time: train.py keeps a stop file newer than it (a Stop pressed
+#: while the child still imports torch) and drops an older one as stale.
+LAUNCHED_AT_ENV = "ANATOMICAL_EMBEDDING_LAUNCHED_AT"
 
 
 def default_train_script() -> Path:
@@ -276,6 +280,8 @@ class TrainingMonitor:
         self._log_fh = None
         self._offset = 0
         self._started_at = 0.0
+        self._loop_started = False  # this launch's "start" event arrived (signal handlers and data workers exist)
+        self.stop_requested = False
         self.argv: list[str] = []
 
     @property
@@ -298,6 +304,9 @@ class TrainingMonitor:
         if self.settings.export and Path(self.settings.export).exists():
             raise FileExistsError(f"model package {self.settings.export} exists; choose another name")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        from anatomical_embedding.training.progress import stop_file
+
+        stop_file(self.run_dir).unlink(missing_ok=True)  # a request left by a killed run must not end this one
         self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._parser = ProgressParser()
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -310,6 +319,8 @@ class TrainingMonitor:
         log.info("Starting training: %s", " ".join(argv))
         self.argv = argv
         self._started_at = time.time()
+        env[LAUNCHED_AT_ENV] = repr(self._started_at)
+        self._loop_started = self.stop_requested = False
         self.process = subprocess.Popen(argv, stdout=self._log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         env=env, cwd=str(self.run_dir), **kwargs)
         st = self.state
@@ -326,18 +337,25 @@ class TrainingMonitor:
     def stop(self) -> None:
         """Ask for a graceful stop: the engine finishes the step, saves last.pt and exits 130.
 
-        The request is the run folder's stop file (``progress.STOP_FILE_NAME``), which works on every platform; on
-        POSIX the process group also gets SIGTERM (torchrun forwards it to its workers at once).
+        The request is the run folder's stop file (``progress.STOP_FILE_NAME``), which every rank checks after each
+        step, on every platform. No signal is sent once the training loop runs: SIGTERM to the process group would
+        also reach the DataLoader worker processes (and torchrun forwards it to each rank's group), which die of it,
+        so the run would fail without a checkpoint. While the process is still setting up (no "start" event yet:
+        no workers, nothing to save) the POSIX process group gets SIGTERM, so a long preprocessing ends at once.
         """
         if not self.running:
             return
         from anatomical_embedding.training.progress import stop_file
 
+        self.poll()  # has the loop started? (its "start" event precedes the signal handlers and the workers)
+        if not self.running:
+            return
+        self.stop_requested = True
         try:
             stop_file(self.run_dir).write_text("stop requested\n", encoding="utf-8")
         except OSError as exc:
             log.warning("could not write the stop file: %s", exc)
-        if os.name == "posix":
+        if os.name == "posix" and not self._loop_started:
             try:
                 os.killpg(self.process.pid, signal.SIGTERM)
             except ProcessLookupError:
@@ -346,11 +364,18 @@ class TrainingMonitor:
     def kill(self) -> None:
         """Hard stop (no checkpoint); used when a graceful stop does not end the process."""
         if self.process is not None and self.process.poll() is None:
+            self.stop_requested = True  # the user's choice: the run reads "stopped", not "failed"
             try:
                 if os.name == "posix":
                     os.killpg(self.process.pid, signal.SIGKILL)
-                else:  # pragma: no cover
-                    self.process.kill()
+                else:  # pragma: no cover - Windows
+                    # The whole tree: Slicer's PythonSlicer.exe is a launcher whose python-real.exe child trains (and
+                    # torchrun has ranks); TerminateProcess on the launcher alone would leave them running.
+                    try:
+                        subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)],
+                                       capture_output=True, timeout=30, check=True)
+                    except (OSError, subprocess.SubprocessError):
+                        self.process.kill()
             except ProcessLookupError:
                 pass
             self.process.wait()
@@ -377,6 +402,8 @@ class TrainingMonitor:
             events, lines = events + more_ev, lines + more_lines
         for ev in events:
             self.state.apply(ev)
+            if ev.get("event") == "start":
+                self._loop_started = True
         self.state.log_lines.extend(lines)
         if rc is not None and self.state.status == "running":
             self._finish(rc)
@@ -392,7 +419,8 @@ class TrainingMonitor:
             st.status = "finished"
             if self.settings.export and not st.exported:
                 st.status, st.error = "failed", "training finished but no model package was exported"
-        elif rc == EXIT_STOPPED or st.stopped:
+        elif rc == EXIT_STOPPED or st.stopped or (self.stop_requested and not st.error):
+            # A stop during set-up ends the process by SIGTERM (no checkpoint, nothing lost): not a failure.
             st.status = "stopped"
         else:
             st.status = "failed"
