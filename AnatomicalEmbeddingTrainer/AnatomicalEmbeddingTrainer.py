@@ -469,6 +469,11 @@ class AnatomicalEmbeddingTrainerTest(ScriptedLoadableModuleTest):
         logic.startTraining(p)
         try:
             self._pollUntilDone(logic, 300, untilProgress=True)
+            # The training process holds the run folder: a second start (another Slicer, a shell) is refused.
+            from anatomical_embedding.training.runlock import RunFolderBusy
+
+            with self.assertRaises(RunFolderBusy):
+                AnatomicalEmbeddingTrainerLogic(registryPath=root / "models.json").startTraining(p, resume=True)
             logic.stopTraining()
             self._pollUntilDone(logic, 120)
         finally:

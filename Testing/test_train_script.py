@@ -225,6 +225,42 @@ def test_finetune_goes_through_the_same_script(train_module, tiny_cohort, tmp_pa
     assert "anatomical-embedding segment" in capsys.readouterr().err
 
 
+# ---- one training process per run folder (defect: a second process trained the same folder) ----------------
+def test_refuses_a_run_folder_that_a_live_process_trains(train_module, tmp_path, capsys):
+    """Plain ``python train.py`` on a folder another live process trains: exit 2 with one line naming the process
+    and the fix, before anything is written into the folder."""
+    from lock_holder import hold_run_folder
+
+    run = tmp_path / "run"
+    with hold_run_folder(run) as holder:
+        code = train_module.main(["--method", "aefm", "--data", str(tmp_path), "--out", str(run), "--device", "cpu"])
+    out = capsys.readouterr()
+    message = f"{run} is being trained by process {holder.pid} (started "
+    assert code == 2 and f"error: {message}" in out.err and "; stop it or choose another run folder" in out.err
+    assert events(out.out)[-1]["exit_code"] == 2 and events(out.out)[-1]["message"].startswith(message)
+    assert sorted(p.name for p in run.iterdir()) == ["train.lock"]  # no config.toml, progress.jsonl, checkpoints
+
+
+@pytest.mark.slow  # torchrun and two ranks importing torch (~25 s on a shared 2-core CPU)
+@pytest.mark.ddp
+def test_torchrun_ranks_all_refuse_a_run_folder_a_live_process_trains(tmp_path):
+    """Under torchrun only rank 0 takes the lock; the ranks agree on the outcome, so every rank exits with the
+    error (none waits in a collective for a rank 0 that gave up) and rank 0 reports it once."""
+    from lock_holder import hold_run_folder
+
+    run = tmp_path / "run"
+    with hold_run_folder(run) as holder:
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              str(TRAIN_PY), "--method", "aefm", "--data", str(tmp_path), "--out", str(run),
+                              "--device", "cpu", *sets(TINY)], capture_output=True, text=True, encoding="utf-8",
+                             errors="replace", timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode != 0
+    [error] = [e for e in events(res.stdout) if e["event"] == "error"]
+    assert error["exit_code"] == 2 and f"is being trained by process {holder.pid} (started " in error["message"]
+    assert "rank 0 could not lock the run folder" in res.stderr, res.stderr[-3000:]  # rank 1 stopped by itself
+    assert sorted(p.name for p in run.iterdir()) == ["train.lock"]
+
+
 # ---- every path exits with its documented code (defect: a windowless Slicer never quit) ---------------------
 BLOCK_TORCH = ("import sys, importlib.abc\n"
                "class _Block(importlib.abc.MetaPathFinder):\n"

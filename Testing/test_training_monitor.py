@@ -20,6 +20,7 @@ from anatomical_embedding.training.monitor import (
     default_train_script,
     toml_overrides,
 )
+from anatomical_embedding.training.runlock import RunFolderBusy, check_run_folder_free
 
 #: A tiny AEFM (seconds per run on one CPU thread); log every 2 steps.
 TINY = ["method.widths=[8,16,32,64]", "method.feature_dim=8", "method.spacing=[8.0,8.0,8.0]",
@@ -142,11 +143,15 @@ def test_stop_then_resume(tiny_cohort, tmp_path):
     mon.start()
     try:
         _wait_for_progress(mon)
+        # The training process holds the run folder: a second start (a second Slicer, a shell) is refused.
+        with pytest.raises(RunFolderBusy, match=rf"by process {mon.process.pid} \(started "):
+            TrainingMonitor(settings(run, tiny_cohort)).start()
         mon.stop()
         st = mon.wait(timeout=120)
     finally:
         mon.close()
     assert st.status == "stopped" and st.returncode == EXIT_STOPPED
+    check_run_folder_free(run)  # released when the process ended
     stopped_at = st.step
     assert 2 <= stopped_at < 12
     assert (run / "checkpoints" / "last.pt").is_file()
@@ -277,6 +282,39 @@ def test_a_stale_stop_file_does_not_stop_a_new_run(tmp_path):
                                         python=sys.executable))
     mon.start()
     assert not stop_file(run).exists()
+    assert mon.wait(timeout=60).status == "finished"
+
+
+def test_a_run_folder_trained_by_a_live_process_is_refused_and_the_lock_never_goes_stale(tmp_path):
+    """A run folder that another live process trains (a shell's train.py, the child of a Slicer that crashed) is
+    refused before anything starts or is written, with one line naming the process and the fix; once that process
+    dies - even by SIGKILL, with no chance to clean up - the folder is free again."""
+    import re
+    import signal
+
+    from lock_holder import hold_run_folder
+
+    from anatomical_embedding.training.progress import stop_file
+    from anatomical_embedding.training.runlock import RunFolderBusy, check_run_folder_free
+
+    run = tmp_path / "run"
+    script = tmp_path / "noop.py"
+    script.write_text("", encoding="utf-8")
+    mon = TrainingMonitor(TrainSettings(out=str(run), data=str(tmp_path), method="aefm", script=str(script),
+                                        python=sys.executable))
+    with hold_run_folder(run) as holder:
+        stop_file(run).write_text("the live run's stop request\n", encoding="utf-8")
+        with pytest.raises(RunFolderBusy) as err:
+            mon.start()
+        assert re.fullmatch(rf"{re.escape(str(run))} is being trained by process {holder.pid} \(started "
+                            r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\); stop it or choose another run folder", str(err.value))
+        assert mon.process is None and not mon.running
+        assert stop_file(run).is_file()  # the live run's files are left alone
+        assert not (run / "console.log").exists()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    check_run_folder_free(run)  # the OS released the lock with the process: nothing stale
+    mon.start()
     assert mon.wait(timeout=60).status == "finished"
 
 

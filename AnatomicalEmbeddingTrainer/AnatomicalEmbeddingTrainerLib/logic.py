@@ -88,10 +88,14 @@ class AnatomicalEmbeddingTrainerLogic(ScriptedLoadableModuleLogic):
     def startTraining(self, p, resume: bool = False, settings=None):
         """Launch ``train.py`` (never blocks); call :meth:`poll` periodically."""
         from anatomical_embedding.training.monitor import TrainingMonitor, read_history
+        from anatomical_embedding.training.runlock import check_run_folder_free
 
         if self.isRunning():
             raise RuntimeError("Training is already running; stop it first.")
         settings = settings or self.trainSettings(p, resume)
+        # First: a folder that a live process trains (a crashed Slicer's child, a shell) reads as that, not as
+        # "already holds a run"; nothing is launched or written.
+        check_run_folder_free(settings.out)
         if not resume and (pathlib.Path(settings.out) / "checkpoints" / "last.pt").is_file():
             raise FileExistsError(f"{settings.out} already holds a run: resume it or choose a new run folder.")
         monitor = TrainingMonitor(settings)

@@ -15,7 +15,8 @@ Output: the engine's JSON progress lines on stdout (see ``anatomical_embedding/t
 ``{"event": "exported", "path": ...}`` after ``--export``; ``error`` events carry the messages below. Exit
 codes (``anatomical_embedding.training.monitor.EXIT_CODES``): 0 finished, 1 unexpected error, 2 bad input
 (data, settings, output folder), 3 CUDA requested but unavailable, 4 GPU out of memory, 130 stopped by
-SIGINT/SIGTERM after saving ``checkpoints/last.pt`` (continue with ``--resume``).
+SIGINT/SIGTERM after saving ``checkpoints/last.pt`` (continue with ``--resume``). A run folder that another live
+process is training is refused with exit code 2 (the engine locks ``RUN_DIR/train.lock`` while it trains).
 
 Finetuning is not implemented in the engine yet, so only pretraining is offered (few-shot segmentation heads
 are trained with ``anatomical-embedding fewshot train``).
@@ -294,28 +295,35 @@ def run(args) -> int:
         # Checked before training so that hours of training do not end in a refused export.
         raise FileExistsError(f"--export: {export} exists; choose another file name or delete it")
     check_device(cfg)
+    # The Trainer locks the run folder (rank 0) against a second training process; kept through the export.
+    trainer = Trainer(cfg, args.data, args.out, labels=args.labels, resume=args.resume, started_at=_started_at(),
+                      keep_run_lock=True)
     try:
-        code = Trainer(cfg, args.data, args.out, labels=args.labels, resume=args.resume,
-                       started_at=_started_at()).run()
-    except Exception as exc:
-        if _is_oom(exc):
-            raise TrainError(4, oom_message(cfg)) from exc
-        raise
-    if code == 0 and export is not None and _is_main_rank():
-        path = export_package(Path(args.out), export, args.export_checkpoint)
-        _event("exported", path=str(path))
+        try:
+            code = trainer.run()
+        except Exception as exc:
+            if _is_oom(exc):
+                raise TrainError(4, oom_message(cfg)) from exc
+            raise
+        if code == 0 and export is not None and _is_main_rank():
+            path = export_package(Path(args.out), export, args.export_checkpoint)
+            _event("exported", path=str(path))
+    finally:
+        trainer.release_run_lock()
     return code
 
 
 def main(argv=None) -> int:
     ensure_engine()
+    from anatomical_embedding.training.runlock import RunFolderBusy
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return int(run(args) or 0)
     except TrainError as exc:
         code, message = exc.code, str(exc)
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError, RunFolderBusy) as exc:
         code, message = 2, str(exc)
     except KeyboardInterrupt:
         code, message = 130, "interrupted"

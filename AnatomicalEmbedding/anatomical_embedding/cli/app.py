@@ -44,9 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from anatomical_embedding.training.runlock import RunFolderBusy
+
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError, RunFolderBusy) as exc:
         # Bad input: one clear line, no traceback (use -v for the traceback).
         logging.getLogger("anatomical_embedding").debug("error", exc_info=True)
         print(f"error: {exc}", file=sys.stderr)

@@ -23,8 +23,8 @@ optimizer, amp, compile, channels_last, num_workers, log_every, ckpt_every, keep
 output (RUN_DIR): config.toml (the full settings), checkpoints/last.pt, best.pt, step_*.pt,
 metrics.csv, progress.jsonl (JSON lines, also on stdout; see training/progress.py), tensorboard/.
 
-exit codes: 0 finished; 2 bad input (one-line message); 130 stopped by SIGINT/SIGTERM after saving
-checkpoints/last.pt (continue with --resume).
+exit codes: 0 finished; 2 bad input, or RUN_DIR is being trained by another process (one-line message);
+130 stopped by SIGINT/SIGTERM after saving checkpoints/last.pt (continue with --resume).
 """
 
 
@@ -73,9 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     register(sub)
     args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from anatomical_embedding.training.runlock import RunFolderBusy
+
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError, RunFolderBusy) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -24,6 +24,7 @@ from anatomical_embedding.training import distributed as D
 from anatomical_embedding.training.checkpoints import CheckpointManager, load_resume_checkpoint, rng_state, set_rng_state
 from anatomical_embedding.training.config import ENGINE_VERSION, RunConfig, save_run_config
 from anatomical_embedding.training.progress import ProgressWriter, stop_file
+from anatomical_embedding.training.runlock import RunFolderBusy, RunLock
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +149,13 @@ class Trainer:
     """Builds data, method, optimiser and DDP from a :class:`RunConfig`, then ``run()``."""
 
     def __init__(self, cfg: RunConfig, data: str | Path, out: str | Path, labels: str | Path | None = None,
-                 resume: bool = False, echo_progress: bool = True, started_at: float | None = None) -> None:
+                 resume: bool = False, echo_progress: bool = True, started_at: float | None = None,
+                 keep_run_lock: bool = False) -> None:
         self.cfg, self.run_dir, self.resume = cfg, Path(out), resume
+        # The run folder's lock (runlock; rank 0 holds it). keep_run_lock: run() returns still holding it, for work
+        # on the run folder after training (train.py's export), and the caller calls release_run_lock().
+        self.keep_run_lock = keep_run_lock
+        self.run_lock: RunLock | None = None
         # Wall-clock start of this run's process (train.py passes its own, taken before the imports): a stop file
         # older than it is a stale request; a newer one (a stop asked for during the imports or the set-up, e.g. on
         # Windows, where the stop file is the only way) is honoured at the first step.
@@ -183,13 +189,39 @@ class Trainer:
         except FileNotFoundError:
             pass
 
+    def _lock_run_dir(self, dist_info: D.DistInfo) -> None:
+        """Rank 0 takes the run folder's lock; every rank learns the outcome, so that none waits in a collective
+        for a rank 0 that has given up (all raise :class:`RunFolderBusy`)."""
+        problem = ""
+        if dist_info.is_main and self.run_lock is None:
+            try:
+                self.run_lock = RunLock(self.run_dir).acquire()
+            except RunFolderBusy as exc:
+                problem = str(exc)
+        if dist_info.enabled and self._agree_stop(_Stop("busy" if problem else None), dist_info):
+            problem = problem or f"rank 0 could not lock the run folder {self.run_dir} (see its message)"
+        if problem:
+            raise RunFolderBusy(problem)
+
+    def release_run_lock(self) -> None:
+        if self.run_lock is not None:
+            self.run_lock.release()
+            self.run_lock = None
+
     def run(self) -> int:
+        """Train; returns EXIT_OK or EXIT_STOPPED. Refuses (RunFolderBusy) a run folder another process trains."""
+        try:
+            return self._run()
+        finally:
+            if not self.keep_run_lock:
+                self.release_run_lock()
+
+    def _run(self) -> int:
         from anatomical_embedding.data.datasets import DatasetSpec, build_dataset
         from anatomical_embedding.methods import get_method
 
         run_t0 = time.perf_counter()  # train.max_seconds counts from here
         tc = self.cfg.train
-        self._drop_stale_stop_request()
         if tc.amp not in ("auto", "bf16", "fp16", "none"):
             raise ValueError(f"train.amp must be auto, bf16, fp16 or none, got {tc.amp!r}")
         device = self._device()
@@ -199,6 +231,10 @@ class Trainer:
         if device.type == "cuda":
             torch.cuda.set_device(dist_info.local_rank)
             device = torch.device("cuda", dist_info.local_rank)
+        # Before anything touches the run folder (even the stale stop request: it may be the live run's); after
+        # set_device, as the ranks agree on the outcome with a collective (NCCL: one GPU per rank).
+        self._lock_run_dir(dist_info)
+        self._drop_stale_stop_request()
         if tc.threads > 0:
             torch.set_num_threads(tc.threads)
         if tc.deterministic:

@@ -10,7 +10,8 @@ The Trainer module drives training through this class so that the same code is t
   the engine's JSON progress lines (:mod:`.training.progress`) into :class:`TrainingState`, and notices
   when the process ended; ``stop()`` writes the run's stop file (the engine finishes the step, saves
   ``checkpoints/last.pt`` and exits with 130) or, while the process is still setting up, ends it with SIGTERM;
-  ``kill()`` ends it at once; ``resume()`` starts it again with ``--resume``.
+  ``kill()`` ends it at once; ``resume()`` starts it again with ``--resume``. ``start()`` refuses a run folder
+  that a live process trains (``runlock.RunFolderBusy``; the engine holds ``RUN_DIR/train.lock`` while it trains).
 
 Reading a log file by offset (rather than a pipe) keeps polling non-blocking on every platform and keeps
 the whole console output next to the run for later inspection.
@@ -301,6 +302,11 @@ class TrainingMonitor:
         if self.running:
             raise RuntimeError("training is already running; stop it first")
         argv, env = build_command(self.settings)
+        from anatomical_embedding.training.runlock import check_run_folder_free
+
+        # Refused before anything is written (the stop file and console.log below belong to the live run then).
+        # The child takes the lock itself (engine.Trainer), so a crash of this process does not unprotect it.
+        check_run_folder_free(self.run_dir)
         if self.settings.export and Path(self.settings.export).exists():
             raise FileExistsError(f"model package {self.settings.export} exists; choose another name")
         self.run_dir.mkdir(parents=True, exist_ok=True)
