@@ -58,6 +58,9 @@ Pretrains a dense anatomical embedding (the methods the engine has: AEFM, ...) o
 scans and segmentations of the scene exported into a training folder. Training runs as a separate process
 (one or several GPUs); progress, loss curves and the log update live. At the end the model package is
 exported and listed by the AnatomicalEmbedding module.
+<p>A run folder that another process is training is refused. Closing the scene during training stops updating the
+loss table and chart (training and the panel's status go on); opening this module again brings them back while the
+run goes on.</p>
 """
         self.parent.acknowledgementText = """
 Methods: AEFM (Zhuang et al.), Adam/Eve (Hosseinzadeh Taher et al.), AnatoMask (Li et al.),
@@ -176,9 +179,14 @@ class AnatomicalEmbeddingTrainerWidget(ScriptedLoadableModuleWidget, VTKObservat
             self._timer.stop()
         if self.logic:
             self.logic.stopTraining()  # graceful: the run saves a checkpoint and can be resumed
+            self.logic.detachLiveView()
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        # A scene close detached the live view of a run that goes on (the logic observes the close): opening the
+        # panel again shows it again, with the whole curve.
+        if self.logic.reattachLiveView():
+            self.logic.showChart()
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -445,7 +453,8 @@ class AnatomicalEmbeddingTrainerTest(ScriptedLoadableModuleTest):
 
     def test_StopAndResume(self):
         """Stop once progress arrives, with a DataLoader worker process (the engine's default has two): a checkpoint,
-        status "stopped" (not a crashed worker); Resume continues to the end with one curve."""
+        status "stopped" (not a crashed worker); a second start on the run folder meanwhile is refused; Resume
+        continues to the end with one curve, and a scene closed during it gets no table or chart back."""
         import tempfile
 
         from AnatomicalEmbeddingTrainerLib import settings
@@ -486,6 +495,7 @@ class AnatomicalEmbeddingTrainerTest(ScriptedLoadableModuleTest):
         p.maxSeconds = 0.0
         logic.startTraining(p, resume=True)
         try:
+            slicer.mrmlScene.Clear(0)  # File > Close Scene while it trains
             self._pollUntilDone(logic, 600)
         finally:
             logic.monitor.close()
@@ -494,6 +504,11 @@ class AnatomicalEmbeddingTrainerTest(ScriptedLoadableModuleTest):
         self.assertEqual(state.start_step, stoppedAt)
         steps = [h["step"] for h in state.history]
         self.assertEqual(steps, sorted(set(steps)))
+        # The polls after the close put no table or chart into the new scene; an ended run is not brought back.
+        self.assertIsNone(slicer.mrmlScene.GetFirstNodeByName(TABLE_NAME))
+        self.assertIsNone(slicer.mrmlScene.GetFirstNodeByName(CHART_NAME))
+        self.assertFalse(logic.reattachLiveView())
+        logic.attachLiveView()  # what Start/Resume do: the whole curve, both parts of the run
         self.assertEqual(logic.getTableNode().GetNumberOfRows(), len(steps))
         self.delayDisplay("Test passed")
 

@@ -368,6 +368,65 @@ def test_second_stop_ends_a_hung_run_at_once(trainer, mrml_scene, tmp_path):
         logic.monitor.close()
 
 
+FAKE_PACED = """
+import json, pathlib, sys, time
+run = pathlib.Path(sys.argv[sys.argv.index("--out") + 1])
+print(json.dumps({"event": "start", "total_steps": 6, "start_step": 0}), flush=True)
+for step in (2, 4, 6):
+    while not (run / f"go{step}").exists():  # the test paces the run
+        time.sleep(0.05)
+    print(json.dumps({"event": "progress", "step": step, "total_steps": 6, "epoch": 0, "loss": 1.0 / step,
+                      "terms": {"a": 0.5 / step}}), flush=True)
+"""
+
+
+def test_scene_close_detaches_the_live_view_and_training_goes_on(trainer, mrml_scene, tmp_path):
+    """Closing the scene while a run trains: the loss table and chart are not re-created in the next scene by the
+    following polls (they were, and were saved with it); the run and its status go on; opening the module panel
+    again (reattachLiveView) shows the whole curve again; a run that has ended is not brought back."""
+    script = tmp_path / "paced.py"
+    script.write_text(textwrap.dedent(FAKE_PACED), encoding="utf-8")
+    run = tmp_path / "run"
+    logic = trainer.AnatomicalEmbeddingTrainerLogic(registryPath=tmp_path / "models.json")
+    p = make_params(trainer, dataDirectory=tmp_path, runDirectory=run, exportModel=False)
+    settings = dataclasses.replace(logic.trainSettings(p), script=str(script), python=sys.executable)
+
+    def step_to(step: int) -> None:
+        (run / f"go{step}").touch()
+        deadline = time.monotonic() + 30
+        while logic.monitor.state.step < step:
+            assert time.monotonic() < deadline, list(logic.monitor.state.log_lines)
+            logic.poll()  # what the widget's timer does
+            time.sleep(0.05)
+
+    def live_view_nodes() -> list:
+        return [mrml_scene.GetNumberOfNodesByClass(c)
+                for c in ("vtkMRMLTableNode", "vtkMRMLPlotChartNode", "vtkMRMLPlotSeriesNode")]
+
+    logic.startTraining(p, settings=settings)
+    try:
+        step_to(2)
+        assert logic.getTableNode(mrml_scene).GetNumberOfRows() == 1 and live_view_nodes() == [1, 1, 2]
+        mrml_scene.Clear(0)  # File > Close Scene
+        step_to(4)
+        assert live_view_nodes() == [0, 0, 0]  # nothing re-created in the new scene
+        assert logic.isRunning() and not logic.isLiveViewAttached()
+        assert logic.monitor.state.summary().startswith("running: step 4/6")  # the panel's status goes on
+
+        assert logic.reattachLiveView()  # the module panel is shown again
+        assert logic.getTableNode(mrml_scene).GetNumberOfRows() == 2 and live_view_nodes() == [1, 1, 2]
+        assert not logic.reattachLiveView()  # already attached
+        step_to(6)
+        poll_until_done(logic, timeout=30)
+        assert logic.monitor.state.status == "finished"
+        assert logic.getTableNode(mrml_scene).GetNumberOfRows() == 3
+
+        mrml_scene.Clear(0)
+        assert not logic.reattachLiveView() and live_view_nodes() == [0, 0, 0]  # an ended run stays closed
+    finally:
+        logic.monitor.close()
+
+
 # ---- model registry ------------------------------------------------------------------------------------
 def fake_package(path: Path, method: str = "aefm") -> Path:
     """A structurally valid package (card hashes match its members); the registry does not run ONNX."""

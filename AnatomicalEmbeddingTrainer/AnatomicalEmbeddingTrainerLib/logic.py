@@ -3,6 +3,7 @@ import logging
 import pathlib
 from typing import Optional
 
+import slicer
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 
 from AnatomicalEmbeddingTrainerLib import export, liveview, settings
@@ -20,6 +21,9 @@ class AnatomicalEmbeddingTrainerLogic(ScriptedLoadableModuleLogic):
         self.monitor = None
         self.registeredModel = None
         self.registryPath = registryPath  # None: anatomical_embedding.inference.registry's default location
+        # The scene that shows the run's loss table and chart (None: detached, polls leave every scene alone).
+        self._liveScene = None
+        self._liveSceneObserver = None
 
     def getParameterNode(self):
         if self.parameterNodeClass is None:
@@ -104,7 +108,7 @@ class AnatomicalEmbeddingTrainerLogic(ScriptedLoadableModuleLogic):
         self.registeredModel = None
         monitor.start()
         self.monitor = monitor
-        self.updateTable()
+        self.attachLiveView()  # a run the user starts is shown in the current scene
         return monitor
 
     def isStopping(self) -> bool:
@@ -128,8 +132,8 @@ class AnatomicalEmbeddingTrainerLogic(ScriptedLoadableModuleLogic):
             return []
         wasRunning = self.monitor.running
         events = self.monitor.poll()
-        if events or (wasRunning and not self.monitor.running):
-            self.updateTable()
+        if self._liveScene is not None and (events or (wasRunning and not self.monitor.running)):
+            self.updateTable(self._liveScene)
         if wasRunning and not self.monitor.running:
             self._onFinished()
         return events
@@ -152,6 +156,40 @@ class AnatomicalEmbeddingTrainerLogic(ScriptedLoadableModuleLogic):
     getTableNode = staticmethod(liveview.getTableNode)
     updateChart = staticmethod(liveview.updateChart)
     showChart = staticmethod(liveview.showChart)
+
+    def attachLiveView(self, scene=None) -> None:
+        """Show the run in ``scene`` (default: the application's): its loss table and chart, with the whole curve,
+        then kept up to date by :meth:`poll` until the scene is closed (or :meth:`detachLiveView`)."""
+        scene = scene or slicer.mrmlScene
+        if scene is not self._liveScene:
+            self.detachLiveView()
+            self._liveSceneObserver = scene.AddObserver(scene.StartCloseEvent, self._onSceneStartClose)
+            self._liveScene = scene
+        if self.monitor is not None:
+            self.updateTable(scene)
+
+    def detachLiveView(self) -> None:
+        """Stop writing the loss table and chart (the run and its state in :attr:`monitor` go on)."""
+        if self._liveScene is not None and self._liveSceneObserver is not None:
+            self._liveScene.RemoveObserver(self._liveSceneObserver)
+        self._liveScene = self._liveSceneObserver = None
+
+    def isLiveViewAttached(self) -> bool:
+        return self._liveScene is not None
+
+    def reattachLiveView(self, scene=None) -> bool:
+        """Show a run that is still going on again after a scene close (the module panel is opened again);
+        returns whether it did. A run that has ended is not brought back into a scene the user closed."""
+        if self.isLiveViewAttached() or not self.isRunning():
+            return False
+        self.attachLiveView(scene)
+        return True
+
+    def _onSceneStartClose(self, caller, event) -> None:
+        # The closed scene's nodes are removed; re-creating them at the next poll would put the table and chart
+        # into the next scene (and into whatever the user saves next). Training itself continues.
+        logging.info("Scene closed: the training loss table and chart are no longer updated")
+        self.detachLiveView()
 
     def updateTable(self, scene=None, history=None):
         """Rewrite the loss table (column "step", "loss" and one per term) and the chart's series."""
