@@ -263,7 +263,7 @@ class AnatomicalEmbeddingTrainerWidget(ScriptedLoadableModuleWidget, VTKObservat
         with slicer.util.tryWithErrorDisplay("Could not export the case.", waitCursor=True):
             paths = self.logic.exportCase(p.trainingVolume, p.trainingSegmentation, p.outputDirectory,
                                           p.caseName, overwrite=p.overwrite)
-            self.ui.statusLabel.text = "Wrote " + ", ".join(str(v) for v in paths.values() if v)
+            self.ui.statusLabel.text = "Wrote " + ", ".join(str(paths[k]) for k in ("image", "label") if paths[k])
 
     def onUseTrainingFolder(self) -> None:
         p = self._parameterNode
@@ -403,6 +403,11 @@ class AnatomicalEmbeddingTrainerTest(ScriptedLoadableModuleTest):
         self.assertEqual(paths["image"].name, paths["label"].name)  # the engine pairs images and labels by name
         with self.assertRaises(FileExistsError):
             logic.exportCase(volumeNode, segmentationNode, folder, "case_001")
+        # Any file of the case refuses the export before anything is written (a new image beside an old label).
+        paths["image"].unlink()
+        with self.assertRaises(FileExistsError):
+            logic.exportCase(volumeNode, None, folder, "case_001")
+        self.assertFalse(paths["image"].exists())
         self.delayDisplay("Test passed")
 
     def test_TrainFromScene(self):

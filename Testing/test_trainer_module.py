@@ -427,6 +427,80 @@ def test_scene_close_detaches_the_live_view_and_training_goes_on(trainer, mrml_s
         logic.monitor.close()
 
 
+# ---- a labelled case exported from the scene (defect: a new image beside an old or missing label) ----------
+def case_nodes(scene):
+    """A small volume node and a two-segment segmentation node on it."""
+    import numpy as np
+
+    from anatomical_embedding import io, mrml
+
+    image = io.Volume(np.arange(6 * 7 * 8, dtype=np.int16).reshape(6, 7, 8), [1.0, 1.5, 2.0], [3, -2, 7], np.eye(3))
+    labels = np.zeros(image.array.shape, np.uint8)
+    labels[1:4, 2:5, 2:6], labels[4:6, 0:3, 0:3] = 1, 2
+    return (mrml.volume_to_node(image, scene, "scan"),
+            mrml.labelmap_to_segmentation_node(image.with_array(labels), {1: "liver", 2: "spleen"}, scene, "organs"),
+            labels)
+
+
+def files_in(folder: Path) -> list[str]:
+    """Every file below ``folder`` (hidden temporaries included), as relative POSIX paths."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def test_export_case_refuses_any_existing_file_of_the_case_before_writing(trainer, mrml_scene, tmp_path):
+    """An existing label of the case (no image yet) refuses the export at once with one message, and nothing is
+    written: the engine pairs images and labels by name, so a new image must not land beside an old label. With
+    overwrite the case is replaced as a whole, including a label the new export has none for."""
+    from anatomical_embedding.data.datasets import DatasetSpec
+    from anatomical_embedding.io.labelmaps import read_labelmap
+
+    logic = trainer.AnatomicalEmbeddingTrainerLogic()
+    volume, segmentation, labels = case_nodes(mrml_scene)
+    folder = tmp_path / "train"
+    (folder / "labels").mkdir(parents=True)
+    (folder / "labels" / "case_001.nii.gz").write_bytes(b"an older label map")
+    for seg in (segmentation, None):
+        with pytest.raises(FileExistsError) as err:
+            logic.exportCase(volume, seg, folder, "case_001")
+        assert str(err.value) == (f"case 'case_001' exists in {folder} (labels/case_001.nii.gz); choose another "
+                                  "case name or allow overwriting")
+        assert files_in(folder) == ["labels/case_001.nii.gz"]
+    assert (folder / "labels" / "case_001.nii.gz").read_bytes() == b"an older label map"
+
+    paths = logic.exportCase(volume, segmentation, folder, "case_001", overwrite=True)
+    assert files_in(folder) == ["images/case_001.nii.gz", "labels/case_001.labels.json", "labels/case_001.nii.gz"]
+    label, names = read_labelmap(paths["label"])
+    assert (label.array == labels).all() and names == {1: "liver", 2: "spleen"}
+    logic.exportCase(volume, None, folder, "case_001", overwrite=True)
+    assert files_in(folder) == ["images/case_001.nii.gz"]
+    assert [(c.id, c.label) for c in DatasetSpec.from_path(folder).cases] == [("case_001", None)]
+
+
+def test_export_case_failure_leaves_none_of_the_new_files(trainer, mrml_scene, tmp_path, monkeypatch):
+    """A failure while the case is written leaves neither the image nor the label (nor a temporary file): a "labels"
+    that is a file, and a disk error while the label map is written (injected into its writer)."""
+    from anatomical_embedding.io import labelmaps
+
+    logic = trainer.AnatomicalEmbeddingTrainerLogic()
+    volume, segmentation, _ = case_nodes(mrml_scene)
+    folder = tmp_path / "train"
+    folder.mkdir()
+    (folder / "labels").write_text("a file where the labels folder goes", encoding="utf-8")
+    with pytest.raises(FileExistsError):
+        logic.exportCase(volume, segmentation, folder, "case_001")
+    assert files_in(folder) == ["labels"]
+
+    def disk_full(label, names, path, overwrite=False, colors=None):
+        Path(path).write_bytes(b"half a label map")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(labelmaps, "write_labelmap", disk_full)
+    folder = tmp_path / "train2"
+    with pytest.raises(OSError, match="No space left on device"):
+        logic.exportCase(volume, segmentation, folder, "case_001")
+    assert files_in(folder) == []
+
+
 # ---- model registry ------------------------------------------------------------------------------------
 def fake_package(path: Path, method: str = "aefm") -> Path:
     """A structurally valid package (card hashes match its members); the registry does not run ONNX."""
