@@ -82,7 +82,7 @@ def benchmark_figures(real: dict, modality: str) -> dict:
     label = f"default_{modality}"
     rows = {(r["group"], r["method"]): r for r in real["summary"]}
     groups = {}
-    for group in (f"intra {MODALITY[modality]}", f"cross {MODALITY[modality]}"):
+    for group in (f"intra {MODALITY[modality]}", f"slab {MODALITY[modality]}", f"cross {MODALITY[modality]}"):
         figures = {}
         for method in (m.format(m=label) for m in CARD_METHODS):
             r = rows.get((group, method))
