@@ -432,14 +432,7 @@ class AnatomicalEmbeddingTrainerTest(ScriptedLoadableModuleTest):
         for n, subject in enumerate(cohort.subjects):
             node = mrml.volume_to_node(io.read_image(subject.image_path), slicer.mrmlScene, subject.id)
             logic.exportCase(node, None, root / "training", f"case_{n:03d}")
-        p = logic.getParameterNode()
-        logic.setMethod(p, "aefm")
-        p.dataDirectory = root / "training"
-        p.runDirectory = root / "run"
-        p.device, p.batchSize, p.maxSteps, p.patchSize, p.exportModel = "cpu", 2, 4, "32,32,32", True
-        p.advancedSettings = ("[train]\nlog_every = 2\nnum_workers = 0\ntensorboard = false\n"
-                              "[method]\nwidths = [8, 16, 32, 64]\nfeature_dim = 8\nspacing = [8.0, 8.0, 8.0]\n"
-                              "n_pos = 50\nn_neg = 512\nepochs_region = 0\n")
+        p = self._tinyAefmRun(logic, root / "training", root / "run", maxSteps=4, export=True)
         logic.startTraining(p)
         try:
             self._pollUntilDone(logic, 300)
@@ -455,6 +448,18 @@ class AnatomicalEmbeddingTrainerTest(ScriptedLoadableModuleTest):
         models = model_registry.list_models(root / "models.json")
         self.assertEqual([m["path"] for m in models], [str(logic.exportPath(root / "run").resolve())])
         self.delayDisplay("Test passed")
+
+    @staticmethod
+    def _tinyAefmRun(logic, data, run, maxSteps: int, export: bool, train: str = "num_workers = 0\n"):
+        """The parameter node of a tiny AEFM run on CPU (``train``: more [train] settings)."""
+        p = logic.getParameterNode()
+        logic.setMethod(p, "aefm")
+        p.dataDirectory, p.runDirectory = data, run
+        p.device, p.batchSize, p.maxSteps, p.patchSize, p.exportModel = "cpu", 2, maxSteps, "32,32,32", export
+        p.advancedSettings = ("[train]\nlog_every = 2\ntensorboard = false\n" + train
+                              + "[method]\nwidths = [8, 16, 32, 64]\nfeature_dim = 8\nspacing = [8.0, 8.0, 8.0]\n"
+                              "n_pos = 50\nn_neg = 512\nepochs_region = 0\n")
+        return p
 
     def test_StopAndResume(self):
         """Stop once progress arrives, with a DataLoader worker process (the engine's default has two): a checkpoint,
@@ -473,13 +478,8 @@ class AnatomicalEmbeddingTrainerTest(ScriptedLoadableModuleTest):
         root = pathlib.Path(tempfile.mkdtemp(prefix="AnatomicalEmbeddingTrainerTest-", dir=slicer.app.temporaryPath))
         phantoms.generate_cohort(root / "cohort", 3, seed=2, spacing=8.0, size=40, workers=1)
         logic = AnatomicalEmbeddingTrainerLogic(registryPath=root / "models.json")
-        p = logic.getParameterNode()
-        logic.setMethod(p, "aefm")
-        p.dataDirectory, p.runDirectory = root / "cohort", root / "run"
-        p.device, p.batchSize, p.maxSteps, p.patchSize, p.exportModel = "cpu", 2, 40, "32,32,32", False
-        p.advancedSettings = ("[train]\nlog_every = 2\nnum_workers = 1\ntensorboard = false\nckpt_every = 1000\n"
-                              "[method]\nwidths = [8, 16, 32, 64]\nfeature_dim = 8\nspacing = [8.0, 8.0, 8.0]\n"
-                              "n_pos = 50\nn_neg = 512\nepochs_region = 0\n")
+        p = self._tinyAefmRun(logic, root / "cohort", root / "run", maxSteps=40, export=False,
+                              train="num_workers = 1\nckpt_every = 1000\n")
         logic.startTraining(p)
         try:
             self._pollUntilDone(logic, 300, untilProgress=True)

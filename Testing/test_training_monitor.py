@@ -171,28 +171,37 @@ def test_stop_then_resume(tiny_cohort, tmp_path):
     assert text.count('"event": "start"') == 2 and '"event": "stopped"' in text
 
 
-def test_stop_file_checkpoints_without_any_signal(tiny_cohort, tmp_path, monkeypatch):
-    """Windows has no SIGTERM for the child and CTRL_BREAK_EVENT needs a shared console: the stop is the run
-    folder's stop file, on every platform once the loop runs (no signal is sent then: see the DataLoader test).
-    The engine finishes the step, writes last.pt, reports the stop and exits 130, and the stop file is gone."""
-    from anatomical_embedding.training import monitor as monitor_module
+def _stop_by_file(run, cohort, after_progress: bool):
+    """Start a 40-step run, stop it (after its first progress line, or at once) and wait: the state, checked to be
+    a stop with a checkpoint exit whose stop file was written and then consumed (a resume does not stop at once)."""
     from anatomical_embedding.training.progress import stop_file
 
-    run = tmp_path / "run"
-    mon = TrainingMonitor(settings(run, tiny_cohort, overrides=TINY + ["train.max_steps=40", "train.ckpt_every=1000"]))
+    mon = TrainingMonitor(settings(run, cohort, overrides=TINY + ["train.max_steps=40", "train.ckpt_every=1000"]))
     mon.start()
-    sent = []
-    monkeypatch.setattr(monitor_module.os, "killpg", lambda pid, sig: sent.append(sig), raising=False)
     try:
-        _wait_for_progress(mon)
+        if after_progress:
+            _wait_for_progress(mon)
         mon.stop()
         assert stop_file(run).is_file()
         st = mon.wait(timeout=120)
     finally:
         mon.close()
     assert st.status == "stopped" and st.returncode == EXIT_STOPPED, st.error
+    assert not stop_file(run).exists()
+    return st
+
+
+def test_stop_file_checkpoints_without_any_signal(tiny_cohort, tmp_path, monkeypatch):
+    """Windows has no SIGTERM for the child and CTRL_BREAK_EVENT needs a shared console: the stop is the run
+    folder's stop file, on every platform once the loop runs (no signal is sent then: see the DataLoader test).
+    The engine finishes the step, writes last.pt, reports the stop and exits 130, and the stop file is gone."""
+    from anatomical_embedding.training import monitor as monitor_module
+
+    run = tmp_path / "run"
+    sent = []
+    monkeypatch.setattr(monitor_module.os, "killpg", lambda pid, sig: sent.append(sig), raising=False)
+    st = _stop_by_file(run, tiny_cohort, after_progress=True)
     assert (run / "checkpoints" / "last.pt").is_file() and 2 <= st.step < 40
-    assert not stop_file(run).exists()  # consumed: a resume does not stop at once
     text = (run / "console.log").read_text(encoding="utf-8")
     assert '"signal": "STOP_FILE"' in text
     assert sent == []  # the loop had started: the stop file alone does it
@@ -239,21 +248,11 @@ def test_stop_file_written_during_the_set_up_is_honoured(tiny_cohort, tmp_path, 
     """Without signals (Windows), a stop asked for before the loop starts is the stop file alone: the engine must
     honour it at the first step, not delete it as stale when the loop starts (the run went on to the end)."""
     from anatomical_embedding.training import monitor as monitor_module
-    from anatomical_embedding.training.progress import stop_file
 
     run = tmp_path / "run"
     monkeypatch.setattr(monitor_module.os, "killpg", lambda pid, sig: None, raising=False)
-    mon = TrainingMonitor(settings(run, tiny_cohort, overrides=TINY + ["train.max_steps=40", "train.ckpt_every=1000"]))
-    mon.start()
-    try:
-        mon.stop()
-        assert stop_file(run).is_file()
-        st = mon.wait(timeout=120)
-    finally:
-        mon.close()
-    assert st.status == "stopped" and st.returncode == EXIT_STOPPED, st.error
+    st = _stop_by_file(run, tiny_cohort, after_progress=False)
     assert st.step == 1 and (run / "checkpoints" / "last.pt").is_file()
-    assert not stop_file(run).exists()
 
 
 def test_a_stale_stop_file_does_not_stop_a_new_run(tmp_path):
