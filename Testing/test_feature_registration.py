@@ -388,3 +388,68 @@ def test_reverse_fit_only_for_a_much_smaller_target(shifted_pair):
     es2, et2, _, _ = _oblique_slab_pair()
     assert not fit_prior(es2, et2, PriorConfig(reverse_below=None)).reversed
     assert not fit_prior(et2, es2).reversed  # the slab as the source: already the contained image
+
+
+def test_shift_offsets_span_half_the_room_along_the_longer_axes():
+    from anatomical_embedding.inference.feature_registration import shift_offsets
+
+    full, slab, _, _ = _oblique_slab_pair()
+    config = RefineConfig(shift_starts=8)
+
+    def box(emb):  # by hand: every foreground voxel's world position
+        a, n = emb.valid_start, emb.valid_size
+        arr = emb.prepared.array[a[2]:a[2] + n[2], a[1]:a[1] + n[1], a[0]:a[0] + n[0]]
+        lo, hi = float(arr.min()), float(arr.max())
+        w = emb.index_to_world(np.argwhere(arr > lo + config.foreground_fraction * (hi - lo))[:, ::-1] + a)
+        return w.min(axis=0), w.max(axis=0)
+
+    (s_lo, s_hi), (t_lo, t_hi) = box(slab), box(full)
+    room = np.maximum((t_hi - t_lo) - (s_hi - s_lo), 0)
+    half_cell = full.stride * 2.0 / 2  # the model's 2 mm voxels, 8-voxel cells
+    axes = [a for a in range(3) if room[a] / 2 >= half_cell]
+    assert axes, room  # the slab is shorter along (roughly) z
+    per_side = 8 // (2 * len(axes))
+    expect = []
+    for a in axes:
+        n = int(min(per_side, room[a] / 2 // half_cell))
+        expect += [np.eye(3)[a] * sign * room[a] / 2 * k / n for k in range(1, n + 1) for sign in (-1, 1)]
+    expect.sort(key=lambda o: np.abs(o).max())
+    got = shift_offsets(slab, full, config)
+    assert len(got) == len(expect) <= 8
+    np.testing.assert_allclose(np.array(got), np.array(expect), atol=1e-9)
+    # The whole scan as the source has nowhere to slide inside the slab; and the option can be turned off.
+    assert shift_offsets(full, slab, config) == []
+    assert shift_offsets(slab, full, RefineConfig(shift_starts=0)) == []
+
+
+def test_doubtful_fit_tries_the_shifted_starts_and_keeps_the_best(monkeypatch):
+    from anatomical_embedding.inference.feature_registration import shift_offsets
+
+    full, slab, _, _ = _oblique_slab_pair()
+    config = RefineConfig(restarts=0, restart_below=2.0, deformable=False)  # every fit doubtful, no reseeding
+    initial = np.eye(4)
+    initial[:3, 3] = foreground_centroid(full, config) - foreground_centroid(slab, config)
+    inits, outs = [], []
+    real = feature_registration._affine_stages
+
+    def recording(source, target, src_ijk, x, affine, cfg, cache):
+        out = real(source, target, src_ijk, x, affine, cfg, cache)
+        inits.append(affine.copy())
+        outs.append((x, out[0]))
+        return out
+
+    monkeypatch.setattr(feature_registration, "_affine_stages", recording)
+    refined = refine_transform(slab, full, initial, config)
+    offsets = shift_offsets(slab, full, config)
+    assert offsets and refined.starts == 1 + len(offsets) == len(inits)
+    for init, off in zip(inits[1:], offsets):
+        np.testing.assert_allclose(init[:3, 3], initial[:3, 3] + off)
+        np.testing.assert_array_equal(init[:3, :3], initial[:3, :3])
+    # By hand: every start on the one sample, scored with the last stage's (fine) level; the best is kept.
+    x0 = outs[0][0]
+    assert all(np.array_equal(x, x0) for x, _ in outs)
+    level = feature_registration._fine_level(slab, full, slab.world_to_index(x0), 1.0)
+    scores = [_similarity([level], x0 @ a[:3, :3].T + a[:3, 3])[0] for _, a in outs]
+    best = int(np.argmax(scores))
+    np.testing.assert_allclose(refined.affine, outs[best][1])
+    assert refined.affine_similarity == pytest.approx(scores[best], abs=1e-9)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 from scipy.optimize import minimize
@@ -64,6 +64,13 @@ class RefineConfig:
     restarts: int = 4
     #: Intra-subject real pairs end at 0.74-0.92, cross-subject CT at 0.20-0.50: only doubtful fits pay restarts.
     restart_below: float = 0.6
+    #: More starts of a doubtful fit, on the first sample: the initial affine shifted along each world axis on
+    #: which the target's foreground is longer than the source's, evenly up to half the difference both ways
+    #: (at least half a coarse cell apart), at most this many (:func:`shift_offsets`). Ours: a slab's start from
+    #: the centres of mass can sit tens of mm off along the axis it was cut from; on two real brain slabs
+    #: (bench_real's lowest) starts 15-30 mm lower ended at similarity 0.74-0.80 and 0.5-1.3 mm, every other
+    #: start at 0.17-0.47 or implausible, 74-768 mm off.
+    shift_starts: int = 8
 
 
 def world_to_index_matrix(emb: VolumeEmbedding) -> np.ndarray:
@@ -389,9 +396,11 @@ def _affine_stages(source: VolumeEmbedding, target: VolumeEmbedding, src_ijk: np
 
 def _restart(source: VolumeEmbedding, target: VolumeEmbedding, src_ijk: np.ndarray, x: np.ndarray,
              initial: np.ndarray, first: np.ndarray, first_sim: float, config: RefineConfig, cache: dict,
-             plausible: Callable[[np.ndarray], bool]) -> tuple[np.ndarray, float, int]:
-    """The best of ``first`` and ``config.restarts`` more starts from ``initial`` on other seeded samples, each
-    scored on the first sample with the last stage's weights (one yardstick): (affine, similarity, starts).
+             plausible: Callable[[np.ndarray], bool], reseed: bool = True,
+             offsets: Sequence[np.ndarray] = ()) -> tuple[np.ndarray, float, int]:
+    """The best of ``first``, ``config.restarts`` more starts from ``initial`` on other seeded samples (when
+    ``reseed``) and the starts from ``initial`` shifted by ``offsets`` (:func:`shift_offsets`) on the first sample,
+    each scored on the first sample with the last stage's weights (one yardstick): (affine, similarity, starts).
     ``first`` is kept, whatever its score, when no start is plausible (the caller refuses it)."""
     last = _levels(source, target, src_ijk, config.affine_stages[-1], cache)
 
@@ -399,20 +408,62 @@ def _restart(source: VolumeEmbedding, target: VolumeEmbedding, src_ijk: np.ndarr
         return _similarity(last, x @ a[:3, :3].T + a[:3, 3])[0] if plausible(a) else -np.inf
 
     best, best_score = first, score(first)
-    for r in range(1, config.restarts + 1):
+    total = 1 + (config.restarts if reseed else 0) + len(offsets)
+    for n, off in enumerate(offsets):
+        shifted = initial.copy()
+        shifted[:3, 3] += off
+        a, _ = _affine_stages(source, target, src_ijk, x, shifted, config, cache)
+        s = score(a)
+        log.info("feature registration: start shifted by %s mm: similarity %.4f", np.round(off, 1).tolist(), s)
+        if s > best_score:
+            best, best_score = a, s
+    for r in range(1, (config.restarts if reseed else 0) + 1):
         other = replace(config, seed=config.seed + r)
         ijk = sample_points(source, other)
         # The target's channels-last grids are the first start's; only the source queries follow the sample.
         levels = {name: replace(f, query=_QUERIES[name](source, ijk)) for name, f in cache.items()}
         a, _ = _affine_stages(source, target, ijk, source.index_to_world(ijk), initial, other, levels)
         s = score(a)
-        log.info("feature registration: start %d of %d: similarity %.4f on the first sample", r + 1,
-                 config.restarts + 1, s)
+        log.info("feature registration: reseeded start %d of %d: similarity %.4f on the first sample", r,
+                 config.restarts, s)
         if s > best_score:
             best, best_score = a, s
     if not np.isfinite(best_score):
-        return first, first_sim, config.restarts + 1
-    return best, float(best_score), config.restarts + 1
+        return first, first_sim, total
+    return best, float(best_score), total
+
+
+def foreground_box(emb: VolumeEmbedding, config: RefineConfig) -> tuple[np.ndarray, np.ndarray]:
+    """LPS (min, max) of the foreground voxels that :func:`sample_points` draws from (all of them)."""
+    points = emb.index_to_world(sample_points(emb, replace(config, max_points=np.iinfo(np.int64).max)))
+    if not len(points):
+        raise ValueError("feature registration: the image has no foreground (its valid region is constant)")
+    return points.min(axis=0), points.max(axis=0)
+
+
+def shift_offsets(source: VolumeEmbedding, target: VolumeEmbedding, config: RefineConfig) -> list[np.ndarray]:
+    """Translations (LPS mm) of :attr:`RefineConfig.shift_starts`: along each world axis where the target's
+    foreground box is longer than the source's by ``room``, up to ``room / 2`` both ways in even steps of at least
+    half a coarse cell, shared out over those axes; nearest first, at most ``config.shift_starts``."""
+    if config.shift_starts <= 0:
+        return []
+    (s_lo, s_hi), (t_lo, t_hi) = foreground_box(source, config), foreground_box(target, config)
+    room = np.maximum((t_hi - t_lo) - (s_hi - s_lo), 0.0)
+    min_step = target.stride * float(np.max(target.prepared.spacing)) / 2.0
+    axes = [a for a in range(3) if room[a] / 2.0 >= min_step]
+    if not axes:
+        return []
+    per_side = max(1, config.shift_starts // (2 * len(axes)))
+    out = []
+    for a in axes:
+        n = int(min(per_side, room[a] / 2.0 // min_step))
+        for k in range(1, n + 1):
+            for sign in (-1.0, 1.0):
+                off = np.zeros(3)
+                off[a] = sign * room[a] / 2.0 * k / n
+                out.append(off)
+    out.sort(key=lambda o: float(np.abs(o).max()))
+    return out[:config.shift_starts]
 
 
 def _samples_vary(n_points: int, foreground: int, config: RefineConfig) -> bool:
@@ -426,7 +477,8 @@ def refine_transform(source: VolumeEmbedding, target: VolumeEmbedding, initial_a
     """Affine stages, then a smooth deformation, maximising the embedding similarity from ``initial_affine``.
 
     ``plausible(affine)`` (default: any) rejects affine results that cannot be right (the robust prior passes its
-    scale and mirroring checks); a doubtful first start triggers ``config.restarts`` more.
+    scale and mirroring checks); a doubtful first start triggers ``config.restarts`` more, and the shifted starts
+    of ``config.shift_starts``.
     """
     config = config or RefineConfig()
     plausible = plausible or (lambda a: True)
@@ -443,10 +495,12 @@ def refine_transform(source: VolumeEmbedding, target: VolumeEmbedding, initial_a
     initial = np.asarray(initial_affine, dtype=np.float64)
     affine, sim = _affine_stages(source, target, src_ijk, x, initial, config, cache)
     starts = 1
-    if config.restarts > 0 and (not plausible(affine) or not sim >= config.restart_below) \
-            and _samples_vary(len(x), foreground, config):
-        affine, sim, starts = _restart(source, target, src_ijk, x, initial, affine, sim, config, cache,
-                                        plausible)
+    if not plausible(affine) or not sim >= config.restart_below:  # doubtful: more starts, if any can differ
+        reseed = config.restarts > 0 and _samples_vary(len(x), foreground, config)
+        offsets = shift_offsets(source, target, config)
+        if reseed or offsets:
+            affine, sim, starts = _restart(source, target, src_ijk, x, initial, affine, sim, config, cache,
+                                            plausible, reseed, offsets)
     out = FeatureTransform(affine, similarity=sim, affine_similarity=sim, starts=starts)
     if config.deformable:
         levels = _levels(source, target, src_ijk, config.deformable_weights, cache)
