@@ -845,8 +845,8 @@ def test_click_mode_follows_selector_changes(viewer, logic, mrml_scene, pair, mo
     p = logic.getParameterNode()
     p.sourceVolume, p.targetVolume, p.sourceLandmarks, p.clickToCorrespond = (source["volume"], target["volume"],
                                                                                clicks, True)
-    widget = viewer.AnatomicalEmbeddingWidget.__new__(viewer.AnatomicalEmbeddingWidget)
-    widget.logic, widget._parameterNode, widget._job, widget.ui = logic, p, None, mock.MagicMock()
+    widget = viewer.AnatomicalEmbeddingWidget()  # its own state (no job); no setup(): that builds the Qt parts
+    widget.logic, widget._parameterNode, widget.ui = logic, p, mock.MagicMock()
     started = []
 
     def start():  # as _startClickMode once the pair is prepared: the matched list goes to the parameter node
@@ -960,12 +960,8 @@ def bare_widget(viewer, logic, p):
     parameter observer, click-mode start and match slots are the real ones."""
     import unittest.mock as mock
 
-    from slicer.util import VTKObservationMixin
-
-    widget = viewer.AnatomicalEmbeddingWidget.__new__(viewer.AnatomicalEmbeddingWidget)
-    VTKObservationMixin.__init__(widget)  # the real mixin (cleanup removes its observers)
-    widget.logic, widget._parameterNode, widget._job, widget._afterJob = logic, p, None, None
-    widget._clickStartJob = None
+    widget = viewer.AnatomicalEmbeddingWidget()  # the real __init__ (its job state, the observation mixin); no setup()
+    widget.logic, widget._parameterNode = logic, p
     widget.ui, widget._timer = mock.MagicMock(), mock.MagicMock()
     return widget
 
@@ -1350,3 +1346,122 @@ def test_widget_cleanup_abandons_jobs_like_scene_close(viewer, logic, mrml_scene
     assert not logic.isEmbedded(third) and logic.warmingJob() is None
     assert not logic.clickToCorrespondActive() and not place_mode_into(mrml_scene, clicks)
     assert widget._job is None
+
+
+# ---- jobs started while another runs; click mode's (re)start and the source points it finds ---------------
+def poll_widget_until(widget, logic, condition, timeout: float = 300.0) -> None:
+    """The widget's poll timer (its real slot) until ``condition()`` holds."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        widget.onPollJob()
+        time.sleep(0.01)
+    assert condition()
+
+
+def test_jobs_started_while_another_runs_are_queued_and_none_is_lost(viewer, logic, mrml_scene, pair, tmp_path,
+                                                                     monkeypatch):
+    """Jobs defect 1: a second background job replaced the first in the widget (``_runJob`` kept one job and one
+    after-step), so the first was never finished: its result (a matched list, a segmentation) was lost. Now the
+    widget queues them: each is finished and applied in turn, the status line says how many wait, and Cancel
+    cancels the one shown, not those behind it. The real Widget slots run (Qt parts are mocks)."""
+    import slicer
+    from anatomical_embedding.fewshot.head import FewShotConfig
+
+    monkeypatch.setattr(slicer.util, "showStatusMessage", lambda *args, **kwargs: True)
+    source, target = load_pair(mrml_scene, pair)
+    src_volume, dst_volume = source["volume"], target["volume"]
+    third = mrml.volume_to_node(pair[0][2]["image"], mrml_scene, "third")
+    job = logic.prepareCorrespondenceAsync(src_volume, [dst_volume])
+    assert job.wait(timeout=300)
+    logic.finishJob(job)
+    quick = FewShotConfig(hidden=32, voxels_per_class=100, epochs=3)
+    cases = logic.addFewShotCase(None, src_volume, source["segmentation"])
+    earlier = logic.trainFewShotHead(logic.fewShotCases(cases), quick)  # the head "Apply head" uses
+    p = logic.getParameterNode()
+    p.sourceVolume, p.targetVolume, p.sourceLandmarks, p.segmentVolume = src_volume, dst_volume, \
+        source["landmarks"], dst_volume
+    p.headPath = tmp_path / "new.aehead.npz"
+    widget = bare_widget(viewer, logic, p)
+
+    gate = threading.Event()
+    logic._worker().submit(gate.wait)  # hold the worker: every job below is started while another one runs
+    widget.onTransferAll()  # prepared: the transfer job itself
+    widget.onApplyHead()
+    training = logic.trainFewShotHeadAsync(logic.fewShotCases(cases), quick)
+    widget._runJob(training, widget._saveHead)  # as "Train head" does (a quicker configuration)
+    status = widget.ui.statusLabel.setText.call_args
+    gate.set()
+    poll_widget(widget, logic)
+    names = mrml.markups_node_to_points(source["landmarks"])[0]
+    out = p.targetLandmarks
+    assert out is not None and mrml.markups_node_to_points(out)[0] == names  # the transfer's list was written
+    assert len(logic.resultsTableRows(p.resultsTable)) == len(names)
+    organs = mrml.segment_names(source["segmentation"])
+    segmentation = p.outputSegmentation
+    assert segmentation is not None and mrml.segment_names(segmentation) == organs  # the segmentation too
+    assert logic.head is not earlier and logic.head.class_names == earlier.class_names  # the new head ...
+    assert p.headPath.exists() and logic.headFile == p.headPath.resolve()  # ... and its after-step saved it
+    assert status is not None and "2 more jobs waiting" in status[0][0]  # what the user saw meanwhile
+
+    # Cancel cancels the job shown (the first), not the one waiting behind it.
+    segmentation.GetSegmentation().RemoveAllSegments()
+    gate = threading.Event()
+    logic._worker().submit(gate.wait)
+    embedding = logic.embedVolumeAsync(third)
+    widget._runJob(embedding)  # ("Embed" of another pair)
+    widget.onApplyHead()  # into the same segmentation node
+    widget.onCancel()
+    gate.set()
+    poll_widget(widget, logic)
+    assert p.outputSegmentation is segmentation and mrml.segment_names(segmentation) == organs
+    assert embedding.cancelled and not logic.isEmbedded(third)
+    widget.onPollJob()  # nothing left: the progress bar goes away
+    assert widget._job is None and widget.ui.progressBar.setVisible.call_args[0][0] is False
+    logic.cancelWarming()
+
+
+def test_click_mode_start_waits_for_queued_jobs_and_keeps_its_preparation(viewer, logic, mrml_scene, pair,
+                                                                          monkeypatch):
+    """Jobs defect 1, click mode: a job started while click mode's own preparation ran replaced it, so the
+    preparation's result (embeddings, priors) was never applied and had to be computed again. Now the preparation
+    is applied when it is done, and click mode starts once no job is left (its clicks would wait behind them)."""
+    import slicer
+
+    monkeypatch.setattr(slicer.util, "showStatusMessage", lambda *args, **kwargs: True)
+    logic.matchInBackground = True  # the widget's setting
+    source, target = load_pair(mrml_scene, pair)
+    src_volume, dst_volume = source["volume"], target["volume"]
+    third = mrml.volume_to_node(pair[0][2]["image"], mrml_scene, "third")
+    preparations = []
+    prepare = logic.prepareCorrespondenceAsync
+
+    def counted(*args, **kwargs):
+        preparations.append(prepare(*args, **kwargs))
+        return preparations[-1]
+
+    monkeypatch.setattr(logic, "prepareCorrespondenceAsync", counted)
+    clicks = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks")
+    p = logic.getParameterNode()
+    p.sourceVolume, p.targetVolume, p.sourceLandmarks = src_volume, dst_volume, clicks
+    widget = bare_widget(viewer, logic, p)
+    first, second = threading.Event(), threading.Event()
+    logic._worker().submit(first.wait)
+    p.clickToCorrespond = True
+    widget.onParameterChanged()  # not prepared: click mode's preparation starts
+    assert len(preparations) == 1 and widget._job is preparations[0]
+    logic._worker().submit(second.wait)
+    embedding = logic.embedVolumeAsync(third)
+    widget._runJob(embedding)  # the user embeds another volume meanwhile
+    first.set()
+    poll_widget_until(widget, logic, lambda: widget._job is not preparations[0])
+    assert logic.isPrepared(src_volume, [dst_volume])  # the preparation was applied ...
+    assert not logic.clickToCorrespondActive() and p.clickToCorrespond  # ... click mode waits for the embedding
+    assert "click-to-correspond resumes when this is done" in widget.ui.statusLabel.setText.call_args[0][0]
+    second.set()
+    poll_widget(widget, logic)
+    assert logic.isEmbedded(third) and logic.clickToCorrespondNodes() == (clicks, src_volume, dst_volume)
+    assert place_mode_into(mrml_scene, clicks) and len(preparations) == 1  # never prepared twice
+    p.clickToCorrespond = False
+    widget.onParameterChanged()
+    logic.cancelWarming()
+
