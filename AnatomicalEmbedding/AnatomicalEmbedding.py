@@ -498,7 +498,9 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if p.showHeatmap and self.logic.isEmbedded(p.sourceVolume) and self.logic.isEmbedded(p.targetVolume):
             p.heatmapVolume = self.logic.updateHeatmap(p.sourceVolume, p.targetVolume, result["query_ras"],
                                                        p.heatmapVolume, p.heatmapOpacity)
-        p.resultsTable = self.logic.updateResultsTable(p.resultsTable, [p.targetLandmarks])
+        # The list the match went to: a (re)start matches the source points without a match before
+        # p.targetLandmarks is set to its list.
+        p.resultsTable = self.logic.updateResultsTable(p.resultsTable, [result["target_markups"]])
         flag = f" ({LOW_CONFIDENCE_TEXT})" if result["low_confidence"] else ""
         self.ui.statusLabel.setText(f"{result['label']}: similarity {result['similarity']:.2f}, confidence "
                                     f"{result['confidence']:.2f}{flag}, {1000 * result['seconds']:.0f} ms")
@@ -690,6 +692,13 @@ class AnatomicalEmbeddingTest(ScriptedLoadableModuleTest):
         # The next click is read as a source point (one more match, same target list).
         clicks.AddControlPoint(vtk.vtkVector3d(*ras), "second")
         self.assertEqual(matches.GetNumberOfControlPoints(), 2)
+        # A restart matches the points placed while click mode was off, and only those.
+        logic.stopClickToCorrespond()
+        clicks.AddControlPoint(vtk.vtkVector3d(*ras), "while off")
+        restarted = logic.startClickToCorrespond(clicks, source["volume"], target["volume"], matches)
+        self.assertIs(restarted, matches)
+        labels = [matches.GetNthControlPointLabel(i) for i in range(matches.GetNumberOfControlPoints())]
+        self.assertEqual(labels, [names[0], "second", "while off"])
         logic.stopClickToCorrespond()
         # Stopping undoes the row restriction of both lists (it is saved with the scene).
         self.assertEqual(clicks.GetDisplayNode().GetViewNodeIDs(), ())
