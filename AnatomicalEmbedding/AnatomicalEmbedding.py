@@ -65,13 +65,15 @@ class AnatomicalEmbedding(ScriptedLoadableModule):
         self.parent.contributors = ["AnatomicalEmbedding developers"]
         self.parent.helpText = """
 Dense anatomical embeddings: every voxel gets a vector that says where in the anatomy it is.
-Pick a model, a source and a target scan; points placed (or dragged) on the source, in the top row of
-views, are matched in the target, shown in the bottom row (click-to-correspond), with a similarity heatmap and
-a confidence for every match. Each target volume and source list has its own "Matched points" list: picking
-another target or source list selects its list (or a new one) and leaves the previous one as it is. Changing a selector while
-another job runs restarts click-to-correspond when that job is done. Turning click-to-correspond off ends place
-mode and restores where the point lists are drawn. Few-shot labelling trains a small segmentation head from a
-few segmented cases. Try it on the "Phantom pair" sample data.
+Pick a model, a source and a target scan; points placed (or dragged) on the source, in the top row of views,
+are matched in the target, shown in the bottom row (click-to-correspond), with a similarity heatmap and a
+confidence for every match. Each target volume and source list has its own "Matched points" list: picking
+another target or source list selects its list (or a new one) and leaves the previous one as it is. Changing a
+selector while jobs run restarts click-to-correspond when they are done; a (re)start also matches the source
+points that have no current match in the "Matched points" list. A job started while another runs waits behind
+it (Cancel cancels the one shown). Turning click-to-correspond off ends place mode and restores where the
+point lists are drawn. Few-shot labelling trains a small segmentation head from a few segmented cases. Try it
+on the "Phantom pair" sample data.
 """
         self.parent.acknowledgementText = """
 Methods: AEFM (Zhuang et al.), Adam/Eve (Hosseinzadeh Taher et al.), AnatoMask (Li et al.),
