@@ -23,7 +23,7 @@ import os
 import pathlib
 import tempfile
 import time
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import numpy as np
 import slicer
@@ -42,6 +42,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from AnatomicalEmbeddingLib.jobs import BackgroundJob, JobQueue
 from AnatomicalEmbeddingLib.logic import AnatomicalEmbeddingLogic
 from AnatomicalEmbeddingLib.matches import LOW_CONFIDENCE_COLOR, MATCH_COLOR  # noqa: F401 (the module's constants)
 from AnatomicalEmbeddingLib.views import LOW_CONFIDENCE_TEXT, RESULT_COLUMNS  # noqa: F401
@@ -64,13 +65,15 @@ class AnatomicalEmbedding(ScriptedLoadableModule):
         self.parent.contributors = ["AnatomicalEmbedding developers"]
         self.parent.helpText = """
 Dense anatomical embeddings: every voxel gets a vector that says where in the anatomy it is.
-Pick a model, a source and a target scan; points placed (or dragged) on the source, in the top row of
-views, are matched in the target, shown in the bottom row (click-to-correspond), with a similarity heatmap and
-a confidence for every match. Each target volume and source list has its own "Matched points" list: picking
-another target or source list selects its list (or a new one) and leaves the previous one as it is. Changing a selector while
-another job runs restarts click-to-correspond when that job is done. Turning click-to-correspond off ends place
-mode and restores where the point lists are drawn. Few-shot labelling trains a small segmentation head from a
-few segmented cases. Try it on the "Phantom pair" sample data.
+Pick a model, a source and a target scan; points placed (or dragged) on the source, in the top row of views,
+are matched in the target, shown in the bottom row (click-to-correspond), with a similarity heatmap and a
+confidence for every match. Each target volume and source list has its own "Matched points" list: picking
+another target or source list selects its list (or a new one) and leaves the previous one as it is. Changing a
+selector while jobs run restarts click-to-correspond when they are done; a (re)start also matches the source
+points that have no current match in the "Matched points" list. A job started while another runs waits behind
+it (Cancel cancels the one shown). Turning click-to-correspond off ends place mode and restores where the
+point lists are drawn. Few-shot labelling trains a small segmentation head from a few segmented cases. Try it
+on the "Phantom pair" sample data.
 """
         self.parent.acknowledgementText = """
 Methods: AEFM (Zhuang et al.), Adam/Eve (Hosseinzadeh Taher et al.), AnatoMask (Li et al.),
@@ -182,11 +185,17 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._job = None
-        self._afterJob = None
+        #: The background jobs started here, in order, each with its after-step: one runs at a time (the worker
+        #: runs them in submission order) and each is finished and applied in turn, none replaces another.
+        self._jobs = JobQueue()
         #: The job that prepares the pair for click mode's start (its failure or Cancel turns click mode off).
         self._clickStartJob = None
         self._timer = None
+
+    @property
+    def _job(self) -> Optional[BackgroundJob]:
+        """The job the progress bar shows (the queue's first), or None."""
+        return self._jobs.current()
 
     def setup(self) -> None:
         import qt
@@ -232,7 +241,8 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if self.logic is not None:
             self.logic.stopClickToCorrespond()
             self.logic.abandonJobs()
-        self._job, self._afterJob, self._clickStartJob = None, None, None
+        self._jobs.clear()
+        self._clickStartJob = None
         self.removeObservers()
 
     def enter(self) -> None:
@@ -247,7 +257,8 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def onSceneStartClose(self, caller, event) -> None:
         self.logic.stopClickToCorrespond()
         self.logic.abandonJobs()  # a job's finish step must not write into the next scene
-        self._job, self._afterJob, self._clickStartJob = None, None, None
+        self._jobs.clear()
+        self._clickStartJob = None
         self.ui.progressBar.setVisible(False)
         self.ui.cancelButton.setEnabled(False)
         self.logic.forgetScene()
@@ -287,8 +298,8 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._syncClickMode()
 
     def _syncClickMode(self) -> None:
-        """Start, restart or stop click mode as the parameter node says. One job at a time: a (re)start while
-        another job runs waits for it (onPollJob calls this again when it is done)."""
+        """Start, restart or stop click mode as the parameter node says. A (re)start while jobs run or wait waits
+        for all of them (onPollJob calls this again after each): its clicks would queue behind them anyway."""
         p = self._parameterNode
         active = self.logic.clickToCorrespondNodes()
         if active is not None and p.clickToCorrespond and (
@@ -299,20 +310,23 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.logic.stopClickToCorrespond()
             active = None
         if p.clickToCorrespond and active is None:
-            if self._job is None:
+            if not len(self._jobs):
                 self._startClickMode()
-            elif self._job is not self._clickStartJob:  # (its own preparation starts it when done)
-                logging.info("click-to-correspond resumes when %r is done", self._job.description)
-                self.ui.statusLabel.setText(f"{self._job.message} ({self._clickModeWaitText})")
+            elif self._clickStartJob not in self._jobs:  # (its own preparation starts it when done)
+                logging.info("click-to-correspond resumes when %d job(s) are done", len(self._jobs))
+                self.ui.statusLabel.setText(self._jobs.statusText(self._clickModeWaitText()))
         elif not p.clickToCorrespond and active is not None:
             self.logic.stopClickToCorrespond()
 
-    _clickModeWaitText = "click-to-correspond resumes when this is done"
+    def _clickModeWaitText(self) -> str:
+        return ("click-to-correspond resumes when this is done" if not self._jobs.waiting()
+                else "click-to-correspond resumes when they are done")
 
     def _clickModeWaits(self) -> bool:
-        """Click mode is on but stopped until the running job is done (a selector changed during the job)."""
+        """Click mode is on but stopped until the queued jobs are done (turned on, or a selector changed, while
+        they ran; or its own preparation is done and others wait behind it)."""
         p = self._parameterNode
-        return (p is not None and self._job is not None and self._job is not self._clickStartJob
+        return (p is not None and len(self._jobs) > 0 and self._clickStartJob not in self._jobs
                 and p.clickToCorrespond and not self.logic.clickToCorrespondActive())
 
     # ---- model ----
@@ -359,11 +373,16 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         return self.logic.model is not None or self.onLoadModel()
 
     # ---- background jobs ----
-    def _runJob(self, job, afterJob=None) -> None:
-        self._job, self._afterJob = job, afterJob
+    def _runJob(self, job: BackgroundJob, afterJob: Optional[Callable[[], None]] = None) -> None:
+        """Show ``job``'s progress and call ``afterJob`` once it is finished. A job started while others run waits
+        behind them (the worker runs them in the same order): each is finished and applied in turn."""
+        if not len(self._jobs):
+            self.ui.progressBar.setValue(0)
+        self._jobs.add(job, afterJob)
         self.ui.progressBar.setVisible(True)
-        self.ui.progressBar.setValue(0)
         self.ui.cancelButton.setEnabled(True)
+        if self._jobs.waiting():
+            self.ui.statusLabel.setText(self._jobs.statusText())
         self._timer.start()
 
     def onPollJob(self) -> None:
@@ -387,21 +406,22 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 self._timer.stop()
             return
         self.ui.progressBar.setValue(int(100 * job.progress))
-        self.ui.statusLabel.setText(f"{job.message} ({self._clickModeWaitText})" if self._clickModeWaits()
-                                    else job.message)
-        if not job.done():
+        self.ui.statusLabel.setText(self._jobs.statusText(self._clickModeWaitText() if self._clickModeWaits()
+                                                          else ""))
+        finished = self._jobs.takeFinished()  # one job per tick, in submission order
+        if finished is None:
             self.logic.yieldToWorker()  # PythonQt holds the interpreter lock while idle: let the worker run
             return
-        self._job = None  # (the next tick stops the timer unless click mode or tile warming still needs it)
-        self.ui.progressBar.setVisible(False)
-        self.ui.cancelButton.setEnabled(False)
+        job, after = finished
+        if not len(self._jobs):  # (the next tick stops the timer unless click mode or tile warming needs it)
+            self.ui.progressBar.setVisible(False)
+            self.ui.cancelButton.setEnabled(False)
         clickStart = job is self._clickStartJob
         if clickStart:
             self._clickStartJob = None
         try:
             self.logic.finishJob(job)
         except Exception as exc:  # noqa: BLE001 - InterruptedError (Cancel) or a failure shown to the user
-            self._afterJob = None
             if isinstance(exc, InterruptedError):
                 self.ui.statusLabel.setText("Cancelled.")
             else:
@@ -413,30 +433,35 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 self._syncClickMode()  # another job: click mode stays on, restarted if it waited for this one
             return
         self.ui.statusLabel.setText(f"{job.description}: done in {job.seconds:.1f} s")
-        if self._afterJob is not None:
-            after, self._afterJob = self._afterJob, None
+        if after is not None:
             after()
-        if self._job is None and self._parameterNode:
-            self._syncClickMode()  # a restart that waited for this job (``after`` may have queued another one)
+        if self._parameterNode:
+            self._syncClickMode()  # a (re)start that waited for the jobs, once none is left
 
     def onCancel(self) -> None:
-        job = self._job or self.logic.clickPreparationJob()
-        if job is not None:
-            job.cancel()
+        """Cancel the job the progress bar shows; the jobs waiting behind it still run, each cancellable in turn
+        (each was asked for on its own: Cancel never drops a result the user did not see being cancelled)."""
+        if self._jobs.cancelCurrent() is None:
+            job = self.logic.clickPreparationJob()
+            if job is not None:
+                job.cancel()
 
-    def _embedThen(self, after, targets: Optional[list] = None, bothWays: bool = False) -> None:
-        """Embed the source and targets and fit their priors (one background job), then call ``after``."""
+    def _embedThen(self, after: Callable[[], None], targets: Optional[list] = None,
+                   bothWays: bool = False) -> Optional[BackgroundJob]:
+        """Embed the source and targets and fit their priors (one background job), then call ``after``; returns
+        that job, or None when ``after`` ran at once (prepared already) or nothing could start."""
         p = self._parameterNode
         targets = targets or [p.targetVolume]
         if not self._ensureModel() or p.sourceVolume is None or None in targets:
             slicer.util.warningDisplay("Choose a model, a source volume and a target volume first.")
             p.clickToCorrespond = False
-            return
+            return None
         if self.logic.isPrepared(p.sourceVolume, targets, bothWays):
             after()
-            return
-        self._runJob(self.logic.prepareCorrespondenceAsync(p.sourceVolume, targets, bothWays, p.sourceLandmarks),
-                     after)
+            return None
+        job = self.logic.prepareCorrespondenceAsync(p.sourceVolume, targets, bothWays, p.sourceLandmarks)
+        self._runJob(job, after)
+        return job
 
     def onEmbed(self) -> None:
         self._embedThen(lambda: self.ui.statusLabel.setText("Source and target are embedded."))
@@ -444,6 +469,8 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     # ---- correspond ----
     def _startClickMode(self) -> None:
         def start():
+            if len(self._jobs):  # jobs queued behind its preparation: _syncClickMode starts it once they are done
+                return
             p = self._parameterNode
             if p.sourceLandmarks is None:
                 p.sourceLandmarks = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Source points")
@@ -459,9 +486,8 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 return
             p.clickToCorrespond = False
 
-        self._embedThen(start)
-        if self._afterJob is start:  # the pair is being prepared: click mode starts when that job is done
-            self._clickStartJob = self._job
+        # The pair is being prepared (or None: started, or refused): click mode starts when that job is done.
+        self._clickStartJob = self._embedThen(start)
 
     def _onMatchError(self, message: str) -> None:
         self.ui.statusLabel.setText(message)
@@ -474,7 +500,9 @@ class AnatomicalEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if p.showHeatmap and self.logic.isEmbedded(p.sourceVolume) and self.logic.isEmbedded(p.targetVolume):
             p.heatmapVolume = self.logic.updateHeatmap(p.sourceVolume, p.targetVolume, result["query_ras"],
                                                        p.heatmapVolume, p.heatmapOpacity)
-        p.resultsTable = self.logic.updateResultsTable(p.resultsTable, [p.targetLandmarks])
+        # The list the match went to: a (re)start matches the source points without a match before
+        # p.targetLandmarks is set to its list.
+        p.resultsTable = self.logic.updateResultsTable(p.resultsTable, [result["target_markups"]])
         flag = f" ({LOW_CONFIDENCE_TEXT})" if result["low_confidence"] else ""
         self.ui.statusLabel.setText(f"{result['label']}: similarity {result['similarity']:.2f}, confidence "
                                     f"{result['confidence']:.2f}{flag}, {1000 * result['seconds']:.0f} ms")
@@ -666,6 +694,13 @@ class AnatomicalEmbeddingTest(ScriptedLoadableModuleTest):
         # The next click is read as a source point (one more match, same target list).
         clicks.AddControlPoint(vtk.vtkVector3d(*ras), "second")
         self.assertEqual(matches.GetNumberOfControlPoints(), 2)
+        # A restart matches the points placed while click mode was off, and only those.
+        logic.stopClickToCorrespond()
+        clicks.AddControlPoint(vtk.vtkVector3d(*ras), "while off")
+        restarted = logic.startClickToCorrespond(clicks, source["volume"], target["volume"], matches)
+        self.assertIs(restarted, matches)
+        labels = [matches.GetNthControlPointLabel(i) for i in range(matches.GetNumberOfControlPoints())]
+        self.assertEqual(labels, [names[0], "second", "while off"])
         logic.stopClickToCorrespond()
         # Stopping undoes the row restriction of both lists (it is saved with the scene).
         self.assertEqual(clicks.GetDisplayNode().GetViewNodeIDs(), ())

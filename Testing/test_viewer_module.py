@@ -845,8 +845,8 @@ def test_click_mode_follows_selector_changes(viewer, logic, mrml_scene, pair, mo
     p = logic.getParameterNode()
     p.sourceVolume, p.targetVolume, p.sourceLandmarks, p.clickToCorrespond = (source["volume"], target["volume"],
                                                                                clicks, True)
-    widget = viewer.AnatomicalEmbeddingWidget.__new__(viewer.AnatomicalEmbeddingWidget)
-    widget.logic, widget._parameterNode, widget._job, widget.ui = logic, p, None, mock.MagicMock()
+    widget = viewer.AnatomicalEmbeddingWidget()  # its own state (no job); no setup(): that builds the Qt parts
+    widget.logic, widget._parameterNode, widget.ui = logic, p, mock.MagicMock()
     started = []
 
     def start():  # as _startClickMode once the pair is prepared: the matched list goes to the parameter node
@@ -960,12 +960,8 @@ def bare_widget(viewer, logic, p):
     parameter observer, click-mode start and match slots are the real ones."""
     import unittest.mock as mock
 
-    from slicer.util import VTKObservationMixin
-
-    widget = viewer.AnatomicalEmbeddingWidget.__new__(viewer.AnatomicalEmbeddingWidget)
-    VTKObservationMixin.__init__(widget)  # the real mixin (cleanup removes its observers)
-    widget.logic, widget._parameterNode, widget._job, widget._afterJob = logic, p, None, None
-    widget._clickStartJob = None
+    widget = viewer.AnatomicalEmbeddingWidget()  # the real __init__ (its job state, the observation mixin); no setup()
+    widget.logic, widget._parameterNode = logic, p
     widget.ui, widget._timer = mock.MagicMock(), mock.MagicMock()
     return widget
 
@@ -1108,7 +1104,8 @@ def test_changing_the_matched_points_list_restarts_click_mode(viewer, logic, mrm
     """Defect 5: a new "Matched points" list while clicking was ignored (matches kept going to the old list
     while the results table was rebuilt from the new one), and a cleared selector raised StopIteration in the
     poll. The real Widget methods run (its Qt parts are mocks): the parameter observer starts click mode
-    through _startClickMode, restarts it on the new list, and a cleared selector gets a new list."""
+    through _startClickMode, restarts it on the new list, and a cleared selector gets a new list. Each restart
+    first matches the source points that have no match in the new list yet (blocking here: a script's logic)."""
     import vtk
 
     source, target = load_pair(mrml_scene, pair)
@@ -1131,9 +1128,9 @@ def test_changing_the_matched_points_list_restarts_click_mode(viewer, logic, mrm
     p.targetLandmarks = mine
     widget.onParameterChanged()
     clicks.AddControlPoint(vtk.vtkVector3d(*src_ras[1]), names[1])
-    assert mine.GetNumberOfControlPoints() == 1 and first.GetNumberOfControlPoints() == 1
+    assert mrml.markups_node_to_points(mine)[0] == names[:2] and first.GetNumberOfControlPoints() == 1
     rows = logic.resultsTableRows(p.resultsTable)
-    assert [(r["label"], r["target"]) for r in rows] == [(names[1], "my matches")]
+    assert [(r["label"], r["target"]) for r in rows] == [(names[0], "my matches"), (names[1], "my matches")]
     assert logic.clickToCorrespondTarget() is mine and p.targetLandmarks is mine
 
     p.targetLandmarks = None  # the selector cleared: a new list, no exception
@@ -1142,7 +1139,7 @@ def test_changing_the_matched_points_list_restarts_click_mode(viewer, logic, mrm
     assert fresh is not None and fresh is not mine and fresh is not first
     assert logic.clickToCorrespondTarget() is fresh
     clicks.AddControlPoint(vtk.vtkVector3d(*src_ras[2]), names[2])
-    assert fresh.GetNumberOfControlPoints() == 1 and mine.GetNumberOfControlPoints() == 1
+    assert mrml.markups_node_to_points(fresh)[0] == names[:3] and mine.GetNumberOfControlPoints() == 2
     # No table yet and no list: nothing to build (it raised StopIteration in the widget's slot).
     assert logic.updateResultsTable(None, [None]) is None
     p.clickToCorrespond = False
@@ -1225,7 +1222,8 @@ def test_click_mode_restarts_when_the_job_that_held_it_back_is_done(viewer, logi
     assert logic.clickToCorrespondTarget() is fresh and fresh not in (first, mine)
     clicks.AddControlPoint(vtk.vtkVector3d(*src_ras[1]), names[1])
     poll_widget(widget, logic)
-    assert mrml.markups_node_to_points(fresh)[0] == names[1:2] and mine.GetNumberOfControlPoints() == 1
+    # (the restart matched the earlier point into the new pair's list first)
+    assert mrml.markups_node_to_points(fresh)[0] == names[:2] and mine.GetNumberOfControlPoints() == 1
     p.clickToCorrespond = False
     widget.onParameterChanged()
     assert not logic.clickToCorrespondActive()
@@ -1258,7 +1256,8 @@ def test_a_new_target_volume_gets_its_own_matched_points_list(viewer, logic, mrm
     assert second.GetAttribute(matches.TARGET_VOLUME_ATTRIBUTE) == third.GetID()  # bound before any match
     assert second.GetAttribute(matches.SOURCE_ATTRIBUTE) == clicks.GetID()
     clicks.AddControlPoint(vtk.vtkVector3d(*src_ras[1]), names[1])
-    assert mrml.markups_node_to_points(second)[0] == names[1:2]
+    # The restart matched the point placed before into the new list first (its match in this volume).
+    assert mrml.markups_node_to_points(second)[0] == names[:2]
     assert logic.pointScores(second, 0)["target"] == third.GetID()
     # The previous target's list is as it was: same points, same positions, still bound to its volume.
     now = mrml.markups_node_to_points(first)
@@ -1269,9 +1268,11 @@ def test_a_new_target_volume_gets_its_own_matched_points_list(viewer, logic, mrm
     p.targetVolume = dst_volume  # back: its list again (not a third one), and the matches go there
     widget.onParameterChanged()
     assert p.targetLandmarks is first and logic.clickToCorrespondTarget() is first
+    assert mrml.markups_node_to_points(first)[0] == names[:2]  # the point placed meanwhile; the first as it was
+    np.testing.assert_allclose(mrml.markups_node_to_points(first)[1][0], kept[1][0])
     clicks.AddControlPoint(vtk.vtkVector3d(*src_ras[2]), names[2])
-    assert mrml.markups_node_to_points(first)[0] == [names[0], names[2]]
-    assert second.GetNumberOfControlPoints() == 1
+    assert mrml.markups_node_to_points(first)[0] == names[:3]
+    assert second.GetNumberOfControlPoints() == 2
 
     p.clickToCorrespond = False  # click mode off: the list still follows the target selector
     widget.onParameterChanged()
@@ -1281,7 +1282,7 @@ def test_a_new_target_volume_gets_its_own_matched_points_list(viewer, logic, mrm
     # A script (or an old scene) passing the list of another volume: "Transfer all" writes a list of this one.
     out = logic.transferAll(clicks, src_volume, [third], [first])[0]
     assert out is second and sorted(mrml.markups_node_to_points(second)[0]) == sorted(names[:3])
-    assert mrml.markups_node_to_points(first)[0] == [names[0], names[2]]
+    assert mrml.markups_node_to_points(first)[0] == names[:3]
     logic.cancelWarming()
 
 
@@ -1350,3 +1351,216 @@ def test_widget_cleanup_abandons_jobs_like_scene_close(viewer, logic, mrml_scene
     assert not logic.isEmbedded(third) and logic.warmingJob() is None
     assert not logic.clickToCorrespondActive() and not place_mode_into(mrml_scene, clicks)
     assert widget._job is None
+
+
+# ---- jobs started while another runs; click mode's (re)start and the source points it finds ---------------
+def poll_widget_until(widget, logic, condition, timeout: float = 300.0) -> None:
+    """The widget's poll timer (its real slot) until ``condition()`` holds."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        widget.onPollJob()
+        time.sleep(0.01)
+    assert condition()
+
+
+def test_jobs_started_while_another_runs_are_queued_and_none_is_lost(viewer, logic, mrml_scene, pair, tmp_path,
+                                                                     monkeypatch):
+    """Jobs defect 1: a second background job replaced the first in the widget (``_runJob`` kept one job and one
+    after-step), so the first was never finished: its result (a matched list, a segmentation) was lost. Now the
+    widget queues them: each is finished and applied in turn, the status line says how many wait, and Cancel
+    cancels the one shown, not those behind it. The real Widget slots run (Qt parts are mocks)."""
+    import slicer
+    from anatomical_embedding.fewshot.head import FewShotConfig
+
+    monkeypatch.setattr(slicer.util, "showStatusMessage", lambda *args, **kwargs: True)
+    source, target = load_pair(mrml_scene, pair)
+    src_volume, dst_volume = source["volume"], target["volume"]
+    third = mrml.volume_to_node(pair[0][2]["image"], mrml_scene, "third")
+    job = logic.prepareCorrespondenceAsync(src_volume, [dst_volume])
+    assert job.wait(timeout=300)
+    logic.finishJob(job)
+    quick = FewShotConfig(hidden=32, voxels_per_class=100, epochs=3)
+    cases = logic.addFewShotCase(None, src_volume, source["segmentation"])
+    earlier = logic.trainFewShotHead(logic.fewShotCases(cases), quick)  # the head "Apply head" uses
+    p = logic.getParameterNode()
+    p.sourceVolume, p.targetVolume, p.sourceLandmarks, p.segmentVolume = src_volume, dst_volume, \
+        source["landmarks"], dst_volume
+    p.headPath = tmp_path / "new.aehead.npz"
+    widget = bare_widget(viewer, logic, p)
+
+    gate = threading.Event()
+    logic._worker().submit(gate.wait)  # hold the worker: every job below is started while another one runs
+    widget.onTransferAll()  # prepared: the transfer job itself
+    widget.onApplyHead()
+    training = logic.trainFewShotHeadAsync(logic.fewShotCases(cases), quick)
+    widget._runJob(training, widget._saveHead)  # as "Train head" does (a quicker configuration)
+    status = widget.ui.statusLabel.setText.call_args
+    gate.set()
+    poll_widget(widget, logic)
+    names = mrml.markups_node_to_points(source["landmarks"])[0]
+    out = p.targetLandmarks
+    assert out is not None and mrml.markups_node_to_points(out)[0] == names  # the transfer's list was written
+    assert len(logic.resultsTableRows(p.resultsTable)) == len(names)
+    organs = mrml.segment_names(source["segmentation"])
+    segmentation = p.outputSegmentation
+    assert segmentation is not None and mrml.segment_names(segmentation) == organs  # the segmentation too
+    assert logic.head is not earlier and logic.head.class_names == earlier.class_names  # the new head ...
+    assert p.headPath.exists() and logic.headFile == p.headPath.resolve()  # ... and its after-step saved it
+    assert status is not None and "2 more jobs waiting" in status[0][0]  # what the user saw meanwhile
+
+    # Cancel cancels the job shown (the first), not the one waiting behind it.
+    segmentation.GetSegmentation().RemoveAllSegments()
+    gate = threading.Event()
+    logic._worker().submit(gate.wait)
+    embedding = logic.embedVolumeAsync(third)
+    widget._runJob(embedding)  # ("Embed" of another pair)
+    widget.onApplyHead()  # into the same segmentation node
+    widget.onCancel()
+    gate.set()
+    poll_widget(widget, logic)
+    assert p.outputSegmentation is segmentation and mrml.segment_names(segmentation) == organs
+    assert embedding.cancelled and not logic.isEmbedded(third)
+    widget.onPollJob()  # nothing left: the progress bar goes away
+    assert widget._job is None and widget.ui.progressBar.setVisible.call_args[0][0] is False
+    logic.cancelWarming()
+
+
+def test_click_mode_start_waits_for_queued_jobs_and_keeps_its_preparation(viewer, logic, mrml_scene, pair,
+                                                                          monkeypatch):
+    """Jobs defect 1, click mode: a job started while click mode's own preparation ran replaced it, so the
+    preparation's result (embeddings, priors) was never applied and had to be computed again. Now the preparation
+    is applied when it is done, and click mode starts once no job is left (its clicks would wait behind them)."""
+    import slicer
+
+    monkeypatch.setattr(slicer.util, "showStatusMessage", lambda *args, **kwargs: True)
+    logic.matchInBackground = True  # the widget's setting
+    source, target = load_pair(mrml_scene, pair)
+    src_volume, dst_volume = source["volume"], target["volume"]
+    third = mrml.volume_to_node(pair[0][2]["image"], mrml_scene, "third")
+    preparations = []
+    prepare = logic.prepareCorrespondenceAsync
+
+    def counted(*args, **kwargs):
+        preparations.append(prepare(*args, **kwargs))
+        return preparations[-1]
+
+    monkeypatch.setattr(logic, "prepareCorrespondenceAsync", counted)
+    clicks = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks")
+    p = logic.getParameterNode()
+    p.sourceVolume, p.targetVolume, p.sourceLandmarks = src_volume, dst_volume, clicks
+    widget = bare_widget(viewer, logic, p)
+    first, second = threading.Event(), threading.Event()
+    logic._worker().submit(first.wait)
+    p.clickToCorrespond = True
+    widget.onParameterChanged()  # not prepared: click mode's preparation starts
+    assert len(preparations) == 1 and widget._job is preparations[0]
+    logic._worker().submit(second.wait)
+    embedding = logic.embedVolumeAsync(third)
+    widget._runJob(embedding)  # the user embeds another volume meanwhile
+    first.set()
+    poll_widget_until(widget, logic, lambda: widget._job is not preparations[0])
+    assert logic.isPrepared(src_volume, [dst_volume])  # the preparation was applied ...
+    assert not logic.clickToCorrespondActive() and p.clickToCorrespond  # ... click mode waits for the embedding
+    assert "click-to-correspond resumes when this is done" in widget.ui.statusLabel.setText.call_args[0][0]
+    second.set()
+    poll_widget(widget, logic)
+    assert logic.isEmbedded(third) and logic.clickToCorrespondNodes() == (clicks, src_volume, dst_volume)
+    assert place_mode_into(mrml_scene, clicks) and len(preparations) == 1  # never prepared twice
+    p.clickToCorrespond = False
+    widget.onParameterChanged()
+    logic.cancelWarming()
+
+
+def test_click_mode_start_matches_the_source_points_without_a_current_match(viewer, logic, mrml_scene, pair):
+    """Click-mode defect 4: at a (re)start only new clicks were matched; points already in the source list without
+    a match in the matched-points list (placed, moved or renamed while click mode was off) stayed unmatched. Now
+    each is queued like a click (in the worker); points whose match is current are not matched again, and the
+    errors of the points that cannot be matched come as one message."""
+    import vtk
+
+    source, target = load_pair(mrml_scene, pair)
+    src_volume, dst_volume = source["volume"], target["volume"]
+    job = logic.prepareCorrespondenceAsync(src_volume, [dst_volume])
+    assert job.wait(timeout=300)
+    logic.finishJob(job)
+    logic.matchInBackground = True
+    names, src_lps = mrml.markups_node_to_points(source["landmarks"])
+    src_ras = convert_points(src_lps, "LPS", "RAS")
+    clicks = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks")
+    for n in range(4):  # placed before click mode is on
+        clicks.AddControlPoint(vtk.vtkVector3d(*src_ras[n]), names[n])
+    seen, errors = [], []
+    out = logic.startClickToCorrespond(clicks, src_volume, dst_volume, onMatched=seen.append,
+                                       onError=errors.append)
+    assert out.GetNumberOfControlPoints() == 0 and logic.clickJobsPending()  # queued, matched in the worker
+    poll_click_jobs(logic)
+    assert [r["label"] for r in seen] == names[:4] and mrml.markups_node_to_points(out)[0] == names[:4]
+    ids = [clicks.GetNthControlPointID(i) for i in range(4)]
+    assert [logic.pointScores(out, i)["sourcePointID"] for i in range(4)] == ids
+    logic.stopClickToCorrespond()
+
+    # While click mode is off: one point moved, one renamed, one new, two outside the image.
+    clicks.SetNthControlPointPositionWorld(1, *src_ras[5])
+    clicks.SetNthControlPointLabel(2, "renamed")
+    clicks.AddControlPoint(vtk.vtkVector3d(*src_ras[6]), names[6])
+    clicks.AddControlPoint(vtk.vtkVector3d(5000.0, 5000.0, 5000.0), "outside A")
+    clicks.AddControlPoint(vtk.vtkVector3d(-5000.0, 5000.0, 5000.0), "outside B")
+    seen.clear()
+    assert logic.startClickToCorrespond(clicks, src_volume, dst_volume, out, onMatched=seen.append,
+                                        onError=errors.append) is out
+    poll_click_jobs(logic)
+    assert [r["label"] for r in seen] == [names[1], "renamed", names[6]]  # not the two unchanged points
+    assert mrml.markups_node_to_points(out)[0] == [names[0], names[1], "renamed", names[3], names[6]]
+    expected = logic.matcher(src_volume, dst_volume).match(src_lps[5], "LPS", use_prior=logic.usePrior,
+                                                           with_raw=False)[0].final.point_lps
+    np.testing.assert_allclose(mrml.markups_node_to_points(out)[1][1], expected, atol=1e-4)
+    assert len(errors) == 1 and "outside A" in errors[0] and "outside B" in errors[0]  # one message for both
+    # A point whose match is current is not matched again by an event that changes neither position nor label.
+    clicks.SetNthControlPointSelected(0, False)
+    poll_click_jobs(logic)
+    assert len(seen) == 3 and len(errors) == 1
+    clicks.SetNthControlPointPositionWorld(3, *src_ras[7])  # a move while clicking: matched as before
+    poll_click_jobs(logic)
+    assert [r["label"] for r in seen] == [names[1], "renamed", names[6], names[3]]
+    logic.stopClickToCorrespond()
+
+
+def test_restarted_click_mode_matches_points_placed_while_it_waited(viewer, logic, mrml_scene, pair, monkeypatch):
+    """Click-mode defect 4 through the widget: a selector changed while a job ran; when the restart waited for
+    it, the points placed or moved meanwhile (e.g. in the Markups module) were not matched into the new list.
+    Now the restart matches every source point that has no current match there."""
+    import slicer
+    import vtk
+
+    monkeypatch.setattr(slicer.util, "showStatusMessage", lambda *args, **kwargs: True)
+    source, target = load_pair(mrml_scene, pair)
+    src_volume, dst_volume = source["volume"], target["volume"]
+    third = mrml.volume_to_node(pair[0][2]["image"], mrml_scene, "third")
+    logic.matchInBackground = True
+    p, widget, clicks = clicking_widget(viewer, logic, mrml_scene, src_volume, dst_volume, [dst_volume])
+    first = p.targetLandmarks
+    names, src_lps = mrml.markups_node_to_points(source["landmarks"])
+    src_ras = convert_points(src_lps, "LPS", "RAS")
+    clicks.AddControlPoint(vtk.vtkVector3d(*src_ras[0]), names[0])
+    poll_widget(widget, logic)
+    kept = mrml.markups_node_to_points(first)
+
+    gate = threading.Event()
+    logic._worker().submit(gate.wait)
+    widget._runJob(logic.embedVolumeAsync(third))
+    mine = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "my matches")
+    p.targetLandmarks = mine
+    widget.onParameterChanged()
+    assert not logic.clickToCorrespondActive()  # waits for the job
+    clicks.AddControlPoint(vtk.vtkVector3d(*src_ras[1]), names[1])  # placed meanwhile (no observer)
+    gate.set()
+    poll_widget(widget, logic)
+    assert logic.clickToCorrespondTarget() is mine
+    assert mrml.markups_node_to_points(mine)[0] == names[:2]
+    rows = logic.resultsTableRows(p.resultsTable)
+    assert [(r["label"], r["target"]) for r in rows] == [(names[0], "my matches"), (names[1], "my matches")]
+    now = mrml.markups_node_to_points(first)  # the previous list is left as it was
+    assert now[0] == kept[0] and np.allclose(now[1], kept[1])
+    p.clickToCorrespond = False
+    widget.onParameterChanged()
+    logic.cancelWarming()

@@ -144,3 +144,61 @@ class JobWorker:
             job.output = job.finish(result)
         job.progress = 1.0
         return job.output
+
+
+class JobQueue:
+    """The widget's user jobs in submission order, each with the main-thread step to run once it is finished.
+
+    :class:`JobWorker` runs jobs one at a time in submission order, so the first entry is the job running (or next
+    to run) and the first to finish. The widget shows its progress, finishes it, runs its step, then goes on with
+    the next: a job started while another runs waits behind it instead of replacing it (the replaced job was never
+    finished, so its result and the step that applies it were lost).
+    """
+
+    def __init__(self) -> None:
+        self._entries: list[tuple[BackgroundJob, Optional[Callable[[], None]]]] = []
+
+    def add(self, job: BackgroundJob, after: Optional[Callable[[], None]] = None) -> None:
+        self._entries.append((job, after))
+
+    def current(self) -> Optional[BackgroundJob]:
+        """The job the progress bar shows (the first), or None."""
+        return self._entries[0][0] if self._entries else None
+
+    def waiting(self) -> int:
+        """How many jobs wait behind the current one."""
+        return max(len(self._entries) - 1, 0)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, job: object) -> bool:
+        return any(queued is job for queued, _ in self._entries)
+
+    def takeFinished(self) -> Optional[tuple[BackgroundJob, Optional[Callable[[], None]]]]:
+        """``(job, after)`` of the current job, removed from the queue, once its worker function has returned
+        (the caller then collects it with :meth:`JobWorker.finish` and runs ``after``); None while it runs."""
+        if not self._entries or not self._entries[0][0].done():
+            return None
+        return self._entries.pop(0)
+
+    def cancelCurrent(self) -> Optional[BackgroundJob]:
+        """Cancel the current job (the ones behind it still run); returns it, or None when there is none."""
+        job = self.current()
+        if job is not None:
+            job.cancel()
+        return job
+
+    def clear(self) -> None:
+        """Forget every job (the caller cancels them: ``JobWorker.cancelAll`` at scene close)."""
+        self._entries = []
+
+    def statusText(self, note: str = "") -> str:
+        """The status line: the current job's message, how many jobs wait behind it, and ``note``."""
+        job = self.current()
+        if job is None:
+            return note
+        waiting = self.waiting()
+        notes = ([f"{waiting} more job{'s' if waiting > 1 else ''} waiting"] if waiting else []) + (
+            [note] if note else [])
+        return f"{job.message} ({'; '.join(notes)})" if notes else job.message

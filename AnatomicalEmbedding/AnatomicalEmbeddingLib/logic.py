@@ -732,8 +732,13 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
     def startClickToCorrespond(self, sourceMarkups, sourceVolume, targetVolume, targetMarkups=None,
                                onMatched: Optional[Callable[[dict], None]] = None,
                                onError: Optional[Callable[[str], None]] = None, layout: bool = True,
-                               placeMode: bool = False):
+                               placeMode: bool = False, matchExisting: bool = True):
         """Match each point placed or moved on ``sourceMarkups`` at once; returns the target point list.
+
+        With ``matchExisting`` (the default) a (re)start first matches, like clicks, every point of
+        ``sourceMarkups`` whose match is missing from the target list or out of date (placed, moved or renamed
+        while click mode was off, or matched into another list: :func:`matches.sourcePointsToMatch`); their
+        errors are reported once, together, through ``onError``.
 
         ``targetMarkups`` receives the matches unless it holds the matches in another volume or of another source
         list (:func:`matches.targetMarkupsFor`); None, or such a list, gives a new list. The list returned is bound to
@@ -784,8 +789,54 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
         self._click = {"source": sourceMarkups, "sourceVolume": sourceVolume, "targetVolume": targetVolume,
                        "target": targetMarkups, "tags": tags, "callbacks": callbacks, "onMatched": onMatched,
                        "onError": onError, "last": {}, "results": [], "errors": [], "dragging": False,
-                       "dragStart": None, "prepare": None, "restore": restore}
+                       "dragStart": None, "prepare": None, "restore": restore, "starting": False,
+                       "startJobs": set(), "startErrors": []}
+        if matchExisting:
+            self._matchOutdatedPoints(self._click)
         return targetMarkups
+
+    def _matchOutdatedPoints(self, state: dict) -> None:
+        """At a (re)start: match the source points without a current match in the target list, each as a click
+        is (in the worker with ``matchInBackground``); the others count as matched where they are now, so that
+        only a later move or rename matches them again."""
+        node = state["source"]
+        outdated = matches.sourcePointsToMatch(node, state["target"], state["targetVolume"])
+        state["last"] = {pid: seen for pid, seen in self._pointPositions(node).items() if pid not in outdated}
+        if outdated:
+            logging.info("click-to-correspond: matching %d point(s) of %r without a current match in %r",
+                         len(outdated), node.GetName(), state["target"].GetName())
+        state["starting"] = True  # errors are collected (see _clickError), not reported one by one
+        try:
+            for pid in outdated:
+                job = self._matchClickedPoint(node, node.GetNthControlPointIndexByID(pid), state)
+                if isinstance(job, BackgroundJob):
+                    state["startJobs"].add(job)
+        finally:
+            state["starting"] = False
+        self._reportStartErrors(state)
+
+    @staticmethod
+    def _clickError(state: dict, message: str, atStart: bool) -> None:
+        """A point that could not be matched: logged, and reported through ``onError`` (a point matched at the
+        start of click mode: collected, and reported with the others once they are all done)."""
+        logging.warning("%s", message)
+        state["errors"].append(message)
+        if atStart:
+            state["startErrors"].append(message)
+        elif state.get("onError") is not None:
+            state["onError"](message)
+
+    @staticmethod
+    def _reportStartErrors(state: dict) -> None:
+        """Once every match queued at the start is applied: one message for all of their errors (one per point
+        would be a burst of message boxes when, e.g., the preparation they waited for was cancelled)."""
+        if state["startJobs"] or not state["startErrors"]:
+            return
+        errors, state["startErrors"] = state["startErrors"], []
+        message = (errors[0] if len(errors) == 1
+                   else f"{len(errors)} source points not matched: " + "; ".join(errors))
+        if state.get("onError") is not None:
+            state["onError"](message)
 
     def clickToCorrespondNodes(self) -> Optional[tuple]:
         """(source list, source volume, target volume) of the active click mode, or None."""
@@ -894,12 +945,8 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
                 result = self.matchControlPoint(node, index, state["sourceVolume"], state["targetVolume"],
                                                 state["target"])
         except ValueError as exc:  # e.g. a point outside the image: tell the user, do not crash the observer
-            message = f"{label} not matched: {exc}"
-            logging.warning("%s", message)
             state["last"][pid] = (ras.copy(), label)  # one report per placement (several events fire for it)
-            state["errors"].append(message)
-            if state["onError"] is not None:
-                state["onError"](message)
+            self._clickError(state, f"{label} not matched: {exc}", state.get("starting", False))
             return None
         finally:
             self._busy = False
@@ -996,6 +1043,8 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
                 except Exception as exc:  # noqa: BLE001 - each click queued behind it reports it as its error
                     logging.warning("%s failed: %s", job.description, exc)
                 continue
+            atStart = job in state["startJobs"]  # queued when click mode (re)started
+            state["startJobs"].discard(job)
             try:
                 self._busy = True
                 try:
@@ -1003,16 +1052,14 @@ class AnatomicalEmbeddingLogic(ScriptedLoadableModuleLogic):
                 finally:
                     self._busy = False
             except (ValueError, InterruptedError) as exc:
-                message = f"{job.description[len('Matching '):]} not matched: {exc}"
-                logging.warning("%s", message)
-                state["errors"].append(message)
-                if state.get("onError") is not None:
-                    state["onError"](message)
-                continue
-            state["results"].append(result)
-            applied += 1
-            if state["onMatched"] is not None:
-                state["onMatched"](result)
+                self._clickError(state, f"{job.description[len('Matching '):]} not matched: {exc}", atStart)
+            else:
+                state["results"].append(result)
+                applied += 1
+                if state["onMatched"] is not None:
+                    state["onMatched"](result)
+            if atStart:
+                self._reportStartErrors(state)
         return applied
 
     def matchBackControlPoint(self, sourceMarkups, index: int, sourceVolume, targetVolume, targetMarkups) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from typing import Optional
 
+import numpy as np
 import vtk
 
 #: Attribute / description keys written on matched points and nodes.
@@ -83,7 +84,9 @@ def storeMatch(targetMarkups, label: str, sourceId: str, sourceNodeId: str, matc
     ras = convert_points(match.point_lps, "LPS", "RAS")
     # the engine may flag a match itself (a raw fallback, a target without structure), whatever its confidence
     low = bool(getattr(match, "low_confidence", False) or (match.confidence is not None and match.confidence < lowConfidence))
+    # sourceRAS: where the source point was (world) when matched, so a restart of click mode can tell a moved one.
     scores = {"source": sourceNodeId, "sourcePointID": sourceId, "target": targetVolume.GetID(),
+              "sourceRAS": [round(float(x), 4) for x in convert_points(match.query_lps, "LPS", "RAS")],
               "similarity": round(float(match.similarity), 5),
               "confidence": None if match.confidence is None else round(float(match.confidence), 5),
               "fb_distance_mm": None if match.fb_distance_mm is None else round(float(match.fb_distance_mm), 3),
@@ -115,3 +118,38 @@ def storeMatch(targetMarkups, label: str, sourceId: str, sourceNodeId: str, matc
     return {"label": label, "index": index, "ras": ras, "query_ras": convert_points(match.query_lps, "LPS", "RAS"),
             "similarity": float(match.similarity), "confidence": float(match.confidence or 0.0),
             "low_confidence": low, "seconds": seconds, "target_markups": targetMarkups}
+
+
+#: How far (mm, world) a source point may be from where it was matched and still count as matched (the stored
+#: position is rounded to 0.1 micrometre).
+MOVED_TOLERANCE_MM = 1e-3
+
+
+def sourcePointsToMatch(sourceMarkups, targetMarkups, targetVolume) -> list[str]:
+    """Control point IDs of the defined points of ``sourceMarkups`` whose match in ``targetVolume`` is missing from
+    ``targetMarkups`` or out of date, in list order: no point of ``targetMarkups`` holds that point's match (by
+    source point ID), or the source point was moved (its world position is not the ``sourceRAS`` stored with the
+    match) or renamed since. A match stored without ``sourceRAS`` (written by an earlier version) counts as
+    current wherever the point is."""
+    current = {}
+    for i in range(targetMarkups.GetNumberOfControlPoints() if targetMarkups is not None else 0):
+        scores = pointScores(targetMarkups, i)
+        pid = scores.get("sourcePointID")
+        if pid and scores.get("source") in (None, sourceMarkups.GetID()) and \
+                scores.get("target") in (None, targetVolume.GetID()):
+            current[pid] = (scores.get("sourceRAS"), targetMarkups.GetNthControlPointLabel(i))
+    out = []
+    for i in range(sourceMarkups.GetNumberOfControlPoints()):
+        if sourceMarkups.GetNthControlPointPositionStatus(i) != sourceMarkups.PositionDefined:
+            continue
+        pid = sourceMarkups.GetNthControlPointID(i)
+        match = current.get(pid)
+        if match is not None and match[1] == sourceMarkups.GetNthControlPointLabel(i):
+            if match[0] is None:
+                continue
+            ras = np.zeros(3)
+            sourceMarkups.GetNthControlPointPositionWorld(i, ras)
+            if np.abs(ras - np.asarray(match[0], dtype=float)).max() <= MOVED_TOLERANCE_MM:
+                continue
+        out.append(pid)
+    return out
