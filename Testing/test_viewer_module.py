@@ -940,6 +940,17 @@ def poll_click_jobs(logic, timeout: float = 300.0) -> None:
     assert not logic.clickJobsPending()
 
 
+def clicking_with_a_third_volume(viewer, logic, mrml_scene, pair):
+    """The phantom pair and a third volume in the scene, click mode on from the pair's source to its target with
+    background matching: (source, target, third volume node, parameter node, widget, click list)."""
+    source, target = load_pair(mrml_scene, pair)
+    third = mrml.volume_to_node(pair[0][2]["image"], mrml_scene, "third")
+    logic.matchInBackground = True
+    p, widget, clicks = clicking_widget(viewer, logic, mrml_scene, source["volume"], target["volume"],
+                                        [target["volume"]])
+    return source, target, third, p, widget, clicks
+
+
 def clicking_widget(viewer, logic, mrml_scene, src_volume, dst_volume, prepare, clicks_name: str = "clicks"):
     """Prepare ``src_volume`` against ``prepare`` (volumes), then turn click mode on through the real widget slot
     with a new, empty source list: (parameter node, widget, source list)."""
@@ -1328,11 +1339,8 @@ def test_widget_cleanup_abandons_jobs_like_scene_close(viewer, logic, mrml_scene
     its result into the scene. Now cleanup abandons every job, as scene close does, and leaves click mode."""
     import vtk
 
-    source, target = load_pair(mrml_scene, pair)
+    source, target, third, p, widget, clicks = clicking_with_a_third_volume(viewer, logic, mrml_scene, pair)
     src_volume, dst_volume = source["volume"], target["volume"]
-    third = mrml.volume_to_node(pair[0][2]["image"], mrml_scene, "third")
-    logic.matchInBackground = True
-    p, widget, clicks = clicking_widget(viewer, logic, mrml_scene, src_volume, dst_volume, [dst_volume])
     out = p.targetLandmarks
     gate = threading.Event()
     logic._worker().submit(gate.wait)  # everything below is queued when the module goes away
@@ -1533,11 +1541,8 @@ def test_restarted_click_mode_matches_points_placed_while_it_waited(viewer, logi
     import vtk
 
     monkeypatch.setattr(slicer.util, "showStatusMessage", lambda *args, **kwargs: True)
-    source, target = load_pair(mrml_scene, pair)
+    source, target, third, p, widget, clicks = clicking_with_a_third_volume(viewer, logic, mrml_scene, pair)
     src_volume, dst_volume = source["volume"], target["volume"]
-    third = mrml.volume_to_node(pair[0][2]["image"], mrml_scene, "third")
-    logic.matchInBackground = True
-    p, widget, clicks = clicking_widget(viewer, logic, mrml_scene, src_volume, dst_volume, [dst_volume])
     first = p.targetLandmarks
     names, src_lps = mrml.markups_node_to_points(source["landmarks"])
     src_ras = convert_points(src_lps, "LPS", "RAS")
