@@ -200,13 +200,19 @@ def capture_rows(n: int, config: RefineConfig) -> np.ndarray | None:
     return np.sort(np.random.default_rng([config.seed, 2]).choice(n, k, replace=False))
 
 
+def _foreground_world(emb: VolumeEmbedding, config: RefineConfig) -> np.ndarray:
+    """LPS positions of all the foreground voxels :func:`sample_points` draws from, not a seeded sample (ValueError
+    if none: a constant image has no centre or extent to align)."""
+    points = sample_points(emb, replace(config, max_points=np.iinfo(np.int64).max))
+    if not len(points):
+        raise ValueError("feature registration: the image has no foreground (its valid region is constant)")
+    return emb.index_to_world(points)
+
+
 def foreground_centroid(emb: VolumeEmbedding, config: RefineConfig) -> np.ndarray:
     """LPS centre of mass of the foreground voxels that :func:`sample_points` draws from (ValueError if none): all of
-    them, not a seeded sample, so every restart of the refinement starts from the same translation."""
-    points = sample_points(emb, replace(config, max_points=np.iinfo(np.int64).max))
-    if not len(points):  # a constant image: no centre of mass to align
-        raise ValueError("feature registration: the image has no foreground (its valid region is constant)")
-    return emb.index_to_world(points).mean(axis=0)
+    them, so every restart of the refinement starts from the same translation."""
+    return _foreground_world(emb, config).mean(axis=0)
 
 
 def _similarity(levels: list[_Features], yw: np.ndarray) -> tuple[float, np.ndarray]:
@@ -409,7 +415,7 @@ def _restart(source: VolumeEmbedding, target: VolumeEmbedding, src_ijk: np.ndarr
 
     best, best_score = first, score(first)
     total = 1 + (config.restarts if reseed else 0) + len(offsets)
-    for n, off in enumerate(offsets):
+    for off in offsets:
         shifted = initial.copy()
         shifted[:3, 3] += off
         a, _ = _affine_stages(source, target, src_ijk, x, shifted, config, cache)
@@ -435,9 +441,7 @@ def _restart(source: VolumeEmbedding, target: VolumeEmbedding, src_ijk: np.ndarr
 
 def foreground_box(emb: VolumeEmbedding, config: RefineConfig) -> tuple[np.ndarray, np.ndarray]:
     """LPS (min, max) of the foreground voxels that :func:`sample_points` draws from (all of them)."""
-    points = emb.index_to_world(sample_points(emb, replace(config, max_points=np.iinfo(np.int64).max)))
-    if not len(points):
-        raise ValueError("feature registration: the image has no foreground (its valid region is constant)")
+    points = _foreground_world(emb, config)
     return points.min(axis=0), points.max(axis=0)
 
 
