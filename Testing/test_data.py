@@ -32,6 +32,26 @@ def test_folder_with_partial_labels(tmp_path):
     assert len(DatasetSpec.from_path(tmp_path).labelled) == 1
 
 
+def test_an_empty_detected_labels_folder_means_no_labels(tmp_path, caplog):
+    """DIR/images + an empty DIR/labels (made ahead of time, or a training folder with unlabelled cases only) is a
+    data set without labels, with an info line, so pretraining starts; an empty labels folder given explicitly stays
+    an error (the user asked for labels)."""
+    import logging
+
+    _case(tmp_path, "a", label=False)
+    _case(tmp_path, "b", label=False)
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "a.labels.json").write_text('{"1": "liver"}', encoding="utf-8")  # no label map
+    with caplog.at_level(logging.INFO, logger="anatomical_embedding.data.datasets"):
+        spec = DatasetSpec.from_path(tmp_path)
+    assert [(c.id, c.label) for c in spec.cases] == [("a", None), ("b", None)]
+    assert spec.source == str(tmp_path / "images")
+    assert any("holds no label maps" in r.getMessage() and str(tmp_path / "labels") in r.getMessage()
+               for r in caplog.records)
+    with pytest.raises(ValueError, match="no label maps found in"):
+        DatasetSpec.from_path(tmp_path / "images", tmp_path / "labels")
+
+
 def test_dicom_series_folder_is_a_case(tmp_path):
     vol = Volume(np.zeros((4, 16, 16), np.int16), (0.8, 0.8, 2.0))
     write_dicom_series(vol, tmp_path / "images" / "patient1")

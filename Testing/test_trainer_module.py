@@ -501,6 +501,31 @@ def test_export_case_failure_leaves_none_of_the_new_files(trainer, mrml_scene, t
     assert files_in(folder) == []
 
 
+def test_use_training_folder_with_an_empty_labels_folder_trains_without_labels(trainer, mrml_scene, tmp_path):
+    """"Use training folder" on a folder whose labels/ holds no label map (made by the user, or emptied): the
+    command pairs images/ and labels/ through the engine (no --labels), and the engine reads the cases as unlabelled
+    instead of failing with "no label maps found" (pretraining needs no labels)."""
+    from anatomical_embedding.data.datasets import DatasetSpec
+
+    logic = trainer.AnatomicalEmbeddingTrainerLogic()
+    volume, _, _ = case_nodes(mrml_scene)
+    folder = tmp_path / "train"
+    logic.exportCase(volume, None, folder, "case_001")
+    (folder / "labels").mkdir()
+    p = make_params(trainer, outputDirectory=folder, runDirectory=tmp_path / "run", device="cpu")
+    widget = trainer.AnatomicalEmbeddingTrainerWidget()
+    widget._parameterNode = p
+    widget.onUseTrainingFolder()  # the button's own handler: data = the folder, labels "." (paired by the engine)
+    argv = logic.buildCommand(p)
+    assert "--labels" not in argv
+    spec = importlib.util.spec_from_file_location("_train_for_labels", ROOT / MODULE / f"{MODULE}Lib" / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    args = train.build_parser().parse_args(argv[argv.index(str(ROOT / MODULE / f"{MODULE}Lib" / "train.py")) + 1:])
+    data = DatasetSpec.from_path(args.data, args.labels)  # what the engine's Trainer reads (train.py passes both)
+    assert [(c.id, c.label) for c in data.cases] == [("case_001", None)]
+
+
 # ---- model registry ------------------------------------------------------------------------------------
 def fake_package(path: Path, method: str = "aefm") -> Path:
     """A structurally valid package (card hashes match its members); the registry does not run ONNX."""

@@ -60,6 +60,20 @@ def _list_images(folder: Path) -> list[Path]:
     return items
 
 
+def _detected_labels(folder: Path) -> Path | None:
+    """The ``labels/`` of a cohort-like layout, or None when it is absent or holds no label map.
+
+    An empty one (made ahead of time, or a Trainer training folder with unlabelled cases only) means no labels:
+    pretraining needs none, so it must not fail on it. A labels folder given explicitly that is empty stays an
+    error (:meth:`DatasetSpec.from_folder`): the user asked for labels."""
+    if not folder.is_dir():
+        return None
+    if not _list_images(folder):
+        log.info("%s holds no label maps: the data set has no labels", folder)
+        return None
+    return folder
+
+
 @dataclass
 class DatasetSpec:
     """The cases of a data set; built by :meth:`from_path` with all input checks done up front."""
@@ -92,8 +106,7 @@ class DatasetSpec:
             return cls.from_manifest(images / "manifest.json")
         if images.is_dir() and (images / "images").is_dir() and labels is None:
             # A cohort-like layout without manifest: DIR/images and DIR/labels.
-            lab = images / "labels"
-            return cls.from_folder(images / "images", lab if lab.is_dir() else None)
+            return cls.from_folder(images / "images", _detected_labels(images / "labels"))
         return cls.from_folder(images, labels)
 
     @classmethod
