@@ -129,6 +129,8 @@ class AnatomicalEmbeddingTrainerWidget(ScriptedLoadableModuleWidget, VTKObservat
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._timer = None
+        self._toolTips = {}
+        self._busyShown = None
 
     def setup(self) -> None:
         import qt
@@ -169,6 +171,9 @@ class AnatomicalEmbeddingTrainerWidget(ScriptedLoadableModuleWidget, VTKObservat
         self.ui.stopButton.connect("clicked(bool)", self.onStop)
         self.ui.resumeButton.connect("clicked(bool)", self.onResume)
         self.ui.openRunFolderButton.connect("clicked(bool)", self.onOpenRunFolder)
+        # The .ui's tooltips, shown while a button can be pressed (otherwise: why it cannot).
+        self._toolTips = {"start": self.ui.startButton.toolTip, "stop": self.ui.stopButton.toolTip,
+                          "resume": self.ui.resumeButton.toolTip, "openRunFolder": self.ui.openRunFolderButton.toolTip}
 
         self.initializeParameterNode()
         self._updateButtons()
@@ -238,14 +243,21 @@ class AnatomicalEmbeddingTrainerWidget(ScriptedLoadableModuleWidget, VTKObservat
         self._updateButtons()
 
     def _updateButtons(self) -> None:
-        p = self._parameterNode
-        running = bool(self.logic and self.logic.isRunning())
-        runDir = pathOrEmpty(p.runDirectory) if p else ""
-        self.ui.startButton.enabled = bool(p) and not running and self.ui.methodComboBox.count > 0
-        self.ui.stopButton.enabled = running
-        self.ui.resumeButton.enabled = bool(runDir) and not running and \
-            (pathlib.Path(runDir) / "checkpoints" / "last.pt").is_file()
-        self.ui.openRunFolderButton.enabled = bool(runDir) and pathlib.Path(runDir).is_dir()
+        if not self.logic:
+            return
+        problems = self.logic.actionProblems(self._parameterNode, self.ui.methodComboBox.count > 0)
+        for button, action in ((self.ui.startButton, "start"), (self.ui.stopButton, "stop"),
+                               (self.ui.resumeButton, "resume"), (self.ui.openRunFolderButton, "openRunFolder")):
+            button.enabled = problems[action] is None
+            button.toolTip = problems[action] or self._toolTips.get(action, "")
+        # Another process trains the run folder (a shell, a crashed Slicer's child): said in the status too, and
+        # taken back when it has ended.
+        busy = problems["busy"]
+        if busy and busy != self._busyShown:
+            self.ui.trainingStatusLabel.text = busy
+        elif not busy and self._busyShown and self.ui.trainingStatusLabel.text == self._busyShown:
+            self.ui.trainingStatusLabel.text = ""
+        self._busyShown = busy
 
     def onMethodChanged(self, method: str) -> None:
         if not self._parameterNode or not method:

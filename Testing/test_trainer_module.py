@@ -297,6 +297,58 @@ def test_training_through_the_logic_updates_the_table_and_registers_the_model(tr
         logic.startTraining(p)
 
 
+def run_buttons() -> types.SimpleNamespace:
+    """The widgets _updateButtons writes (Qt is absent from slicer-core): buttons with enabled and toolTip."""
+    ui = types.SimpleNamespace(methodComboBox=_Combo(), trainingStatusLabel=types.SimpleNamespace(text=""))
+    ui.methodComboBox.addItem("aefm")
+    for name in ("startButton", "stopButton", "resumeButton", "openRunFolderButton"):
+        setattr(ui, name, types.SimpleNamespace(enabled=True, toolTip=f"{name} of the .ui"))
+    return ui
+
+
+def test_a_run_folder_another_process_trains_disables_start_and_resume(trainer, tmp_path):
+    """A stopped run (checkpoints/last.pt) that another live process trains (``python train.py`` in a shell, or the
+    child of a crashed Slicer: it holds RUN_DIR/train.lock): Start and Resume are refused by the logic's
+    non-blocking query, with the busy message naming the process (the widget's tooltips and status show it); the
+    query writes nothing, another run folder is unaffected, and both are offered again once the process has ended."""
+    from anatomical_embedding.training.runlock import RunFolderBusy, read_owner
+    from lock_holder import hold_run_folder
+
+    logic = trainer.AnatomicalEmbeddingTrainerLogic(registryPath=tmp_path / "models.json")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"a checkpoint")
+    p = make_params(trainer, dataDirectory=tmp_path, runDirectory=run)
+    assert logic.runFolderBusyMessage(run) is None
+    free = logic.actionProblems(p)
+    assert (free["start"], free["resume"], free["busy"], free["openRunFolder"]) == (None, None, None, None)
+    assert free["stop"] == "Nothing is training."
+
+    widget = trainer.AnatomicalEmbeddingTrainerWidget()
+    widget.logic, widget._parameterNode, widget.ui = logic, p, run_buttons()
+    widget._toolTips = {"resume": "resumeButton of the .ui", "start": "startButton of the .ui"}
+    with hold_run_folder(run) as holder:
+        message = logic.runFolderBusyMessage(run)
+        assert message.startswith(f"{run} is being trained by process {holder.pid} (started ")
+        assert message.endswith("; stop it or choose another run folder")
+        problems = logic.actionProblems(p)
+        assert problems["start"] == problems["resume"] == problems["busy"] == message
+        assert read_owner(run)["pid"] == holder.pid  # the query left the owner's details alone
+        with pytest.raises(RunFolderBusy):  # what pressing it would have done
+            logic.startTraining(p, resume=True)
+        assert logic.actionProblems(make_params(trainer, runDirectory=tmp_path / "other"))["start"] is None
+
+        widget._updateButtons()
+        ui = widget.ui
+        assert not ui.resumeButton.enabled and not ui.startButton.enabled and ui.resumeButton.toolTip == message
+        assert ui.trainingStatusLabel.text == message and ui.openRunFolderButton.enabled
+    assert logic.runFolderBusyMessage(run) is None and logic.actionProblems(p)["resume"] is None
+    widget._updateButtons()
+    assert ui.resumeButton.enabled and ui.resumeButton.toolTip == "resumeButton of the .ui"
+    assert ui.trainingStatusLabel.text == ""
+    assert logic.monitor is None  # nothing was launched
+
+
 FAKE_CRASH = """
 import json, pathlib, sys
 args = sys.argv[1:]

@@ -111,6 +111,45 @@ class AnatomicalEmbeddingTrainerLogic(ScriptedLoadableModuleLogic):
         self.attachLiveView()  # a run the user starts is shown in the current scene
         return monitor
 
+    @staticmethod
+    def runFolderBusyMessage(runDir) -> Optional[str]:
+        """The busy message when another live process trains ``runDir`` (holds its ``train.lock``), else None.
+
+        Cheap and non-blocking (runlock tries the lock and gives it back at once), so the panel can ask on every
+        update. A folder whose lock cannot even be opened (read-only) reads as free: Start and Resume say why."""
+        from anatomical_embedding.training.runlock import RunFolderBusy, check_run_folder_free
+
+        try:
+            check_run_folder_free(runDir)
+        except RunFolderBusy as exc:
+            return str(exc)
+        except OSError as exc:
+            logging.debug("Could not check the lock of %s: %s", runDir, exc)
+        return None
+
+    def actionProblems(self, p, methodsAvailable: bool = True) -> dict:
+        """Why each run button cannot be pressed now, None where it can: ``{"start", "stop", "resume",
+        "openRunFolder"}`` -> message; and ``"busy"``: the message when another process trains the run folder.
+        The widget only applies it (enabled, the message as tooltip, the busy message in the status)."""
+        runDir = settings.pathOrEmpty(p.runDirectory) if p is not None else ""
+        running = self.isRunning()
+        # Our own run holds the lock too: "running" says more than the busy message then.
+        busy = self.runFolderBusyMessage(runDir) if runDir and not running else None
+        notNow = "Training is running; stop it first." if running else busy
+        start = notNow
+        if not methodsAvailable:
+            start = "The training engine is not available (see the status)."
+        elif p is None:
+            start = "No module parameters (the scene is being closed)."
+        resume = notNow
+        if not runDir:
+            resume = "Choose the run folder."
+        elif not notNow and not (pathlib.Path(runDir) / "checkpoints" / "last.pt").is_file():
+            resume = f"{runDir} has no checkpoint to resume from."
+        return {"start": start, "stop": None if running else "Nothing is training.", "resume": resume,
+                "openRunFolder": None if runDir and pathlib.Path(runDir).is_dir() else "The run folder does not exist.",
+                "busy": busy}
+
     def isStopping(self) -> bool:
         """A stop was asked for and the process has not ended yet."""
         return self.isRunning() and self.monitor.stop_requested
