@@ -7,7 +7,8 @@ process appended to ``RUN_DIR/console.log``, parses the engine's JSON progress l
 ``vtkMRMLTableNode`` (one row per logged step, one column per loss term) that a ``vtkMRMLPlotChartNode``
 with one ``vtkMRMLPlotSeriesNode`` per term draws as loss curves. When training finishes, ``train.py
 --export`` writes ``RUN_DIR/<run name>.aemodel`` and the logic registers it in
-``anatomical_embedding.inference.registry`` so the AnatomicalEmbedding module lists it.
+``anatomical_embedding.inference.registry`` so the AnatomicalEmbedding module lists it. *Export model* does the
+same for a run folder with a checkpoint (``train.py --export-only``, through the same monitor and timer).
 
 Training data: a folder of images (or the folder this module fills from the scene: each exported case is
 an image in ``<folder>/images`` and, with a segmentation, a label map of the same name in
@@ -57,8 +58,9 @@ class AnatomicalEmbeddingTrainer(ScriptedLoadableModule):
 Pretrains a dense anatomical embedding (the methods the engine has: AEFM, ...) on a folder of scans, or on
 scans and segmentations of the scene exported into a training folder. Training runs as a separate process
 (one or several GPUs); progress, loss curves and the log update live. At the end the model package is
-exported and listed by the AnatomicalEmbedding module.
-<p>A run folder that another process is training is refused. Closing the scene during training stops updating the
+exported and listed by the AnatomicalEmbedding module; Export model does that for a run that was stopped or trained
+without it.
+<p>A run folder that another process is training is refused (Start, Resume and Export model are disabled). Closing the scene during training stops updating the
 loss table and chart (training and the panel's status go on); opening this module again brings them back while the
 run goes on.</p>
 """
@@ -170,10 +172,10 @@ class AnatomicalEmbeddingTrainerWidget(ScriptedLoadableModuleWidget, VTKObservat
         self.ui.startButton.connect("clicked(bool)", self.onStart)
         self.ui.stopButton.connect("clicked(bool)", self.onStop)
         self.ui.resumeButton.connect("clicked(bool)", self.onResume)
+        self.ui.exportModelButton.connect("clicked(bool)", self.onExportModel)
         self.ui.openRunFolderButton.connect("clicked(bool)", self.onOpenRunFolder)
         # The .ui's tooltips, shown while a button can be pressed (otherwise: why it cannot).
-        self._toolTips = {"start": self.ui.startButton.toolTip, "stop": self.ui.stopButton.toolTip,
-                          "resume": self.ui.resumeButton.toolTip, "openRunFolder": self.ui.openRunFolderButton.toolTip}
+        self._toolTips = {action: button.toolTip for button, action in self._runButtons()}
 
         self.initializeParameterNode()
         self._updateButtons()
@@ -242,12 +244,16 @@ class AnatomicalEmbeddingTrainerWidget(ScriptedLoadableModuleWidget, VTKObservat
         self.ui.exportCaseButton.toolTip = problem or "Write the volume (and segmentation) into the training folder."
         self._updateButtons()
 
+    def _runButtons(self) -> tuple:
+        """(button, its action in the logic's actionProblems)."""
+        return ((self.ui.startButton, "start"), (self.ui.stopButton, "stop"), (self.ui.resumeButton, "resume"),
+                (self.ui.exportModelButton, "export"), (self.ui.openRunFolderButton, "openRunFolder"))
+
     def _updateButtons(self) -> None:
         if not self.logic:
             return
         problems = self.logic.actionProblems(self._parameterNode, self.ui.methodComboBox.count > 0)
-        for button, action in ((self.ui.startButton, "start"), (self.ui.stopButton, "stop"),
-                               (self.ui.resumeButton, "resume"), (self.ui.openRunFolderButton, "openRunFolder")):
+        for button, action in self._runButtons():
             button.enabled = problems[action] is None
             button.toolTip = problems[action] or self._toolTips.get(action, "")
         # Another process trains the run folder (a shell, a crashed Slicer's child): said in the status too, and
@@ -310,6 +316,26 @@ class AnatomicalEmbeddingTrainerWidget(ScriptedLoadableModuleWidget, VTKObservat
         else:
             self.ui.trainingStatusLabel.text = STOPPING_TEXT
 
+    def onExportModel(self) -> None:
+        """Export the run folder's last checkpoint in a separate process; the timer follows it like a run."""
+        runDir = pathOrEmpty(self._parameterNode.runDirectory)
+        package = self.logic.exportPath(runDir)
+        overwrite = package.exists()
+        if overwrite and not slicer.util.confirmYesNoDisplay(
+                f"{package} exists. Replace it with an export of the run's last checkpoint?",
+                windowTitle="Export model"):
+            self.ui.trainingStatusLabel.text = f"Not exported: {package} was kept."
+            return
+        if not self.logic.ensureTrainingDependencies(
+                askUser=True, progress=lambda text: setattr(self.ui.trainingStatusLabel, "text", text)):
+            self.ui.trainingStatusLabel.text = "Exporting needs PyTorch and the packages listed above."
+            return
+        with slicer.util.tryWithErrorDisplay("Could not export the model.", waitCursor=True):
+            self.logic.startExport(runDir, overwrite=overwrite)
+            self.ui.trainingStatusLabel.text = self.logic.exportStatus()
+            self._timer.start()
+        self._updateButtons()
+
     def onOpenRunFolder(self) -> None:
         import qt
 
@@ -326,16 +352,21 @@ class AnatomicalEmbeddingTrainerWidget(ScriptedLoadableModuleWidget, VTKObservat
             self.ui.trainingStatusLabel.text = f"Polling failed: {exc}"
             return
         st = self.logic.monitor.state
-        self.ui.trainingStatusLabel.text = (STOPPING_TEXT + " " if self.logic.isStopping() else "") + st.summary()
-        self.ui.trainingProgressBar.maximum = max(1, st.total_steps)
-        self.ui.trainingProgressBar.value = st.step
+        exporting = self.logic.monitor.settings.export_only
+        if exporting:
+            self.ui.trainingStatusLabel.text = self.logic.exportStatus()
+        else:
+            self.ui.trainingStatusLabel.text = (STOPPING_TEXT + " " if self.logic.isStopping() else "") + st.summary()
+            self.ui.trainingProgressBar.maximum = max(1, st.total_steps)
+            self.ui.trainingProgressBar.value = st.step
         self.ui.logTextEdit.setPlainText("\n".join(list(st.log_lines)[-30:]))
         if not self.logic.isRunning():
             self._timer.stop()
             if st.status == "failed":
-                slicer.util.errorDisplay(st.error, windowTitle="Training failed")
+                slicer.util.errorDisplay(st.error, windowTitle="Export failed" if exporting else "Training failed")
             elif st.status == "finished" and self.logic.registeredModel:
-                self.ui.trainingStatusLabel.text += f"; model registered: {self.logic.registeredModel['path']}"
+                if not exporting:  # (the export's status line names it already)
+                    self.ui.trainingStatusLabel.text += f"; model registered: {self.logic.registeredModel['path']}"
                 self._offerModelToViewer(self.logic.registeredModel["path"])
         self._updateButtons()
 
@@ -368,6 +399,8 @@ class AnatomicalEmbeddingTrainerTest(ScriptedLoadableModuleTest):
         self.test_TrainFromScene()
         self.setUp()
         self.test_StopAndResume()
+        self.setUp()
+        self.test_ExportModel()
 
     def test_DefaultsReadWithoutTorch(self):
         """The panel's torch-free defaults (read from the engine's source) equal the imported dataclasses'."""
@@ -527,6 +560,50 @@ class AnatomicalEmbeddingTrainerTest(ScriptedLoadableModuleTest):
         self.assertFalse(logic.reattachLiveView())
         logic.attachLiveView()  # what Start/Resume do: the whole curve, both parts of the run
         self.assertEqual(logic.getTableNode().GetNumberOfRows(), len(steps))
+        self.delayDisplay("Test passed")
+
+    def test_ExportModel(self):
+        """What the Export model button does for a run trained without "export when finished": the button is enabled,
+        the export runs in a separate process, its package verifies and is registered, and a second export refuses
+        to replace it (the widget asks first)."""
+        import tempfile
+
+        from AnatomicalEmbeddingTrainerLib import settings
+
+        if not settings.torchAvailable():
+            self.delayDisplay("PyTorch absent: exporting a run is not tested (install it from the module)")
+            return
+        from anatomical_embedding import phantoms
+        from anatomical_embedding.inference import registry as model_registry
+        from anatomical_embedding.inference.backends import read_package
+
+        self.delayDisplay("Exporting a tiny AEFM run trained without export")
+        root = pathlib.Path(tempfile.mkdtemp(prefix="AnatomicalEmbeddingTrainerTest-", dir=slicer.app.temporaryPath))
+        phantoms.generate_cohort(root / "cohort", 3, seed=3, spacing=8.0, size=40, workers=1)
+        logic = AnatomicalEmbeddingTrainerLogic(registryPath=root / "models.json")
+        p = self._tinyAefmRun(logic, root / "cohort", root / "run", maxSteps=2, export=False)
+        logic.startTraining(p)
+        try:
+            self._pollUntilDone(logic, 300)
+        finally:
+            logic.monitor.close()
+        self.assertEqual(logic.monitor.state.status, "finished", logic.monitor.state.error)
+        package = logic.exportPath(root / "run")
+        self.assertFalse(package.exists())
+        self.assertIsNone(logic.actionProblems(p)["export"])  # the button is enabled
+
+        logic.startExport(root / "run")
+        try:
+            self._pollUntilDone(logic, 300)
+        finally:
+            logic.monitor.close()
+        state = logic.monitor.state
+        self.assertEqual(state.status, "finished", state.error)
+        self.assertEqual(read_package(package)[0]["method"], "aefm")  # verifies its hashes and sidecar
+        models = model_registry.list_models(root / "models.json")
+        self.assertEqual([m["path"] for m in models], [str(package.resolve())])
+        with self.assertRaises(FileExistsError):
+            logic.startExport(root / "run")
         self.delayDisplay("Test passed")
 
     @staticmethod

@@ -148,6 +148,41 @@ def test_other_bad_inputs_exit_2(train_module, tmp_path, capsys):
     assert "config.toml not found" in capsys.readouterr().err
 
 
+def test_export_only_refuses_what_it_cannot_export_exit_2(train_module, tmp_path, capsys):
+    """``--export-only`` (the Trainer's Export model) needs no --data, and refuses with exit 2 and one line: a folder
+    that is no run, a run without a checkpoint, a finetune run, an existing package (unless --overwrite) and a run
+    folder that another process trains (it takes the run folder's lock), writing no package."""
+    from anatomical_embedding.training.config import load_run_config, save_run_config
+    from lock_holder import hold_run_folder
+
+    run, package = tmp_path / "run", tmp_path / "run" / "run.aemodel"
+    args = ["--out", str(run), "--export-only", "--export", str(package)]
+    assert train_module.main(args) == 2
+    assert f"{run} is not a training run folder (no config.toml)" in capsys.readouterr().err
+    run.mkdir()
+    save_run_config(load_run_config("aefm", None, []), run / "config.toml")
+    assert train_module.main(args) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.pt").write_bytes(b"a checkpoint")
+    with hold_run_folder(run) as holder:
+        assert train_module.main(args) == 2
+    assert f"{run} is being trained by process {holder.pid}" in capsys.readouterr().err
+    package.write_bytes(b"an earlier export")
+    assert train_module.main(args) == 2
+    assert f"--export: {package} exists; choose another file name, delete it or add --overwrite" in \
+        capsys.readouterr().err
+    assert package.read_bytes() == b"an earlier export"
+    (run / "config.toml").write_text('method = "finetune"\n[train]\n[config]\n', encoding="utf-8")
+    assert train_module.main([*args, "--overwrite"]) == 2
+    assert "a finetune run is applied with `anatomical-embedding segment" in capsys.readouterr().err
+    assert train_module.main([*args, "--method", "aefm"]) == 2
+    assert "leave out --method and --resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:  # training still needs --data
+        train_module.main(["--method", "aefm", "--out", str(run)])
+    assert err.value.code == 2 and "the following arguments are required: --data" in capsys.readouterr().err
+
+
 def test_cuda_requested_but_unavailable_exits_3(train_module, tmp_path, monkeypatch, capsys):
     import torch
 

@@ -301,27 +301,37 @@ def run_buttons() -> types.SimpleNamespace:
     """The widgets _updateButtons writes (Qt is absent from slicer-core): buttons with enabled and toolTip."""
     ui = types.SimpleNamespace(methodComboBox=_Combo(), trainingStatusLabel=types.SimpleNamespace(text=""))
     ui.methodComboBox.addItem("aefm")
-    for name in ("startButton", "stopButton", "resumeButton", "openRunFolderButton"):
+    for name in ("startButton", "stopButton", "resumeButton", "exportModelButton", "openRunFolderButton"):
         setattr(ui, name, types.SimpleNamespace(enabled=True, toolTip=f"{name} of the .ui"))
     return ui
 
 
-def test_a_run_folder_another_process_trains_disables_start_and_resume(trainer, tmp_path):
+def save_aefm_run_config(run: Path) -> None:
+    """A run folder's config.toml of an AEFM run (what train.py writes at its start)."""
+    from anatomical_embedding.training.config import load_run_config, save_run_config
+
+    run.mkdir(parents=True, exist_ok=True)
+    save_run_config(load_run_config("aefm", None, ['train.device="cpu"']), run / "config.toml")
+
+
+def test_a_run_folder_another_process_trains_disables_start_resume_and_export(trainer, tmp_path):
     """A stopped run (checkpoints/last.pt) that another live process trains (``python train.py`` in a shell, or the
-    child of a crashed Slicer: it holds RUN_DIR/train.lock): Start and Resume are refused by the logic's
-    non-blocking query, with the busy message naming the process (the widget's tooltips and status show it); the
-    query writes nothing, another run folder is unaffected, and both are offered again once the process has ended."""
+    child of a crashed Slicer: it holds RUN_DIR/train.lock): Start, Resume and Export model are refused by the
+    logic's non-blocking query, with the busy message naming the process (the widget's tooltips and status show it);
+    the query writes nothing, another run folder is unaffected, and all are offered again once the process has
+    ended."""
     from anatomical_embedding.training.runlock import RunFolderBusy, read_owner
     from lock_holder import hold_run_folder
 
     logic = trainer.AnatomicalEmbeddingTrainerLogic(registryPath=tmp_path / "models.json")
     run = tmp_path / "run"
+    save_aefm_run_config(run)
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.pt").write_bytes(b"a checkpoint")
     p = make_params(trainer, dataDirectory=tmp_path, runDirectory=run)
     assert logic.runFolderBusyMessage(run) is None
     free = logic.actionProblems(p)
-    assert (free["start"], free["resume"], free["busy"], free["openRunFolder"]) == (None, None, None, None)
+    assert [free[k] for k in ("start", "resume", "export", "busy", "openRunFolder")] == [None] * 5
     assert free["stop"] == "Nothing is training."
 
     widget = trainer.AnatomicalEmbeddingTrainerWidget()
@@ -332,21 +342,141 @@ def test_a_run_folder_another_process_trains_disables_start_and_resume(trainer, 
         assert message.startswith(f"{run} is being trained by process {holder.pid} (started ")
         assert message.endswith("; stop it or choose another run folder")
         problems = logic.actionProblems(p)
-        assert problems["start"] == problems["resume"] == problems["busy"] == message
+        assert problems["start"] == problems["resume"] == problems["export"] == problems["busy"] == message
+        assert logic.exportProblem(run) == message
         assert read_owner(run)["pid"] == holder.pid  # the query left the owner's details alone
         with pytest.raises(RunFolderBusy):  # what pressing it would have done
             logic.startTraining(p, resume=True)
+        with pytest.raises(RuntimeError, match="is being trained by process"):
+            logic.startExport(run)
         assert logic.actionProblems(make_params(trainer, runDirectory=tmp_path / "other"))["start"] is None
 
         widget._updateButtons()
         ui = widget.ui
-        assert not ui.resumeButton.enabled and not ui.startButton.enabled and ui.resumeButton.toolTip == message
+        assert not ui.resumeButton.enabled and not ui.startButton.enabled and not ui.exportModelButton.enabled
+        assert ui.resumeButton.toolTip == ui.exportModelButton.toolTip == message
         assert ui.trainingStatusLabel.text == message and ui.openRunFolderButton.enabled
     assert logic.runFolderBusyMessage(run) is None and logic.actionProblems(p)["resume"] is None
     widget._updateButtons()
-    assert ui.resumeButton.enabled and ui.resumeButton.toolTip == "resumeButton of the .ui"
+    assert ui.resumeButton.enabled and ui.exportModelButton.enabled
+    assert ui.resumeButton.toolTip == "resumeButton of the .ui"
     assert ui.trainingStatusLabel.text == ""
     assert logic.monitor is None  # nothing was launched
+
+
+# ---- Export model (defect: a stopped run, or one trained without "export when finished", could not be exported) ----
+def test_export_model_needs_a_checkpoint_a_pretraining_run_and_asks_before_replacing(trainer, tmp_path):
+    """Export model is offered for a run folder with a checkpoint of a pretraining method only (a finetune run is a
+    segmenter, as train.py refuses --export for it); an existing package is never replaced without asking: the
+    logic refuses with one line naming the file and the fix, before launching anything."""
+    logic = trainer.AnatomicalEmbeddingTrainerLogic(registryPath=tmp_path / "models.json")
+    run = tmp_path / "run"
+    save_aefm_run_config(run)
+    p = make_params(trainer, dataDirectory=tmp_path, runDirectory=run)
+    assert logic.exportProblem("") == "Choose the run folder."
+    assert logic.exportProblem(run) == logic.actionProblems(p)["export"] == f"{run} has no checkpoint to export."
+    with pytest.raises(RuntimeError, match="has no checkpoint to export"):
+        logic.startExport(run)
+
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.pt").write_bytes(b"a checkpoint")
+    assert logic.exportProblem(run) is None
+    package = logic.exportPath(run)
+    package.write_bytes(b"an earlier export")
+    with pytest.raises(FileExistsError) as err:
+        logic.startExport(run)
+    assert str(err.value) == f"{package} exists; delete or rename it, or allow replacing it, then export again."
+    assert package.read_bytes() == b"an earlier export" and logic.monitor is None  # nothing launched
+
+    finetune = tmp_path / "seg"
+    (finetune / "checkpoints").mkdir(parents=True)
+    (finetune / "checkpoints" / "last.pt").write_bytes(b"a checkpoint")
+    (finetune / "config.toml").write_text('method = "finetune"\n[train]\n[config]\n', encoding="utf-8")
+    assert "apply it with `anatomical-embedding segment --run RUN_DIR`" in logic.exportProblem(finetune)
+    with pytest.raises(RuntimeError, match="not an embedding model package"):
+        logic.startExport(finetune)
+
+
+def test_export_model_of_a_damaged_checkpoint_fails_with_a_clear_status_and_no_package(trainer, mrml_scene, tmp_path):
+    """The export runs in a child process (train.py --export-only); one that fails reports why in the status, leaves
+    no package, registers nothing and leaves the run folder free."""
+    from anatomical_embedding.inference import registry as model_registry
+
+    registry = tmp_path / "models.json"
+    logic = trainer.AnatomicalEmbeddingTrainerLogic(registryPath=registry)
+    run = tmp_path / "run"
+    save_aefm_run_config(run)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.pt").write_bytes(b"cut short by a full disk")
+    logic.startExport(run)
+    assert logic.isExporting() and logic.exportStatus().startswith(f"Exporting {logic.exportPath(run)}")
+    p = make_params(trainer, dataDirectory=tmp_path, runDirectory=run)
+    assert logic.actionProblems(p)["resume"] == "A model export is running; wait for it to end."
+    try:
+        poll_until_done(logic, timeout=120)
+    finally:
+        logic.monitor.close()
+    st = logic.monitor.state
+    assert st.status == "failed" and st.returncode == 2, st.error
+    assert logic.exportStatus().startswith("Export failed (exit code 2: bad input") and "last.pt" in st.error
+    assert not logic.exportPath(run).exists() and logic.registeredModel is None
+    assert model_registry.list_models(registry, include_missing=True) == []
+    assert logic.runFolderBusyMessage(run) is None and logic.exportProblem(run) is None
+
+
+@pytest.mark.slow  # a training subprocess, then two export subprocesses (ONNX export and parity check)
+def test_export_model_of_a_run_trained_without_export_registers_a_verified_package(trainer, mrml_scene, tiny_cohort,
+                                                                                    tmp_path, monkeypatch):
+    """A run trained without "export when finished" is exported with Export model: the package exists, passes the
+    package verification, was exported from the run's last step and is registered under the run's name; a second
+    export refuses to replace it, and replaces it when allowed (the widget asked)."""
+    from anatomical_embedding.inference import registry as model_registry
+    from anatomical_embedding.inference.backends import read_package
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the children inherit it (shared CPU)
+    registry = tmp_path / "models.json"
+    logic = trainer.AnatomicalEmbeddingTrainerLogic(registryPath=registry)
+    run = tmp_path / "tiny_run"
+    p = make_params(trainer, dataDirectory=tiny_cohort, runDirectory=run, device="cpu", maxSteps=2,
+                    patchSize="32,32,32", advancedSettings=ADVANCED_TINY, exportModel=False)
+    logic.startTraining(p)
+    try:
+        poll_until_done(logic)
+    finally:
+        logic.monitor.close()
+    assert logic.monitor.state.status == "finished", logic.monitor.state.error
+    package = logic.exportPath(run)
+    assert not package.exists() and logic.registeredModel is None and logic.actionProblems(p)["export"] is None
+
+    logic.startExport(run)
+    assert logic.isExporting() and logic.actionProblems(p)["export"] == "A model export is running; wait for it to end."
+    try:
+        poll_until_done(logic)
+    finally:
+        logic.monitor.close()
+    st = logic.monitor.state
+    assert st.status == "finished", st.error
+    assert Path(st.exported) == package and package.is_file()
+    card, members = read_package(package)  # hashes, integrity record and the .sha256 sidecar
+    assert card["method"] == "aefm" and card["step"] == 2 and "model.onnx" in members
+    [entry] = model_registry.list_models(registry)
+    assert (entry["name"], Path(entry["path"])) == ("tiny_run", package.resolve())
+    assert logic.registeredModel["path"] == entry["path"]
+    assert logic.exportStatus() == f"Exported {package}; model registered: {entry['path']}"
+    assert logic.runFolderBusyMessage(run) is None  # the export's lock went with its process
+
+    exported = package.stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match="exists; delete or rename it, or allow replacing it"):
+        logic.startExport(run)
+    assert package.stat().st_mtime_ns == exported and not logic.isRunning()
+    logic.startExport(run, overwrite=True)  # the user said yes to replacing it
+    try:
+        poll_until_done(logic)
+    finally:
+        logic.monitor.close()
+    assert logic.monitor.state.status == "finished", logic.monitor.state.error
+    assert package.stat().st_mtime_ns != exported and read_package(package)[0]["step"] == 2
+    assert len(model_registry.list_models(registry)) == 1  # registered again, not twice
 
 
 FAKE_CRASH = """
@@ -672,7 +802,7 @@ def test_trainer_panel_opens_without_torch_and_offers_the_install(trainer, mrml_
     monkeypatch.setitem(sys.modules, "qt", qt)
     ui = types.SimpleNamespace(methodComboBox=_Combo(), trainingStatusLabel=types.SimpleNamespace(text=""))
     for name in ("exportCaseButton", "useTrainingFolderButton", "resetDefaultsButton", "startButton", "stopButton",
-                 "resumeButton", "openRunFolderButton", "logTextEdit"):
+                 "resumeButton", "exportModelButton", "openRunFolderButton", "logTextEdit"):
         setattr(ui, name, mock.MagicMock())
     monkeypatch.setattr(slicer.util, "loadUI", lambda path: mock.MagicMock(), raising=False)
     monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda widget: ui, raising=False)

@@ -95,6 +95,19 @@ def test_build_command_single_process_and_torchrun(tmp_path):
         build_command(TrainSettings(out="r", data="d"))
 
 
+def test_build_command_of_an_export_only_run(tmp_path):
+    """TrainSettings(export_only=True): train.py exports the run folder without training (the Trainer's Export model):
+    no data, method or torchrun (an export is one process); --overwrite only when replacing was allowed."""
+    run, package = tmp_path / "run", tmp_path / "run" / "run.aemodel"
+    argv, env = build_command(TrainSettings(out=str(run), export=str(package), export_only=True, nproc=2, python="py"))
+    assert argv == ["py", "-u", str(default_train_script()), "--out", str(run), "--export-only", "--export", str(package)]
+    assert env["PYTHONUNBUFFERED"] == "1"
+    argv, _ = build_command(TrainSettings(out=str(run), export=str(package), export_only=True, overwrite=True))
+    assert argv[-3:] == ["--export", str(package), "--overwrite"]
+    with pytest.raises(ValueError, match="model package"):
+        build_command(TrainSettings(out=str(run), export_only=True))
+
+
 # ---- progress parsing ----------------------------------------------------------------------------
 def test_parser_handles_split_lines_and_console_noise():
     p = ProgressParser()

@@ -1,4 +1,4 @@
-"""The Trainer module's logic: settings, the training process and its live view, scene export (no Qt)."""
+"""The Trainer module's logic: settings, the training process and its live view, model and scene export (no Qt)."""
 import logging
 import pathlib
 from typing import Optional
@@ -95,7 +95,7 @@ class AnatomicalEmbeddingTrainerLogic(ScriptedLoadableModuleLogic):
         from anatomical_embedding.training.runlock import check_run_folder_free
 
         if self.isRunning():
-            raise RuntimeError("Training is already running; stop it first.")
+            raise RuntimeError(self._runningMessage())
         settings = settings or self.trainSettings(p, resume)
         # First: a folder that a live process trains (a crashed Slicer's child, a shell) reads as that, not as
         # "already holds a run"; nothing is launched or written.
@@ -128,14 +128,14 @@ class AnatomicalEmbeddingTrainerLogic(ScriptedLoadableModuleLogic):
         return None
 
     def actionProblems(self, p, methodsAvailable: bool = True) -> dict:
-        """Why each run button cannot be pressed now, None where it can: ``{"start", "stop", "resume",
+        """Why each run button cannot be pressed now, None where it can: ``{"start", "stop", "resume", "export",
         "openRunFolder"}`` -> message; and ``"busy"``: the message when another process trains the run folder.
         The widget only applies it (enabled, the message as tooltip, the busy message in the status)."""
         runDir = settings.pathOrEmpty(p.runDirectory) if p is not None else ""
         running = self.isRunning()
         # Our own run holds the lock too: "running" says more than the busy message then.
         busy = self.runFolderBusyMessage(runDir) if runDir and not running else None
-        notNow = "Training is running; stop it first." if running else busy
+        notNow = self._runningMessage() or busy
         start = notNow
         if not methodsAvailable:
             start = "The training engine is not available (see the status)."
@@ -144,11 +144,77 @@ class AnatomicalEmbeddingTrainerLogic(ScriptedLoadableModuleLogic):
         resume = notNow
         if not runDir:
             resume = "Choose the run folder."
-        elif not notNow and not (pathlib.Path(runDir) / "checkpoints" / "last.pt").is_file():
+        elif not notNow and not settings.hasCheckpoint(runDir):
             resume = f"{runDir} has no checkpoint to resume from."
-        return {"start": start, "stop": None if running else "Nothing is training.", "resume": resume,
+        stop = None if running else "Nothing is training."
+        if self.isExporting():
+            stop = "The model export ends by itself."
+        return {"start": start, "stop": stop, "resume": resume, "export": self._exportProblem(runDir, busy),
                 "openRunFolder": None if runDir and pathlib.Path(runDir).is_dir() else "The run folder does not exist.",
                 "busy": busy}
+
+    def _runningMessage(self) -> Optional[str]:
+        if self.isExporting():
+            return "A model export is running; wait for it to end."
+        return "Training is running; stop it first." if self.isRunning() else None
+
+    def _exportProblem(self, runDir: str, busy: Optional[str]) -> Optional[str]:
+        """Why the run in ``runDir`` cannot be exported now (``busy``: its busy message), None if it can."""
+        running = self._runningMessage()
+        if not runDir or running:
+            return running or "Choose the run folder."
+        if not settings.hasCheckpoint(runDir):
+            return f"{runDir} has no checkpoint to export."
+        if settings.runMethod(runDir) == "finetune":  # as train.py refuses --export for it
+            return ("A finetune run is a segmentation network, not an embedding model package: apply it with "
+                    "`anatomical-embedding segment --run RUN_DIR`.")
+        return busy
+
+    def exportProblem(self, runDir) -> Optional[str]:
+        """Why *Export model* cannot export ``runDir`` now, None if it can: it needs a checkpoint, a pretraining
+        method, and nothing training the folder (this logic or another process)."""
+        runDir = settings.pathOrEmpty(runDir)
+        return self._exportProblem(runDir, self.runFolderBusyMessage(runDir) if runDir else None)
+
+    # ---- export of a run that has a checkpoint (a stopped run, or one trained without "export when finished")
+    def isExporting(self) -> bool:
+        return self.isRunning() and self.monitor.settings.export_only
+
+    def startExport(self, runDir, overwrite: bool = False):
+        """Export ``runDir``'s last checkpoint to :meth:`exportPath` in a subprocess (``train.py --export-only``:
+        ONNX export plus the parity check against PyTorch take seconds, so never in Slicer's process); never
+        blocks: call :meth:`poll`, which registers the package when it is done, as after a finished run.
+
+        Refuses what :meth:`exportProblem` names (RuntimeError), and an existing package unless ``overwrite``
+        (FileExistsError; the widget asks first)."""
+        from anatomical_embedding.training.monitor import TrainingMonitor, TrainSettings, read_history
+
+        problem = self.exportProblem(runDir)
+        if problem:
+            raise RuntimeError(problem)
+        package = self.exportPath(runDir)
+        if package.exists() and not overwrite:
+            raise FileExistsError(f"{package} exists; delete or rename it, or allow replacing it, then export again.")
+        monitor = TrainingMonitor(TrainSettings(
+            out=str(runDir), export=str(package), export_only=True, overwrite=overwrite,
+            python=self.pythonExecutable(), script=str(settings.TRAIN_SCRIPT)))
+        monitor.state = read_history(runDir)  # the live view keeps showing the run's curve
+        self.registeredModel = None
+        monitor.start()
+        self.monitor = monitor
+        return monitor
+
+    def exportStatus(self) -> str:
+        """The status line of the export in progress or just ended."""
+        st, package = self.monitor.state, self.monitor.settings.export
+        if st.status == "running":
+            return f"Exporting {package} (ONNX, checked against PyTorch) ..."
+        if st.status == "finished":
+            registered = f"; model registered: {self.registeredModel['path']}" if self.registeredModel else ""
+            return f"Exported {st.exported}{registered}"
+        if st.status == "failed":  # the monitor's message: "export failed (exit code ...): why"
+            return st.error[:1].upper() + st.error[1:]
+        return "Export stopped; no package was written."
 
     def isStopping(self) -> bool:
         """A stop was asked for and the process has not ended yet."""

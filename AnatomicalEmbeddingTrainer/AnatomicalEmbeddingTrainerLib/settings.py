@@ -192,6 +192,11 @@ def exportPath(runDir) -> pathlib.Path:
     return runDir / f"{runDir.name}.aemodel"
 
 
+def hasCheckpoint(runDir) -> bool:
+    """The run folder holds ``checkpoints/last.pt`` (what Resume continues and Export model exports)."""
+    return (pathlib.Path(runDir) / "checkpoints" / "last.pt").is_file()
+
+
 def runMethod(runDir) -> str:
     """The method of an existing run, from its ``RUN_DIR/config.toml`` ("" when there is none or it is unreadable)."""
     import tomllib

@@ -12,8 +12,9 @@ It lives in ``AnatomicalEmbeddingTrainerLib/`` so that Slicer does not take it f
 ``AnatomicalEmbeddingTrainer/train.py`` as a compatibility launcher (not installed) for the old command.
 
 Output: the engine's JSON progress lines on stdout (see ``anatomical_embedding/training/progress.py``), plus
-``{"event": "exported", "path": ...}`` after ``--export``; ``error`` events carry the messages below. Exit
-codes (``anatomical_embedding.training.monitor.EXIT_CODES``): 0 finished, 1 unexpected error, 2 bad input
+``{"event": "exported", "path": ...}`` after ``--export``; ``error`` events carry the messages below.
+``--export-only --export MODEL.aemodel`` exports RUN_DIR as it is, without training (the Trainer's *Export
+model*). Exit codes (``anatomical_embedding.training.monitor.EXIT_CODES``): 0 finished, 1 unexpected error, 2 bad input
 (data, settings, output folder), 3 CUDA requested but unavailable, 4 GPU out of memory, 130 stopped by
 SIGINT/SIGTERM after saving ``checkpoints/last.pt`` (continue with ``--resume``). A run folder that another live
 process is training is refused with exit code 2 (the engine locks ``RUN_DIR/train.lock`` while it trains).
@@ -129,6 +130,7 @@ def build_epilog() -> str:
               "  python train.py --method aefm --data cohort/ --out runs/a1 --export a1.aemodel",
               "  torchrun --nproc_per_node 4 train.py --method aefm --data images/ --out runs/a2 --set train.batch_size=8",
               "  python train.py --data cohort/ --out runs/a1 --resume",
+              "  python train.py --out runs/a1 --export-only --export a1.aemodel   (a stopped run, no training)",
               "  python train.py --method finetune --init-from runs/a1 --data cohort/ --out runs/seg1",
               "  Slicer --no-main-window --python-script train.py --method aefm --data cohort/ --out runs/a3"]
     return "\n".join(parts)
@@ -146,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["embedding", "backbone", "scratch"],
                    help="finetune only: image + frozen embedding (default), pretrained encoder, or from scratch")
     p.add_argument("--init-from", metavar="RUN_DIR", help="finetune only: the pretraining run to start from")
-    p.add_argument("--data", required=True,
-                   help="images folder, cohort folder (images/ + labels/) or manifest .json")
+    p.add_argument("--data", help="images folder, cohort folder (images/ + labels/) or manifest .json (required, "
+                                  "except with --export-only)")
     p.add_argument("--labels", help="label maps named like their images (optional; AEFM's region stage uses them)")
     p.add_argument("--out", required=True, help="run folder (RUN_DIR); must not hold a run unless --resume")
     p.add_argument("--config", help="TOML settings: method = \"...\", [train] and [config] tables "
@@ -162,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when training finishes, export the model package here (ONNX, checked against torch)")
     p.add_argument("--export-checkpoint", default="last", choices=["last", "best"],
                    help="checkpoint to export (default: last)")
+    p.add_argument("--export-only", action="store_true",
+                   help="do not train: export RUN_DIR's checkpoint to --export (a stopped run, or one trained "
+                        "without --export); the run folder is locked meanwhile, no --data needed")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--export may replace an existing file (it is replaced once the new package is written)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved settings as TOML and exit without training")
     return p
@@ -182,9 +189,18 @@ def _is_main_rank() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+#: Why a finetune run has no --export (its network is a segmenter, not an embedding).
+FINETUNE_EXPORT = ("--export makes embedding model packages; a finetune run is applied with "
+                   "`anatomical-embedding segment --run RUN_DIR`")
+
+
+def _is_finetune_run(run_dir) -> bool:
+    saved = Path(run_dir) / "config.toml"
+    return saved.is_file() and 'method = "finetune"' in saved.read_text(encoding="utf-8")
+
+
 def _resumes_finetune(args) -> bool:
-    saved = Path(args.out) / "config.toml"
-    return bool(args.resume and saved.is_file() and 'method = "finetune"' in saved.read_text(encoding="utf-8"))
+    return bool(args.resume and _is_finetune_run(args.out))
 
 
 def resolve_config(args):
@@ -254,11 +270,11 @@ def _is_oom(exc: BaseException) -> bool:
         isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower() and "cuda" in str(exc).lower())
 
 
-def export_package(run_dir: Path, out: Path, checkpoint: str) -> Path:
+def export_package(run_dir: Path, out: Path, checkpoint: str, overwrite: bool = False) -> Path:
     from anatomical_embedding.inference.export import export_run, verify_parity
     from anatomical_embedding.training.checkpoints import load_embedder_from_run
 
-    path = export_run(run_dir, out, checkpoint=checkpoint)
+    path = export_run(run_dir, out, checkpoint=checkpoint, overwrite=overwrite)
     embedder, _ = load_embedder_from_run(run_dir, checkpoint=checkpoint, device="cpu")
     diff = verify_parity(path, embedder)
     if diff > 1e-3:
@@ -278,7 +294,35 @@ def _started_at() -> float:
         return _STARTED_AT
 
 
+def check_export_target(export: Path, overwrite: bool) -> None:
+    if export.exists() and not overwrite:
+        raise FileExistsError(f"--export: {export} exists; choose another file name, delete it or add --overwrite")
+
+
+def export_only(args) -> int:
+    """``--export-only``: RUN_DIR's checkpoint to a package, checked against torch; no training. The run folder's
+    lock is held meanwhile, so no training process writes the checkpoint while it is read."""
+    from anatomical_embedding.training.runlock import RunLock
+
+    if not args.export:
+        raise ValueError("--export-only needs --export MODEL.aemodel")
+    run_dir, export = Path(args.out), Path(args.export)
+    if args.resume or args.method:
+        raise ValueError("--export-only exports the run folder as it is; leave out --method and --resume")
+    if not (run_dir / "config.toml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a training run folder (no config.toml)")
+    if _is_finetune_run(run_dir):
+        raise ValueError(FINETUNE_EXPORT)
+    check_export_target(export, args.overwrite)
+    with RunLock(run_dir):
+        path = export_package(run_dir, export, args.export_checkpoint, overwrite=args.overwrite)
+    _event("exported", path=str(path))
+    return 0
+
+
 def run(args) -> int:
+    if args.export_only:
+        return export_only(args)
     from anatomical_embedding.training.engine import Trainer
 
     cfg = resolve_config(args)
@@ -289,11 +333,10 @@ def run(args) -> int:
         return 0
     export = Path(args.export) if args.export else None
     if export is not None and cfg.method == "finetune":
-        raise ValueError("--export makes embedding model packages; a finetune run is applied with "
-                         "`anatomical-embedding segment --run RUN_DIR`")
-    if export is not None and export.exists():
+        raise ValueError(FINETUNE_EXPORT)
+    if export is not None:
         # Checked before training so that hours of training do not end in a refused export.
-        raise FileExistsError(f"--export: {export} exists; choose another file name or delete it")
+        check_export_target(export, args.overwrite)
     check_device(cfg)
     # The Trainer locks the run folder (rank 0) against a second training process; kept through the export.
     trainer = Trainer(cfg, args.data, args.out, labels=args.labels, resume=args.resume, started_at=_started_at(),
@@ -306,7 +349,7 @@ def run(args) -> int:
                 raise TrainError(4, oom_message(cfg)) from exc
             raise
         if code == 0 and export is not None and _is_main_rank():
-            path = export_package(Path(args.out), export, args.export_checkpoint)
+            path = export_package(Path(args.out), export, args.export_checkpoint, overwrite=args.overwrite)
             _event("exported", path=str(path))
     finally:
         trainer.release_run_lock()
@@ -317,7 +360,10 @@ def main(argv=None) -> int:
     ensure_engine()
     from anatomical_embedding.training.runlock import RunFolderBusy
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.data and not args.export_only:
+        parser.error("the following arguments are required: --data")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return int(run(args) or 0)

@@ -12,6 +12,8 @@ The Trainer module drives training through this class so that the same code is t
   ``checkpoints/last.pt`` and exits with 130) or, while the process is still setting up, ends it with SIGTERM;
   ``kill()`` ends it at once; ``resume()`` starts it again with ``--resume``. ``start()`` refuses a run folder
   that a live process trains (``runlock.RunFolderBusy``; the engine holds ``RUN_DIR/train.lock`` while it trains).
+  ``TrainSettings(export_only=True)`` runs ``train.py --export-only`` the same way: the run folder's checkpoint is
+  exported (and checked against PyTorch) without training.
 
 Reading a log file by offset (rather than a pipe) keeps polling non-blocking on every platform and keeps
 the whole console output next to the run for later inspection.
@@ -104,6 +106,8 @@ class TrainSettings:
     advanced: str = ""  # TOML text, applied after ``overrides`` (see toml_overrides)
     resume: bool = False
     export: str = ""  # .aemodel written when training finishes ("" = no export)
+    export_only: bool = False  # no training: export the run folder's checkpoint to ``export`` (train.py --export-only)
+    overwrite: bool = False  # ``export`` may replace an existing file (once the new package is written)
     nproc: int = 1  # processes on this node (> 1: torchrun / DDP)
     gpus: str = ""  # CUDA_VISIBLE_DEVICES, e.g. "0,1" ("" = all visible)
     python: str = ""  # interpreter ("" = this one); Slicer passes PythonSlicer
@@ -116,9 +120,11 @@ def build_command(s: TrainSettings) -> tuple[list[str], dict[str, str]]:
     """(argv, env) for the training process; ValueError for settings that cannot work."""
     if not s.out:
         raise ValueError("choose an output (run) folder")
-    if not s.data:
+    if s.export_only and not s.export:
+        raise ValueError("choose the model package (.aemodel) to export to")
+    if not s.data and not s.export_only:
         raise ValueError("choose a data folder (images, a cohort folder or a manifest .json)")
-    if not s.resume and not s.method and not s.config_file:
+    if not s.resume and not s.method and not s.config_file and not s.export_only:
         raise ValueError("choose a method")
     if s.nproc < 1:
         raise ValueError(f"number of processes must be at least 1, got {s.nproc}")
@@ -131,10 +137,12 @@ def build_command(s: TrainSettings) -> tuple[list[str], dict[str, str]]:
         raise FileNotFoundError(f"training script {script} not found")
     python = s.python or sys.executable
     argv = [python, "-u"]
-    if s.nproc > 1:
+    if s.nproc > 1 and not s.export_only:  # an export is one process
         argv += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={s.nproc}"]
     # Absolute paths: the child runs in RUN_DIR.
-    argv += [str(script), "--data", _abs(s.data), "--out", _abs(s.out)]
+    argv += [str(script)] + (["--data", _abs(s.data)] if s.data else []) + ["--out", _abs(s.out)]
+    if s.export_only:
+        argv.append("--export-only")
     if s.labels:
         argv += ["--labels", _abs(s.labels)]
     if s.resume:
@@ -147,7 +155,7 @@ def build_command(s: TrainSettings) -> tuple[list[str], dict[str, str]]:
     for item in [*s.overrides, *toml_overrides(s.advanced)]:
         argv += ["--set", item]
     if s.export:
-        argv += ["--export", _abs(s.export)]
+        argv += ["--export", _abs(s.export)] + (["--overwrite"] if s.overwrite else [])
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
     if gpus:
@@ -307,7 +315,7 @@ class TrainingMonitor:
         # Refused before anything is written (the stop file and console.log below belong to the live run then).
         # The child takes the lock itself (engine.Trainer), so a crash of this process does not unprotect it.
         check_run_folder_free(self.run_dir)
-        if self.settings.export and Path(self.settings.export).exists():
+        if self.settings.export and Path(self.settings.export).exists() and not self.settings.overwrite:
             raise FileExistsError(f"model package {self.settings.export} exists; choose another name")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         from anatomical_embedding.training.progress import stop_file
@@ -421,10 +429,11 @@ class TrainingMonitor:
         if self._log_fh:
             self._log_fh.close()
             self._log_fh = None
+        what = "export" if self.settings.export_only else "training"
         if rc == EXIT_OK:
             st.status = "finished"
             if self.settings.export and not st.exported:
-                st.status, st.error = "failed", "training finished but no model package was exported"
+                st.status, st.error = "failed", f"{what} finished but no model package was exported"
         elif rc == EXIT_STOPPED or st.stopped or (self.stop_requested and not st.error):
             # A stop during set-up ends the process by SIGTERM (no checkpoint, nothing lost): not a failure.
             st.status = "stopped"
@@ -432,7 +441,7 @@ class TrainingMonitor:
             st.status = "failed"
             detail = st.error or next((ln for ln in reversed(st.log_lines) if ln.strip()), "")
             code = st.error_code if st.error_code is not None else rc
-            st.error = f"training failed (exit code {code}: {EXIT_CODES.get(code, 'killed or crashed')})" + \
+            st.error = f"{what} failed (exit code {code}: {EXIT_CODES.get(code, 'killed or crashed')})" + \
                 (f": {detail}" if detail else "")
         if st.status != "finished":
             self._remove_partial_export()
