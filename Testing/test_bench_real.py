@@ -208,3 +208,34 @@ def test_slab_pairs_reuse_the_intra_pairs_and_keep_the_points_inside_the_slab():
         assert s.source is vol and s.info["n_points"] == len(expect)
     # A volume shorter than two slabs gets none.
     assert br.slab_pair(case, 0, k, 125.0) == []  # 42 slices: 84 > 80
+
+
+def test_time_floor_summary_is_the_hand_computation_and_missing_data_fails_with_one_line(tmp_path, capsys):
+    import bench_real_floor as bf
+
+    records = [{"group": "intra MR", "affine_s": 1.0, "product_s": 3.0, "floor_s": 0.5, "ns_per_voxel": 100.0},
+               {"group": "intra MR", "affine_s": 2.0, "product_s": 1.0, "floor_s": 3.0, "ns_per_voxel": 300.0},
+               {"group": "intra CT", "affine_s": 1.0, "product_s": 2.0, "floor_s": 1.5, "ns_per_voxel": 50.0}]
+    rows = {r["group"]: r for r in bf.summarise(records)}
+    mr = rows["intra MR"]
+    assert (mr["pairs"], mr["affine_s"], mr["product_s"], mr["floor_s"]) == (2, 1.5, 2.0, 1.75)
+    assert mr["floor_over_affine"] == pytest.approx((0.5 / 1.0 + 3.0 / 2.0) / 2)
+    assert (mr["pairs_floor_below_affine"], mr["pairs_product_below_affine"], mr["network_ns_per_voxel"]) == (1, 1, 200)
+    assert (rows["intra CT"]["pairs_floor_below_affine"], rows["intra CT"]["pairs_product_below_affine"]) == (0, 0)
+    assert bf.main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--data" in err[0]
+
+
+def test_time_floor_is_one_pass_over_the_whole_prepared_image():
+    import bench_real_floor as bf
+    from anatomical_embedding.inference.backends import open_model
+    from anatomical_embedding.inference.embedding import EmbedConfig, prepare_volume
+
+    model = open_model(bf.MODELS / "default_mr.aemodel", threads=1)
+    vol = _oblique_volume()
+    floor = bf.NetworkFloor(model, EmbedConfig.dense(min_size=8))
+    seconds = floor.image("a", vol)
+    assert seconds > 0 and floor.image("a", vol) == seconds  # measured once per image
+    prepared, _, _ = prepare_volume(model, vol, EmbedConfig.dense(min_size=8))
+    assert floor.voxels["a"] == prepared.array.size and prepared.array.size % model.size_multiple ** 3 == 0
