@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,6 +159,26 @@ def test_cli_export_of_trained_run(trained_aefm_run, tmp_path):
     assert np.abs(c1 - c2).max() < 1e-4 and np.abs(f1 - f2).max() < 1e-4
     # Exporting again onto the same file is refused without --overwrite (exit code 2, one line).
     assert main(["export", "--run", str(trained_aefm_run), "--out", str(out)]) == 2
+
+
+def test_an_export_that_disagrees_with_torch_is_removed(trained_aefm_run, tmp_path, monkeypatch, capsys):
+    """The CLI and the training script share the check: a package whose outputs differ from torch's is not left
+    where the viewer or `match` would load it (the parity check is made to fail: a real disagreement cannot be
+    produced on purpose)."""
+    import anatomical_embedding.inference.export as export
+    from anatomical_embedding.cli.app import main
+
+    monkeypatch.setattr(export, "verify_parity", lambda package, embedder: 0.5)
+    out = tmp_path / "broken.aemodel"
+    with pytest.raises(export.ParityError, match="package removed"):
+        export.export_run_checked(trained_aefm_run, out)
+    assert not out.exists() and not Path(f"{out}.sha256").exists()
+    assert main(["export", "--run", str(trained_aefm_run), "--out", str(out)]) != 0
+    assert "disagrees with torch" in capsys.readouterr().err
+    assert not out.exists() and not Path(f"{out}.sha256").exists()
+    monkeypatch.undo()
+    path, diff = export.export_run_checked(trained_aefm_run, out)
+    assert path == out and out.is_file() and diff <= export.PARITY_TOLERANCE
 
 
 def test_cli_embed_writes_coarse_map_and_uses_cache(package, tmp_path, capsys):

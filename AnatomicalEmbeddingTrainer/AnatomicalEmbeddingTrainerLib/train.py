@@ -271,18 +271,14 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def export_package(run_dir: Path, out: Path, checkpoint: str, overwrite: bool = False) -> Path:
-    from anatomical_embedding.inference.export import export_run, verify_parity
-    from anatomical_embedding.training.checkpoints import load_embedder_from_run
+    from anatomical_embedding.inference.export import ParityError, export_run_checked
 
-    path = export_run(run_dir, out, checkpoint=checkpoint, overwrite=overwrite)
-    embedder, _ = load_embedder_from_run(run_dir, checkpoint=checkpoint, device="cpu")
-    diff = verify_parity(path, embedder)
-    if diff > 1e-3:
-        Path(path).unlink(missing_ok=True)
-        Path(str(path) + ".sha256").unlink(missing_ok=True)
-        raise TrainError(1, f"exported model disagrees with torch (max abs diff {diff:.2e}); package removed")
+    try:
+        path, diff = export_run_checked(run_dir, out, checkpoint=checkpoint, overwrite=overwrite)
+    except ParityError as exc:  # an internal fault (exit 1), not bad input
+        raise TrainError(1, str(exc)) from exc
     log.info("exported %s (ONNX vs torch max abs diff %.2e)", path, diff)
-    return Path(path)
+    return path
 
 
 def _started_at() -> float:

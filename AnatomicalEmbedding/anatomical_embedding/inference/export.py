@@ -126,6 +126,31 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, checkpoint: s
         return convert_package(fp32, out, precision, calibration_images, overwrite=overwrite)
 
 
+#: Largest ONNX Runtime vs torch difference (either output) an fp32 export may show.
+PARITY_TOLERANCE = 1e-3
+
+
+class ParityError(ValueError):
+    """An exported package disagrees with the torch network it came from (it has been removed)."""
+
+
+def export_run_checked(run_dir: str | os.PathLike, out: str | os.PathLike, checkpoint: str = "last",
+                       overwrite: bool = False, **options) -> tuple[Path, float]:
+    """:func:`export_run` in fp32, then :func:`verify_parity` against the run's torch network: (package, max abs
+    difference). A package that disagrees by more than ``PARITY_TOLERANCE`` is removed with its ``.sha256`` (a
+    broken model must not stay where the viewer or ``match`` would load it) and :class:`ParityError` is raised."""
+    from anatomical_embedding.training.checkpoints import load_embedder_from_run
+
+    path = export_run(run_dir, out, checkpoint=checkpoint, overwrite=overwrite, **options)
+    embedder, _ = load_embedder_from_run(run_dir, checkpoint=checkpoint, device="cpu")
+    diff = verify_parity(path, embedder)
+    if not diff <= PARITY_TOLERANCE:  # (NaN fails too)
+        Path(path).unlink(missing_ok=True)
+        Path(str(path) + ".sha256").unlink(missing_ok=True)
+        raise ParityError(f"the exported model disagrees with torch (max abs diff {diff:.2e}); package removed")
+    return Path(path), diff
+
+
 def verify_parity(package: str | os.PathLike, embedder: Any, size_kji=(32, 48, 64), seed: int = 0) -> float:
     """Max abs difference between ONNX Runtime and torch outputs on a random input (both outputs)."""
     import torch
