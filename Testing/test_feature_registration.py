@@ -18,7 +18,7 @@ from anatomical_embedding.inference import feature_registration
 from anatomical_embedding.inference.matching import Matcher
 from anatomical_embedding.io import Volume
 from anatomical_embedding.inference import prior as prior_module
-from anatomical_embedding.inference.prior import PriorConfig, fit_prior
+from anatomical_embedding.inference.prior import PriorConfig, fit_prior, forward_radius
 
 
 def _numeric_grad(f, x: np.ndarray, eps: float = 1e-4) -> np.ndarray:
@@ -366,6 +366,9 @@ def test_contained_target_is_fitted_in_reverse_and_inverted(caplog):
     assert prior.reversed and "fitted target -> source and inverted" in caplog.text
     backward = fit_prior(et, es, PriorConfig(reverse_below=None))
     assert not backward.reversed
+    # The same fit; its search radius (held-out residuals measured in the source) converted to the target's mm.
+    np.testing.assert_array_equal(prior.affine, backward.affine)
+    assert prior.search_radius_mm == pytest.approx(forward_radius(backward.search_radius_mm, backward.affine))
     pred = prior.predict(pts)
     # The prediction inverts the reversed fit (target -> source) ...
     np.testing.assert_allclose(backward.predict(pred), pts, atol=2e-3)
@@ -380,6 +383,18 @@ def test_contained_target_is_fitted_in_reverse_and_inverted(caplog):
     # Matching answers with the inverted transform.
     out = Matcher(es, et).match(pts[:2], with_raw=False)
     np.testing.assert_allclose([m.final.point_lps for m in out], pred[:2], atol=1e-6)
+
+
+def test_forward_radius_is_the_largest_stretch_of_the_inverted_affine():
+    # Reversed map target -> source: x2 along one axis, x0.5 along another (a 3 mm error at its output is at most
+    # 3 / 0.5 = 6 mm in the target), rotated and shifted (neither changes lengths).
+    from scipy.spatial.transform import Rotation
+
+    a = np.eye(4)
+    a[:3, :3] = Rotation.from_euler("z", 30, degrees=True).as_matrix() @ np.diag([2.0, 0.5, 1.0])
+    a[:3, 3] = [10.0, -4.0, 7.0]
+    assert forward_radius(3.0, a) == pytest.approx(6.0)
+    assert forward_radius(3.0, np.eye(4)) == pytest.approx(3.0)
 
 
 def test_reverse_fit_only_for_a_much_smaller_target(shifted_pair):

@@ -93,7 +93,8 @@ class RobustPrior:
     #: Where the refinement started: the stable points' affine, or the centres of mass when that was refused.
     initialisation: str = "stable points"
     #: Fitted with the roles swapped (``PriorConfig.reverse_below``): every stored part (affine, spline, stable
-    #: points as source/target of that fit, refinement) maps target -> source, and the predictions invert it.
+    #: points as source/target of that fit, refinement) maps target -> source, and the predictions invert it; the
+    #: search radius alone is in the target's mm (:func:`forward_radius`).
     reversed: bool = False
 
     def predict(self, points_lps: np.ndarray) -> np.ndarray:
@@ -437,6 +438,15 @@ def foreground_ml(emb: VolumeEmbedding, config: PriorConfig) -> float:
     return foreground_count(emb, refine) * float(np.prod(emb.prepared.spacing)) / 1000.0
 
 
+def forward_radius(radius_mm: float, reversed_affine: np.ndarray) -> float:
+    """A reversed fit's search radius (its held-out residuals, measured in the source) in the target's mm.
+
+    An error ``e`` at the reversed map's output moves the inverted prediction by ``J e``, with ``J`` the inverse of
+    the reversed affine's linear part: at most ``|e| / s_min``, its smallest singular value (scale up to 1.6 in
+    each direction is accepted, so the radius could otherwise be too small by that factor)."""
+    return float(radius_mm / np.linalg.svd(np.asarray(reversed_affine)[:3, :3], compute_uv=False).min())
+
+
 def fit_prior(source: VolumeEmbedding, target: VolumeEmbedding, config: PriorConfig | None = None) -> RobustPrior:
     """Fit the robust prior between two embedded volumes (ValueError when no trustworthy prior exists).
 
@@ -450,7 +460,11 @@ def fit_prior(source: VolumeEmbedding, target: VolumeEmbedding, config: PriorCon
         if tgt_ml < config.reverse_below * src_ml:
             log.info("robust prior: the target's foreground (%.0f ml) is under %.2f of the source's (%.0f ml): "
                      "fitted target -> source and inverted", tgt_ml, config.reverse_below, src_ml)
-            return replace(fit_prior(target, source, replace(config, reverse_below=None)), reversed=True)
+            rev = fit_prior(target, source, replace(config, reverse_below=None))
+            radius = rev.search_radius_mm  # the user's radius is in the target's mm already
+            if not config.search_radius_mm:
+                radius = forward_radius(radius, rev.affine)
+            return replace(rev, reversed=True, search_radius_mm=radius)
     try:
         prior = _fit_stable(source, target, config)
     except ValueError as exc:
