@@ -154,6 +154,53 @@ def test_prior_corrects_look_alike_outliers(model):
     assert r.corrected.confidence > 0.5 and not r.corrected.low_confidence
 
 
+def test_refined_match_confidence_is_its_similarity_not_the_raw_backward_search(model):
+    """The mirror of the look-alike case: the *source* holds an exact twin of what the target shows at the truth, so
+    the raw backward search from the (correct) refined match lands on the twin, 50 mm from the query. The refined
+    match's confidence is its fine cosine scaled by the fit's similarity (not flagged); the earlier rule
+    (``refined_confidence="forward-backward"``) flagged it from the backward search."""
+    from scipy import ndimage
+
+    from anatomical_embedding.inference.matching import refined_confidence
+
+    base = blob_volume((40, 48, 56), seed=7)
+    q = np.array([14, 14, 12])  # (i, j, k)
+    box = (slice(q[2] - 10, q[2] + 10), slice(q[1] - 10, q[1] + 10), slice(q[0] - 10, q[0] + 10))
+    src = base.with_array(base.array.copy())
+    src.array[18:38, 24:44, 32:52] = base.array[box]  # the twin: what the target shows at the truth, exactly
+    noise = ndimage.gaussian_filter(np.random.default_rng(1).normal(size=(20, 20, 20)), 2)
+    src.array[box] += 200.0 * noise / noise.std()  # the query's own place differs a little (as anatomy does)
+    tgt = base.with_array(base.array.copy())
+    shift = np.array([6.0, 4.0, -4.0])
+    tgt.origin = base.origin + shift
+    es, et = embed_volume(model, src), embed_volume(model, tgt)
+    p = src.index_to_world(q.astype(float))
+    new = Matcher(es, et, MatchConfig(top_k=3)).match(p, with_raw=False)[0].final
+    old = Matcher(es, et, MatchConfig(top_k=3, refined_confidence="forward-backward")).match(p, with_raw=False)[0].final
+    assert new.method == old.method == "prior"
+    np.testing.assert_allclose(new.point_lps, old.point_lps)
+    assert np.linalg.norm(new.point_lps - (p + shift)) < 2.0  # the refined prior is right...
+    assert new.fb_distance_mm > 20.0  # ...the raw backward search is fooled by the twin (and still reported)...
+    assert old.low_confidence and old.confidence < 0.5  # ...which flagged the correct match under the old rule
+    matcher = Matcher(es, et, MatchConfig(top_k=3))
+    fit = matcher.prior.refined.similarity
+    assert new.confidence == pytest.approx(refined_confidence(new.fine_similarity, fit, MatchConfig()))
+    assert new.confidence == pytest.approx(min(max(new.fine_similarity, 0.0), 1.0) * min(1.0, fit / 0.7))
+    assert new.confidence > 0.5 and not new.low_confidence
+
+
+def test_refined_confidence_hand_computed():
+    from anatomical_embedding.inference.matching import refined_confidence
+
+    cfg = MatchConfig()
+    assert refined_confidence(0.9, 0.85, cfg) == pytest.approx(0.9)  # a trusted fit: the cosine itself
+    assert refined_confidence(0.9, 0.35, cfg) == pytest.approx(0.45)  # half the trusted similarity: half
+    assert refined_confidence(-0.2, 0.9, cfg) == 0.0 and refined_confidence(1.2, 0.9, cfg) == 1.0
+    assert refined_confidence(0.9, float("nan"), cfg) == 0.0  # no fit similarity: no trust
+    with pytest.raises(ValueError, match="refined_confidence must be one of"):
+        MatchConfig(refined_confidence="fb")
+
+
 def test_cli_match_writes_markups(tmp_path, model):
     from anatomical_embedding.cli.app import main
     from anatomical_embedding.inference.export import export_embedder
