@@ -239,3 +239,42 @@ def test_time_floor_is_one_pass_over_the_whole_prepared_image():
     assert seconds > 0 and floor.image("a", vol) == seconds  # measured once per image
     prepared, _, _ = prepare_volume(model, vol, EmbedConfig.dense(min_size=8))
     assert floor.voxels["a"] == prepared.array.size and prepared.array.size % model.size_multiple ** 3 == 0
+
+
+def test_confidence_summary_counts_false_alarms_and_caught_errors_per_rule():
+    import bench_real_confidence as bc
+
+    rec = lambda group, err, sim, fb: {"group": group, "errors_mm": np.array(err),  # noqa: E731
+                                       "low": {"similarity": np.array(sim), "forward-backward": np.array(fb)}}
+    records = [rec("intra MR", [0.5, 2.9, 3.1, 12.0], [False, True, True, True], [True, True, False, False]),
+               rec("intra MR", [1.0, 40.0], [False, False], [True, True]),
+               rec("cross CT", [25.0], [True], [False])]
+    rows = {r["group"]: r for r in bc.summarise(records)}
+    mr = rows["intra MR"]  # correct: 0.5, 2.9, 1.0 (3.1 is neither); wrong: 12, 40
+    assert (mr["pairs"], mr["points"], mr["good"], mr["bad"]) == (2, 6, 3, 2)
+    assert (mr["similarity flagged good"], mr["forward-backward flagged good"]) == (1, 3)
+    assert (mr["similarity flagged bad"], mr["forward-backward flagged bad"]) == (1, 1)
+    assert list(rows) == ["intra MR", "cross CT"]  # bench_real's group order
+    assert (rows["cross CT"]["similarity flagged bad"], rows["cross CT"]["forward-backward flagged bad"]) == (1, 0)
+    assert bc._share(1, 4) == "1 of 4 (25.0 %)" and bc._share(0, 0) == "0 of 0"
+
+
+def test_confidence_flags_equal_what_each_rule_gives_the_matcher():
+    import bench_real_confidence as bc
+    from test_embedding import PoolModel, blob_volume
+
+    from anatomical_embedding.inference.embedding import embed_volume
+    from anatomical_embedding.inference.matching import MatchConfig, Matcher
+
+    src = blob_volume((40, 48, 56), seed=7)
+    tgt = src.with_array(src.array.copy())
+    tgt.origin = src.origin + np.array([6.0, 4.0, -4.0])
+    es, et = embed_volume(PoolModel(), src), embed_volume(PoolModel(), tgt)
+    pts = src.index_to_world(np.argwhere(np.ones((3, 3, 2))) * [10.0, 12.0, 10.0] + [12.0, 10.0, 12.0])
+    new = Matcher(es, et)
+    out_new = new.match(pts, with_raw=False)
+    out_old = Matcher(es, et, MatchConfig(refined_confidence="forward-backward")).match(pts, with_raw=False)
+    assert new.prior.refined is not None and {m.final.method for m in out_new} == {"prior"}
+    f = bc.flags(new, out_new)
+    assert f["similarity"].tolist() == [m.final.low_confidence for m in out_new]
+    assert f["forward-backward"].tolist() == [m.final.low_confidence for m in out_old]

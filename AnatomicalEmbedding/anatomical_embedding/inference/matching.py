@@ -71,10 +71,10 @@ class MatchConfig:
     #: Confidence of a match the refined prior answers. "similarity" (ours): the fine cosine at the prediction
     #: (clipped to [0, 1]) times min(1, the refined transform's mean similarity / ``trusted_fit_similarity``).
     #: "forward-backward": step 5's, as for raw matches (this project's earlier rule). With the default models on
-    #: bench_real's intra and slab pairs of 9 volumes plus its cross pairs, the backward search flagged 37 % of
-    #: the matches within 3 mm of the truth low (68 % on slabs), the similarity 1.6 % (4.5 %); of the 42 matches
-    #: over 10 mm off, 81 % against 74 %. On the other 7 volumes (held out while choosing): 46 % against 1.0 %
-    #: of 902 correct matches, 8 of 8 against 7 of 8 wrong ones.
+    #: all of bench_real's pairs (benchmarks/results/real_confidence.md) the backward search flagged 863 of the
+    #: 2122 matches within 3 mm of the truth (41 %; 62-72 % on slabs), the similarity 29 (1.4 %); of the 50 over
+    #: 10 mm off, 42 against 38. ``trusted_fit_similarity`` was chosen on 9 of its 16 volumes (on the other 7:
+    #: 46 % against 1.0 % of 902 correct matches flagged, 8 of 8 against 7 of 8 wrong ones).
     refined_confidence: str = "similarity"
     #: The refined transform's mean similarity (``FeatureTransform.similarity``) from which its matches are trusted
     #: fully; real intra-subject pairs end at 0.75-0.92, slabs of the same scan mostly above 0.6, cross-subject
