@@ -479,10 +479,7 @@ class AnatomicalEmbeddingTrainerTest(ScriptedLoadableModuleTest):
             logic.exportCase(node, None, root / "training", f"case_{n:03d}")
         p = self._tinyAefmRun(logic, root / "training", root / "run", maxSteps=4, export=True)
         logic.startTraining(p)
-        try:
-            self._pollUntilDone(logic, 300)
-        finally:
-            logic.monitor.close()  # a run past the deadline must not outlive the test
+        self._pollToEnd(logic, 300)
         state = logic.monitor.state
         self.assertEqual(state.status, "finished", state.error)
         table = logic.getTableNode()
@@ -510,19 +507,10 @@ class AnatomicalEmbeddingTrainerTest(ScriptedLoadableModuleTest):
         """Stop once progress arrives, with a DataLoader worker process (the engine's default has two): a checkpoint,
         status "stopped" (not a crashed worker); a second start on the run folder meanwhile is refused; Resume
         continues to the end with one curve, and a scene closed during it gets no table or chart back."""
-        import tempfile
-
-        from AnatomicalEmbeddingTrainerLib import settings
-
-        if not settings.torchAvailable():
-            self.delayDisplay("PyTorch absent: stop and resume are not tested (install it from the module)")
+        if not self._torchOrSay("stop and resume are not tested"):
             return
-        from anatomical_embedding import phantoms
-
         self.delayDisplay("Stopping and resuming a tiny AEFM run")
-        root = pathlib.Path(tempfile.mkdtemp(prefix="AnatomicalEmbeddingTrainerTest-", dir=slicer.app.temporaryPath))
-        phantoms.generate_cohort(root / "cohort", 3, seed=2, spacing=8.0, size=40, workers=1)
-        logic = AnatomicalEmbeddingTrainerLogic(registryPath=root / "models.json")
+        root, logic = self._cohortAndLogic(seed=2)
         p = self._tinyAefmRun(logic, root / "cohort", root / "run", maxSteps=40, export=False,
                               train="num_workers = 1\nckpt_every = 1000\n")
         logic.startTraining(p)
@@ -566,37 +554,23 @@ class AnatomicalEmbeddingTrainerTest(ScriptedLoadableModuleTest):
         """What the Export model button does for a run trained without "export when finished": the button is enabled,
         the export runs in a separate process, its package verifies and is registered, and a second export refuses
         to replace it (the widget asks first)."""
-        import tempfile
-
-        from AnatomicalEmbeddingTrainerLib import settings
-
-        if not settings.torchAvailable():
-            self.delayDisplay("PyTorch absent: exporting a run is not tested (install it from the module)")
+        if not self._torchOrSay("exporting a run is not tested"):
             return
-        from anatomical_embedding import phantoms
         from anatomical_embedding.inference import registry as model_registry
         from anatomical_embedding.inference.backends import read_package
 
         self.delayDisplay("Exporting a tiny AEFM run trained without export")
-        root = pathlib.Path(tempfile.mkdtemp(prefix="AnatomicalEmbeddingTrainerTest-", dir=slicer.app.temporaryPath))
-        phantoms.generate_cohort(root / "cohort", 3, seed=3, spacing=8.0, size=40, workers=1)
-        logic = AnatomicalEmbeddingTrainerLogic(registryPath=root / "models.json")
+        root, logic = self._cohortAndLogic(seed=3)
         p = self._tinyAefmRun(logic, root / "cohort", root / "run", maxSteps=2, export=False)
         logic.startTraining(p)
-        try:
-            self._pollUntilDone(logic, 300)
-        finally:
-            logic.monitor.close()
+        self._pollToEnd(logic, 300)
         self.assertEqual(logic.monitor.state.status, "finished", logic.monitor.state.error)
         package = logic.exportPath(root / "run")
         self.assertFalse(package.exists())
         self.assertIsNone(logic.actionProblems(p)["export"])  # the button is enabled
 
         logic.startExport(root / "run")
-        try:
-            self._pollUntilDone(logic, 300)
-        finally:
-            logic.monitor.close()
+        self._pollToEnd(logic, 300)
         state = logic.monitor.state
         self.assertEqual(state.status, "finished", state.error)
         self.assertEqual(read_package(package)[0]["method"], "aefm")  # verifies its hashes and sidecar
@@ -605,6 +579,35 @@ class AnatomicalEmbeddingTrainerTest(ScriptedLoadableModuleTest):
         with self.assertRaises(FileExistsError):
             logic.startExport(root / "run")
         self.delayDisplay("Test passed")
+
+    def _torchOrSay(self, what: str) -> bool:
+        """PyTorch is importable; otherwise say what is not tested (the module offers to install it)."""
+        from AnatomicalEmbeddingTrainerLib import settings
+
+        if settings.torchAvailable():
+            return True
+        self.delayDisplay(f"PyTorch absent: {what} (install it from the module)")
+        return False
+
+    @staticmethod
+    def _cohortAndLogic(seed: int):
+        """(a new temporary folder holding a 3-case phantom cohort in cohort/, a logic with its own registry)."""
+        import tempfile
+
+        from anatomical_embedding import phantoms
+
+        root = pathlib.Path(tempfile.mkdtemp(prefix="AnatomicalEmbeddingTrainerTest-", dir=slicer.app.temporaryPath))
+        phantoms.generate_cohort(root / "cohort", 3, seed=seed, spacing=8.0, size=40, workers=1)
+        return root, AnatomicalEmbeddingTrainerLogic(registryPath=root / "models.json")
+
+    @classmethod
+    def _pollToEnd(cls, logic, timeoutSeconds: float) -> None:
+        """Poll until the process ends, then close the monitor whatever happened (a run past the deadline must not
+        outlive the test)."""
+        try:
+            cls._pollUntilDone(logic, timeoutSeconds)
+        finally:
+            logic.monitor.close()
 
     @staticmethod
     def _pollUntilDone(logic, timeoutSeconds: float, untilProgress: bool = False) -> None:

@@ -279,10 +279,7 @@ def test_training_through_the_logic_updates_the_table_and_registers_the_model(tr
                     maxSteps=4, patchSize="32,32,32", advancedSettings=ADVANCED_TINY)
     logic.setMethod(p, "aefm")
     logic.startTraining(p)
-    try:
-        poll_until_done(logic)
-    finally:
-        logic.monitor.close()
+    poll_to_end(logic)
     st = logic.monitor.state
     assert st.status == "finished", st.error
     table = logic.getTableNode(mrml_scene)
@@ -295,6 +292,15 @@ def test_training_through_the_logic_updates_the_table_and_registers_the_model(tr
     assert read_package(entry["path"])[0]["method"] == "aefm"
     with pytest.raises(FileExistsError, match="already holds a run"):
         logic.startTraining(p)
+
+
+def poll_to_end(logic, timeout: float = 300) -> None:
+    """:func:`poll_until_done`, then the monitor is closed whatever happened (a run past the deadline must not
+    outlive the test)."""
+    try:
+        poll_until_done(logic, timeout)
+    finally:
+        logic.monitor.close()
 
 
 def run_buttons() -> types.SimpleNamespace:
@@ -412,10 +418,7 @@ def test_export_model_of_a_damaged_checkpoint_fails_with_a_clear_status_and_no_p
     assert logic.isExporting() and logic.exportStatus().startswith(f"Exporting {logic.exportPath(run)}")
     p = make_params(trainer, dataDirectory=tmp_path, runDirectory=run)
     assert logic.actionProblems(p)["resume"] == "A model export is running; wait for it to end."
-    try:
-        poll_until_done(logic, timeout=120)
-    finally:
-        logic.monitor.close()
+    poll_to_end(logic, timeout=120)
     st = logic.monitor.state
     assert st.status == "failed" and st.returncode == 2, st.error
     assert logic.exportStatus().startswith("Export failed (exit code 2: bad input") and "last.pt" in st.error
@@ -440,20 +443,14 @@ def test_export_model_of_a_run_trained_without_export_registers_a_verified_packa
     p = make_params(trainer, dataDirectory=tiny_cohort, runDirectory=run, device="cpu", maxSteps=2,
                     patchSize="32,32,32", advancedSettings=ADVANCED_TINY, exportModel=False)
     logic.startTraining(p)
-    try:
-        poll_until_done(logic)
-    finally:
-        logic.monitor.close()
+    poll_to_end(logic)
     assert logic.monitor.state.status == "finished", logic.monitor.state.error
     package = logic.exportPath(run)
     assert not package.exists() and logic.registeredModel is None and logic.actionProblems(p)["export"] is None
 
     logic.startExport(run)
     assert logic.isExporting() and logic.actionProblems(p)["export"] == "A model export is running; wait for it to end."
-    try:
-        poll_until_done(logic)
-    finally:
-        logic.monitor.close()
+    poll_to_end(logic)
     st = logic.monitor.state
     assert st.status == "finished", st.error
     assert Path(st.exported) == package and package.is_file()
@@ -470,10 +467,7 @@ def test_export_model_of_a_run_trained_without_export_registers_a_verified_packa
         logic.startExport(run)
     assert package.stat().st_mtime_ns == exported and not logic.isRunning()
     logic.startExport(run, overwrite=True)  # the user said yes to replacing it
-    try:
-        poll_until_done(logic)
-    finally:
-        logic.monitor.close()
+    poll_to_end(logic)
     assert logic.monitor.state.status == "finished", logic.monitor.state.error
     assert package.stat().st_mtime_ns != exported and read_package(package)[0]["step"] == 2
     assert len(model_registry.list_models(registry)) == 1  # registered again, not twice

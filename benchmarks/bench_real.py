@@ -155,6 +155,35 @@ from anatomical_embedding.evaluation.known_pairs import (  # noqa: E402,F401
     volume_centre, random_transform, map_points, random_intensity, deform, otsu_threshold, body_mask, local_contrast, select_structure_points, inside_fov, known_pair)
 
 
+# ---- shared by the scripts that run on bench_real's pairs (bench_real_floor, bench_real_confidence) -------------
+def add_pair_arguments(ap: argparse.ArgumentParser, threads: int, threads_help: str = "CPU threads") -> None:
+    """--data, --threads, --transforms, --points, --seed, --only and --out, as bench_real takes them."""
+    ap.add_argument("--data", default=str(DEFAULT_DATA))
+    ap.add_argument("--threads", type=int, default=threads, help=threads_help)
+    ap.add_argument("--transforms", type=int, default=3)
+    ap.add_argument("--points", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", nargs="*", help="volume names (bench_real's)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+
+
+def data_folder_or_error(args: argparse.Namespace) -> Path | None:
+    """``args.data`` when it is a folder (and the thread count applied to torch and SimpleITK), else None after a
+    one-line error."""
+    data = Path(args.data)
+    if not data.is_dir():
+        print(f"error: {data} is not a folder; pass --data with the shared real volumes (see its README.md)",
+              file=sys.stderr)
+        return None
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import SimpleITK as sitk
+    import torch
+
+    torch.set_num_threads(args.threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
+    return data
+
+
 # ---- pairs -----------------------------------------------------------------------------------------------
 @dataclass
 class Pair:

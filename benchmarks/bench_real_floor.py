@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -97,25 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     import bench_real as br
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default=str(br.DEFAULT_DATA))
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads of every method (bench_real's figures: 1)")
-    ap.add_argument("--transforms", type=int, default=3)
-    ap.add_argument("--points", type=int, default=40)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", nargs="*", help="volume names (bench_real's)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    br.add_pair_arguments(ap, 1, "CPU threads of every method (bench_real's figures: 1)")
     args = ap.parse_args(argv)
-    data = Path(args.data)
-    if not data.is_dir():
-        print(f"error: {data} is not a folder; pass --data with the shared real volumes (see its README.md)",
-              file=sys.stderr)
+    data = br.data_folder_or_error(args)
+    if data is None:
         return 2
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    import SimpleITK as sitk
-    import torch
-
-    torch.set_num_threads(args.threads)
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     from anatomical_embedding.inference.backends import open_model
     from anatomical_embedding.inference.embedding import EmbedConfig
 
