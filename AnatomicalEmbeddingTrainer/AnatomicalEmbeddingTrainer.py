@@ -40,6 +40,8 @@ from AnatomicalEmbeddingTrainerLib.settings import METHOD_PARAMETER, pathOrEmpty
 DEVICES = ["auto", "cpu", "cuda"]
 FINETUNE_MODES = ["embedding", "backbone", "scratch"]
 POLL_INTERVAL_MS = 500
+#: While another process trains the selected run folder, the panel asks its lock again this often.
+BUSY_RECHECK_MS = 2000
 STOPPING_TEXT = ("Stopping: finishing the current step and saving a checkpoint (press Stop again to end it at once, "
                  "without one).")
 
@@ -133,6 +135,7 @@ class AnatomicalEmbeddingTrainerWidget(ScriptedLoadableModuleWidget, VTKObservat
         self._timer = None
         self._toolTips = {}
         self._busyShown = None
+        self._busyTimer = None  # asks the run folder's lock again while another process holds it
 
     def setup(self) -> None:
         import qt
@@ -147,6 +150,10 @@ class AnatomicalEmbeddingTrainerWidget(ScriptedLoadableModuleWidget, VTKObservat
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self.onPoll)
+        self._busyTimer = qt.QTimer()
+        self._busyTimer.setSingleShot(True)
+        self._busyTimer.setInterval(BUSY_RECHECK_MS)
+        self._busyTimer.connect("timeout()", self._updateButtons)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -184,6 +191,8 @@ class AnatomicalEmbeddingTrainerWidget(ScriptedLoadableModuleWidget, VTKObservat
         self.removeObservers()
         if self._timer:
             self._timer.stop()
+        if self._busyTimer:
+            self._busyTimer.stop()
         if self.logic:
             self.logic.stopTraining()  # graceful: the run saves a checkpoint and can be resumed
             self.logic.detachLiveView()
@@ -264,6 +273,8 @@ class AnatomicalEmbeddingTrainerWidget(ScriptedLoadableModuleWidget, VTKObservat
         elif not busy and self._busyShown and self.ui.trainingStatusLabel.text == self._busyShown:
             self.ui.trainingStatusLabel.text = ""
         self._busyShown = busy
+        if busy and self._busyTimer is not None:  # the buttons come back soon after that process ends
+            self._busyTimer.start()
 
     def onMethodChanged(self, method: str) -> None:
         if not self._parameterNode or not method:

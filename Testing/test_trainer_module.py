@@ -343,6 +343,8 @@ def test_a_run_folder_another_process_trains_disables_start_resume_and_export(tr
     widget = trainer.AnatomicalEmbeddingTrainerWidget()
     widget.logic, widget._parameterNode, widget.ui = logic, p, run_buttons()
     widget._toolTips = {"resume": "resumeButton of the .ui", "start": "startButton of the .ui"}
+    widget._busyTimer = types.SimpleNamespace(starts=0)  # Qt is absent: count what a QTimer would be asked
+    widget._busyTimer.start = lambda: setattr(widget._busyTimer, "starts", widget._busyTimer.starts + 1)
     with hold_run_folder(run) as holder:
         message = logic.runFolderBusyMessage(run)
         assert message.startswith(f"{run} is being trained by process {holder.pid} (started ")
@@ -362,8 +364,10 @@ def test_a_run_folder_another_process_trains_disables_start_resume_and_export(tr
         assert not ui.resumeButton.enabled and not ui.startButton.enabled and not ui.exportModelButton.enabled
         assert ui.resumeButton.toolTip == ui.exportModelButton.toolTip == message
         assert ui.trainingStatusLabel.text == message and ui.openRunFolderButton.enabled
+        assert widget._busyTimer.starts == 1  # the panel asks again soon, without any setting changing
     assert logic.runFolderBusyMessage(run) is None and logic.actionProblems(p)["resume"] is None
-    widget._updateButtons()
+    widget._updateButtons()  # what that timer calls
+    assert widget._busyTimer.starts == 1  # free again: no more asking
     assert ui.resumeButton.enabled and ui.exportModelButton.enabled
     assert ui.resumeButton.toolTip == "resumeButton of the .ui"
     assert ui.trainingStatusLabel.text == ""
