@@ -144,19 +144,24 @@ def main(argv=None) -> int:
     machine = machine_description()
     kind = "full-size AEFM network (untrained), torch" if args.network else "random, full-size AEFM shape"
     for row in rows:
-        row.update(embeddings=kind, date=machine["date"], load_average_1min=machine["load_average_1min"])
+        row.update(embeddings=kind, date=machine["date"], load_average_1min=machine["load_average_1min"],
+                   cpu=machine["cpu_model"])
         print(row)
     results = ROOT / "benchmarks" / "results"
     previous = results / "gui_click.json"
     if previous.is_file():  # keep the rows of the other embedding kind (each kind is rerun on its own)
         import json
 
-        kept = [r for r in json.loads(previous.read_text()).get("rows", []) if r.get("embeddings", kind) != kind]
+        old = json.loads(previous.read_text())
+        # Rows written before the CPU column came from the machine of that file.
+        kept = [{"cpu": old.get("machine", {}).get("cpu_model", ""), **r} for r in old.get("rows", [])
+                if r.get("embeddings", kind) != kind]
         rows = kept + rows
-    md = ["# GUI-thread time per click (display update), 512 x 512 x 300 target", "", machine_line(machine), "",
-          *md_table(["embeddings", "case", "median ms", "max ms", "heatmap voxels", "date", "load"],
+    md = ["# GUI-thread time per click (display update), 512 x 512 x 300 target", "",
+          machine_line(machine) + " (this run's machine; each row names the CPU it was measured on)", "",
+          *md_table(["embeddings", "case", "median ms", "max ms", "heatmap voxels", "CPU", "date", "load"],
                     [[r.get("embeddings", ""), r["case"], r["median_ms"], r["max_ms"], r["heatmap_voxels"],
-                      r.get("date", ""), r.get("load_average_1min", "")] for r in rows])]
+                      r.get("cpu", ""), r.get("date", ""), r.get("load_average_1min", "")] for r in rows])]
     write_results(results, "gui_click",
                   {"machine": machine, "target_grid_ijk": list(SHAPE_IJK), "coarse_channels": COARSE_CHANNELS,
                    "stride": STRIDE, "rows": rows}, md)
