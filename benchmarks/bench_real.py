@@ -184,6 +184,14 @@ def data_folder_or_error(args: argparse.Namespace) -> Path | None:
     return data
 
 
+def run_result(script: str, threads: int, argv: list[str] | None, t_start: float, summary: list[dict],
+               records: list[dict]) -> dict:
+    """The results payload of a script run on bench_real's pairs: machine, command, wall time, peak memory."""
+    command = f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
+    return {"machine": machine_description(threads), "command": command, "wall_s": time.perf_counter() - t_start,
+            "peak_rss_mb": peak_rss_mb(), "summary": summary, "records": records}
+
+
 # ---- pairs -----------------------------------------------------------------------------------------------
 @dataclass
 class Pair:

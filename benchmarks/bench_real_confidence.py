@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import machine_description, machine_line, md_table, peak_rss_mb, write_results
+from _common import machine_line, md_table, write_results
 
 log = logging.getLogger("bench_real_confidence")
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ RULES = ("similarity", "forward-backward")
 
 def flags(matcher, matches) -> dict[str, np.ndarray]:
     """Low-confidence flags of ``matches`` under both rules (one matching run, computed from its fields)."""
-    from anatomical_embedding.inference.matching import refined_confidence
+    from anatomical_embedding.inference.matching import fb_confidence, refined_confidence
 
     cfg, prior = matcher.config, matcher.prior
     sigma = matcher._fb_sigma()
@@ -44,8 +44,7 @@ def flags(matcher, matches) -> dict[str, np.ndarray]:
             for rule in RULES:  # raw fallbacks and raw matches: the backward rule in both (as the matcher does)
                 out[rule].append(bool(f.low_confidence))
             continue
-        fb = np.exp(-f.fb_distance_mm ** 2 / (2 * sigma ** 2)) * max(f.similarity, 0.0)
-        out["forward-backward"].append(bool(fb < cfg.low_confidence))
+        out["forward-backward"].append(fb_confidence(f.fb_distance_mm, f.similarity, sigma) < cfg.low_confidence)
         out["similarity"].append(bool(refined_confidence(f.fine_similarity, prior.refined.similarity, cfg)
                                       < cfg.low_confidence))
     return {rule: np.array(v, dtype=bool) for rule, v in out.items()}
@@ -144,10 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                  ", ".join(f"{rule} {int(v.sum())}/{v.size}" for rule, v in low.items()))
         if len(embeddings) > 8:  # a pair's two images at most are reused by the next pairs
             embeddings = dict(list(embeddings.items())[-4:])
-    command = "python benchmarks/bench_real_confidence.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    result = {"machine": machine_description(args.threads), "command": command,
-              "wall_s": time.perf_counter() - t_start, "peak_rss_mb": peak_rss_mb(),
-              "summary": summarise(records), "records": records}
+    result = br.run_result("bench_real_confidence.py", args.threads, argv, t_start, summarise(records), records)
     write_report(result, Path(args.out))
     for r in result["summary"]:
         print(f"{r['group']}: correct flagged {r['similarity flagged good']}/{r['good']} (similarity) vs "

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import machine_description, machine_line, md_table, peak_rss_mb, write_results
+from _common import machine_line, md_table, write_results
 
 log = logging.getLogger("bench_real_floor")
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,10 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if not records:
         print(f"error: no readable volume in {data}", file=sys.stderr)
         return 2
-    command = "python benchmarks/bench_real_floor.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    result = {"machine": machine_description(args.threads), "command": command,
-              "wall_s": time.perf_counter() - t_start, "peak_rss_mb": peak_rss_mb(),
-              "summary": summarise(records), "records": records}
+    result = br.run_result("bench_real_floor.py", args.threads, argv, t_start, summarise(records), records)
     write_report(result, Path(args.out))
     for r in result["summary"]:
         print(f"{r['group']}: affine {r['affine_s']:.2f} s, product {r['product_s']:.2f} s, network floor "

@@ -339,13 +339,17 @@ class Matcher:
             bres = search(back.target, bc, bf, self.config, top_k=self.config.fb_top_k)
             m.back_lps = self.source.index_to_world(bres.ijk)
             m.fb_distance_mm = float(np.linalg.norm(m.back_lps - p_lps))
-            sigma = self._fb_sigma()
-            m.confidence = float(np.exp(-m.fb_distance_mm ** 2 / (2 * sigma ** 2)) * max(m.similarity, 0.0))
+            m.confidence = fb_confidence(m.fb_distance_mm, m.similarity, self._fb_sigma())
             m.low_confidence = m.confidence < self.config.low_confidence
         if refined and self.config.refined_confidence == "similarity":
             m.confidence = refined_confidence(res.fine, prior.refined.similarity, self.config)
             m.low_confidence = m.confidence < self.config.low_confidence
         return m
+
+
+def fb_confidence(fb_distance_mm: float, similarity: float, sigma_mm: float) -> float:
+    """Step 5's confidence: ``exp(-d^2 / (2 sigma^2)) * max(similarity, 0)``."""
+    return float(np.exp(-fb_distance_mm ** 2 / (2 * sigma_mm ** 2)) * max(similarity, 0.0))
 
 
 def refined_confidence(fine_similarity: float, fit_similarity: float, config: MatchConfig) -> float:
